@@ -1,0 +1,82 @@
+"""Shared test helpers: input layouts as diffusers makes them, and the precision-aware criterion."""
+
+from __future__ import annotations
+
+import torch
+
+from vstar_kernels import tar_attention_reference
+
+# absolute tolerance per dtype, relative to max |v| (output rounding plus accumulation order)
+ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+LAYOUTS = ("contiguous", "projection", "fused_qkv", "heads_first", "permuted")
+
+
+def make_qkv(
+    batch: int,
+    len_q: int,
+    heads: int,
+    dim: int,
+    *,
+    len_k: int | None = None,
+    dtype: torch.dtype = torch.float32,
+    layout: str = "contiguous",
+    magnitude: float = 1.0,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q (batch, len_q, heads, dim) and k, v (batch, len_k, heads, dim) in one of several memory layouts.
+
+    projection: a (batch, F, heads*dim) projection viewed as (batch, F, heads, dim), as diffusers' processors do.
+    fused_qkv:  q, k, v sliced out of one (batch, F, 3*heads*dim) tensor (fused QKV projection): non-contiguous.
+    heads_first: a (batch, heads, F, dim) tensor transposed.  permuted: head_dim not the innermost axis.
+    """
+    len_k = len_q if len_k is None else len_k
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=gen, dtype=torch.float32) * magnitude).to(dtype)
+
+    if layout in ("contiguous", "projection"):
+        q = randn(batch, len_q, heads * dim).view(batch, len_q, heads, dim)
+        k, v = (randn(batch, len_k, heads * dim).view(batch, len_k, heads, dim) for _ in range(2))
+        if layout == "contiguous":
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        return q, k, v
+    if layout == "fused_qkv":
+        if len_k != len_q:
+            raise ValueError("fused_qkv needs len_q == len_k")
+        fused = randn(batch, len_q, 3 * heads * dim)
+        q, k, v = (t.view(batch, len_q, heads, dim) for t in fused.split(heads * dim, dim=-1))
+        return q, k, v
+    if layout == "heads_first":
+        q = randn(batch, heads, len_q, dim).transpose(1, 2)
+        k, v = (randn(batch, heads, len_k, dim).transpose(1, 2) for _ in range(2))
+        return q, k, v
+    if layout == "permuted":
+        q = randn(batch, heads, dim, len_q).permute(0, 3, 1, 2)
+        k, v = (randn(batch, heads, dim, len_k).permute(0, 3, 1, 2) for _ in range(2))
+        return q, k, v
+    raise ValueError(f"unknown layout {layout!r}")
+
+
+def reference_error(q, k, v, out, **kwargs) -> tuple[float, float, float]:
+    """(error of out, error of torch in the input precision, atol), all against the float64 reference."""
+    ref = tar_attention_reference(q.double(), k.double(), v.double(), **kwargs)
+    err = (out.double() - ref).abs().max().item()
+    if q.dtype == torch.float64:
+        base = 0.0
+    else:
+        same = tar_attention_reference(q, k, v, upcast=False, **kwargs).double()
+        if not torch.isfinite(same).all():  # the input-precision baseline overflowed: fall back to fp32 math
+            same = tar_attention_reference(q.float(), k.float(), v.float(), **kwargs).double()
+        base = (same - ref).abs().max().item()
+    atol = ATOL[q.dtype] * max(1.0, v.abs().max().item())
+    return err, base, atol
+
+
+def assert_matches_reference(out: torch.Tensor, q, k, v, **kwargs) -> None:
+    """|out - ref_fp64| <= 2 * |torch_same_precision - ref_fp64| + atol (FlagAttention-style criterion)."""
+    assert out.shape == (q.shape[0], q.shape[1], q.shape[2], v.shape[3])
+    assert out.dtype == q.dtype
+    assert torch.isfinite(out).all(), "non-finite output"
+    err, base, atol = reference_error(q, k, v, out, **kwargs)
+    assert err <= 2 * base + atol, f"max error {err:.3e} > 2 * {base:.3e} + {atol:.3e} ({kwargs})"

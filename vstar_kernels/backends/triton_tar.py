@@ -1,0 +1,247 @@
+"""Fused flash-style TAR temporal attention in Triton (forward).
+
+Reads top-down: availability, the launcher, the block configuration (a plain function you can override), then
+the kernel. The kernel computes the Gaussian band inline in the exp2 domain; it never materialises a score
+tensor beyond one (BLOCK_M, BLOCK_N) tile in registers.
+
+- grid = (batch * heads, cdiv(Lq, BLOCK_M)): batch*heads on axis 0 (limit 2**31 - 1, not 65,535); the base
+  offsets of a (batch, head) are computed in int64.
+- relative mode needs max_j S_ij of the unbiased logits before the bias. When the whole key row fits one tile
+  (Lk <= BLOCK_N) it is taken from that tile in registers; otherwise a first pass over K computes it and a
+  second pass runs the online softmax ("two-pass").
+- head_dim 1..256: the tile is padded to the next power of two (at least 16, what ``tl.dot`` needs) and masked;
+  frame tails are masked. fp16/bf16/fp32 inputs, fp32 accumulation; fp32 dots use IEEE precision (not TF32),
+  so an fp32 call is as accurate as torch's fp32 attention.
+
+Under ``TRITON_INTERPRET=1`` (set before this module is imported) the kernel runs on CPU tensors; that is how
+tests exercise it on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from ..contract import TARParams
+
+try:  # triton is optional: a Linux dependency, absent on other platforms
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    _IMPORT_ERROR = f"triton is not installed ({exc})"
+
+NAME = "triton"
+MAX_HEAD_DIM = 256
+# The interpreter is chosen when the kernel is decorated, so it is read once, at import, like Triton does.
+INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------- availability
+def unavailable_reason(device: torch.device) -> str | None:
+    """None when the kernel can run on ``device``, else why not."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    if device.type == "cuda":
+        if INTERPRETER:
+            return "TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors only"
+        return None
+    if device.type == "cpu":
+        if INTERPRETER:
+            return None
+        return "CPU tensors run Triton only under TRITON_INTERPRET=1 (set before importing vstar_kernels)"
+    return f"no Triton backend for device type {device.type!r}"
+
+
+def unsupported_reason(q: torch.Tensor, params: TARParams) -> str | None:
+    """None when the kernel supports these inputs, else why not."""
+    if q.dtype not in _DTYPES:
+        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} exceeds the Triton kernel's maximum of {MAX_HEAD_DIM}"
+    if q.shape[0] * q.shape[2] >= 2**31:
+        return f"batch*heads = {q.shape[0] * q.shape[2]} exceeds the grid limit 2**31 - 1"
+    return None
+
+
+# ---------------------------------------------------------------------------------------- block configuration
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch parameters of one kernel specialisation."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    two_pass: bool
+    num_warps: int
+    num_stages: int = 2
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def single_tile_limit(block_d: int) -> int:
+    """Largest key tile kept whole in registers: smaller for wider heads (registers and shared memory)."""
+    if block_d <= 64:
+        return 256
+    if block_d <= 128:
+        return 128
+    return 64
+
+
+def block_config(len_q: int, len_k: int, head_dim: int, mode: str) -> BlockConfig:
+    """Pick tiles from the frame counts and head_dim (temporal attention: many short sequences).
+
+    Key tile: the whole padded key row when it fits (single pass, no rescaling), else 64 (32 for head_dim > 128).
+    Query tile: up to 64 rows, fewer for short sequences and wide tiles (at most 8192 fp32 scores per program).
+    """
+    block_d = max(16, _next_pow2(head_dim))
+    fits = _next_pow2(len_k) <= single_tile_limit(block_d)
+    block_n = max(16, _next_pow2(len_k)) if fits else (64 if block_d <= 128 else 32)
+    block_m = max(16, min(_next_pow2(len_q), 64, 8192 // block_n, 4096 // block_d))
+    tile = block_m * max(block_n, block_d)
+    num_warps = 2 if tile <= 1024 else 4 if tile <= 4096 else 8
+    return BlockConfig(block_m, block_n, block_d, two_pass=(mode == "relative" and not fits), num_warps=num_warps)
+
+
+# ------------------------------------------------------------------------------------------------- launcher
+def forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    params: TARParams,
+    *,
+    config: BlockConfig | None = None,
+) -> torch.Tensor:
+    """Launch the kernel on (batch, frames, heads, head_dim) inputs of any strides.
+
+    ``config`` overrides :func:`block_config` (tests use it to force the two-pass path); a relative-mode config
+    must be two-pass unless its key tile covers Lk. Returns a contiguous (batch, Lq, heads, head_dim) tensor.
+    """
+    batch, len_q, heads, head_dim = q.shape
+    len_k = k.shape[1]
+    cfg = config or block_config(len_q, len_k, head_dim, params.mode)
+    if params.relative and not cfg.two_pass and len_k > cfg.block_n:
+        raise ValueError(f"single-pass relative mode needs block_n >= Lk, got {cfg.block_n} < {len_k}")
+    if cfg.block_d < head_dim:
+        raise ValueError(f"block_d {cfg.block_d} < head_dim {head_dim}")
+    out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    grid = (batch * heads, triton.cdiv(len_q, cfg.block_m))
+    if q.device.type == "cuda":
+        with torch.cuda.device(q.device):
+            _launch(grid, q, k, v, out, params, cfg)
+    else:
+        _launch(grid, q, k, v, out, params, cfg)
+    return out
+
+
+def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig) -> None:
+    _tar_attention_fwd[grid](
+        q, k, v, out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        q.shape[2], q.shape[1], k.shape[1], q.shape[3],
+        float(params.offset_delta), params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
+        RELATIVE=params.relative and params.strength != 0.0,
+        BIASED=params.strength != 0.0,
+        TWO_PASS=cfg.two_pass and params.relative and params.strength != 0.0,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+# --------------------------------------------------------------------------------------------------- kernel
+if triton is not None:
+
+    @triton.jit
+    def _tar_attention_fwd(
+        Q, K, V, O,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_ob, stride_om, stride_oh, stride_od,
+        num_heads, len_q, len_k, head_dim,
+        offset_delta,      # float: q_offset - k_offset
+        qk_log2_scale,     # scale * log2(e)
+        gauss_log2_coeff,  # log2(e) / (2 sigma^2)
+        bias_log2_scale,   # strength (relative) or strength * log2(e) (absolute)
+        RELATIVE: tl.constexpr,
+        BIASED: tl.constexpr,
+        TWO_PASS: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        o_base = O + b * stride_ob + h * stride_oh
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < len_q
+        mask_d = offs_d < head_dim
+        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        # gi - k_offset per query row, in frames; gi - gj = row_pos - j (float32: exact below 2**24)
+        row_pos = offs_m.to(tl.float32) + offset_delta
+
+        if TWO_PASS:
+            # pass 1: the row max of the unbiased logits (log2 units) over every key tile
+            row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+            for start_n in range(0, len_k, BLOCK_N):
+                cols = start_n + offs_n
+                mask_n = cols < len_k
+                kt = tl.load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
+                             mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_log2_scale
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+                row_max = tl.maximum(row_max, tl.max(s, 1))
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, len_k, BLOCK_N):
+            cols = start_n + offs_n
+            mask_n = cols < len_k
+            kt = tl.load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
+                         mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_log2_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            if BIASED:
+                # ΔA inline: G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) = exp2(-(gi - gj)^2 * gauss_log2_coeff)
+                dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
+                gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
+                if RELATIVE:
+                    if not TWO_PASS:
+                        row_max = tl.max(s, 1)  # the whole key row is in this tile
+                    s = s + (bias_log2_scale * row_max)[:, None] * gauss
+                else:
+                    s = s + bias_log2_scale * gauss
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        out = acc / l_i[:, None]
+        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                 out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])

@@ -1,0 +1,149 @@
+"""The op contract shared by every backend: argument validation and the scalar parameters.
+
+``tar_attention(q, k, v, *, sigma, strength, mode, scale, q_offset, k_offset)`` takes tensors of shape
+(batch, frames, heads, head_dim) with any strides and computes, per (batch, head),
+
+    S_ij  = scale * <q_i, k_j>
+    G_ij  = exp(-(gi - gj)^2 / (2 sigma^2)),   gi = q_offset + i,  gj = k_offset + j
+    S'_ij = S_ij + strength * max_j' S_ij' * G_ij      (mode "relative", VSTAR Eq. 3)
+    S'_ij = S_ij + strength * G_ij                     (mode "absolute")
+    out_i = sum_j softmax_j(S'_ij) v_j
+
+This module holds no formula of its own beyond the host-side constants a kernel needs: the Gaussian and the
+bias are defined in :mod:`vstar_kernels.reference` (Python), the Triton kernel and ``csrc/tar_attention.h``.
+Everything here runs before any launch, so bad input fails with a message that names the argument.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Mode = Literal["relative", "absolute"]
+MODES: tuple[str, ...] = ("relative", "absolute")
+LOG2E = 1.4426950408889634  # log2(e): kernels work in the exp2 domain
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class TARParams:
+    """Validated scalar parameters of one ``tar_attention`` call.
+
+    The ``*_log2`` properties are the host-side constants of the exp2-domain kernels: a logit ``t = S * log2(e)``
+    is computed as ``<q, k> * qk_log2_scale`` and the Gaussian as ``exp2(-(gi - gj)^2 * gauss_log2_coeff)``.
+    In relative mode the bias is ``strength * max_j t_ij * G`` (the row max scales with log2(e) like the
+    logits do), in absolute mode ``strength * log2(e) * G``.
+    """
+
+    sigma: float
+    strength: float
+    mode: str
+    scale: float
+    q_offset: int
+    k_offset: int
+
+    @property
+    def relative(self) -> bool:
+        return self.mode == "relative"
+
+    @property
+    def offset_delta(self) -> int:
+        """gi - gj = offset_delta + i - j: only the difference of the offsets enters the bias."""
+        return self.q_offset - self.k_offset
+
+    @property
+    def qk_log2_scale(self) -> float:
+        return self.scale * LOG2E
+
+    @property
+    def gauss_log2_coeff(self) -> float:
+        return LOG2E / (2.0 * self.sigma * self.sigma)
+
+    @property
+    def bias_log2_scale(self) -> float:
+        return self.strength if self.relative else self.strength * LOG2E
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    out = float(value)
+    if not math.isfinite(out):
+        raise ValueError(f"{name} must be finite, got {out}")
+    return out
+
+
+def _integer(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer frame index, got {type(value).__name__}")
+    return int(value)
+
+
+def make_params(
+    head_dim: int,
+    *,
+    sigma: float,
+    strength: float = 1.0,
+    mode: str = "relative",
+    scale: float | None = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+) -> TARParams:
+    """Validate the scalar arguments and resolve defaults (``scale = head_dim ** -0.5``)."""
+    sigma_f = _real("sigma", sigma)
+    if sigma_f <= 0.0:
+        raise ValueError(f"sigma must be > 0, got {sigma_f}")
+    strength_f = _real("strength", strength)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if scale is None:
+        scale_f = head_dim**-0.5 if head_dim > 0 else 1.0
+    else:
+        scale_f = _real("scale", scale)
+        if scale_f <= 0.0:
+            raise ValueError(f"scale must be > 0, got {scale_f}")
+    return TARParams(
+        sigma=sigma_f,
+        strength=strength_f,
+        mode=mode,
+        scale=scale_f,
+        q_offset=_integer("q_offset", q_offset),
+        k_offset=_integer("k_offset", k_offset),
+    )
+
+
+def validate_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Check shapes, dtypes and devices of (batch, frames, heads, head_dim) inputs.
+
+    k and v share a frame count that may differ from q's; batch, heads, head_dim, dtype and device must agree.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"{name} must be 4-D (batch, frames, heads, head_dim), got shape {tuple(t.shape)}"
+            )
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"mismatched dtype: q is {q.dtype}, {name} is {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"mismatched device: q is on {q.device}, {name} is on {t.device}")
+        for axis, label in ((0, "batch"), (2, "heads"), (3, "head_dim")):
+            if t.shape[axis] != q.shape[axis]:
+                raise ValueError(
+                    f"mismatched {label}: q has {q.shape[axis]}, {name} has {t.shape[axis]} "
+                    f"(shapes q={tuple(q.shape)}, {name}={tuple(t.shape)})"
+                )
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"mismatched frames: k has {k.shape[1]}, v has {v.shape[1]}")
+    if q.shape[3] == 0:
+        raise ValueError("head_dim must be >= 1, got 0")
+    if k.shape[1] == 0 and q.shape[0] * q.shape[1] > 0:
+        raise ValueError("k and v need at least one frame: softmax over zero keys is undefined")

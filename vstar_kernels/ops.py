@@ -1,0 +1,88 @@
+"""``tar_attention``: the one entry point. Validates, picks a backend, calls it."""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+import torch
+
+from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER
+from .contract import TARParams, make_params, validate_tensors
+
+BACKEND_ENV = "VSTAR_KERNELS_BACKEND"
+BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
+
+
+def tar_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    sigma: float,
+    strength: float = 1.0,
+    mode: str = "relative",
+    scale: float | None = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Temporal attention with VSTAR's Temporal Attention Regularization, fused where a kernel exists.
+
+    Args:
+        q: (batch, Lq, heads, head_dim), any strides (e.g. a view of diffusers' ``to_q`` output).
+        k, v: (batch, Lk, heads, head_dim); Lk may differ from Lq.
+        sigma: width of the Gaussian band ΔA in frames (> 0, finite).
+        strength: bias strength (finite); 0 gives plain softmax attention.
+        mode: "relative" (VSTAR: bias scaled by the row max of the unbiased logits) or "absolute".
+        scale: logit scale, default ``head_dim ** -0.5``.
+        q_offset, k_offset: global index of the first query / key frame (chunked or distributed frames).
+        backend: "auto", "triton" or "torch"; the environment variable ``VSTAR_KERNELS_BACKEND`` overrides it.
+
+    Returns:
+        (batch, Lq, heads, head_dim) in the input dtype, laid out so that ``.reshape(batch, Lq, heads * head_dim)``
+        is a free view.
+
+    Raises:
+        TypeError / ValueError: bad arguments, before any launch, naming the argument.
+        RuntimeError: an explicitly requested backend cannot run these inputs (the message says why).
+    """
+    validate_tensors(q, k, v)
+    params = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale,
+                         q_offset=q_offset, k_offset=k_offset)
+    impl = select_backend(q, params, backend)
+    if q.numel() == 0:
+        return torch.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype, device=q.device)
+    return impl.forward(q, k, v, params)
+
+
+def requested_backend(backend: str) -> str:
+    """The backend name in force: ``VSTAR_KERNELS_BACKEND`` when set, else ``backend``; validated."""
+    env = os.environ.get(BACKEND_ENV, "").strip()
+    name, source = (env, f"environment variable {BACKEND_ENV}") if env else (backend, "backend")
+    if name not in BACKEND_CHOICES:
+        raise ValueError(f"{source} must be one of {BACKEND_CHOICES}, got {name!r}")
+    return name
+
+
+def why_not(name: str, q: torch.Tensor, params: TARParams) -> str | None:
+    """None when backend ``name`` can run these inputs, else the reason."""
+    impl = BACKENDS[name]
+    return impl.unavailable_reason(q.device) or impl.unsupported_reason(q, params)
+
+
+def select_backend(q: torch.Tensor, params: TARParams, backend: str = "auto") -> ModuleType:
+    """Resolve ``backend`` (or the environment override) to a backend module that can run these inputs."""
+    name = requested_backend(backend)
+    if name != "auto":
+        reason = why_not(name, q, params)
+        if reason is not None:
+            raise RuntimeError(f"backend {name!r} cannot run this call: {reason}")
+        return BACKENDS[name]
+    reasons = []
+    for candidate in AUTO_ORDER.get(q.device.type, DEFAULT_AUTO_ORDER):
+        reason = why_not(candidate, q, params)
+        if reason is None:
+            return BACKENDS[candidate]
+        reasons.append(f"{candidate}: {reason}")
+    raise RuntimeError("no backend can run this call: " + "; ".join(reasons))
