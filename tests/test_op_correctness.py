@@ -14,6 +14,7 @@ from helpers import LAYOUTS, assert_matches_reference, make_qkv
 
 from vstar_kernels import tar_attention
 from vstar_kernels.backends import triton_tar
+from vstar_kernels.contract import make_params
 
 BACKENDS = ("triton", "torch")
 FRAMES = (1, 2, 7, 16, 24, 33, 64, 128, 200)
@@ -156,17 +157,14 @@ def test_triton_forced_small_tiles(mode, dtype, len_q, len_k, dim):
     """Two-pass relative mode and multi-tile online softmax with tails, forced through small tiles."""
     cfg = triton_tar.BlockConfig(block_m=16, block_n=16, block_d=triton_tar.block_config(1, 1, dim, mode).block_d,
                                  two_pass=True, num_warps=2)
-    q, k, v = make_qkv(2, len_q, 3, dim, len_k=len_k, dtype=dtype, layout="fused_qkv" if len_q == len_k else "projection")
+    layout = "fused_qkv" if len_q == len_k else "projection"
+    q, k, v = make_qkv(2, len_q, 3, dim, len_k=len_k, dtype=dtype, layout=layout)
     kw = dict(sigma=1.5, strength=3.0, mode=mode, q_offset=len_k - len_q if len_k > len_q else 0)
-    from vstar_kernels.contract import make_params
-
     out = triton_tar.forward(q, k, v, make_params(dim, **kw), config=cfg)
     assert_matches_reference(out, q, k, v, **kw)
 
 
 def test_triton_single_pass_config_rejects_long_rows():
-    from vstar_kernels.contract import make_params
-
     q, k, v = make_qkv(1, 8, 1, 16, len_k=40)
     cfg = triton_tar.BlockConfig(block_m=16, block_n=16, block_d=16, two_pass=False, num_warps=2)
     with pytest.raises(ValueError, match="block_n >= Lk"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
 import sys
 from collections.abc import Sequence
 
@@ -37,11 +38,15 @@ def info_lines() -> list[str]:
     cuda = torch.version.cuda or "none (CPU build of torch)"
     lines += ["", f"torch CUDA:     {cuda}", f"CUDA available: {torch.cuda.is_available()}"]
     if torch.cuda.is_available():
-        lines.append(f"  device: {torch.cuda.get_device_name()} (sm_{''.join(map(str, torch.cuda.get_device_capability()))})")
-    try:
-        forced = requested_backend("auto")
-    except ValueError as exc:
-        forced = f"invalid ({exc})"
+        major, minor = torch.cuda.get_device_capability()
+        lines.append(f"  device: {torch.cuda.get_device_name()} (sm_{major}{minor})")
+    if os.environ.get(BACKEND_ENV, "").strip():
+        try:
+            forced = f"forces {requested_backend('auto')!r}"
+        except ValueError as exc:
+            forced = f"invalid ({exc})"
+    else:
+        forced = "not set (each call's backend argument decides)"
     lines.append(f"{BACKEND_ENV}: {forced}")
     for device in _devices():
         lines += ["", f"backends on {device.type}:"]

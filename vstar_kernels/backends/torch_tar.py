@@ -21,8 +21,8 @@ from ..reference import apply_tar_bias, gaussian_delta
 NAME = "torch"
 DEFAULT_BUDGET_MB = 256
 BUDGET_ENV = "VSTAR_KERNELS_TORCH_BUDGET_MB"
-# float32 scores plus the biased copy that the bias and softmax make of them
-_LIVE_SCORE_COPIES = 2
+# float32 scores, the biased copy and the softmax output are alive at once
+_LIVE_SCORE_COPIES = 3
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -80,15 +80,23 @@ def _forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TAR
     return out.transpose(1, 2).contiguous()
 
 
+def chunk_plan(
+    batch: int, len_q: int, heads: int, len_k: int, compute_dtype: torch.dtype, budget: int
+) -> tuple[int, int]:
+    """(batch chunk, query-frame chunk) whose live score tensors fit ``budget`` bytes (at least one row)."""
+    row_bytes = heads * len_k * (torch.finfo(compute_dtype).bits // 8) * _LIVE_SCORE_COPIES
+    q_chunk = max(1, min(len_q, budget // row_bytes))
+    b_chunk = max(1, min(batch, budget // (row_bytes * len_q))) if q_chunk == len_q else 1
+    return b_chunk, q_chunk
+
+
 def _forward_chunked_relative(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, budget: int
 ) -> torch.Tensor:
     batch, len_q, heads, dim = q.shape
     len_k = k.shape[1]
     compute = _compute_dtype(q.dtype)
-    row_bytes = heads * len_k * torch.finfo(compute).bits // 8 * _LIVE_SCORE_COPIES
-    q_chunk = max(1, min(len_q, budget // row_bytes))
-    b_chunk = max(1, budget // (row_bytes * q_chunk)) if q_chunk == len_q else 1
+    b_chunk, q_chunk = chunk_plan(batch, len_q, heads, len_k, compute, budget)
     delta = gaussian_delta(len_q, len_k, sigma=params.sigma, q_offset=params.q_offset,
                            k_offset=params.k_offset, dtype=compute, device=q.device)
     out = torch.empty((batch, len_q, heads, dim), dtype=q.dtype, device=q.device)

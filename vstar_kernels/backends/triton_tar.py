@@ -164,7 +164,7 @@ if triton is not None:
 
     @triton.jit
     def _tar_attention_fwd(
-        Q, K, V, O,
+        Q, K, V, O,  # noqa: E741 - the kernel names its tensors like the math does
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
