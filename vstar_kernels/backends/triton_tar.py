@@ -19,6 +19,7 @@ tests exercise it on machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -41,6 +42,7 @@ MAX_HEAD_DIM = 256
 # The interpreter is chosen when the kernel is decorated, so it is read once, at import, like Triton does.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MIN_CAPABILITY = (8, 0)  # the architectures the static check compiles for: sm_80 and sm_90
 
 
 # ----------------------------------------------------------------------------------------------- availability
@@ -51,6 +53,9 @@ def unavailable_reason(device: torch.device) -> str | None:
     if device.type == "cuda":
         if INTERPRETER:
             return "TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors only"
+        major, minor = _capability(device.index)
+        if (major, minor) < MIN_CAPABILITY:
+            return f"needs compute capability >= 8.0 (sm_80/sm_90 are checked), device is sm_{major}{minor}"
         return None
     if device.type == "cpu":
         if INTERPRETER:
@@ -70,6 +75,11 @@ def unsupported_reason(q: torch.Tensor, params: TARParams) -> str | None:
     return None
 
 
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 # ---------------------------------------------------------------------------------------- block configuration
 @dataclass(frozen=True)
 class BlockConfig:
@@ -87,27 +97,44 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def single_tile_limit(block_d: int) -> int:
-    """Largest key tile kept whole in registers: smaller for wider heads (registers and shared memory)."""
-    if block_d <= 64:
-        return 256
-    if block_d <= 128:
-        return 128
-    return 64
+# Largest key tile kept whole (single pass) per head_dim bucket. fp32 dots run in IEEE precision on the FMA
+# units with both operand tiles in registers, so fp32 tiles are smaller (checked spill-free by static_check).
+_SINGLE_TILE_LIMIT = {32: 256, 64: 256, 128: 128, 256: 64}
+_SINGLE_TILE_LIMIT_FP32 = {32: 128, 64: 32, 128: 16, 256: 16}
+# head_dim is padded to a power of two of at least 32 (16-wide tiles spill on sm_80 for no gain)
+MIN_BLOCK_D = 32
+# fp32 elements of one (BLOCK_M, BLOCK_N) score tile or (BLOCK_M, BLOCK_D) accumulator per program
+_TILE_ELEMENTS = 4096
+_TILE_ELEMENTS_FP32 = 2048
 
 
-def block_config(len_q: int, len_k: int, head_dim: int, mode: str) -> BlockConfig:
-    """Pick tiles from the frame counts and head_dim (temporal attention: many short sequences).
+def single_tile_limit(block_d: int, dtype: torch.dtype = torch.float16) -> int:
+    """Largest key tile kept whole in registers for a head_dim bucket: smaller for wide heads and for fp32."""
+    return (_SINGLE_TILE_LIMIT_FP32 if dtype == torch.float32 else _SINGLE_TILE_LIMIT)[block_d]
 
-    Key tile: the whole padded key row when it fits (single pass, no rescaling), else 64 (32 for head_dim > 128).
-    Query tile: up to 64 rows, fewer for short sequences and wide tiles (at most 8192 fp32 scores per program).
+
+def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.dtype = torch.float16) -> BlockConfig:
+    """Pick tiles from the key frame count, the head_dim bucket and the dtype (temporal attention: many short rows).
+
+    Key tile: the whole padded key row when it fits (single pass, no rescaling), else a fixed multi-tile width.
+    Query tile: as wide as the key tile (temporal self-attention has Lq == Lk), capped so one score tile and one
+    accumulator stay within a register budget. The choice never depends on Lq, so the set of specialisations is
+    small (dtype x head_dim bucket x key tile x mode) and ``python -m vstar_kernels.static_check`` compiles all of
+    them. ``len_q`` is accepted for overrides that want it.
     """
-    block_d = max(16, _next_pow2(head_dim))
-    fits = _next_pow2(len_k) <= single_tile_limit(block_d)
-    block_n = max(16, _next_pow2(len_k)) if fits else (64 if block_d <= 128 else 32)
-    block_m = max(16, min(_next_pow2(len_q), 64, 8192 // block_n, 4096 // block_d))
+    del len_q
+    fp32 = dtype == torch.float32
+    block_d = max(MIN_BLOCK_D, _next_pow2(head_dim))
+    limit = single_tile_limit(block_d, dtype)
+    fits = _next_pow2(len_k) <= limit
+    block_n = max(16, _next_pow2(len_k)) if fits else min(limit, 64 if block_d <= 128 else 32)
+    budget = _TILE_ELEMENTS_FP32 if fp32 else _TILE_ELEMENTS
+    block_m = max(16, min(64, block_n, budget // block_n, budget // block_d))
     tile = block_m * max(block_n, block_d)
-    num_warps = 2 if tile <= 1024 else 4 if tile <= 4096 else 8
+    if fp32:
+        num_warps = 2 if tile <= 1024 else 4 if tile <= 2048 else 8
+    else:  # half precision: 8 warps only for the widest rows, where 4 would spill
+        num_warps = 8 if max(block_n, block_d) == 256 else 4 if tile > 1024 else 2
     return BlockConfig(block_m, block_n, block_d, two_pass=(mode == "relative" and not fits), num_warps=num_warps)
 
 
@@ -127,7 +154,7 @@ def forward(
     """
     batch, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
-    cfg = config or block_config(len_q, len_k, head_dim, params.mode)
+    cfg = config or block_config(len_q, len_k, head_dim, params.mode, q.dtype)
     if params.relative and not cfg.two_pass and len_k > cfg.block_n:
         raise ValueError(f"single-pass relative mode needs block_n >= Lk, got {cfg.block_n} < {len_k}")
     if cfg.block_d < head_dim:
@@ -145,14 +172,15 @@ def forward(
 
 
 def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig) -> None:
+    # strength 0 runs the absolute kernel with a zero bias: s + 0 * G == s exactly, one fewer specialisation
+    relative = params.relative and params.strength != 0.0
     _tar_attention_fwd[grid](
         q, k, v, out,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q.shape[2], q.shape[1], k.shape[1], q.shape[3],
         float(params.offset_delta), params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
-        RELATIVE=params.relative and params.strength != 0.0,
-        BIASED=params.strength != 0.0,
-        TWO_PASS=cfg.two_pass and params.relative and params.strength != 0.0,
+        RELATIVE=relative,
+        TWO_PASS=relative and cfg.two_pass,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -161,6 +189,16 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig) -> None:
 
 # --------------------------------------------------------------------------------------------------- kernel
 if triton is not None:
+
+    @triton.jit
+    def _scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
+                     DOT_PRECISION: tl.constexpr):
+        """Logits of one key tile in log2 units, -inf past Lk: ``<q, k_j> * scale * log2(e)``."""
+        mask_n = cols < len_k
+        kt = tl.load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
+                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_log2_scale
+        return tl.where(mask_n[None, :], s, float("-inf"))
 
     @triton.jit
     def _tar_attention_fwd(
@@ -175,7 +213,6 @@ if triton is not None:
         gauss_log2_coeff,  # log2(e) / (2 sigma^2)
         bias_log2_scale,   # strength (relative) or strength * log2(e) (absolute)
         RELATIVE: tl.constexpr,
-        BIASED: tl.constexpr,
         TWO_PASS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -205,12 +242,8 @@ if triton is not None:
             # pass 1: the row max of the unbiased logits (log2 units) over every key tile
             row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for start_n in range(0, len_k, BLOCK_N):
-                cols = start_n + offs_n
-                mask_n = cols < len_k
-                kt = tl.load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
-                             mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-                s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_log2_scale
-                s = tl.where(mask_n[None, :], s, float("-inf"))
+                s = _scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, start_n + offs_n, len_k,
+                                 qk_log2_scale, DOT_PRECISION)
                 row_max = tl.maximum(row_max, tl.max(s, 1))
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -218,27 +251,23 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
             cols = start_n + offs_n
-            mask_n = cols < len_k
-            kt = tl.load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
-                         mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-            s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_log2_scale
-            s = tl.where(mask_n[None, :], s, float("-inf"))
-            if BIASED:
-                # ΔA inline: G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) = exp2(-(gi - gj)^2 * gauss_log2_coeff)
-                dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
-                gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
-                if RELATIVE:
-                    if not TWO_PASS:
-                        row_max = tl.max(s, 1)  # the whole key row is in this tile
-                    s = s + (bias_log2_scale * row_max)[:, None] * gauss
-                else:
-                    s = s + bias_log2_scale * gauss
+            s = _scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
+                             DOT_PRECISION)
+            # ΔA inline: G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) = exp2(-(gi - gj)^2 * gauss_log2_coeff)
+            dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
+            gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
+            if RELATIVE:
+                if not TWO_PASS:
+                    row_max = tl.max(s, 1)  # the whole key row is in this tile
+                s = s + (bias_log2_scale * row_max)[:, None] * gauss
+            else:
+                s = s + bias_log2_scale * gauss
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+                         mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
             m_i = m_new
 

@@ -1,0 +1,106 @@
+"""The static resource check (vstar_kernels.static_check): enumeration coverage, and the full AOT compile.
+
+The suite runs under TRITON_INTERPRET=1 (conftest.py), where the kernel is an interpreted function that
+``triton.compile`` cannot compile; the full check therefore runs in a subprocess without that variable.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vstar_kernels import static_check
+from vstar_kernels.backends.triton_tar import block_config
+
+VARIANTS = {"relative", "relative-2pass", "absolute"}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def specs() -> list[static_check.Spec]:
+    return static_check.reachable_specialisations()
+
+
+def test_enumeration_covers_dtypes_buckets_and_variants(specs: list[static_check.Spec]) -> None:
+    assert len(specs) == len(set(specs)), "an identical compile is enumerated twice"
+    assert {s.dtype for s in specs} == {"fp16", "bf16", "fp32"}
+    assert {s.config.block_d for s in specs} == {32, 64, 128, 256}
+    for dtype in ("fp16", "bf16", "fp32"):
+        for block_d in (32, 64, 128, 256):
+            found = {s.variant for s in specs if s.dtype == dtype and s.config.block_d == block_d}
+            assert found == VARIANTS, (dtype, block_d, found)
+
+
+def test_value_classes_differ_only_in_int_hints() -> None:
+    both = static_check.reachable_specialisations(["plain", "aligned"])
+    plain = [s for s in both if s.value_class == "plain"]
+    aligned = [s for s in both if s.value_class == "aligned"]
+    assert len(plain) == len(aligned) == len(both) // 2
+    ints = {"num_heads", "len_q", "len_k", "head_dim"}
+    assert all(not ints & set(s.divisible) for s in plain)
+    assert all(ints <= set(s.divisible) for s in aligned)
+
+
+def test_enumeration_matches_launch_flags(specs: list[static_check.Spec]) -> None:
+    for spec in specs:
+        flags = dict(spec.constexprs)
+        assert spec.config.two_pass == flags["TWO_PASS"]
+        assert (flags["BLOCK_M"], flags["BLOCK_N"], flags["BLOCK_D"]) == (
+            spec.config.block_m, spec.config.block_n, spec.config.block_d)
+        assert flags["DOT_PRECISION"] == ("ieee" if spec.dtype == "fp32" else "tf32")
+        assert dict(spec.specialised) == {f"stride_{t}d": 1 for t in "qkvo"}  # contiguous last dim
+
+
+@pytest.mark.parametrize(("len_q", "len_k", "head_dim"), [(1, 1, 1), (16, 300, 40), (2048, 2048, 256), (7, 65, 129)])
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_every_block_config_is_enumerated(specs: list[static_check.Spec], len_q: int, len_k: int, head_dim: int,
+                                          mode: str, dtype: str) -> None:
+    cfg = block_config(len_q, len_k, head_dim, mode, static_check.DTYPES[dtype])
+    tiles = {(s.config.block_m, s.config.block_n, s.config.block_d, s.config.num_warps, s.config.two_pass)
+             for s in specs if s.dtype == dtype}
+    assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.two_pass) in tiles
+
+
+def test_value_specialisation_matches_triton() -> None:
+    """specialise_value reproduces triton's own rule (ints == 1 constexpr, multiples of 16 divisible, ...)."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    native = getattr(libtriton, "native_specialize_impl", None)
+    if native is None:
+        pytest.skip("this triton has no native_specialize_impl")
+    from triton.backends.compiler import BaseBackend
+
+    values = [1, 0, 16, 40, 100, 480, 48000, 2**31, 2.5, static_check._representative_tensor(torch.bfloat16)]
+    for value in values:
+        ty, const, divisible = static_check.specialise_value(value)
+        expected_ty, expected_attr = native(BaseBackend, value, False, True, True)
+        assert ty == expected_ty, value
+        if ty == "constexpr":
+            assert const == expected_attr
+        else:
+            assert divisible == (expected_attr == "D"), value
+
+
+def test_refuses_under_the_interpreter(capsys: pytest.CaptureFixture[str]) -> None:
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("only meaningful under TRITON_INTERPRET=1")
+    assert static_check.main([]) == 2
+    assert "TRITON_INTERPRET" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_specialisation_compiles_without_spills() -> None:
+    """The full default check (every plain-class specialisation, sm_80 and sm_90): about 3 min on 2 cores."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "vstar_kernels.static_check"], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode == 2:
+        pytest.skip(f"static check cannot run here: {proc.stderr.strip()}")
+    failing = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert proc.returncode == 0, "\n".join(failing) or proc.stdout[-3000:] + proc.stderr[-3000:]
