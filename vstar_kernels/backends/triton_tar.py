@@ -9,7 +9,7 @@ tensor beyond one (BLOCK_M, BLOCK_N) tile in registers.
 - relative mode needs max_j S_ij of the unbiased logits before the bias. When the whole key row fits one tile
   (Lk <= BLOCK_N) it is taken from that tile in registers; otherwise a first pass over K computes it and a
   second pass runs the online softmax ("two-pass").
-- head_dim 1..256: the tile is padded to the next power of two (at least 16, what ``tl.dot`` needs) and masked;
+- head_dim 1..256: the tile is padded to the next power of two (at least 32; ``tl.dot`` needs 16) and masked;
   frame tails are masked. fp16/bf16/fp32 inputs, fp32 accumulation; fp32 dots use IEEE precision (not TF32),
   so an fp32 call is as accurate as torch's fp32 attention.
 
