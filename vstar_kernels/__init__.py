@@ -9,7 +9,20 @@ from .contract import MODES, TARParams
 from .ops import tar_attention
 from .reference import gaussian_delta, tar_attention_reference
 
+_DIFFUSERS_EXPORTS = ("PRESETS", "TARAttnProcessor", "TARHandle", "apply_tar", "remove_tar")
+
+
+def __getattr__(name: str):
+    """The diffusers integration loads on first use, so the op works without diffusers installed."""
+    if name in _DIFFUSERS_EXPORTS:
+        from . import diffusers as integration
+
+        return getattr(integration, name)
+    raise AttributeError(f"module 'vstar_kernels' has no attribute {name!r}")
+
+
 __all__ = [
+    *_DIFFUSERS_EXPORTS,
     "MODES",
     "TARParams",
     "__version__",

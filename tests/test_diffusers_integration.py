@@ -1,0 +1,325 @@
+"""apply_tar / remove_tar on tiny random diffusers video UNets built from configs (offline, CPU)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+from diffusers.models.attention_processor import Attention  # noqa: E402
+
+from vstar_kernels import PRESETS, TARAttnProcessor, apply_tar, remove_tar  # noqa: E402
+from vstar_kernels.diffusers import tar_state  # noqa: E402
+from vstar_kernels.reference import gaussian_delta  # noqa: E402
+
+
+def unet3d():
+    torch.manual_seed(0)
+    return diffusers.UNet3DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=32,
+    ).eval()
+
+
+def motion_unet():
+    torch.manual_seed(0)
+    unet2d = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=32, sample_size=8,
+    )
+    adapter = diffusers.MotionAdapter(
+        block_out_channels=(32, 64), motion_layers_per_block=1, motion_transformer_layers_per_block=1,
+        motion_num_attention_heads=2, motion_norm_num_groups=32, motion_max_seq_length=32,
+    )
+    return diffusers.UNetMotionModel.from_unet2d(unet2d, adapter).eval()
+
+
+def svd_unet():
+    torch.manual_seed(0)
+    return diffusers.UNetSpatioTemporalConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4),
+        down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
+        up_block_types=("CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+        in_channels=8, out_channels=4, projection_class_embeddings_input_dim=96, addition_time_embed_dim=32,
+    ).eval()
+
+
+def i2vgen_unet():
+    torch.manual_seed(0)
+    return diffusers.I2VGenXLUNet(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+        num_attention_heads=None, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
+        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+    ).eval()
+
+
+MODELS = {"unet3d": unet3d, "motion": motion_unet, "svd": svd_unet, "i2vgen": i2vgen_unet}
+
+
+def _expected_patched(unet, levels: set[int]) -> set[str]:
+    """Independently from the structure: self-attention under a temporal container in down/up blocks."""
+    num_up = len(unet.up_blocks)
+    out = set()
+    for name, module in unet.named_modules():
+        if not isinstance(module, Attention) or module.is_cross_attention:
+            continue
+        parts = name.split(".")
+        if parts[0] not in ("down_blocks", "up_blocks"):
+            continue
+        if not any(p in ("temp_attentions", "motion_modules", "temporal_transformer_blocks") for p in parts):
+            continue
+        level = int(parts[1]) if parts[0] == "down_blocks" else num_up - 1 - int(parts[1])
+        if level in levels:
+            out.add(name)
+    return out
+
+
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("preset", ["64D1", "64D1_32D8"])
+def test_patched_layers_match_structure(model, preset):
+    unet = MODELS[model]()
+    levels = set(PRESETS[preset])
+    handle = apply_tar(unet, preset)
+    assert set(handle.layers) == _expected_patched(unet, levels)
+    assert handle.num_layers > 0
+    for name, (level, sigma) in handle.layers.items():
+        assert sigma == PRESETS[preset][level]
+        assert isinstance(unet.get_submodule(name).processor, TARAttnProcessor)
+        assert not unet.get_submodule(name).is_cross_attention
+        assert not name.startswith(("transformer_in", "mid_block", "image_latents_temporal_encoder"))
+
+
+def test_no_temporal_attention_is_a_clear_error():
+    unet2d = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, norm_num_groups=32, sample_size=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    with pytest.raises(ValueError, match=r"no temporal self-attention.*TransformerTemporalModel"):
+        apply_tar(unet2d)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"preset": "64D3"}, "unknown preset"),
+        ({"preset": "64D1", "sigma": 1.0}, "either preset or sigma"),
+        ({"sigma": 0.0}, "sigma must be > 0"),
+        ({"preset": {5: 1.0}}, r"levels \[0, 1\], not \[5\]"),
+        ({"timesteps": "sometimes"}, "timesteps must be"),
+        ({"timesteps": (500, 100)}, r"t_lo <= t_hi"),
+        ({"mode": "relatve"}, "mode must be one of"),
+        ({"backend": "fast"}, "backend must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    unet = unet3d()
+    before = dict(unet.attn_processors)
+    with pytest.raises((ValueError, TypeError), match=match):
+        apply_tar(unet, **kwargs)
+    assert dict(unet.attn_processors) == before  # nothing patched
+
+
+def _unet3d_inputs(frames=16):
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(2, 4, frames, 8, 8, generator=gen), torch.randn(2, 7, 32, generator=gen)
+
+
+@torch.no_grad()
+def test_round_trip_idempotence_and_state_dict():
+    unet = unet3d()
+    x, ehs = _unet3d_inputs()
+    base = unet(x, 900, ehs).sample
+    state = {k: v.clone() for k, v in unet.state_dict().items()}
+    names = {n for n, _ in unet.named_parameters()} | {n for n, _ in unet.named_buffers()}
+    originals = dict(unet.attn_processors)
+
+    apply_tar(unet, "64D1")
+    first = unet(x, 900, ehs).sample
+    handle = apply_tar(unet, "64D1_32D8", timesteps="all")  # replaces, never stacks
+    assert tar_state(unet) is handle
+    patched = {n.removesuffix(".processor") for n, p in unet.attn_processors.items() if isinstance(p, TARAttnProcessor)}
+    assert patched == set(handle.layers)
+    assert {n for n, _ in unet.named_parameters()} | {n for n, _ in unet.named_buffers()} == names
+    assert all(torch.equal(state[k], v) for k, v in unet.state_dict().items())
+    assert not torch.equal(first, base)
+
+    assert remove_tar(unet) is True
+    assert remove_tar(unet) is False
+    assert all(originals[k] is v for k, v in unet.attn_processors.items())
+    assert all(torch.equal(state[k], v) for k, v in unet.state_dict().items())
+    assert torch.equal(unet(x, 900, ehs).sample, base)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_strength_zero_equals_no_tar(mode):
+    unet = unet3d()
+    x, ehs = _unet3d_inputs()
+    base = unet(x, 900, ehs).sample
+    apply_tar(unet, sigma=1.0, levels=(0, 1), strength=0.0, mode=mode, timesteps="all")
+    torch.testing.assert_close(unet(x, 900, ehs).sample, base, rtol=0, atol=1e-6)
+
+
+class MaterialisingTARProcessor:
+    """Test-only: the official method's order of operations, S and ΔA materialised (independent of the package)."""
+
+    def __init__(self, sigma: float, strength: float = 1.0):
+        self.sigma, self.strength = sigma, strength
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        frames = hidden_states.shape[1]
+        q = attn.head_to_batch_dim(attn.to_q(hidden_states))
+        k = attn.head_to_batch_dim(attn.to_k(hidden_states))
+        v = attn.head_to_batch_dim(attn.to_v(hidden_states))
+        scores = torch.baddbmm(torch.zeros(q.shape[0], frames, frames), q, k.transpose(1, 2), beta=0, alpha=attn.scale)
+        idx = torch.arange(frames, dtype=torch.float32)
+        delta = torch.exp(-((idx[:, None] - idx[None, :]) ** 2) / (2 * self.sigma**2))
+        scores = scores + self.strength * scores.max(dim=-1, keepdim=True).values * delta
+        out = attn.batch_to_head_dim(torch.bmm(scores.softmax(dim=-1), v))
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("frames", [16, 33])
+def test_tar_equals_materialising_official_order(frames):
+    unet = unet3d()
+    x, ehs = _unet3d_inputs(frames)
+    handle = apply_tar(unet, "64D1_32D8", strength=1.5, timesteps="all")
+    fused = unet(x, 900, ehs).sample
+    remove_tar(unet)
+    for name, (_, sigma) in handle.layers.items():
+        unet.get_submodule(name).set_processor(MaterialisingTARProcessor(sigma, 1.5))
+    naive = unet(x, 900, ehs).sample
+    torch.testing.assert_close(fused, naive, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(fused, unet3d()(x, 900, ehs).sample, atol=1e-3)  # TAR did something
+
+
+def test_gaussian_of_the_test_processor_is_the_package_one():
+    idx = torch.arange(9, dtype=torch.float64)
+    manual = torch.exp(-((idx[:, None] - idx[None, :]) ** 2) / (2 * 8.0**2))
+    torch.testing.assert_close(manual, gaussian_delta(9, sigma=8.0, dtype=torch.float64))
+
+
+@torch.no_grad()
+def test_step_window_switches_at_the_right_timesteps():
+    unet = unet3d()
+    x, ehs = _unet3d_inputs()
+    steps = (999, 441, 440, 439, 300, 150, 10)
+    plain = {t: unet(x, t, ehs).sample for t in steps}
+    apply_tar(unet, "64D1_32D8", timesteps="all")
+    always = {t: unet(x, t, ehs).sample for t in steps}
+    assert all(not torch.equal(always[t], plain[t]) for t in steps)
+
+    apply_tar(unet, "64D1_32D8")  # paper: on for t >= 440 (the noisiest 14/25 of 1000 training steps)
+    for t in steps:
+        out = unet(x, torch.tensor([t, t]), ehs).sample  # a batched (CFG-style) timestep tensor
+        assert torch.equal(out, always[t] if t >= 440 else plain[t]), t
+    apply_tar(unet, "64D1_32D8", timesteps=(100, 200))  # explicit inclusive range, keyword timestep
+    for t in steps:
+        out = unet(x, timestep=float(t), encoder_hidden_states=ehs).sample
+        assert torch.equal(out, always[t] if 100 <= t <= 200 else plain[t]), t
+
+
+@torch.no_grad()
+def test_128_frames_single_pass_forward():
+    unet = unet3d()
+    x, ehs = _unet3d_inputs(frames=128)
+    apply_tar(unet, "64D1_32D8", timesteps="all")
+    out = unet(x[:1], 900, ehs[:1]).sample
+    assert out.shape == (1, 4, 128, 8, 8) and torch.isfinite(out).all()
+
+
+@torch.no_grad()
+def test_motion_unet_forward_with_tar_matches_materialising():
+    unet = motion_unet()
+    frames = 16
+    x = torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(2))
+    ehs = torch.randn(frames, 7, 32, generator=torch.Generator().manual_seed(3))  # repeated per frame
+    base = unet(x, 900, ehs).sample
+    handle = apply_tar(unet, "64D1_32D8", timesteps="all")
+    fused = unet(x, 900, ehs).sample
+    remove_tar(unet)
+    assert torch.equal(unet(x, 900, ehs).sample, base)
+    for name, (_, sigma) in handle.layers.items():
+        unet.get_submodule(name).set_processor(MaterialisingTARProcessor(sigma))
+    torch.testing.assert_close(fused, unet(x, 900, ehs).sample, rtol=1e-4, atol=1e-5)
+
+
+def test_processor_without_arguments_is_plain_attention():
+    """IP-Adapter re-creates processors with no arguments: that must still be correct attention."""
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=4, dim_head=8)
+    x = torch.randn(3, 16, 32)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    expected = AttnProcessor2_0()(attn, x)
+    torch.testing.assert_close(TARAttnProcessor()(attn, x), expected, rtol=1e-5, atol=1e-6)
+    assert not isinstance(TARAttnProcessor(), torch.nn.Module)
+    assert math.isclose(attn.scale, 8**-0.5)
+
+
+# ------------------------------------------------------------------------------- pipelines and interplay
+def _pipeline():
+    from tiny_pipelines import text_to_video_pipeline
+
+    return text_to_video_pipeline(unet3d())
+
+
+def _record_tar_steps(unet) -> list[tuple[int, bool]]:
+    """A pre-hook registered after apply_tar's: sees each UNet call's timestep and whether TAR was on."""
+    seen: list[tuple[int, bool]] = []
+    handle = tar_state(unet)
+    unet.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append((int(kwargs.get("timestep", args[1] if len(args) > 1 else -1)),
+                                              handle.switch.active)),
+        with_kwargs=True,
+    )
+    return seen
+
+
+@torch.no_grad()
+def test_paper_window_inside_a_real_pipeline_call():
+    """25 DDIM steps with classifier-free guidance: TAR on for exactly the first 14 (the noisiest) steps."""
+    pipe = _pipeline()
+    kwargs = dict(num_inference_steps=25, num_frames=8, height=16, width=16, output_type="pt", guidance_scale=7.5)
+    plain = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames
+    apply_tar(pipe, "64D1_32D8")  # the pipeline itself is accepted (its .unet is patched)
+    seen = _record_tar_steps(pipe.unet)
+    tar = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames
+    assert len(seen) == 25
+    assert [active for _, active in seen] == [True] * 14 + [False] * 11
+    assert all(t >= 440 for t, active in seen if active) and all(t < 440 for t, active in seen if not active)
+    assert not torch.equal(tar, plain)
+    remove_tar(pipe)
+    assert torch.equal(pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames, plain)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("call", ["set_attn_processor", "fuse_qkv_projections", "set_attention_slice"])
+def test_calls_that_replace_processors_drop_tar_and_apply_after_works(call):
+    """diffusers calls that re-create every processor drop TAR; remove_tar keeps their choice; apply_tar after works."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = unet3d()
+    x, ehs = _unet3d_inputs()
+    apply_tar(unet, "64D1_32D8", timesteps="all")
+    tar_out = unet(x, 900, ehs).sample
+    if call == "set_attn_processor":
+        unet.set_attn_processor(AttnProcessor2_0())
+    elif call == "fuse_qkv_projections":
+        unet.fuse_qkv_projections()
+    else:
+        unet.set_attention_slice(1)
+    assert not any(isinstance(p, TARAttnProcessor) for p in unet.attn_processors.values())
+    replaced = dict(unet.attn_processors)
+    remove_tar(unet)
+    assert all(replaced[k] is v for k, v in unet.attn_processors.items())  # their choice is kept
+    handle = apply_tar(unet, "64D1_32D8", timesteps="all")
+    assert all(isinstance(unet.get_submodule(n).processor, TARAttnProcessor) for n in handle.layers)
+    torch.testing.assert_close(unet(x, 900, ehs).sample, tar_out, rtol=1e-4, atol=1e-5)

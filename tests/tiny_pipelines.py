@@ -1,0 +1,47 @@
+"""Tiny offline diffusers pipelines with random weights (no hub access): tokenizer, text encoder, VAE, UNet."""
+
+from __future__ import annotations
+
+import torch
+
+
+def byte_level_alphabet() -> list[str]:
+    """GPT-2's byte-level alphabet: printable Latin-1 bytes map to themselves, the others to chr(256 + n)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
+def tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    alphabet = byte_level_alphabet()
+    tokens = ["<|startoftext|>", "<|endoftext|>", *alphabet, *(c + "</w>" for c in alphabet)]
+    return CLIPTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[], model_max_length=77)
+
+
+def tiny_text_encoder(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                            vocab_size=vocab_size, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                            pad_token_id=1)
+    return CLIPTextModel(config)
+
+
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         norm_num_groups=32)
+
+
+def text_to_video_pipeline(unet):
+    from diffusers import DDIMScheduler, TextToVideoSDPipeline
+
+    tokenizer = tiny_tokenizer()
+    return TextToVideoSDPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer,
+                                 unet=unet, scheduler=DDIMScheduler())

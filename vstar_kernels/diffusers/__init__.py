@@ -1,0 +1,48 @@
+"""diffusers integration: ``apply_tar(pipe.unet)`` / ``remove_tar`` for every diffusers video UNet.
+
+Importing this package checks that the installed diffusers is in the supported range (SUPPORTED_DIFFUSERS, the
+same range as the ``diffusers`` extra in pyproject.toml).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+from packaging.version import Version
+
+SUPPORTED_DIFFUSERS = (Version("0.30"), Version("0.43"))  # [min, max): keep in sync with pyproject's extra
+
+
+def _check_diffusers() -> str:
+    try:
+        found = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:
+        raise ImportError(
+            "vstar_kernels.diffusers needs diffusers: pip install 'vstar-kernels[diffusers]'"
+        ) from None
+    lo, hi = SUPPORTED_DIFFUSERS
+    if not lo <= Version(found) < hi:
+        raise ImportError(f"vstar_kernels.diffusers supports diffusers >={lo},<{hi}; found {found}")
+    return found
+
+
+DIFFUSERS_VERSION = _check_diffusers()
+
+from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
+from .patching import TARHandle, apply_tar, remove_tar, tar_state  # noqa: E402
+from .presets import DEFAULT_PRESET, PRESETS  # noqa: E402
+from .processor import TARAttnProcessor, TARSwitch  # noqa: E402
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS",
+    "TEMPORAL_CONTAINERS",
+    "TARAttnProcessor",
+    "TARHandle",
+    "TARSwitch",
+    "TemporalLayer",
+    "apply_tar",
+    "find_temporal_attention",
+    "remove_tar",
+    "tar_state",
+]

@@ -1,0 +1,135 @@
+"""apply_tar / remove_tar: put TAR processors on a UNet's temporal self-attention, and take them off exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..contract import MODES
+from ..ops import requested_backend
+from .discovery import TemporalLayer, find_temporal_attention
+from .presets import resolve_levels, resolve_window
+from .processor import TARAttnProcessor, TARSwitch
+
+_STATE_ATTR = "_vstar_tar_state"
+
+
+@dataclass
+class TARHandle:
+    """What one ``apply_tar`` patched: ``layers`` maps module path -> (level, sigma); the step window in force."""
+
+    layers: dict[str, tuple[int, float]]
+    window: tuple[float, float]
+    strength: float
+    mode: str
+    switch: TARSwitch = field(repr=False)
+    _originals: dict[str, object] = field(default_factory=dict, repr=False)
+    _installed: dict[str, TARAttnProcessor] = field(default_factory=dict, repr=False)
+    _hook: torch.utils.hooks.RemovableHandle | None = field(default=None, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def _unet_of(model: nn.Module) -> nn.Module:
+    unet = getattr(model, "unet", model)
+    if not isinstance(unet, nn.Module):
+        raise TypeError(f"expected a diffusers UNet or a pipeline with .unet, got {type(model).__name__}")
+    return unet
+
+
+def _timestep_of(args: tuple, kwargs: dict) -> float | None:
+    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+    if t is None:
+        return None
+    if isinstance(t, torch.Tensor):
+        return float(t.detach().flatten()[0].item()) if t.numel() else None
+    return float(t)
+
+
+def apply_tar(
+    model: nn.Module,
+    preset: str | Mapping[int, float] | None = None,
+    *,
+    sigma: float | None = None,
+    strength: float = 1.0,
+    mode: str = "relative",
+    levels: tuple[int, ...] | list[int] | None = None,
+    timesteps: str | tuple[float, float] = "paper",
+    backend: str = "auto",
+) -> TARHandle:
+    """Patch TAR into ``model`` (a diffusers video UNet, or a pipeline with ``.unet``); returns a handle.
+
+    Args:
+        preset: an official preset ("64D1_32D8", ...; see PRESETS) or a ``{level: sigma}`` mapping; default
+            "64D1_32D8" unless ``sigma`` is given. Level 0 is the highest-resolution latent level ("64").
+        sigma: one sigma for ``levels`` (default level 0) instead of a preset.
+        strength, mode: as in :func:`vstar_kernels.tar_attention`.
+        levels: restrict to these levels.
+        timesteps: "paper" (TAR on for the noisiest 14/25 of the schedule, t >= 440 of 1000), "all", or an
+            inclusive (t_lo, t_hi) range, read by a forward pre-hook on the UNet at every call.
+        backend: passed to ``tar_attention``.
+
+    Applying again replaces the previous application. The mid block and the temporal layer right after conv_in
+    are never patched. Raises ValueError for a model without temporal attention or a level it does not have.
+    """
+    unet = _unet_of(model)
+    mapping = resolve_levels(preset, sigma, levels)
+    window = resolve_window(timesteps)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    requested_backend(backend)  # validates the name
+    layers = find_temporal_attention(unet)
+    present = {layer.level for layer in layers if isinstance(layer.level, int)}
+    missing = sorted(set(mapping) - present)
+    if missing:
+        raise ValueError(f"{type(unet).__name__} has temporal attention at levels {sorted(present)}, not {missing}")
+    remove_tar(unet)
+
+    switch = TARSwitch()
+    chosen: list[TemporalLayer] = [layer for layer in layers if layer.level in mapping]
+    handle = TARHandle(layers={}, window=window, strength=float(strength), mode=mode, switch=switch)
+    for layer in chosen:
+        level_sigma = mapping[layer.level]
+        processor = TARAttnProcessor(sigma=level_sigma, strength=strength, mode=mode, backend=backend, switch=switch)
+        handle._originals[layer.name] = layer.module.processor
+        handle._installed[layer.name] = processor
+        handle.layers[layer.name] = (layer.level, level_sigma)
+        layer.module.set_processor(processor)
+
+    def gate(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = _timestep_of(args, kwargs)
+        switch.active = t is None or window[0] <= t <= window[1]
+
+    handle._hook = unet.register_forward_pre_hook(gate, with_kwargs=True)
+    setattr(unet, _STATE_ATTR, handle)
+    return handle
+
+
+def remove_tar(model: nn.Module) -> bool:
+    """Restore exactly the processors ``apply_tar`` replaced and remove its hook; False if TAR was not applied.
+
+    A layer whose processor was replaced since (``fuse_qkv_projections``, attention slicing, ...) keeps the
+    newer processor: only layers still running this application's TAR processor are restored.
+    """
+    unet = _unet_of(model)
+    handle: TARHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
+    if handle is None:
+        return False
+    modules = dict(unet.named_modules())
+    for name, original in handle._originals.items():
+        module = modules.get(name)
+        if module is not None and module.processor is handle._installed[name]:
+            module.set_processor(original)
+    if handle._hook is not None:
+        handle._hook.remove()
+    return True
+
+
+def tar_state(model: nn.Module) -> TARHandle | None:
+    """The handle of the TAR application in force on ``model``, or None."""
+    return _unet_of(model).__dict__.get(_STATE_ATTR)

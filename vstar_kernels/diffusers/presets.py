@@ -1,0 +1,75 @@
+"""VSTAR's presets and the TAR step window, independent of diffusers.
+
+A preset name lists ``<latent size>D<sigma>`` terms joined by ``_``: "64" is the highest-resolution latent level
+of the UNet (level 0), "32" the next (level 1). "64D1_32D8" means sigma 1 at level 0 and sigma 8 at level 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+from ..contract import make_params
+
+PRESETS: dict[str, dict[int, float]] = {
+    "64D1": {0: 1.0},
+    "64D4": {0: 4.0},
+    "64D8": {0: 8.0},
+    "64D1_32D1": {0: 1.0, 1: 1.0},
+    "64D1_32D8": {0: 1.0, 1: 8.0},
+    "64D1_32D12": {0: 1.0, 1: 12.0},
+    "64D4_32D8": {0: 4.0, 1: 8.0},
+    "64D4_32D12": {0: 4.0, 1: 12.0},
+}
+DEFAULT_PRESET = "64D1_32D8"  # the authors' choice for longer videos
+# The official schedule: TAR on for the first 14 of 25 DDIM steps, the noisiest 14/25 of the 1000 training steps.
+PAPER_FRACTION = 14 / 25
+NUM_TRAIN_TIMESTEPS = 1000
+PAPER_WINDOW: tuple[float, float] = (NUM_TRAIN_TIMESTEPS * (1 - PAPER_FRACTION), math.inf)
+
+
+def resolve_levels(
+    preset: str | Mapping[int, float] | None, sigma: float | None, levels: tuple[int, ...] | list[int] | None
+) -> dict[int, float]:
+    """The {level: sigma} mapping of one ``apply_tar`` call.
+
+    ``preset`` (a name from PRESETS or a mapping) and ``sigma`` exclude each other; ``sigma`` applies to ``levels``
+    (default level 0); with neither, DEFAULT_PRESET. ``levels`` filters a preset's levels.
+    """
+    if preset is not None and sigma is not None:
+        raise ValueError("give either preset or sigma, not both")
+    if sigma is not None:
+        mapping = {int(level): float(sigma) for level in (levels if levels is not None else (0,))}
+    else:
+        preset = DEFAULT_PRESET if preset is None else preset
+        if isinstance(preset, str):
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; known: {', '.join(PRESETS)}")
+            mapping = dict(PRESETS[preset])
+        elif isinstance(preset, Mapping):
+            mapping = {int(level): float(s) for level, s in preset.items()}
+        else:
+            raise TypeError(f"preset must be a name or a {{level: sigma}} mapping, got {type(preset).__name__}")
+        if levels is not None:
+            mapping = {level: s for level, s in mapping.items() if level in set(levels)}
+    if not mapping:
+        raise ValueError("no level selected: the preset and levels leave nothing to patch")
+    for level, s in mapping.items():
+        if level < 0:
+            raise ValueError(f"levels are >= 0 (0 = highest resolution), got {level}")
+        make_params(1, sigma=s)  # validates sigma with the op's own rules
+    return mapping
+
+
+def resolve_window(timesteps: str | tuple[float, float]) -> tuple[float, float]:
+    """The inclusive timestep range in which TAR is on: "paper", "all" or an explicit (t_lo, t_hi)."""
+    if timesteps == "paper":
+        return PAPER_WINDOW
+    if timesteps == "all":
+        return (-math.inf, math.inf)
+    if isinstance(timesteps, tuple | list) and len(timesteps) == 2:
+        lo, hi = (float(t) for t in timesteps)
+        if not lo <= hi:
+            raise ValueError(f"timesteps range must have t_lo <= t_hi, got {timesteps}")
+        return (lo, hi)
+    raise ValueError(f'timesteps must be "paper", "all" or a (t_lo, t_hi) pair, got {timesteps!r}')

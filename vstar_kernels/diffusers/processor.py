@@ -1,0 +1,121 @@
+"""The TAR attention processor: diffusers' AttnProcessor2_0 semantics with the temporal attention fused.
+
+Data flow: processor -> :func:`vstar_kernels.tar_attention` -> backend. The projections' (B·H·W, F, heads·d)
+outputs are viewed as (B·H·W, F, heads, d) and handed over without copies; the result reshapes back for free.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from ..ops import tar_attention
+from ..reference import tar_attention_reference
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TARSwitch:
+    """Shared on/off state of one ``apply_tar``: the UNet's timestep pre-hook flips ``active``."""
+
+    active: bool = True
+
+
+class TARAttnProcessor:
+    """Temporal self-attention with Temporal Attention Regularization (a plain object, not an nn.Module).
+
+    Constructible with no arguments (IP-Adapter re-creates processors that way): then it is plain attention.
+    With a ``switch`` that is off, it is plain attention too (strength 0, the op's plain path).
+    """
+
+    _warned_mask = False
+
+    def __init__(
+        self,
+        sigma: float | None = None,
+        strength: float = 1.0,
+        mode: str = "relative",
+        backend: str = "auto",
+        switch: TARSwitch | None = None,
+    ) -> None:
+        self.sigma = sigma
+        self.strength = strength
+        self.mode = mode
+        self.backend = backend
+        self.switch = switch
+
+    @property
+    def active(self) -> bool:
+        return self.sigma is not None and (self.switch is None or self.switch.active)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(sigma={self.sigma}, strength={self.strength}, mode={self.mode!r})"
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args,
+        **kwargs,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch_size, key_len, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        head_dim = key.shape[-1] // attn.heads
+        # (B·H·W, F, heads·d) -> (B·H·W, F, heads, d): free views of the projections
+        q = query.view(batch_size, -1, attn.heads, head_dim)
+        k = key.view(batch_size, -1, attn.heads, head_dim)
+        v = value.view(batch_size, -1, attn.heads, head_dim)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+
+        out = self._attend(q, k, v, attn.scale, attention_mask)
+        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _attend(self, q, k, v, scale: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        sigma = self.sigma if self.sigma is not None else 1.0
+        strength = self.strength if self.active else 0.0
+        if attention_mask is not None:
+            if not TARAttnProcessor._warned_mask:
+                logger.warning("TARAttnProcessor: an attention_mask is set; using the materialised reference "
+                               "(correct, not fused)")
+                TARAttnProcessor._warned_mask = True
+            return tar_attention_reference(q, k, v, sigma=sigma, strength=strength, mode=self.mode, scale=scale,
+                                           attn_mask=attention_mask)
+        return tar_attention(q, k, v, sigma=sigma, strength=strength, mode=self.mode, scale=scale,
+                             backend=self.backend)
