@@ -323,3 +323,59 @@ def test_calls_that_replace_processors_drop_tar_and_apply_after_works(call):
     handle = apply_tar(unet, "64D1_32D8", timesteps="all")
     assert all(isinstance(unet.get_submodule(n).processor, TARAttnProcessor) for n in handle.layers)
     torch.testing.assert_close(unet(x, 900, ehs).sample, tar_out, rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_materialised_processor_gives_the_same_video():
+    from vstar_kernels.diffusers import MaterialisedTARProcessor
+
+    unet = unet3d()
+    x, ehs = _unet3d_inputs()
+    apply_tar(unet, "64D1_32D8", timesteps="all")
+    fused = unet(x, 900, ehs).sample
+    handle = apply_tar(unet, "64D1_32D8", timesteps="all", processor=MaterialisedTARProcessor)
+    assert all(type(unet.get_submodule(n).processor) is MaterialisedTARProcessor for n in handle.layers)
+    torch.testing.assert_close(unet(x, 900, ehs).sample, fused, rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="processor must be TARAttnProcessor"):
+        apply_tar(unet, processor=object)
+
+
+def test_attention_mask_runs_the_reference_with_the_mask(caplog, monkeypatch):
+    monkeypatch.setattr(TARAttnProcessor, "_warned_mask", False)
+    torch.manual_seed(0)
+    attn = Attention(query_dim=32, heads=4, dim_head=8)
+    x = torch.randn(2, 12, 32)
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[:, 8:] = False  # the last 4 frames are padding
+    proc = TARAttnProcessor(sigma=2.0, strength=1.0)
+    with caplog.at_level("WARNING"):
+        masked = proc(attn, x, attention_mask=keep)
+    truncated = proc(attn, x[:, :8])  # same queries, keys restricted to the unmasked frames
+    torch.testing.assert_close(masked[:, :8], truncated, rtol=1e-5, atol=1e-6)
+    assert caplog.text.count("materialised reference") == 1  # logged once, not per call
+    proc(attn, x, attention_mask=keep)
+    assert caplog.text.count("materialised reference") == 1
+
+
+def _full_size(name: str):
+    """Full-size default configs on the meta device (no weights, no memory): the real block layouts."""
+    with torch.device("meta"):
+        if name == "zeroscope":
+            return diffusers.UNet3DConditionModel(cross_attention_dim=1024, attention_head_dim=64)
+        if name == "i2vgen-xl":
+            return diffusers.I2VGenXLUNet()
+        if name == "animatediff":
+            return diffusers.UNetMotionModel.from_unet2d(diffusers.UNet2DConditionModel(cross_attention_dim=768),
+                                                         diffusers.MotionAdapter())
+        return diffusers.UNetSpatioTemporalConditionModel()
+
+
+@pytest.mark.parametrize(("name", "per_level"), [("zeroscope", 10), ("i2vgen-xl", 10), ("animatediff", 10), ("svd", 5)])
+def test_full_size_layouts(name, per_level):
+    """Each real layout: both temporal self-attention layers of every temporal transformer at a level, down and up."""
+    unet = _full_size(name)
+    for preset in ("64D1", "64D1_32D8"):
+        handle = apply_tar(unet, preset)
+        levels = set(PRESETS[preset])
+        assert set(handle.layers) == _expected_patched(unet, levels)
+        assert handle.num_layers == per_level * len(levels)

@@ -31,12 +31,13 @@ DIFFUSERS_VERSION = _check_diffusers()
 from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
 from .patching import TARHandle, apply_tar, remove_tar, tar_state  # noqa: E402
 from .presets import DEFAULT_PRESET, PRESETS  # noqa: E402
-from .processor import TARAttnProcessor, TARSwitch  # noqa: E402
+from .processor import MaterialisedTARProcessor, TARAttnProcessor, TARSwitch  # noqa: E402
 
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
     "TEMPORAL_CONTAINERS",
+    "MaterialisedTARProcessor",
     "TARAttnProcessor",
     "TARHandle",
     "TARSwitch",

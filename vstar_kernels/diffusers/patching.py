@@ -61,6 +61,7 @@ def apply_tar(
     levels: tuple[int, ...] | list[int] | None = None,
     timesteps: str | tuple[float, float] = "paper",
     backend: str = "auto",
+    processor: type[TARAttnProcessor] = TARAttnProcessor,
 ) -> TARHandle:
     """Patch TAR into ``model`` (a diffusers video UNet, or a pipeline with ``.unet``); returns a handle.
 
@@ -73,6 +74,8 @@ def apply_tar(
         timesteps: "paper" (TAR on for the noisiest 14/25 of the schedule, t >= 440 of 1000), "all", or an
             inclusive (t_lo, t_hi) range, read by a forward pre-hook on the UNet at every call.
         backend: passed to ``tar_attention``.
+        processor: the processor class installed; ``MaterialisedTARProcessor`` reproduces the official method's
+            memory use (benchmarks).
 
     Applying again replaces the previous application. The mid block and the temporal layer right after conv_in
     are never patched. Raises ValueError for a model without temporal attention or a level it does not have.
@@ -83,6 +86,8 @@ def apply_tar(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     requested_backend(backend)  # validates the name
+    if not (isinstance(processor, type) and issubclass(processor, TARAttnProcessor)):
+        raise TypeError(f"processor must be TARAttnProcessor or a subclass, got {processor!r}")
     layers = find_temporal_attention(unet)
     present = {layer.level for layer in layers if isinstance(layer.level, int)}
     missing = sorted(set(mapping) - present)
@@ -95,11 +100,11 @@ def apply_tar(
     handle = TARHandle(layers={}, window=window, strength=float(strength), mode=mode, switch=switch)
     for layer in chosen:
         level_sigma = mapping[layer.level]
-        processor = TARAttnProcessor(sigma=level_sigma, strength=strength, mode=mode, backend=backend, switch=switch)
+        installed = processor(sigma=level_sigma, strength=strength, mode=mode, backend=backend, switch=switch)
         handle._originals[layer.name] = layer.module.processor
-        handle._installed[layer.name] = processor
+        handle._installed[layer.name] = installed
         handle.layers[layer.name] = (layer.level, level_sigma)
-        layer.module.set_processor(processor)
+        layer.module.set_processor(installed)
 
     def gate(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         t = _timestep_of(args, kwargs)

@@ -32,6 +32,7 @@ class TARAttnProcessor:
     """
 
     _warned_mask = False
+    materialise = False  # True: always run the materialised reference (MaterialisedTARProcessor)
 
     def __init__(
         self,
@@ -110,8 +111,8 @@ class TARAttnProcessor:
     def _attend(self, q, k, v, scale: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
         sigma = self.sigma if self.sigma is not None else 1.0
         strength = self.strength if self.active else 0.0
-        if attention_mask is not None:
-            if not TARAttnProcessor._warned_mask:
+        if attention_mask is not None or self.materialise:
+            if attention_mask is not None and not TARAttnProcessor._warned_mask:
                 logger.warning("TARAttnProcessor: an attention_mask is set; using the materialised reference "
                                "(correct, not fused)")
                 TARAttnProcessor._warned_mask = True
@@ -119,3 +120,9 @@ class TARAttnProcessor:
                                            attn_mask=attention_mask)
         return tar_attention(q, k, v, sigma=sigma, strength=strength, mode=self.mode, scale=scale,
                              backend=self.backend)
+
+class MaterialisedTARProcessor(TARAttnProcessor):
+    """The official method's memory behaviour, for benchmarks: scores, ΔA and probabilities materialised per layer
+    (B·H·W·heads x F x F) through :func:`vstar_kernels.tar_attention_reference`. Same results, far more memory."""
+
+    materialise = True
