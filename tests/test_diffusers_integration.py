@@ -276,7 +276,7 @@ def _record_tar_steps(unet) -> list[tuple[int, bool]]:
     seen: list[tuple[int, bool]] = []
     handle = tar_state(unet)
     unet.register_forward_pre_hook(
-        lambda _m, args, kwargs: seen.append((int(kwargs.get("timestep", args[1] if len(args) > 1 else -1)),
+        lambda _m, args, kwargs: seen.append((float(kwargs.get("timestep", args[1] if len(args) > 1 else -1)),
                                               handle.switch.active)),
         with_kwargs=True,
     )
@@ -379,3 +379,24 @@ def test_full_size_layouts(name, per_level):
         levels = set(PRESETS[preset])
         assert set(handle.layers) == _expected_patched(unet, levels)
         assert handle.num_layers == per_level * len(levels)
+
+
+@torch.no_grad()
+def test_paper_window_follows_the_schedule_for_svd_continuous_timesteps():
+    """SVD's scheduler passes EDM timesteps (0.25 ln sigma): "paper" is the first 14/25 of its steps, not t >= 440."""
+    from types import SimpleNamespace
+
+    scheduler = diffusers.EulerDiscreteScheduler(
+        interpolation_type="linear", prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
+        timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True,
+    )
+    unet = svd_unet()
+    pipe = SimpleNamespace(unet=unet, scheduler=scheduler)  # what apply_tar reads of a pipeline
+    apply_tar(pipe, "64D1_32D8")
+    seen = _record_tar_steps(unet)
+    scheduler.set_timesteps(25)
+    assert float(scheduler.timesteps.max()) < 10  # continuous timesteps: a 440 threshold would never fire
+    x = torch.randn(1, 8, 8, 8, 8)  # (batch, frames, channels, height, width)
+    for t in scheduler.timesteps:
+        unet(x, t, encoder_hidden_states=torch.randn(1, 1, 32), added_time_ids=torch.randn(1, 3))
+    assert [active for _, active in seen] == [True] * 14 + [False] * 11

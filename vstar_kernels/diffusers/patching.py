@@ -11,7 +11,7 @@ from torch import nn
 from ..contract import MODES
 from ..ops import requested_backend
 from .discovery import TemporalLayer, find_temporal_attention
-from .presets import resolve_levels, resolve_window
+from .presets import StepWindow, resolve_levels, resolve_window
 from .processor import TARAttnProcessor, TARSwitch
 
 _STATE_ATTR = "_vstar_tar_state"
@@ -22,7 +22,7 @@ class TARHandle:
     """What one ``apply_tar`` patched: ``layers`` maps module path -> (level, sigma); the step window in force."""
 
     layers: dict[str, tuple[int, float]]
-    window: tuple[float, float]
+    window: StepWindow
     strength: float
     mode: str
     switch: TARSwitch = field(repr=False)
@@ -71,8 +71,10 @@ def apply_tar(
         sigma: one sigma for ``levels`` (default level 0) instead of a preset.
         strength, mode: as in :func:`vstar_kernels.tar_attention`.
         levels: restrict to these levels.
-        timesteps: "paper" (TAR on for the noisiest 14/25 of the schedule, t >= 440 of 1000), "all", or an
-            inclusive (t_lo, t_hi) range, read by a forward pre-hook on the UNet at every call.
+        timesteps: "paper" (TAR on for the first, noisiest 14/25 of the denoising steps), "all", or an inclusive
+            (t_lo, t_hi) range, read by a forward pre-hook on the UNet at every call. With a pipeline, "paper"
+            locates each timestep in ``pipe.scheduler.timesteps`` (so it works for any scheduler, SVD's continuous
+            timesteps included); with a bare UNet it means t >= 440 of 1000 training steps.
         backend: passed to ``tar_attention``.
         processor: the processor class installed; ``MaterialisedTARProcessor`` reproduces the official method's
             memory use (benchmarks).
@@ -106,9 +108,12 @@ def apply_tar(
         handle.layers[layer.name] = (layer.level, level_sigma)
         layer.module.set_processor(installed)
 
+    scheduler = getattr(model, "scheduler", None) if model is not unet else None
+
     def gate(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        t = _timestep_of(args, kwargs)
-        switch.active = t is None or window[0] <= t <= window[1]
+        schedule = getattr(scheduler, "timesteps", None)
+        steps = None if schedule is None else [float(s) for s in schedule]
+        switch.active = window.active(_timestep_of(args, kwargs), steps)
 
     handle._hook = unet.register_forward_pre_hook(gate, with_kwargs=True)
     setattr(unet, _STATE_ATTR, handle)

@@ -7,7 +7,8 @@ of the UNet (level 0), "32" the next (level 1). "64D1_32D8" means sigma 1 at lev
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ..contract import make_params
 
@@ -25,7 +26,6 @@ DEFAULT_PRESET = "64D1_32D8"  # the authors' choice for longer videos
 # The official schedule: TAR on for the first 14 of 25 DDIM steps, the noisiest 14/25 of the 1000 training steps.
 PAPER_FRACTION = 14 / 25
 NUM_TRAIN_TIMESTEPS = 1000
-PAPER_WINDOW: tuple[float, float] = (NUM_TRAIN_TIMESTEPS * (1 - PAPER_FRACTION), math.inf)
 
 
 def resolve_levels(
@@ -61,15 +61,35 @@ def resolve_levels(
     return mapping
 
 
-def resolve_window(timesteps: str | tuple[float, float]) -> tuple[float, float]:
-    """The inclusive timestep range in which TAR is on: "paper", "all" or an explicit (t_lo, t_hi)."""
+@dataclass(frozen=True)
+class StepWindow:
+    """When TAR is on. ``fraction``: on for the first ``fraction`` of the scheduler's steps, when the timestep can be
+    located in the scheduler's schedule; otherwise (a bare UNet, an unknown timestep) on for ``lo <= t <= hi``."""
+
+    lo: float
+    hi: float
+    fraction: float | None = None
+
+    def active(self, t: float | None, schedule: Sequence[float] | None = None) -> bool:
+        if t is None:
+            return True
+        if self.fraction is not None and schedule:
+            matches = [i for i, s in enumerate(schedule) if math.isclose(s, t, rel_tol=1e-6, abs_tol=1e-6)]
+            if matches:
+                return matches[0] < round(self.fraction * len(schedule))
+        return self.lo <= t <= self.hi
+
+
+def resolve_window(timesteps: str | tuple[float, float]) -> StepWindow:
+    """The step window: "paper" (first 14/25 of the schedule; t >= 440 of 1000 without a scheduler), "all", or an
+    inclusive (t_lo, t_hi) timestep range."""
     if timesteps == "paper":
-        return PAPER_WINDOW
+        return StepWindow(NUM_TRAIN_TIMESTEPS * (1 - PAPER_FRACTION), math.inf, PAPER_FRACTION)
     if timesteps == "all":
-        return (-math.inf, math.inf)
+        return StepWindow(-math.inf, math.inf)
     if isinstance(timesteps, tuple | list) and len(timesteps) == 2:
         lo, hi = (float(t) for t in timesteps)
         if not lo <= hi:
             raise ValueError(f"timesteps range must have t_lo <= t_hi, got {timesteps}")
-        return (lo, hi)
+        return StepWindow(lo, hi)
     raise ValueError(f'timesteps must be "paper", "all" or a (t_lo, t_hi) pair, got {timesteps!r}')
