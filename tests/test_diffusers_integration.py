@@ -26,6 +26,10 @@ def unet3d():
 
 
 def motion_unet():
+    return motion_unet_and_adapter()[0]
+
+
+def motion_unet_and_adapter():
     torch.manual_seed(0)
     unet2d = diffusers.UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
@@ -36,7 +40,7 @@ def motion_unet():
         block_out_channels=(32, 64), motion_layers_per_block=1, motion_transformer_layers_per_block=1,
         motion_num_attention_heads=2, motion_norm_num_groups=32, motion_max_seq_length=32,
     )
-    return diffusers.UNetMotionModel.from_unet2d(unet2d, adapter).eval()
+    return diffusers.UNetMotionModel.from_unet2d(unet2d, adapter).eval(), adapter
 
 
 def svd_unet():
@@ -400,3 +404,32 @@ def test_paper_window_follows_the_schedule_for_svd_continuous_timesteps():
     for t in scheduler.timesteps:
         unet(x, t, encoder_hidden_states=torch.randn(1, 1, 32), added_time_ids=torch.randn(1, 3))
     assert [active for _, active in seen] == [True] * 14 + [False] * 11
+
+
+@torch.no_grad()
+def test_animatediff_pipeline_and_free_noise():
+    """AnimateDiffPipeline offline: TAR changes the video, remove restores it exactly; enable_free_noise rebuilds the
+    motion blocks with fresh processors (dropping TAR), and apply_tar after it patches them again."""
+    from tiny_pipelines import animatediff_pipeline
+
+    pipe = animatediff_pipeline(*motion_unet_and_adapter())
+    kwargs = dict(num_inference_steps=3, num_frames=16, height=16, width=16, output_type="pt")
+
+    def run():
+        return pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+    plain = run()
+    handle = apply_tar(pipe, "64D1_32D8", timesteps="all")
+    with_tar = run()
+    assert not torch.equal(with_tar, plain)
+    remove_tar(pipe)
+    assert torch.equal(run(), plain)
+
+    apply_tar(pipe, "64D1_32D8", timesteps="all")
+    pipe.enable_free_noise(context_length=8, context_stride=4)
+    assert not any(isinstance(p, TARAttnProcessor) for p in pipe.unet.attn_processors.values())
+    free_noise = run()
+    again = apply_tar(pipe, "64D1_32D8", timesteps="all")
+    assert set(again.layers) == set(handle.layers)
+    free_noise_tar = run()
+    assert torch.isfinite(free_noise_tar).all() and not torch.equal(free_noise_tar, free_noise)

@@ -45,3 +45,12 @@ def text_to_video_pipeline(unet):
     tokenizer = tiny_tokenizer()
     return TextToVideoSDPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer,
                                  unet=unet, scheduler=DDIMScheduler())
+
+
+def animatediff_pipeline(unet, motion_adapter):
+    from diffusers import AnimateDiffPipeline, DDIMScheduler
+
+    tokenizer = tiny_tokenizer()
+    return AnimateDiffPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer,
+                               unet=unet, motion_adapter=motion_adapter, scheduler=DDIMScheduler(),
+                               feature_extractor=None, image_encoder=None)
