@@ -433,3 +433,110 @@ def test_animatediff_pipeline_and_free_noise():
     assert set(again.layers) == set(handle.layers)
     free_noise_tar = run()
     assert torch.isfinite(free_noise_tar).all() and not torch.equal(free_noise_tar, free_noise)
+
+
+@torch.no_grad()
+def test_stable_video_diffusion_pipeline_paper_window():
+    """StableVideoDiffusionPipeline offline, 25 EDM steps with CFG: TAR on for the first 14 steps, the video changes,
+    remove_tar gives back the original video exactly."""
+    from tiny_pipelines import svd_pipeline
+
+    pipe = svd_pipeline(svd_unet())
+    image = torch.rand(1, 3, 32, 32)
+    kwargs = dict(num_inference_steps=25, num_frames=8, height=32, width=32, output_type="pt", decode_chunk_size=8)
+
+    def run():
+        return pipe(image, generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+    plain = run()
+    handle = apply_tar(pipe, "64D1_32D8")
+    assert handle.num_layers == 6  # 3 per level in this 2-level tiny SVD layout
+    seen = _record_tar_steps(pipe.unet)
+    with_tar = run()
+    assert [active for _, active in seen] == [True] * 14 + [False] * 11
+    assert not torch.equal(with_tar, plain)
+    remove_tar(pipe)
+    assert torch.equal(run(), plain)
+
+
+@torch.no_grad()
+def test_i2vgen_xl_pipeline():
+    """I2VGenXLPipeline offline (deprecated in diffusers, still shipped). It samples the image latents from the global
+    RNG, so each run reseeds it."""
+    from tiny_pipelines import i2vgen_pipeline
+
+    pipe = i2vgen_pipeline(i2vgen_unet())
+    image = torch.rand(1, 3, 32, 32)
+    kwargs = dict(num_inference_steps=3, num_frames=8, height=32, width=32, output_type="pt", decode_chunk_size=8,
+                  target_fps=16, clip_skip=None)  # clip_skip=None: its clip-skip path predates transformers 5
+
+    def run():
+        torch.manual_seed(0)
+        return pipe("a cat", image, generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+    plain = run()
+    assert torch.equal(run(), plain)
+    apply_tar(pipe, "64D1_32D8", timesteps="all")
+    with_tar = run()
+    assert torch.isfinite(with_tar).all() and not torch.equal(with_tar, plain)
+    remove_tar(pipe)
+    assert torch.equal(run(), plain)
+
+
+def _tiny_ip_adapter_state_dict(unet, clip_dim: int = 24) -> dict:
+    """An IP-Adapter checkpoint for ``unet`` with random weights: image projection plus to_k_ip/to_v_ip for every
+    spatial cross-attention, numbered the way diffusers reads them."""
+    cross = unet.config.cross_attention_dim
+    widths = unet.config.block_out_channels
+    ip_layers = {}
+    key_id = 1
+    for name in unet.attn_processors:
+        if name.endswith("attn1.processor") or "motion_modules" in name:
+            continue
+        part, index = name.split(".")[:2]
+        hidden = widths[-1] if part == "mid_block" else (widths if part == "down_blocks" else widths[::-1])[int(index)]
+        ip_layers[f"{key_id}.to_k_ip.weight"] = torch.randn(hidden, cross)
+        ip_layers[f"{key_id}.to_v_ip.weight"] = torch.randn(hidden, cross)
+        key_id += 2
+    image_proj = {"proj.weight": torch.randn(4 * cross, clip_dim), "proj.bias": torch.zeros(4 * cross),
+                  "norm.weight": torch.ones(cross), "norm.bias": torch.zeros(cross)}
+    return {"image_proj": image_proj, "ip_adapter": ip_layers}
+
+
+@torch.no_grad()
+def test_load_ip_adapter_drops_tar_remove_restores_and_apply_after_works():
+    """load_ip_adapter re-creates every non-cross-attention processor as ``type(p)()``: our processor without
+    arguments is plain attention, so TAR is off (not broken). remove_tar then restores the originals there and
+    keeps the IP-Adapter processors; apply_tar after load_ip_adapter patches the same layers and TAR is on."""
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from tiny_pipelines import animatediff_pipeline
+
+    pipe = animatediff_pipeline(*motion_unet_and_adapter())
+    unet = pipe.unet
+    originals = dict(unet.attn_processors)
+    embeds = [torch.randn(2, 1, 24, generator=torch.Generator().manual_seed(1))]  # (uncond, cond) image embeddings
+
+    def run():
+        return pipe("a cat", num_inference_steps=2, num_frames=16, height=16, width=16, output_type="pt",
+                    ip_adapter_image_embeds=embeds, generator=torch.Generator().manual_seed(0)).frames
+
+    handle = apply_tar(pipe, "64D1_32D8", timesteps="all")
+    pipe.load_ip_adapter(_tiny_ip_adapter_state_dict(unet), subfolder="", weight_name="", image_encoder_folder=None)
+    procs = unet.attn_processors
+    assert all(type(procs[f"{n}.processor"]) is TARAttnProcessor and procs[f"{n}.processor"].sigma is None
+               for n in handle.layers)  # TAR dropped: re-created without arguments
+    with_ip = run()
+    ip_procs = {k: v for k, v in procs.items() if isinstance(v, IPAdapterAttnProcessor2_0)}
+    assert ip_procs
+
+    remove_tar(pipe)
+    after = unet.attn_processors
+    assert all(after[f"{n}.processor"] is originals[f"{n}.processor"] for n in handle.layers)
+    assert all(after[k] is v for k, v in ip_procs.items())
+    assert torch.equal(run(), with_ip)  # plain attention either way
+
+    again = apply_tar(pipe, "64D1_32D8", timesteps="all")
+    assert set(again.layers) == set(handle.layers)
+    assert all(unet.attn_processors[k] is v for k, v in ip_procs.items())
+    with_ip_tar = run()
+    assert torch.isfinite(with_ip_tar).all() and not torch.equal(with_ip_tar, with_ip)

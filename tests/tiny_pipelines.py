@@ -54,3 +54,43 @@ def animatediff_pipeline(unet, motion_adapter):
     return AnimateDiffPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer,
                                unet=unet, motion_adapter=motion_adapter, scheduler=DDIMScheduler(),
                                feature_extractor=None, image_encoder=None)
+
+
+def tiny_image_encoder():
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=32, projection_dim=32, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, intermediate_size=37, patch_size=4)
+    return CLIPVisionModelWithProjection(config)
+
+
+def tiny_feature_extractor():
+    try:  # transformers >= 5 names the PIL backend explicitly (the default one needs torchvision)
+        from transformers import CLIPImageProcessorPil as Processor
+    except ImportError:
+        from transformers import CLIPImageProcessor as Processor
+    return Processor(crop_size=32, size=32)
+
+
+def svd_pipeline(unet):
+    """StableVideoDiffusionPipeline with SVD's own scheduler configuration (EDM, continuous timesteps)."""
+    from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLTemporalDecoder(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                                       down_block_types=["DownEncoderBlock2D"] * 2)
+    scheduler = EulerDiscreteScheduler(interpolation_type="linear", prediction_type="v_prediction", sigma_max=700.0,
+                                       sigma_min=0.002, timestep_spacing="leading", timestep_type="continuous",
+                                       use_karras_sigmas=True)
+    return StableVideoDiffusionPipeline(vae=vae, image_encoder=tiny_image_encoder(), unet=unet, scheduler=scheduler,
+                                        feature_extractor=tiny_feature_extractor())
+
+
+def i2vgen_pipeline(unet):
+    from diffusers import DDIMScheduler, I2VGenXLPipeline
+
+    tokenizer = tiny_tokenizer()
+    return I2VGenXLPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer,
+                            image_encoder=tiny_image_encoder(), feature_extractor=tiny_feature_extractor(), unet=unet,
+                            scheduler=DDIMScheduler())

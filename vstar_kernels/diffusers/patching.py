@@ -124,7 +124,9 @@ def remove_tar(model: nn.Module) -> bool:
     """Restore exactly the processors ``apply_tar`` replaced and remove its hook; False if TAR was not applied.
 
     A layer whose processor was replaced since (``fuse_qkv_projections``, attention slicing, ...) keeps the
-    newer processor: only layers still running this application's TAR processor are restored.
+    newer processor: only layers still running this application's TAR processor are restored, or a plain
+    ``TARAttnProcessor()`` re-created from it without arguments (what ``load_ip_adapter`` does), which gets the
+    original back too.
     """
     unet = _unet_of(model)
     handle: TARHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
@@ -133,7 +135,11 @@ def remove_tar(model: nn.Module) -> bool:
     modules = dict(unet.named_modules())
     for name, original in handle._originals.items():
         module = modules.get(name)
-        if module is not None and module.processor is handle._installed[name]:
+        if module is None:
+            continue
+        current = module.processor
+        recreated = type(current) is type(handle._installed[name]) and current.sigma is None
+        if current is handle._installed[name] or recreated:
             module.set_processor(original)
     if handle._hook is not None:
         handle._hook.remove()
