@@ -1,8 +1,48 @@
-"""setuptools entry kept for the C++/CUDA extension (csrc/), which a later build step adds here.
+"""setuptools entry: the package, its C++ sources (csrc/ ships as ``vstar_kernels/csrc`` for just-in-time builds), and
+on request the ahead-of-time extension.
 
-All metadata lives in pyproject.toml; today this builds the pure-Python package.
+``VSTAR_KERNELS_BUILD_EXT=1 pip install --no-build-isolation .`` builds ``vstar_kernels._C``: a CppExtension, or a
+CUDAExtension (adding csrc/tar_attention_cuda.cu) where torch is a CUDA build and a CUDA toolkit is found. Without the
+variable nothing is compiled at install time and the extension is built on first use. Metadata: pyproject.toml.
 """
 
-from setuptools import setup
+import os
+import sys
+from pathlib import Path
 
-setup()
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC_FILES = ["*.h", "*.cpp", "*.cu"]
+
+
+def extension_build() -> dict:
+    if os.environ.get("VSTAR_KERNELS_BUILD_EXT", "").strip() in ("", "0"):
+        return {}
+    import torch
+    from torch.utils import cpp_extension
+
+    sys.path.insert(0, str(ROOT))
+    from vstar_kernels.backends.extension import CPU_SOURCES, compile_flags
+
+    sources = [f"csrc/{name}" for name in CPU_SOURCES]
+    cxx = compile_flags()
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        ext = cpp_extension.CUDAExtension(
+            "vstar_kernels._C", [*sources, "csrc/tar_attention_cuda.cu"], include_dirs=[str(ROOT / "csrc")],
+            define_macros=[("VSTAR_WITH_CUDA", None)], extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+        )
+    else:
+        ext = cpp_extension.CppExtension("vstar_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
+                                         extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+    return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
+
+setup(
+    packages=[*find_packages(include=["vstar_kernels", "vstar_kernels.*"]), "vstar_kernels.csrc"],
+    package_dir={"vstar_kernels.csrc": "csrc"},
+    package_data={"vstar_kernels.csrc": CSRC_FILES},
+    **extension_build(),
+)

@@ -18,7 +18,9 @@ def test_info_lists_versions_and_every_backend_with_a_reason(capsys):
     cpu_section = text.split("backends on cpu:")[1]
     assert "triton     available" in cpu_section
     assert "torch      available" in cpu_section
-    assert "auto -> torch" in cpu_section
+    assert "extension  available" in cpu_section
+    assert "auto -> extension" in cpu_section
+    assert "extension build:" in text and "cache:" in text
 
 
 def test_info_without_interpreter_explains_triton(monkeypatch):

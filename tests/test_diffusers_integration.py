@@ -167,7 +167,8 @@ def test_strength_zero_equals_no_tar(mode):
     x, ehs = _unet3d_inputs()
     base = unet(x, 900, ehs).sample
     apply_tar(unet, sigma=1.0, levels=(0, 1), strength=0.0, mode=mode, timesteps="all")
-    torch.testing.assert_close(unet(x, 900, ehs).sample, base, rtol=0, atol=1e-6)
+    # fp32 rounding only: the CPU extension's softmax uses a 20-ulp exp where SDPA uses its own
+    torch.testing.assert_close(unet(x, 900, ehs).sample, base, rtol=1e-5, atol=1e-5)
 
 
 class MaterialisingTARProcessor:

@@ -1,7 +1,8 @@
 """Every backend against the float64 reference, with the precision-aware criterion of helpers.py.
 
 The Triton kernel runs under TRITON_INTERPRET=1 on CPU tensors (bf16 only where CUDA exists: the interpreter's
-bf16 dot is broken); the torch fallback runs natively and covers bf16 here.
+bf16 dot is broken); the C++ extension and the torch fallback run natively (their bf16 cases: test_extension.py,
+test_torch_fallback.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from vstar_kernels import tar_attention
 from vstar_kernels.backends import triton_tar
 from vstar_kernels.contract import make_params
 
-BACKENDS = ("triton", "torch")
+BACKENDS = ("triton", "extension", "torch")
 FRAMES = (1, 2, 7, 16, 24, 33, 64, 128, 200)
 HEAD_DIMS = (4, 40, 64, 80, 160)
 HEADS = (1, 5, 8)

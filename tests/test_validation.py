@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vstar_kernels import tar_attention
-from vstar_kernels.backends import BACKENDS, torch_tar, triton_tar
+from vstar_kernels.backends import BACKENDS, extension, torch_tar, triton_tar
 from vstar_kernels.ops import BACKEND_ENV
 
 
@@ -90,12 +90,14 @@ def test_triton_on_cpu_without_interpreter_says_why(no_launch, monkeypatch):
         tar_attention(*qkv(), sigma=1.0, backend="triton")
 
 
-def test_auto_on_cpu_runs_torch(monkeypatch):
+def test_auto_on_cpu_runs_the_extension_and_float64_on_torch(monkeypatch):
     calls = []
-    real = torch_tar.forward
-    monkeypatch.setattr(torch_tar, "forward", lambda *a, **k: calls.append("torch") or real(*a, **k))
+    for impl in (extension, torch_tar):
+        real = impl.forward
+        monkeypatch.setattr(impl, "forward", lambda *a, _r=real, _n=impl.NAME, **k: calls.append(_n) or _r(*a, **k))
     tar_attention(*qkv(), sigma=1.0)
-    assert calls == ["torch"]
+    tar_attention(*qkv(dtype=torch.float64), sigma=1.0)
+    assert calls == ["extension", "torch"]
 
 
 def test_environment_variable_overrides_backend(monkeypatch):

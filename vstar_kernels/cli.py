@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ._version import __version__
-from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER
+from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, extension
 from .ops import BACKEND_ENV, requested_backend
 
 _PACKAGES = ("torch", "triton", "diffusers", "transformers", "xformers", "numpy")
@@ -56,6 +56,10 @@ def info_lines() -> list[str]:
         order = AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER)
         chosen = next((n for n in order if BACKENDS[n].unavailable_reason(device) is None), "none")
         lines.append(f"  auto -> {chosen}  (tries {', '.join(order)})")
+    ext = extension.status()
+    built = "loaded" if ext["loaded"] else f"not loaded: {ext['error']}"
+    lines += ["", f"extension build: {built}", f"  cache: {ext['location']}", f"  CPU ISA: {ext['isa']}",
+              f"  {extension.NO_BUILD_ENV}={os.environ.get(extension.NO_BUILD_ENV, '') or 'unset'}"]
     return lines
 
 

@@ -37,7 +37,8 @@ def tar_attention(
         mode: "relative" (VSTAR: bias scaled by the row max of the unbiased logits) or "absolute".
         scale: logit scale, default ``head_dim ** -0.5``.
         q_offset, k_offset: global index of the first query / key frame (chunked or distributed frames).
-        backend: "auto", "triton" or "torch"; the environment variable ``VSTAR_KERNELS_BACKEND`` overrides it.
+        backend: "auto", "triton", "extension" or "torch"; the environment variable ``VSTAR_KERNELS_BACKEND``
+            overrides it.
 
     Returns:
         (batch, Lq, heads, head_dim) in the input dtype, laid out so that ``.reshape(batch, Lq, heads * head_dim)``
@@ -84,5 +85,8 @@ def select_backend(q: torch.Tensor, params: TARParams, backend: str = "auto") ->
         reason = why_not(candidate, q, params)
         if reason is None:
             return BACKENDS[candidate]
+        note_fallback = getattr(BACKENDS[candidate], "note_fallback", None)
+        if note_fallback is not None:
+            note_fallback(reason)
         reasons.append(f"{candidate}: {reason}")
     raise RuntimeError("no backend can run this call: " + "; ".join(reasons))

@@ -10,6 +10,7 @@ import logging
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from ..ops import tar_attention
 from ..reference import tar_attention_reference
@@ -28,7 +29,7 @@ class TARAttnProcessor:
     """Temporal self-attention with Temporal Attention Regularization (a plain object, not an nn.Module).
 
     Constructible with no arguments (IP-Adapter re-creates processors that way): then it is plain attention.
-    With a ``switch`` that is off, it is plain attention too (strength 0, the op's plain path).
+    With a ``switch`` that is off, it is plain attention too: the same SDPA call as AttnProcessor2_0, bit for bit.
     """
 
     _warned_mask = False
@@ -109,6 +110,13 @@ class TARAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
     def _attend(self, q, k, v, scale: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if not self.active and not self.materialise:
+            # TAR off (outside the step window, or built without arguments): exactly AttnProcessor2_0's SDPA call,
+            # so those steps are bit-identical to the unpatched model.
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
+                                                 scale=scale)
+            return out.transpose(1, 2)
         sigma = self.sigma if self.sigma is not None else 1.0
         strength = self.strength if self.active else 0.0
         if attention_mask is not None or self.materialise:

@@ -1,0 +1,107 @@
+// vstar-kernels: the custom op vstar_kernels::tar_attention (torch.library), its validation and its CPU and CUDA
+// implementations. The fake (meta) implementation for torch.compile is registered from Python
+// (vstar_kernels/backends/extension.py) next to the loader.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string_view>
+
+#include "tar_attention.h"
+#include "tar_attention_cpu.h"
+
+#ifdef VSTAR_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+namespace vstar {
+namespace {
+
+TensorStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
+                  std::string_view mode, double scale) {
+  for (const auto* t : {&q, &k, &v}) {
+    TORCH_CHECK(t->dim() == 4, "tar_attention: q, k, v must be 4-D (batch, frames, heads, head_dim), got ",
+                t->sizes());
+    TORCH_CHECK(t->scalar_type() == q.scalar_type(), "tar_attention: mismatched dtypes ", q.scalar_type(), " and ",
+                t->scalar_type());
+    TORCH_CHECK(t->device() == q.device(), "tar_attention: mismatched devices ", q.device(), " and ", t->device());
+  }
+  const auto dtype = q.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
+              "tar_attention (extension): dtype must be float32, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), "tar_attention: mismatched batch");
+  TORCH_CHECK(k.size(2) == q.size(2) && v.size(2) == q.size(2), "tar_attention: mismatched heads");
+  TORCH_CHECK(k.size(3) == q.size(3) && v.size(3) == q.size(3), "tar_attention: mismatched head_dim");
+  TORCH_CHECK(k.size(1) == v.size(1), "tar_attention: k and v must have the same number of frames");
+  TORCH_CHECK(q.size(3) >= 1, "tar_attention: head_dim must be >= 1");
+  TORCH_CHECK(k.size(1) >= 1 || q.numel() == 0, "tar_attention: k and v need at least one frame");
+  TORCH_CHECK(std::isfinite(sigma) && sigma > 0, "tar_attention: sigma must be > 0 and finite, got ", sigma);
+  TORCH_CHECK(std::isfinite(strength), "tar_attention: strength must be finite, got ", strength);
+  TORCH_CHECK(std::isfinite(scale) && scale > 0, "tar_attention: scale must be > 0 and finite, got ", scale);
+  TORCH_CHECK(mode == "relative" || mode == "absolute", "tar_attention: mode must be 'relative' or 'absolute', got '",
+              std::string(mode), "'");
+}
+
+at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
+                         double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
+  const std::string_view mode_sv(mode.data(), mode.size());
+  check_inputs(q, k, v, sigma, strength, mode_sv, scale);
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  if (out.numel() == 0) return out;
+
+  TARParams p;
+  p.batch = q.size(0);
+  p.len_q = q.size(1);
+  p.heads = q.size(2);
+  p.head_dim = q.size(3);
+  p.len_k = k.size(1);
+  p.q = strides_of(q);
+  p.k = strides_of(k);
+  p.v = strides_of(v);
+  p.o = strides_of(out);
+  p.scale = static_cast<float>(scale);
+  p.gauss_log2_coeff = tar_gauss_log2_coeff(sigma);
+  p.strength = static_cast<float>(strength);
+  p.offset_delta = static_cast<double>(q_offset) - static_cast<double>(k_offset);
+  p.relative = mode_sv == "relative";
+
+  if (q.is_cpu()) {
+    tar_attention_cpu(p, q, k, v, out);
+    return out;
+  }
+#ifdef VSTAR_WITH_CUDA
+  TORCH_CHECK(q.is_cuda(), "tar_attention: unsupported device ", q.device());
+  TORCH_CHECK(p.head_dim <= kMaxCudaHeadDim, "tar_attention (CUDA): head_dim must be <= ", kMaxCudaHeadDim, ", got ",
+              p.head_dim);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const DType dtype = q.scalar_type() == at::kFloat  ? DType::kFloat32
+                      : q.scalar_type() == at::kHalf ? DType::kFloat16
+                                                     : DType::kBFloat16;
+  const int err = tar_attention_cuda_launch(p, dtype, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
+                                            out.mutable_data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "tar_attention (CUDA): kernel launch failed with CUDA error ", err);
+  return out;
+#else
+  TORCH_CHECK(false, "tar_attention: this build of the extension has no CUDA kernel (device ", q.device(), ")");
+#endif
+}
+
+}  // namespace
+}  // namespace vstar
+
+TORCH_LIBRARY(vstar_kernels, m) {
+  m.def(
+      "tar_attention(Tensor q, Tensor k, Tensor v, float sigma, float strength=1.0, str mode='relative', "
+      "float scale=1.0, int q_offset=0, int k_offset=0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(vstar_kernels, CPU, m) { m.impl("tar_attention", &vstar::tar_attention); }
+
+#ifdef VSTAR_WITH_CUDA
+TORCH_LIBRARY_IMPL(vstar_kernels, CUDA, m) { m.impl("tar_attention", &vstar::tar_attention); }
+#endif

@@ -1,0 +1,73 @@
+// vstar-kernels: the one C++ definition of Temporal Attention Regularization (TAR).
+//
+// Shared by the CPU kernel (tar_attention_cpu.cpp), the CUDA kernel (tar_attention_cuda.cu, compiled without
+// ATen) and the bindings. The op contract (vstar_kernels/contract.py, ../shared/DESIGN.md §2), per (batch, head):
+//
+//     S_ij  = scale * <q_i, k_j>
+//     G_ij  = exp(-(gi - gj)^2 / (2 sigma^2)),     gi - gj = offset_delta + i - j
+//     S'_ij = S_ij + strength * max_j' S_ij' * G_ij       (relative, VSTAR Eq. 3)
+//     S'_ij = S_ij + strength * G_ij                      (absolute)
+//     out_i = sum_j softmax_j(S'_ij) v_j
+//
+// Kernels may hold logits in natural units (t = S) or in the exp2 domain (t = S * log2 e, softmax by exp2). The
+// Gaussian G is the same number in both; tar_bias_coeff() gives the multiplier of G for either unit.
+#pragma once
+
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define TAR_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#include <cmath>
+#define TAR_HOST_DEVICE inline
+#endif
+
+namespace vstar {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Strides are in elements; tensors are (batch, frames, heads, head_dim).
+struct TensorStrides {
+  int64_t batch, frame, head, dim;
+};
+
+struct TARParams {
+  int64_t batch = 0, heads = 0, len_q = 0, len_k = 0, head_dim = 0;
+  TensorStrides q{}, k{}, v{}, o{};
+  float scale = 1.f;            // logit scale (natural units), head_dim ** -0.5 by default
+  float gauss_log2_coeff = 0.f; // log2(e) / (2 sigma^2): G = exp2(-(gi - gj)^2 * gauss_log2_coeff)
+  float strength = 0.f;         // 0: plain softmax attention
+  double offset_delta = 0.0;    // q_offset - k_offset (double: exact for offsets up to 2^53)
+  bool relative = true;         // mode "relative" (VSTAR) or "absolute"
+};
+
+// Host-side constant of the Gaussian from sigma (> 0, finite; validated by the caller).
+inline float tar_gauss_log2_coeff(double sigma) {
+  return static_cast<float>(1.4426950408889634 / (2.0 * sigma * sigma));
+}
+
+// G_ij for frame distance dist = gi - gj.
+TAR_HOST_DEVICE float tar_gaussian(double dist, float gauss_log2_coeff) {
+  const float d2 = static_cast<float>(dist * dist);
+  return exp2f(-d2 * gauss_log2_coeff);
+}
+
+// The multiplier of G_ij added to a logit row: t'_ij = t_ij + tar_bias_coeff(p, row_max, unit) * G_ij.
+//   row_max: max_j t_ij of the unbiased logits of this row, in the same units as t (relative mode only);
+//   unit: 1 for natural-unit logits, kLog2e for exp2-domain logits (the absolute bias is `strength` nats).
+TAR_HOST_DEVICE float tar_bias_coeff(const TARParams& p, float row_max, float unit) {
+  return p.strength * (p.relative ? row_max : unit);
+}
+
+// Whether a kernel may skip the bias entirely (strength 0 is plain softmax attention).
+TAR_HOST_DEVICE bool tar_has_bias(const TARParams& p) { return p.strength != 0.f; }
+
+// ---- CUDA fallback entry point (tar_attention_cuda.cu); raw pointers, no ATen.
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Launches on `stream` (a cudaStream_t); returns 0 or a cudaError_t value. Supports head_dim <= kMaxCudaHeadDim.
+constexpr int64_t kMaxCudaHeadDim = 256;
+int tar_attention_cuda_launch(const TARParams& p, DType dtype, const void* q, const void* k, const void* v,
+                              void* o, void* stream);
+
+}  // namespace vstar

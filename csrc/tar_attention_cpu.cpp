@@ -1,0 +1,206 @@
+// vstar-kernels: fused TAR temporal attention on the CPU.
+//
+// One task is a block of up to BM query frames of one (batch, head). Per task, in fp32:
+//   pack   K^T (d x Lk) and V (Lk x d) of the (batch, head) once per run of tasks sharing it, the query block
+//          scaled by `scale`; bf16/fp16 are widened here and nowhere else;
+//   S      = Q_blk K^T with a 6x16 register-blocked FMA micro-kernel (at::vec);
+//   rows   unbiased row max -> bias from the Gaussian row (tar_attention.h) -> max -> exp -> sum, fused per row
+//          while it sits in L1;
+//   out    = P V with the same micro-kernel shape, scaled by 1 / rowsum and written in the input dtype.
+// The only score buffer is one BM x Lk strip per thread; no Lq x Lk tensor exists. The Gaussian is a table over
+// the Lq + Lk - 1 frame distances, computed once per call with tar_gaussian().
+#include "tar_attention_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <limits>
+#include <memory>
+#include <vector>
+
+namespace vstar {
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr int kRows = 6;          // micro-kernel rows
+constexpr int kColVecs = 2;       // micro-kernel columns, in vectors
+constexpr int64_t kStripFloats = 1 << 15;  // target size of one thread's score strip (128 KiB)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// C[r, 0:ncols] (+)= sum_c A[r, c] * B[c, 0:ncols] for RB rows; A rows are `lda` apart, B rows `ldb` apart.
+// ncols is a multiple of kVec; columns are processed kColVecs vectors at a time, then one vector at a time.
+template <int RB>
+void micro_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t inner,
+                int64_t ncols) {
+  int64_t j = 0;
+  for (; j + kColVecs * kVec <= ncols; j += kColVecs * kVec) {
+    Vec acc[RB][kColVecs];
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < kColVecs; ++v) acc[r][v] = Vec(0.f);
+    for (int64_t x = 0; x < inner; ++x) {
+      Vec bv[kColVecs];
+      for (int v = 0; v < kColVecs; ++v) bv[v] = Vec::loadu(b + x * ldb + j + v * kVec);
+      for (int r = 0; r < RB; ++r) {
+        const Vec av(a[r * lda + x]);
+        for (int v = 0; v < kColVecs; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < kColVecs; ++v) acc[r][v].store(c + r * ldc + j + v * kVec);
+  }
+  for (; j < ncols; j += kVec) {
+    Vec acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = Vec(0.f);
+    for (int64_t x = 0; x < inner; ++x) {
+      const Vec bv = Vec::loadu(b + x * ldb + j);
+      for (int r = 0; r < RB; ++r) acc[r] = at::vec::fmadd(Vec(a[r * lda + x]), bv, acc[r]);
+    }
+    for (int r = 0; r < RB; ++r) acc[r].store(c + r * ldc + j);
+  }
+}
+
+// C (m x ncols) = A (m x inner) B (inner x ncols), rows blocked by kRows.
+void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
+               int64_t inner, int64_t ncols) {
+  int64_t r = 0;
+  for (; r + kRows <= m; r += kRows) micro_gemm<kRows>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, inner, ncols);
+  const float* ar = a + r * lda;
+  float* cr = c + r * ldc;
+  switch (m - r) {
+    case 5: micro_gemm<5>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 4: micro_gemm<4>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 3: micro_gemm<3>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 2: micro_gemm<2>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 1: micro_gemm<1>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    default: break;
+  }
+}
+
+inline float row_max(const float* s, int64_t n) {  // n is a multiple of kVec
+  Vec m(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += kVec) m = at::vec::maximum(m, Vec::loadu(s + j));
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, m);
+}
+
+// s += coeff * g over the row, returning the new row max.
+inline float add_bias_max(float* s, const float* g, float coeff, int64_t n) {
+  const Vec cv(coeff);
+  Vec m(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += kVec) {
+    const Vec x = at::vec::fmadd(cv, Vec::loadu(g + j), Vec::loadu(s + j));
+    x.store(s + j);
+    m = at::vec::maximum(m, x);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, m);
+}
+
+// s = exp(s - max), returning the row sum.
+inline float exp_sum(float* s, float max, int64_t n) {
+  const Vec mv(max);
+  Vec sum(0.f);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const Vec e = (Vec::loadu(s + j) - mv).exp_u20();
+    e.store(s + j);
+    sum = sum + e;
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
+}
+
+template <typename scalar_t>
+struct Strided {  // one (batch, head) slice of a (batch, frames, heads, head_dim) tensor
+  const scalar_t* base;
+  int64_t frame, dim;
+  float at(int64_t f, int64_t c) const { return static_cast<float>(base[f * frame + c * dim]); }
+};
+
+template <typename scalar_t>
+void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                            scalar_t* o) {
+  const int64_t lq = p.len_q, lk = p.len_k, d = p.head_dim;
+  const int64_t lk_pad = round_up(lk, kVec), d_pad = round_up(d, kVec);
+  const int64_t block_m = std::clamp<int64_t>(kStripFloats / lk_pad / kRows * kRows, kRows, 64);
+  const int64_t bm = std::min(block_m, lq);
+  const int64_t num_qb = (lq + bm - 1) / bm;
+  const bool has_bias = tar_has_bias(p);
+
+  // Gaussian row table: row i reads gauss[(lq - 1 - i) + j] = G(gi - gj) for j in [0, lk_pad).
+  std::vector<float> gauss(has_bias ? lq - 1 + lk_pad : 0, 0.f);
+  for (int64_t t = 0; t < static_cast<int64_t>(gauss.size()); ++t) {
+    const double dist = p.offset_delta + static_cast<double>(lq - 1 - t);
+    gauss[t] = tar_gaussian(dist, p.gauss_log2_coeff);
+  }
+
+  at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<float[]> scratch(new float[d * lk_pad + lk * d_pad + bm * d + bm * lk_pad + bm * d_pad]);
+    float* kt = scratch.get();        // d x lk_pad
+    float* vp = kt + d * lk_pad;      // lk x d_pad
+    float* qp = vp + lk * d_pad;      // bm x d
+    float* s = qp + bm * d;           // bm x lk_pad
+    float* acc = s + bm * lk_pad;     // bm x d_pad
+    int64_t packed_bh = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / num_qb, m0 = (task % num_qb) * bm;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const int64_t mb = std::min(bm, lq - m0);
+      if (bh != packed_bh) {
+        const Strided<scalar_t> ks{k + b * p.k.batch + h * p.k.head, p.k.frame, p.k.dim};
+        const Strided<scalar_t> vs{v + b * p.v.batch + h * p.v.head, p.v.frame, p.v.dim};
+        std::fill(kt, kt + d * lk_pad, 0.f);
+        std::fill(vp, vp + lk * d_pad, 0.f);
+        for (int64_t j = 0; j < lk; ++j)
+          for (int64_t c = 0; c < d; ++c) {
+            kt[c * lk_pad + j] = ks.at(j, c);
+            vp[j * d_pad + c] = vs.at(j, c);
+          }
+        packed_bh = bh;
+      }
+      const Strided<scalar_t> qs{q + b * p.q.batch + h * p.q.head, p.q.frame, p.q.dim};
+      for (int64_t r = 0; r < mb; ++r)
+        for (int64_t c = 0; c < d; ++c) qp[r * d + c] = qs.at(m0 + r, c) * p.scale;
+
+      gemm_rows(qp, d, kt, lk_pad, s, lk_pad, mb, d, lk_pad);  // natural-unit logits
+      float inv_sum[64];
+      for (int64_t r = 0; r < mb; ++r) {
+        float* row = s + r * lk_pad;
+        std::fill(row + lk, row + lk_pad, -std::numeric_limits<float>::infinity());
+        float max = row_max(row, lk_pad);
+        if (has_bias) {
+          const float coeff = tar_bias_coeff(p, max, 1.f);
+          max = add_bias_max(row, gauss.data() + (lq - 1 - (m0 + r)), coeff, lk_pad);
+        }
+        inv_sum[r] = 1.f / exp_sum(row, max, lk_pad);
+      }
+
+      gemm_rows(s, lk_pad, vp, d_pad, acc, d_pad, mb, lk, d_pad);
+      scalar_t* orow = o + b * p.o.batch + h * p.o.head + m0 * p.o.frame;
+      for (int64_t r = 0; r < mb; ++r)
+        for (int64_t c = 0; c < d; ++c)
+          orow[r * p.o.frame + c * p.o.dim] = static_cast<scalar_t>(acc[r * d_pad + c] * inv_sum[r]);
+    }
+  });
+}
+
+}  // namespace
+
+void tar_attention_cpu(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       at::Tensor& out) {
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    tar_attention_cpu_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                     v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "vstar_kernels::tar_attention (CPU): unsupported dtype ", q.scalar_type());
+  }
+}
+
+}  // namespace vstar

@@ -1,0 +1,15 @@
+// vstar-kernels: the CPU kernel's entry point (tar_attention_cpu.cpp), called by bindings.cpp after validation.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include "tar_attention.h"
+
+namespace vstar {
+
+// out (batch, len_q, heads, head_dim) = TAR attention of q, k, v as described by p (strides included);
+// fp32/fp16/bf16 inputs, fp32 accumulation.
+void tar_attention_cpu(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       at::Tensor& out);
+
+}  // namespace vstar

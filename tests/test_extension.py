@@ -1,0 +1,201 @@
+"""The C++ extension backend: what the shared correctness matrix (test_op_correctness.py) does not cover.
+
+bf16, long key rows (score strips of a few rows), the op's own validation (TORCH_CHECK), torch.library's opcheck,
+torch.compile(fullgraph=True), "auto" on CPU, and the build switches (disabled build, failed build) in subprocesses
+with their own cache folders.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import assert_matches_reference, make_qkv
+
+from vstar_kernels import tar_attention
+from vstar_kernels.backends import extension
+from vstar_kernels.contract import make_params
+from vstar_kernels.ops import select_backend
+
+MODES = ("relative", "absolute")
+
+
+@pytest.fixture(scope="module")
+def op():
+    assert extension.load() is None, extension.status()
+    return torch.ops.vstar_kernels.tar_attention
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(("frames", "dim", "layout"), [(16, 40, "projection"), (33, 80, "fused_qkv"),
+                                                        (128, 64, "heads_first"), (7, 160, "permuted")])
+def test_bf16(op, mode, frames, dim, layout):
+    q, k, v = make_qkv(2, frames, 3, dim, dtype=torch.bfloat16, layout=layout)
+    kw = dict(sigma=2.0, strength=2.0, mode=mode, q_offset=3)
+    assert_matches_reference(tar_attention(q, k, v, backend="extension", **kw), q, k, v, **kw)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_long_key_rows_use_narrow_strips(op, mode, dtype):
+    """Lk = 3000: the per-thread score strip shrinks to 6 query rows; Lq = 9 leaves a 3-row remainder block."""
+    q, k, v = make_qkv(1, 9, 2, 40, len_k=3000, dtype=dtype)
+    kw = dict(sigma=50.0, strength=1.0, mode=mode, q_offset=1500)
+    assert_matches_reference(tar_attention(q, k, v, backend="extension", **kw), q, k, v, **kw)
+
+
+def test_auto_on_cpu_picks_the_extension(op):
+    q = torch.zeros(1, 4, 1, 8)
+    assert select_backend(q, make_params(8, sigma=1.0), "auto") is extension
+    q64 = q.double()
+    assert select_backend(q64, make_params(8, sigma=1.0), "auto").NAME == "torch"  # fp64 stays exact
+
+
+@pytest.mark.parametrize(
+    ("args", "match"),
+    [
+        ({"sigma": 0.0}, "sigma must be > 0"),
+        ({"sigma": float("nan")}, "sigma must be > 0"),
+        ({"strength": float("inf")}, "strength must be finite"),
+        ({"mode": "both"}, "mode must be 'relative' or 'absolute'"),
+        ({"scale": -1.0}, "scale must be > 0"),
+    ],
+)
+def test_op_checks_its_scalars(op, args, match):
+    q, k, v = make_qkv(1, 4, 1, 8)
+    kw = dict(sigma=1.0, strength=1.0, mode="relative", scale=1.0, q_offset=0, k_offset=0) | args
+    with pytest.raises(RuntimeError, match=match):
+        op(q, k, v, kw["sigma"], kw["strength"], kw["mode"], kw["scale"], kw["q_offset"], kw["k_offset"])
+
+
+def test_op_checks_its_tensors(op):
+    q, k, v = make_qkv(1, 4, 2, 8)
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        op(q[0], k, v, 1.0)
+    with pytest.raises(RuntimeError, match="mismatched dtypes"):
+        op(q, k.half(), v, 1.0)
+    with pytest.raises(RuntimeError, match="mismatched heads"):
+        op(q, k[:, :, :1], v, 1.0)
+    with pytest.raises(RuntimeError, match="dtype must be float32, float16 or bfloat16"):
+        op(q.double(), k.double(), v.double(), 1.0)
+
+
+def test_opcheck(op):
+    """torch.library's own consistency checks: schema, fake (meta) kernel, dispatch under FakeTensor and AOT."""
+    q, k, v = make_qkv(2, 12, 3, 40, layout="fused_qkv")
+    torch.library.opcheck(op, (q, k, v, 2.0, 1.0, "relative", 0.2, 4, 0))
+    torch.library.opcheck(op, (q, k, v, 2.0, 1.0, "absolute", 0.2, 0, 0))
+
+
+def test_torch_compile_fullgraph(op):
+    """tar_attention(..., backend="extension") inside a compiled function: one graph, same numbers as eager."""
+    torch._dynamo.reset()
+
+    def block(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        qkv = (x @ w).view(x.shape[0], x.shape[1], 3, 4, 16)
+        q, k, v = qkv.unbind(2)
+        out = tar_attention(q, k, v, sigma=2.0, strength=1.0, backend="extension")
+        return out.reshape(x.shape[0], x.shape[1], 64) * 2.0
+
+    x = torch.randn(6, 24, 32, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(32, 192, generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, w), block(x, w), rtol=1e-5, atol=1e-5)
+    compiled_inductor = torch.compile(block, fullgraph=True)
+    torch.testing.assert_close(compiled_inductor(x, w), block(x, w), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------- build switches (subprocesses)
+_PROBE = textwrap.dedent(
+    """
+    import warnings, torch
+    from vstar_kernels import tar_attention
+    q = k = v = torch.randn(1, 8, 2, 16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        auto = tar_attention(q, k, v, sigma=1.0)
+        tar_attention(q, k, v, sigma=1.0)
+    ref = tar_attention(q, k, v, sigma=1.0, backend="torch")
+    print("AUTO_EQUALS_TORCH", torch.equal(auto, ref))
+    print("WARNINGS", len([w for w in caught if "falls back" in str(w.message)]))
+    for w in caught:
+        print("WARNING_TEXT", str(w.message).replace(chr(10), " | "))
+    try:
+        tar_attention(q, k, v, sigma=1.0, backend="extension")
+    except RuntimeError as exc:
+        print("EXPLICIT_RAISES", str(exc).replace(chr(10), " | "))
+    """
+)
+
+
+def _probe(tmp_path: Path, **env: str) -> str:
+    full_env = {**os.environ, "VSTAR_KERNELS_CACHE": str(tmp_path / "cache"), **env}
+    res = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, env=full_env, timeout=600)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_build_disabled_falls_back_to_torch(tmp_path):
+    out = _probe(tmp_path, VSTAR_KERNELS_NO_BUILD="1")
+    assert "AUTO_EQUALS_TORCH True" in out
+    assert "WARNINGS 0" in out  # a disabled build is a choice, not a failure
+    assert "EXPLICIT_RAISES backend 'extension' cannot run this call: VSTAR_KERNELS_NO_BUILD=1" in out
+    assert not any((tmp_path / "cache").glob("*/*.so"))
+
+
+def test_failed_build_warns_once_with_the_compiler_error_and_explicit_raises(tmp_path):
+    broken = tmp_path / "broken-c++"
+    # answers version probes like g++, fails every compile
+    broken.write_text('#!/bin/sh\ncase "$*" in *-v*|*--version*|*-dM*) exec g++ "$@";; esac\n'
+                      "echo 'fatal error: this compiler is broken on purpose'\nexit 1\n")
+    broken.chmod(0o755)
+    out = _probe(tmp_path, CXX=str(broken))
+    assert "AUTO_EQUALS_TORCH True" in out
+    assert "WARNINGS 1" in out
+    warning = next(line for line in out.splitlines() if line.startswith("WARNING_TEXT"))
+    assert "broken on purpose" in warning
+    explicit = next(line for line in out.splitlines() if line.startswith("EXPLICIT_RAISES"))
+    assert "building or loading the C++ extension failed" in explicit and "broken on purpose" in explicit
+
+
+def test_parallel_first_use_builds_once(tmp_path):
+    """Two processes hitting a cold cache at once: the file lock lets one build; the other waits and loads it."""
+    env = {**os.environ, "VSTAR_KERNELS_CACHE": str(tmp_path / "cache")}
+    env.pop("VSTAR_KERNELS_NO_BUILD", None)
+    code = ("import torch; from vstar_kernels import tar_attention as t; q = torch.randn(1, 8, 2, 16); "
+            "print(float((t(q, q, q, sigma=1.0, backend='extension') - t(q, q, q, sigma=1.0, backend='torch'))"
+            ".abs().max()))")
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(2)]
+    results = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in results]
+    assert all(float(out.strip()) < 1e-5 for out, _ in results)
+    assert sum(err.count("building the C++ extension") for _, err in results) == 1
+    assert len(list((tmp_path / "cache").glob("*/vstar_kernels_ext.so"))) == 1
+
+
+def test_ahead_of_time_build(tmp_path):
+    """VSTAR_KERNELS_BUILD_EXT=1 builds vstar_kernels/_C into the wheel; the package loads it without a JIT build."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "VSTAR_KERNELS_BUILD_EXT": "1"}
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(root),
+                            "-w", str(tmp_path / "wheel")], capture_output=True, text=True, env=env, timeout=900,
+                           cwd=tmp_path)
+    assert build.returncode == 0, build.stderr[-3000:]
+    import zipfile
+
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    assert list((tmp_path / "site" / "vstar_kernels").glob("_C*.so"))
+    assert (tmp_path / "site" / "vstar_kernels" / "csrc" / "tar_attention.h").is_file()
+    run_env = {**os.environ, "PYTHONPATH": str(tmp_path / "site"), "VSTAR_KERNELS_NO_BUILD": "1",
+               "VSTAR_KERNELS_CACHE": str(tmp_path / "empty-cache")}
+    code = "from vstar_kernels.backends import extension as e; print(e.load(), e.status()['location'])"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=run_env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("None ") and "_C" in res.stdout
