@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <limits>
 #include <memory>
+#include <type_traits>
 #include <vector>
 
 namespace vstar {
@@ -32,6 +33,10 @@ constexpr int kColVecs = 2;       // micro-kernel columns, in vectors
 constexpr int64_t kStripFloats = 1 << 15;  // target size of one thread's score strip (128 KiB)
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Row stride of a packed fp32 buffer with `cols` columns: strides that are multiples of 256 bytes map the rows a
+// micro-kernel walks onto a few L1 sets (K^T at 256 frames thrashed), so they are skewed by one 32-byte vector.
+inline int64_t skewed_stride(int64_t cols) { return cols % 64 == 0 ? cols + 8 : cols; }
 
 // C[r, 0:ncols] (+)= sum_c A[r, c] * B[c, 0:ncols] for RB rows; A rows are `lda` apart, B rows `ldb` apart.
 // ncols is a multiple of kVec; columns are processed kColVecs vectors at a time, then one vector at a time.
@@ -119,11 +124,27 @@ struct Strided {  // one (batch, head) slice of a (batch, frames, heads, head_di
   float at(int64_t f, int64_t c) const { return static_cast<float>(base[f * frame + c * dim]); }
 };
 
+// dst[0:n:stride] = scalar_t(src[0:n] * mul).
+template <typename scalar_t>
+inline void store_row(const float* src, int64_t n, float mul, scalar_t* dst, int64_t stride) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stride == 1) {
+      const Vec mv(mul);
+      int64_t c = 0;
+      for (; c + kVec <= n; c += kVec) (Vec::loadu(src + c) * mv).store(dst + c);
+      for (; c < n; ++c) dst[c] = src[c] * mul;
+      return;
+    }
+  }
+  for (int64_t c = 0; c < n; ++c) dst[c * stride] = static_cast<scalar_t>(src[c] * mul);
+}
+
 template <typename scalar_t>
 void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                             scalar_t* o) {
   const int64_t lq = p.len_q, lk = p.len_k, d = p.head_dim;
   const int64_t lk_pad = round_up(lk, kVec), d_pad = round_up(d, kVec);
+  const int64_t ld_k = skewed_stride(lk_pad), ld_v = skewed_stride(d_pad);  // row strides of K^T / S and of V
   const int64_t block_m = std::clamp<int64_t>(kStripFloats / lk_pad / kRows * kRows, kRows, 64);
   const int64_t bm = std::min(block_m, lq);
   const int64_t num_qb = (lq + bm - 1) / bm;
@@ -137,12 +158,12 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
   }
 
   at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> scratch(new float[d * lk_pad + lk * d_pad + bm * d + bm * lk_pad + bm * d_pad]);
-    float* kt = scratch.get();        // d x lk_pad
-    float* vp = kt + d * lk_pad;      // lk x d_pad
-    float* qp = vp + lk * d_pad;      // bm x d
-    float* s = qp + bm * d;           // bm x lk_pad
-    float* acc = s + bm * lk_pad;     // bm x d_pad
+    std::unique_ptr<float[]> scratch(new float[d * ld_k + lk * ld_v + bm * d + bm * ld_k + bm * ld_v]);
+    float* kt = scratch.get();     // d x lk_pad, row stride ld_k
+    float* vp = kt + d * ld_k;     // lk x d_pad, row stride ld_v
+    float* qp = vp + lk * ld_v;    // bm x d
+    float* s = qp + bm * d;        // bm x lk_pad, row stride ld_k
+    float* acc = s + bm * ld_k;    // bm x d_pad, row stride ld_v
     int64_t packed_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / num_qb, m0 = (task % num_qb) * bm;
@@ -151,12 +172,12 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
       if (bh != packed_bh) {
         const Strided<scalar_t> ks{k + b * p.k.batch + h * p.k.head, p.k.frame, p.k.dim};
         const Strided<scalar_t> vs{v + b * p.v.batch + h * p.v.head, p.v.frame, p.v.dim};
-        std::fill(kt, kt + d * lk_pad, 0.f);
-        std::fill(vp, vp + lk * d_pad, 0.f);
+        std::fill(kt, kt + d * ld_k, 0.f);
+        std::fill(vp, vp + lk * ld_v, 0.f);
         for (int64_t j = 0; j < lk; ++j)
           for (int64_t c = 0; c < d; ++c) {
-            kt[c * lk_pad + j] = ks.at(j, c);
-            vp[j * d_pad + c] = vs.at(j, c);
+            kt[c * ld_k + j] = ks.at(j, c);
+            vp[j * ld_v + c] = vs.at(j, c);
           }
         packed_bh = bh;
       }
@@ -164,24 +185,26 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
       for (int64_t r = 0; r < mb; ++r)
         for (int64_t c = 0; c < d; ++c) qp[r * d + c] = qs.at(m0 + r, c) * p.scale;
 
-      gemm_rows(qp, d, kt, lk_pad, s, lk_pad, mb, d, lk_pad);  // natural-unit logits
+      gemm_rows(qp, d, kt, ld_k, s, ld_k, mb, d, lk_pad);  // natural-unit logits
       float inv_sum[64];
       for (int64_t r = 0; r < mb; ++r) {
-        float* row = s + r * lk_pad;
+        float* row = s + r * ld_k;
         std::fill(row + lk, row + lk_pad, -std::numeric_limits<float>::infinity());
-        float max = row_max(row, lk_pad);
-        if (has_bias) {
-          const float coeff = tar_bias_coeff(p, max, 1.f);
-          max = add_bias_max(row, gauss.data() + (lq - 1 - (m0 + r)), coeff, lk_pad);
+        const float* gauss_row = has_bias ? gauss.data() + (lq - 1 - (m0 + r)) : nullptr;
+        float max;
+        if (!has_bias) {
+          max = row_max(row, lk_pad);
+        } else if (p.relative) {  // the bias needs the unbiased row max first
+          max = add_bias_max(row, gauss_row, tar_bias_coeff(p, row_max(row, lk_pad), 1.f), lk_pad);
+        } else {
+          max = add_bias_max(row, gauss_row, tar_bias_coeff(p, 0.f, 1.f), lk_pad);
         }
         inv_sum[r] = 1.f / exp_sum(row, max, lk_pad);
       }
 
-      gemm_rows(s, lk_pad, vp, d_pad, acc, d_pad, mb, lk, d_pad);
+      gemm_rows(s, ld_k, vp, ld_v, acc, ld_v, mb, lk, d_pad);
       scalar_t* orow = o + b * p.o.batch + h * p.o.head + m0 * p.o.frame;
-      for (int64_t r = 0; r < mb; ++r)
-        for (int64_t c = 0; c < d; ++c)
-          orow[r * p.o.frame + c * p.o.dim] = static_cast<scalar_t>(acc[r * d_pad + c] * inv_sum[r]);
+      for (int64_t r = 0; r < mb; ++r) store_row(acc + r * ld_v, d, inv_sum[r], orow + r * p.o.frame, p.o.dim);
     }
   });
 }

@@ -119,7 +119,7 @@ def _jit_build() -> Path:
 
     target = build_dir()
     library = target / f"{LIB_NAME}.so"
-    with _file_lock(target.with_suffix(".lock")):
+    with _file_lock(target.parent / f"{target.name}.lock"):
         if not library.is_file():
             print(f"vstar-kernels: building the C++ extension (first use, about a minute) in {target}",
                   file=sys.stderr, flush=True)

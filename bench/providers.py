@@ -1,0 +1,160 @@
+"""Everything a TAR benchmark compares, as providers with one calling convention.
+
+A provider turns (q, k, v) of shape (batch, frames, heads, head_dim) — diffusers' projection views — plus the TAR
+arguments into a zero-argument callable that computes the output. ``unavailable`` says why a provider cannot run
+on a device or a mode (FlexAttention's score_mod never sees the row max, so it has no relative mode).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vstar_kernels import tar_attention, tar_attention_reference
+from vstar_kernels.contract import make_params
+from vstar_kernels.ops import why_not
+from vstar_kernels.reference import gaussian_delta
+
+Thunk = Callable[[], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark point: the inputs and the TAR arguments."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    mode: str
+    sigma: float = 8.0
+    strength: float = 1.0
+
+    @property
+    def scale(self) -> float:
+        return self.q.shape[-1] ** -0.5
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    label: str
+    build: Callable[[Case], Thunk]
+    unavailable: Callable[[Case], str | None] = lambda case: None
+
+
+def _heads_first(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(t.transpose(1, 2) for t in tensors)
+
+
+def _sdpa(case: Case) -> Thunk:
+    q, k, v = _heads_first(case.q, case.k, case.v)
+    return lambda: F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
+
+
+def _naive(case: Case) -> Thunk:
+    """The official method's order of operations: S, ΔA and the biased scores all materialised."""
+    return lambda: tar_attention_reference(case.q, case.k, case.v, sigma=case.sigma, strength=case.strength,
+                                           mode=case.mode, upcast=False)
+
+
+def _sdpa_bias(case: Case) -> Thunk:
+    """SDPA with a materialised bias: per row (batch·heads·F·F, needs S first) in relative mode, one F×F in absolute."""
+    q, k, v = _heads_first(case.q, case.k, case.v)
+    lq, lk = q.shape[-2], k.shape[-2]
+    gauss = gaussian_delta(lq, lk, sigma=case.sigma, dtype=q.dtype, device=q.device)
+
+    def relative() -> torch.Tensor:
+        row_max = (q @ k.transpose(-1, -2)).amax(dim=-1, keepdim=True) * case.scale
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=case.strength * row_max * gauss).transpose(1, 2)
+
+    bias = case.strength * gauss
+    return relative if case.mode == "relative" else (
+        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2))
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(case: Case) -> Thunk:
+    q, k, v = _heads_first(case.q, case.k, case.v)
+    coeff = 1.0 / (2.0 * case.sigma * case.sigma)
+    strength = case.strength
+
+    def score_mod(score, b, h, q_idx, kv_idx):
+        dist = (q_idx - kv_idx).to(torch.float32)
+        return score + strength * torch.exp(-dist * dist * coeff)
+
+    flex = _compiled_flex()
+    return lambda: flex(q, k, v, score_mod=score_mod).transpose(1, 2)
+
+
+def _flex_unavailable(case: Case) -> str | None:
+    if case.mode == "relative":
+        return "relative mode needs the row max of S, which score_mod never sees"
+    return None
+
+
+def _backend(name: str) -> Callable[[Case], Thunk]:
+    def build(case: Case) -> Thunk:
+        return lambda: tar_attention(case.q, case.k, case.v, sigma=case.sigma, strength=case.strength,
+                                     mode=case.mode, backend=name)
+
+    return build
+
+
+def _backend_unavailable(name: str) -> Callable[[Case], str | None]:
+    def unavailable(case: Case) -> str | None:
+        return why_not(name, case.q, make_params(case.q.shape[-1], sigma=case.sigma, strength=case.strength,
+                                                   mode=case.mode))
+
+    return unavailable
+
+
+def _xformers(case: Case) -> Thunk:
+    import xformers.ops as xops
+
+    q, k, v = case.q, case.k, case.v  # xformers takes (batch, frames, heads, dim) directly
+    gauss = gaussian_delta(q.shape[1], k.shape[1], sigma=case.sigma, dtype=q.dtype, device=q.device)
+
+    def run() -> torch.Tensor:
+        if case.mode == "relative":
+            row_max = torch.einsum("bqhd,bkhd->bhqk", q, k).amax(-1, keepdim=True) * case.scale
+            bias = case.strength * row_max * gauss
+        else:
+            bias = (case.strength * gauss).expand(q.shape[0], q.shape[2], -1, -1)
+        return xops.memory_efficient_attention(q, k, v, attn_bias=bias)
+
+    return run
+
+
+def _xformers_unavailable(case: Case) -> str | None:
+    if case.q.device.type != "cuda":
+        return "xformers' fused kernels need CUDA"
+    try:
+        import xformers.ops  # noqa: F401
+    except ImportError:
+        return "xformers is not installed"
+    return None
+
+
+PROVIDERS: dict[str, Provider] = {
+    p.name: p
+    for p in (
+        Provider("sdpa", "plain SDPA, no bias (floor)", _sdpa),
+        Provider("naive", "naive materialised TAR (official order)", _naive),
+        Provider("sdpa_bias", "SDPA + materialised bias", _sdpa_bias),
+        Provider("flex", "FlexAttention (compiled)", _flex, _flex_unavailable),
+        Provider("xformers", "xformers + bias tensor", _xformers, _xformers_unavailable),
+        Provider("triton", "vstar triton kernel", _backend("triton"), _backend_unavailable("triton")),
+        Provider("extension", "vstar C++/CUDA extension", _backend("extension"), _backend_unavailable("extension")),
+        Provider("torch", "vstar torch fallback", _backend("torch"), _backend_unavailable("torch")),
+    )
+}
