@@ -19,23 +19,20 @@ CSRC_FILES = ["*.h", "*.cpp", "*.cu"]
 def extension_build() -> dict:
     if os.environ.get("VSTAR_KERNELS_BUILD_EXT", "").strip() in ("", "0"):
         return {}
-    import torch
     from torch.utils import cpp_extension
 
     sys.path.insert(0, str(ROOT))
-    from vstar_kernels.backends.extension import CPU_SOURCES, compile_flags
+    from vstar_kernels.backends.extension import compile_flags, sources, with_cuda
 
-    sources = [f"csrc/{name}" for name in CPU_SOURCES]
+    files = [f"csrc/{name}" for name in sources()]
     cxx = compile_flags()
-    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if with_cuda:
+    if with_cuda():
         ext = cpp_extension.CUDAExtension(
-            "vstar_kernels._C", [*sources, "csrc/tar_attention_cuda.cu"], include_dirs=[str(ROOT / "csrc")],
-            define_macros=[("VSTAR_WITH_CUDA", None)], extra_link_args=["-fopenmp"],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+            "vstar_kernels._C", files, include_dirs=[str(ROOT / "csrc")], extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-DVSTAR_WITH_CUDA"]},
         )
     else:
-        ext = cpp_extension.CppExtension("vstar_kernels._C", sources, include_dirs=[str(ROOT / "csrc")],
+        ext = cpp_extension.CppExtension("vstar_kernels._C", files, include_dirs=[str(ROOT / "csrc")],
                                          extra_compile_args=cxx, extra_link_args=["-fopenmp"])
     return {"ext_modules": [ext], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
 

@@ -13,8 +13,8 @@
 #include "tar_attention_cpu.h"
 
 #ifdef VSTAR_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #endif
 
 namespace vstar {
@@ -83,7 +83,7 @@ at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
                       : q.scalar_type() == at::kHalf ? DType::kFloat16
                                                      : DType::kBFloat16;
   const int err = tar_attention_cuda_launch(p, dtype, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
-                                            out.mutable_data_ptr(), at::cuda::getCurrentCUDAStream().stream());
+                                            out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "tar_attention (CUDA): kernel launch failed with CUDA error ", err);
   return out;
 #else

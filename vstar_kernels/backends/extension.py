@@ -3,7 +3,8 @@
 Loading, first match wins:
 1. an ahead-of-time build shipped in the package (``VSTAR_KERNELS_BUILD_EXT=1 pip install .`` makes
    ``vstar_kernels/_C*.so``);
-2. a just-in-time build in the cache (``VSTAR_KERNELS_CACHE``, default ``~/.cache/vstar-kernels``), made on first use
+2. a just-in-time build (the CPU kernel, plus the CUDA kernel when torch is a CUDA build and a toolkit is found)
+   in the cache (``VSTAR_KERNELS_CACHE``, default ``~/.cache/vstar-kernels``), made on first use
    with ``torch.utils.cpp_extension.load`` and ninja, announced on stderr while it compiles, serialised across
    processes by a file lock. The cache key covers the sources, the flags, torch's version and the CPU ISA.
 ``VSTAR_KERNELS_NO_BUILD=1`` disables step 2. A failed build is remembered for the process: "auto" falls back to the
@@ -33,6 +34,7 @@ CACHE_ENV = "VSTAR_KERNELS_CACHE"
 LIB_NAME = "vstar_kernels_ext"
 OP_NAME = "vstar_kernels::tar_attention"
 CPU_SOURCES = ("bindings.cpp", "tar_attention_cpu.cpp")
+CUDA_SOURCES = ("tar_attention_cuda.cu",)
 HEADERS = ("tar_attention.h", "tar_attention_cpu.h")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INT64 = 2**63
@@ -66,10 +68,23 @@ def cpu_isa() -> str:
     return capability if capability in ("AVX2", "AVX512") else "DEFAULT"
 
 
+def with_cuda() -> bool:
+    """Whether builds include the CUDA kernel: a CUDA build of torch and a CUDA toolkit."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def sources() -> list[str]:
+    return [*CPU_SOURCES, *(CUDA_SOURCES if with_cuda() else ())]
+
+
 def compile_flags(isa: str | None = None) -> list[str]:
-    """C++ flags of the CPU kernel: optimisation, OpenMP (at::parallel_for), and the at::vec ISA."""
+    """C++ flags: optimisation, OpenMP (at::parallel_for), the at::vec ISA, and the CUDA switch of bindings.cpp."""
     isa = cpu_isa() if isa is None else isa
     flags = ["-O3", "-DNDEBUG", "-fopenmp", f"-DCPU_CAPABILITY={isa}"]
+    if with_cuda():
+        flags.append("-DVSTAR_WITH_CUDA")
     if isa == "AVX2":
         flags += ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
     elif isa == "AVX512":
@@ -81,12 +96,13 @@ def build_dir() -> Path:
     """The cache folder of this build: named by torch version, ISA and a hash of the sources and flags."""
     src = source_dir()
     digest = hashlib.sha256()
-    for name in (*CPU_SOURCES, *HEADERS):
+    for name in (*sources(), *HEADERS):
         digest.update((src / name).read_bytes())
     flags = compile_flags()
     digest.update(" ".join(flags).encode())
     version = torch.__version__.replace("+", "_")
-    return cache_root() / f"{LIB_NAME}-torch{version}-{cpu_isa()}-{digest.hexdigest()[:12]}"
+    device = "cuda" if with_cuda() else "cpu"
+    return cache_root() / f"{LIB_NAME}-torch{version}-{cpu_isa()}-{device}-{digest.hexdigest()[:12]}"
 
 
 def prebuilt_library() -> Path | None:
@@ -127,8 +143,9 @@ def _jit_build() -> Path:
             src = source_dir()
             cpp_extension.load(
                 name=LIB_NAME,
-                sources=[str(src / name) for name in CPU_SOURCES],
+                sources=[str(src / name) for name in sources()],
                 extra_cflags=compile_flags(),
+                extra_cuda_cflags=["-O3", "-std=c++17", "-DVSTAR_WITH_CUDA"],
                 extra_ldflags=["-fopenmp"],
                 extra_include_paths=[str(src)],
                 build_directory=str(target),
