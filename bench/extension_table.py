@@ -13,18 +13,10 @@ import argparse
 
 import torch
 
-from bench.providers import PROVIDERS, Case
-from bench.timing import time_side_by_side
+from vstar_kernels.bench.providers import PROVIDERS, make_case
+from vstar_kernels.bench.timing import time_side_by_side
 
 COLUMNS = ("sdpa", "naive", "sdpa_bias", "torch", "extension")
-
-
-def make_case(tokens: int, frames: int, heads: int, head_dim: int, mode: str, dtype=torch.float32) -> Case:
-    batch = max(1, tokens // frames)
-    gen = torch.Generator().manual_seed(0)
-    fused = torch.randn(batch, frames, 3 * heads * head_dim, generator=gen).to(dtype)
-    q, k, v = (t.view(batch, frames, heads, head_dim) for t in fused.split(heads * head_dim, dim=-1))
-    return Case(q, k, v, mode=mode)
 
 
 def run(frames: list[int], head_dims: list[int], tokens: int, heads: int, rounds: int) -> list[str]:

@@ -48,24 +48,50 @@ def info_lines() -> list[str]:
     else:
         forced = "not set (each call's backend argument decides)"
     lines.append(f"{BACKEND_ENV}: {forced}")
+    pending = extension.build_pending()
     for device in _devices():
         lines += ["", f"backends on {device.type}:"]
-        for name, impl in BACKENDS.items():
-            reason = impl.unavailable_reason(device)
-            lines.append(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + reason}")
+        reasons = {name: _reason(name, device) for name in BACKENDS}
+        for name, reason in reasons.items():
+            note = " (builds on first use, about 40 s)" if name == extension.NAME and pending else ""
+            lines.append(f"  {name:<10} {'available' + note if reason is None else 'unavailable: ' + reason}")
         order = AUTO_ORDER.get(device.type, DEFAULT_AUTO_ORDER)
-        chosen = next((n for n in order if BACKENDS[n].unavailable_reason(device) is None), "none")
+        chosen = next((n for n in order if reasons.get(n) is None), "none")
         lines.append(f"  auto -> {chosen}  (tries {', '.join(order)})")
     ext = extension.status()
-    built = "loaded" if ext["loaded"] else f"not loaded: {ext['error']}"
+    built = "loaded" if ext["loaded"] else ("not built yet" if pending else f"not loaded: {ext['error']}")
     lines += ["", f"extension build: {built}", f"  cache: {ext['location']}", f"  CPU ISA: {ext['isa']}",
               f"  {extension.NO_BUILD_ENV}={os.environ.get(extension.NO_BUILD_ENV, '') or 'unset'}"]
     return lines
 
 
+def _reason(name: str, device: torch.device) -> str | None:
+    """Why backend ``name`` cannot run on ``device``; info never compiles the extension to find out."""
+    if name == extension.NAME and extension.build_pending():
+        if device.type == "cpu" or extension.with_cuda():
+            return None
+        return "a build holds the CUDA kernel only with a CUDA build of torch and a CUDA toolkit"
+    return BACKENDS[name].unavailable_reason(device)
+
+
 def _cmd_info(_: argparse.Namespace) -> int:
     print("\n".join(info_lines()))
     return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .bench.sweep import run_from_args
+
+    try:
+        return run_from_args(args)
+    except ImportError as exc:  # rich or matplotlib, imported when the sweep starts
+        return _missing_bench_extra(exc)
+
+
+def _missing_bench_extra(exc: ImportError) -> int:
+    print(f"vstar-kernels bench needs the bench extra ({exc.name} is missing): pip install 'vstar-kernels[bench]'",
+          file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, devices and which backend runs where (and why not)").set_defaults(
         func=_cmd_info
     )
+    bench = sub.add_parser("bench", help="benchmark sweep: every TAR provider side by side, CSV and PNG plots")
+    try:
+        from .bench.sweep import build_parser as add_sweep_options
+    except ImportError as exc:  # matplotlib / rich missing: say how to get them when the command runs
+        bench.set_defaults(func=lambda _args, _e=exc: _missing_bench_extra(_e))
+    else:
+        add_sweep_options(bench)
+        bench.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -215,6 +215,18 @@ def _error_tail(exc: BaseException, lines: int = 25) -> str:
     return "\n".join(kept)
 
 
+def build_pending() -> bool:
+    """True when the next use would compile: nothing loaded, no ahead-of-time build, no cached one, builds allowed."""
+    if "error" in _status or _op_registered() or prebuilt_library() is not None:
+        return False
+    if os.environ.get(NO_BUILD_ENV, "").strip() not in ("", "0"):
+        return False
+    try:
+        return not (build_dir() / f"{LIB_NAME}.so").is_file()
+    except FileNotFoundError:  # no sources: load() will say so
+        return False
+
+
 def status() -> dict[str, object]:
     """For ``vstar-kernels info``: whether the extension is loaded, where it lives, and why not."""
     tried = "error" in _status

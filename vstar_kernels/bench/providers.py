@@ -38,6 +38,16 @@ class Case:
         return self.q.shape[-1] ** -0.5
 
 
+def make_case(tokens: int, frames: int, heads: int, head_dim: int, mode: str, *, dtype: torch.dtype = torch.float32,
+              device: str | torch.device = "cpu", sigma: float = 8.0, strength: float = 1.0) -> Case:
+    """``tokens // frames`` sequences (B·H·W of a latent) of ``frames`` frames, as views of one fused QKV projection."""
+    batch = max(1, tokens // frames)
+    gen = torch.Generator().manual_seed(0)
+    fused = torch.randn(batch, frames, 3 * heads * head_dim, generator=gen).to(device=device, dtype=dtype)
+    q, k, v = (t.view(batch, frames, heads, head_dim) for t in fused.split(heads * head_dim, dim=-1))
+    return Case(q, k, v, mode=mode, sigma=sigma, strength=strength)
+
+
 @dataclass(frozen=True)
 class Provider:
     name: str

@@ -1,0 +1,116 @@
+"""Smoke runs of the benchmark harness at toy sizes (the real runs live in bench/results/), and its helpers."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vstar_kernels.bench.measure import OOM, failure_status, run_child
+from vstar_kernels.bench.providers import PROVIDERS, make_case
+from vstar_kernels.bench.sweep import analytic, device_peak_bandwidth_gbs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open() as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_every_provider_computes_tar_where_it_can():
+    """Each provider's output equals the op's (the benchmark compares like with like)."""
+    for mode in ("relative", "absolute"):
+        case = make_case(96, 12, 2, 40, mode, sigma=3.0, strength=2.0)
+        expected = PROVIDERS["torch"].build(case)()
+        for name, provider in PROVIDERS.items():
+            reason = provider.unavailable(case)
+            if reason is not None:
+                assert name in ("flex", "triton", "xformers"), (name, reason)
+                continue
+            out = provider.build(case)()
+            if name == "sdpa":  # the floor: plain attention, no bias
+                assert not torch.allclose(out, expected, atol=1e-3)
+            else:
+                torch.testing.assert_close(out, expected, rtol=2e-4, atol=2e-5, msg=f"{name} {mode}")
+
+
+def test_analytic_minimum_bytes_and_flops():
+    min_bytes, gflop = analytic(batch=3, frames=16, heads=5, head_dim=40, dtype=torch.float16)
+    assert min_bytes == 4 * 3 * 16 * 5 * 40 * 2
+    assert gflop == pytest.approx(4 * 3 * 5 * 16 * 16 * 40 / 1e9)
+    assert device_peak_bandwidth_gbs(torch.device("cpu")) is None
+
+
+def test_failure_status_classifies_out_of_memory():
+    assert failure_status(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) == OOM
+    assert failure_status(MemoryError()) == OOM
+    assert failure_status(RuntimeError("DefaultCPUAllocator: can't allocate memory: out of memory")) == OOM
+    assert failure_status(ValueError("bad shape\nmore")) == "error: bad shape"
+
+
+def test_child_killed_by_the_os_is_recorded_as_oom(tmp_path, monkeypatch):
+    (tmp_path / "killed_child.py").write_text(f"import os\nos.kill(os.getpid(), {int(signal.SIGKILL)})\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    assert run_child("killed_child", {}) == {"status": OOM}
+
+
+def test_bench_command_smoke(tmp_path):
+    """vstar-kernels bench at toy sizes: rows for every provider (FlexAttention saying why it has no relative mode),
+    ratios to SDPA, memory in subprocesses, the analytic columns, and both plots."""
+    cmd = [sys.executable, "-m", "vstar_kernels.cli", "bench", "--shapes", "animatediff-h8-d40", "--frames", "8", "16",
+           "--tokens", "64", "--rounds", "2", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows(tmp_path / "sweep.csv")
+    assert len(rows) == 2 * 2 * len(PROVIDERS)  # frames x modes x providers
+    by = {(r["frames"], r["mode"], r["provider"]): r for r in rows}
+    assert by[("8", "relative", "flex")]["status"].startswith("unavailable: relative mode needs the row max")
+    assert by[("8", "absolute", "flex")]["status"] == "ok"
+    assert by[("16", "relative", "xformers")]["status"].startswith("unavailable")
+    for frames in ("8", "16"):
+        for mode in ("relative", "absolute"):
+            assert float(by[(frames, mode, "sdpa")]["ratio_to_sdpa"]) == 1.0
+            ext = by[(frames, mode, "extension")]
+            assert ext["status"] == "ok" and float(ext["median_ms"]) > 0 and ext["peak_mib"] != ""
+            assert int(ext["min_bytes"]) == 4 * int(ext["batch"]) * int(frames) * 8 * 40 * 4
+    assert {r["run_id"] for r in rows} == {rows[0]["run_id"]} and rows[0]["torch"] == torch.__version__
+    assert (tmp_path / "sweep_time_cpu.png").stat().st_size > 10_000
+    assert (tmp_path / "sweep_memory_cpu.png").is_file()
+
+
+@pytest.mark.parametrize("args", [["--frames", "0"], ["--tokens", "0"], ["--device", "cuda"]])
+def test_bench_command_bad_arguments(args):
+    if args == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    res = subprocess.run([sys.executable, "-m", "vstar_kernels.cli", "bench", *args], capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0, res.stderr
+
+
+def test_microbenchmarks_collect_and_run_once():
+    """The pytest-benchmark file runs (benchmarks disabled: one call each) at a toy size."""
+    env = {**os.environ, "VSTAR_BENCH_TOKENS": "64"}
+    cmd = [sys.executable, "-m", "pytest", "bench/test_microbench.py", "--benchmark-disable", "-q", "-p",
+           "no:cacheprovider", "-k", "animatediff-h8-d40-16- and not flex"]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:]
+    assert " passed" in res.stdout
+
+
+def test_end_to_end_smoke(tmp_path):
+    """bench.e2e at 4 frames on an 8x8 latent: a row per (model, processor) and the plot."""
+    cmd = [sys.executable, "-m", "bench.e2e", "--frames", "4", "--latent", "8", "--out", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = _rows(tmp_path / "e2e.csv")
+    assert {(r["model"], r["processor"]) for r in rows} == {
+        (m, p) for m in ("unet3d", "animatediff") for p in ("none", "naive", "apply_tar")}
+    assert all(r["status"] == "ok" and float(r["seconds"]) > 0 for r in rows)
+    assert (tmp_path / "e2e_cpu.png").is_file()

@@ -1,0 +1,67 @@
+"""Measurement helpers shared by the sweep and the end-to-end runs: failure capture and peak memory.
+
+Peak memory on CUDA is ``torch.cuda.max_memory_allocated`` around the call. On the CPU there is no allocator
+counter, so the call runs in a fresh subprocess and the growth of its peak resident set (``ru_maxrss``) over the call
+is the measure. A child killed by the OS (the out-of-memory killer) or raising an out-of-memory error is recorded as
+``oom``, never a crash of the runner.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+from collections.abc import Callable
+
+import torch
+
+OOM = "oom"
+
+
+def failure_status(exc: BaseException) -> str:
+    """``oom`` for out-of-memory errors, else ``error: <message>`` (one line)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in str(exc).lower():
+        return OOM
+    return "error: " + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+
+
+def probe(thunk: Callable[[], object]) -> str:
+    """Run once: ``ok`` or the failure status."""
+    try:
+        with torch.inference_mode():
+            thunk()
+    except Exception as exc:  # an OOM or a provider that cannot run this point must not stop the sweep
+        return failure_status(exc)
+    return "ok"
+
+
+def peak_in_process(thunk: Callable[[], object], device: torch.device) -> float:
+    """MiB: CUDA allocator peak over one call, or (CPU) the growth of this process's peak RSS over it."""
+    with torch.inference_mode():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+            thunk()
+            torch.cuda.synchronize(device)
+            return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        thunk()
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # ru_maxrss is KiB on Linux
+
+
+def run_child(module: str, payload: dict, timeout: float = 1800) -> dict:
+    """``python -m module --child JSON`` in a fresh process; its last stdout line is a JSON dict."""
+    cmd = [sys.executable, "-m", module, "--child", json.dumps(payload)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"status": f"error: timeout after {timeout:.0f} s"}
+    if proc.returncode < 0 or proc.returncode == 137:  # killed by a signal: the OOM killer on Linux
+        return {"status": OOM}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"status": OOM if "out of memory" in tail.lower() else f"error: {tail[:200]}"}
+    return json.loads(lines[-1])

@@ -1,0 +1,251 @@
+"""The benchmark sweep: every TAR provider available on the device, side by side, over real temporal-attention shapes.
+
+    vstar-kernels bench [--shapes ...] [--frames 16 ... 512] [--providers ...] [--modes relative absolute]
+                        [--tokens 8192] [--rounds 10] [--memory first|all|none] [--out bench-results]
+    python -m bench.sweep ...        (in the repository: the same options, writing into bench/results)
+
+Per point (shape, frames, mode) the available providers are timed in the same interleaved rounds (median, p20, p80;
+ratio to plain SDPA without bias). Peak memory: CUDA allocator peak, or on the CPU the resident-set growth of a fresh
+subprocess per provider. A provider that runs out of memory is recorded as ``oom``; one that cannot express the point
+says why (FlexAttention has no relative mode). Beside each row: the analytic minimum bytes (q, k, v, o once) and
+FLOPs, and on CUDA the achieved bandwidth as a share of the device's peak. Rows are appended to ``sweep.csv`` with
+device, versions and a timestamp; ``sweep_time_<device>.png`` and ``sweep_memory_<device>.png`` plot the latest run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import importlib.metadata
+import json
+import platform
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vstar_kernels.bench.measure import OOM, failure_status, peak_in_process, probe, run_child
+from vstar_kernels.bench.providers import PROVIDERS, make_case
+from vstar_kernels.bench.timing import time_side_by_side
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The temporal attention of one model family: heads x head_dim."""
+
+    name: str
+    heads: int
+    head_dim: int
+
+
+SHAPES: dict[str, Shape] = {
+    s.name: s
+    for s in (
+        Shape("modelscope-h5-d64", 5, 64),
+        Shape("modelscope-h10-d64", 10, 64),
+        Shape("modelscope-h20-d64", 20, 64),
+        Shape("animatediff-h8-d40", 8, 40),
+        Shape("animatediff-h8-d80", 8, 80),
+        Shape("animatediff-h8-d160", 8, 160),
+    )
+}
+DEFAULT_FRAMES = (16, 32, 64, 128, 256, 512)
+FLOOR = "sdpa"
+CSV_FIELDS = (
+    "run_id", "timestamp", "device", "device_name", "vstar_kernels", "torch", "triton", "shape", "heads", "head_dim",
+    "batch", "frames", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "ratio_to_sdpa",
+    "peak_mib", "min_bytes", "gflop", "achieved_gbs", "bandwidth_share",
+)
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def device_peak_bandwidth_gbs(device: torch.device) -> float | None:
+    """Theoretical DRAM bandwidth (GB/s) of a CUDA device from its memory clock and bus width, if torch has them."""
+    if device.type != "cuda":
+        return None
+    props = torch.cuda.get_device_properties(device)
+    clock_khz = getattr(props, "memory_clock_rate", None)
+    bus_bits = getattr(props, "memory_bus_width", None)
+    if not clock_khz or not bus_bits:
+        return None
+    return 2 * clock_khz * 1e3 * bus_bits / 8 / 1e9  # double data rate
+
+
+def analytic(batch: int, frames: int, heads: int, head_dim: int, dtype: torch.dtype) -> tuple[int, float]:
+    """Minimum bytes moved (q, k, v read and o written once) and GFLOP (QK^T and PV) of one call."""
+    elements = batch * frames * heads * head_dim
+    min_bytes = 4 * elements * torch.empty((), dtype=dtype).element_size()
+    gflop = 4 * batch * heads * frames * frames * head_dim / 1e9
+    return min_bytes, gflop
+
+
+def _child(payload: dict) -> dict:
+    """Subprocess entry (CPU memory): build the point, run the provider once, report the RSS growth."""
+    case = make_case(payload["tokens"], payload["frames"], payload["heads"], payload["head_dim"], payload["mode"])
+    thunk = PROVIDERS[payload["provider"]].build(case)
+    try:
+        return {"status": "ok", "peak_mib": round(peak_in_process(thunk, case.q.device), 1)}
+    except Exception as exc:  # reported, not raised: the parent records it
+        return {"status": failure_status(exc)}
+
+
+def measure_point(shape: Shape, frames: int, mode: str, providers: list[str], *, tokens: int, rounds: int,
+                  device: torch.device, dtype: torch.dtype, memory: bool) -> list[dict]:
+    """Rows for one (shape, frames, mode): every provider timed side by side, with memory when asked."""
+    case = make_case(tokens, frames, shape.heads, shape.head_dim, mode, dtype=dtype, device=device)
+    batch = case.q.shape[0]
+    min_bytes, gflop = analytic(batch, frames, shape.heads, shape.head_dim, dtype)
+    base = {"shape": shape.name, "heads": shape.heads, "head_dim": shape.head_dim, "batch": batch, "frames": frames,
+            "mode": mode, "dtype": str(dtype).removeprefix("torch."), "min_bytes": min_bytes, "gflop": round(gflop, 4)}
+    rows: dict[str, dict] = {}
+    thunks = {}
+    for name in providers:
+        provider = PROVIDERS[name]
+        reason = provider.unavailable(case)
+        if reason is not None:
+            rows[name] = {**base, "provider": name, "status": f"unavailable: {reason}"}
+            continue
+        thunk = provider.build(case)
+        status = probe(thunk)
+        rows[name] = {**base, "provider": name, "status": status}
+        if status == "ok":
+            thunks[name] = thunk
+    times = time_side_by_side(thunks, device=device, rounds=rounds) if thunks else {}
+    floor = times[FLOOR].median if FLOOR in times else None
+    peak_bw = device_peak_bandwidth_gbs(device)
+    for name, t in times.items():
+        row = rows[name]
+        row.update(median_ms=round(t.median, 4), p20_ms=round(t.p20, 4), p80_ms=round(t.p80, 4))
+        if floor:
+            row["ratio_to_sdpa"] = round(t.median / floor, 3)
+        achieved = min_bytes / (t.median / 1e3) / 1e9
+        row["achieved_gbs"] = round(achieved, 2)
+        if peak_bw:
+            row["bandwidth_share"] = round(achieved / peak_bw, 4)
+    if memory:
+        for name in list(thunks):
+            if device.type == "cuda":
+                rows[name]["peak_mib"] = round(peak_in_process(thunks[name], device), 1)
+            else:
+                payload = {"tokens": tokens, "frames": frames, "heads": shape.heads, "head_dim": shape.head_dim,
+                           "mode": mode, "provider": name}
+                result = run_child("vstar_kernels.bench.sweep", payload)
+                if result["status"] == "ok":
+                    rows[name]["peak_mib"] = result["peak_mib"]
+                else:
+                    rows[name]["status"] = result["status"]
+    # providers that ran out of memory before timing still get a row; memory of a failed probe stays empty
+    return [rows[name] for name in providers]
+
+
+def run_metadata(device: torch.device) -> dict[str, str]:
+    """What every CSV row of one run shares: run id, UTC timestamp, device and versions."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "run_id": uuid.uuid4().hex[:8],
+        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "device_name": name,
+        "vstar_kernels": _version("vstar-kernels"),
+        "torch": torch.__version__,
+        "triton": _version("triton"),
+    }
+
+
+def append_csv(path: Path, rows: list[dict], meta: dict, fields: tuple[str, ...] = CSV_FIELDS) -> None:
+    """Append rows (with the run's metadata) to a CSV, writing the header when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        for row in rows:
+            writer.writerow({**meta, **row})
+
+
+def run(args: argparse.Namespace) -> Path:
+    from rich.console import Console
+    from rich.progress import track
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    console = Console(stderr=True)
+    meta = run_metadata(device)
+    out = Path(args.out)
+    csv_path = out / "sweep.csv"
+    points = [(SHAPES[s], f, m) for s in args.shapes for m in args.modes for f in args.frames]
+    all_rows: list[dict] = []
+    for index, (shape, frames, mode) in enumerate(track(points, description="sweep", console=console)):
+        memory = args.memory == "all" or (args.memory == "first" and shape.name == args.shapes[0])
+        rows = measure_point(shape, frames, mode, args.providers, tokens=args.tokens, rounds=args.rounds,
+                             device=device, dtype=dtype, memory=memory)
+        append_csv(csv_path, rows, meta)
+        all_rows += rows
+        floor = next((r.get("median_ms") for r in rows if r["provider"] == FLOOR), None)
+        summary = ", ".join(
+            f"{r['provider']} {r['ratio_to_sdpa']:.2f}x" if "ratio_to_sdpa" in r else f"{r['provider']} "
+            f"{'oom' if r['status'] == OOM else 'n/a'}" for r in rows if r["provider"] != FLOOR)
+        console.print(f"[{index + 1}/{len(points)}] {shape.name} F={frames} {mode}: sdpa {floor} ms; {summary}")
+    if not args.no_plot:
+        from vstar_kernels.bench.plots import plot_sweep
+
+        for png in plot_sweep(csv_path, meta["run_id"], out):
+            console.print(f"wrote {png}")
+    console.print(f"appended {len(all_rows)} rows to {csv_path} (run {meta['run_id']})")
+    return csv_path
+
+
+DEFAULT_OUT = Path("bench-results")
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None, default_out: Path = DEFAULT_OUT
+                 ) -> argparse.ArgumentParser:
+    """The sweep's options; ``vstar-kernels bench`` adds them to its subcommand parser."""
+    parser = parser or argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--frames", type=int, nargs="+", default=list(DEFAULT_FRAMES))
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument("--modes", nargs="+", choices=["relative", "absolute"], default=["relative", "absolute"])
+    parser.add_argument("--tokens", type=int, default=8192, help="batch*frames per point (B*H*W*F of a latent)")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                        help="default: float32 on CPU, float16 on CUDA")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--memory", choices=["first", "all", "none"], default="first",
+                        help="measure peak memory for the first shape only (default), every shape, or none")
+    parser.add_argument("--out", default=str(default_out), help=f"output folder (default {default_out})")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Validate the parsed options and run the sweep; bad options exit with a one-line message."""
+    if min(args.frames) < 1 or args.tokens < 1 or args.rounds < 1:
+        raise SystemExit("error: --frames, --tokens and --rounds must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but CUDA is not available")
+    args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    run(args)
+    return 0
+
+
+def main(argv: list[str] | None = None, default_out: Path = DEFAULT_OUT) -> int:
+    args = build_parser(default_out=default_out).parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return 0
+    return run_from_args(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
