@@ -34,11 +34,9 @@ def build_model(name: str, max_frames: int = 512):
 
     torch.manual_seed(0)
     if name == "unet3d":
-        return diffusers.UNet3DConditionModel(
-            block_out_channels=CHANNELS, layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock3D",) * 3 + ("DownBlock3D",),
-            up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * 3, norm_num_groups=32,
-        ).eval()
+        from vstar_kernels.diffusers.tiny import tiny_unet3d
+
+        return tiny_unet3d(CHANNELS)
     if name == "animatediff":
         unet2d = diffusers.UNet2DConditionModel(
             block_out_channels=CHANNELS, layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from vstar_kernels import __version__
 from vstar_kernels.cli import info_lines, main
 
@@ -36,3 +38,46 @@ def test_console_script_entry_point():
     assert res.returncode == 0 and __version__ in res.stdout
     bad = subprocess.run([sys.executable, "-m", "vstar_kernels.cli", "frobnicate"], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
+
+
+def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vstar_kernels.cli", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=900)
+
+
+def test_demo_writes_video_and_attention_figure(tmp_path):
+    res = _cli("demo", "--frames", "12", "--steps", "2", "--size", "16", "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "backend extension on cpu" in res.stdout and "peak memory" in res.stdout and "time" in res.stdout
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "video.gif") as gif:
+        assert gif.n_frames == 12 and gif.size == (16, 16)
+    assert (tmp_path / "out" / "attention.png").stat().st_size > 5_000
+
+
+def test_demo_loads_a_local_pipeline_folder(tmp_path):
+    from vstar_kernels.diffusers.tiny import text_to_video_pipeline
+
+    text_to_video_pipeline().save_pretrained(tmp_path / "pipe")
+    res = _cli("demo", "--model", str(tmp_path / "pipe"), "--frames", "4", "--steps", "1", "--size", "16",
+               "--sigma", "2", "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "sigma=2.0" in res.stdout and (tmp_path / "out" / "video.gif").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--frames", "0"], "--frames must be >= 1"),
+        (["--preset", "64D2"], "unknown preset '64D2'"),
+        (["--sigma", "-1"], "--sigma must be > 0"),
+        (["--model", "/no/such/folder"], "not a diffusers pipeline folder"),
+        (["--out", "FILE/sub"], "not writable"),
+    ],
+)
+def test_demo_bad_arguments_are_one_line(tmp_path, args, message):
+    (tmp_path / "FILE").write_text("a file, not a folder")
+    res = _cli("demo", *[a.replace("FILE", str(tmp_path / "FILE")) for a in args])
+    assert res.returncode == 2
+    assert message in res.stderr and res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr

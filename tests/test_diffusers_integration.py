@@ -17,12 +17,9 @@ from vstar_kernels.reference import gaussian_delta  # noqa: E402
 
 
 def unet3d():
-    torch.manual_seed(0)
-    return diffusers.UNet3DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
-        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"), norm_num_groups=32,
-    ).eval()
+    from vstar_kernels.diffusers.tiny import tiny_unet3d
+
+    return tiny_unet3d()
 
 
 def motion_unet():
@@ -271,7 +268,7 @@ def test_processor_without_arguments_is_plain_attention():
 
 # ------------------------------------------------------------------------------- pipelines and interplay
 def _pipeline():
-    from tiny_pipelines import text_to_video_pipeline
+    from vstar_kernels.diffusers.tiny import text_to_video_pipeline
 
     return text_to_video_pipeline(unet3d())
 
@@ -411,7 +408,7 @@ def test_paper_window_follows_the_schedule_for_svd_continuous_timesteps():
 def test_animatediff_pipeline_and_free_noise():
     """AnimateDiffPipeline offline: TAR changes the video, remove restores it exactly; enable_free_noise rebuilds the
     motion blocks with fresh processors (dropping TAR), and apply_tar after it patches them again."""
-    from tiny_pipelines import animatediff_pipeline
+    from vstar_kernels.diffusers.tiny import animatediff_pipeline
 
     pipe = animatediff_pipeline(*motion_unet_and_adapter())
     kwargs = dict(num_inference_steps=3, num_frames=16, height=16, width=16, output_type="pt")
@@ -440,7 +437,7 @@ def test_animatediff_pipeline_and_free_noise():
 def test_stable_video_diffusion_pipeline_paper_window():
     """StableVideoDiffusionPipeline offline, 25 EDM steps with CFG: TAR on for the first 14 steps, the video changes,
     remove_tar gives back the original video exactly."""
-    from tiny_pipelines import svd_pipeline
+    from vstar_kernels.diffusers.tiny import svd_pipeline
 
     pipe = svd_pipeline(svd_unet())
     image = torch.rand(1, 3, 32, 32)
@@ -464,7 +461,7 @@ def test_stable_video_diffusion_pipeline_paper_window():
 def test_i2vgen_xl_pipeline():
     """I2VGenXLPipeline offline (deprecated in diffusers, still shipped). It samples the image latents from the global
     RNG, so each run reseeds it."""
-    from tiny_pipelines import i2vgen_pipeline
+    from vstar_kernels.diffusers.tiny import i2vgen_pipeline
 
     pipe = i2vgen_pipeline(i2vgen_unet())
     image = torch.rand(1, 3, 32, 32)
@@ -510,7 +507,8 @@ def test_load_ip_adapter_drops_tar_remove_restores_and_apply_after_works():
     arguments is plain attention, so TAR is off (not broken). remove_tar then restores the originals there and
     keeps the IP-Adapter processors; apply_tar after load_ip_adapter patches the same layers and TAR is on."""
     from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-    from tiny_pipelines import animatediff_pipeline
+
+    from vstar_kernels.diffusers.tiny import animatediff_pipeline
 
     pipe = animatediff_pipeline(*motion_unet_and_adapter())
     unet = pipe.unet

@@ -1,15 +1,17 @@
 """vstar-kernels: fused Temporal Attention Regularization (VSTAR) for long video generation.
 
 Data flows one way: a diffusers attention processor -> :func:`tar_attention` (validation, dispatch) -> a
-backend (Triton kernel, memory-bounded torch fallback). :func:`tar_attention_reference` is the definition.
+backend (Triton kernel, C++/CUDA extension, memory-bounded torch fallback). :func:`tar_attention_reference` is the
+definition.
 """
 
 from ._version import __version__
 from .contract import MODES, TARParams
 from .ops import tar_attention
-from .reference import gaussian_delta, tar_attention_reference
+from .reference import gaussian_delta, tar_attention_probs, tar_attention_reference
 
-_DIFFUSERS_EXPORTS = ("PRESETS", "TARAttnProcessor", "TARHandle", "apply_tar", "remove_tar")
+_DIFFUSERS_EXPORTS = ("PRESETS", "TARAttnProcessor", "TARHandle", "apply_tar", "plot_temporal_attention",
+                      "record_temporal_attention", "remove_tar")
 
 
 def __getattr__(name: str):
@@ -28,5 +30,6 @@ __all__ = [
     "__version__",
     "gaussian_delta",
     "tar_attention",
+    "tar_attention_probs",
     "tar_attention_reference",
 ]

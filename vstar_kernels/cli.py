@@ -85,12 +85,24 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     try:
         return run_from_args(args)
     except ImportError as exc:  # rich or matplotlib, imported when the sweep starts
-        return _missing_bench_extra(exc)
+        return _missing_extra("bench", exc)
 
 
-def _missing_bench_extra(exc: ImportError) -> int:
-    print(f"vstar-kernels bench needs the bench extra ({exc.name} is missing): pip install 'vstar-kernels[bench]'",
-          file=sys.stderr)
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoError, run_demo
+
+    try:
+        return run_demo(args)
+    except DemoError as exc:
+        print(f"vstar-kernels demo: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # matplotlib, imported when the figure is drawn
+        return _missing_extra("demo", exc)
+
+
+def _missing_extra(extra: str, exc: ImportError) -> int:
+    print(f"vstar-kernels {extra} needs the {extra} extra ({exc.name} is missing): "
+          f"pip install 'vstar-kernels[{extra}]'", file=sys.stderr)
     return 1
 
 
@@ -101,11 +113,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, devices and which backend runs where (and why not)").set_defaults(
         func=_cmd_info
     )
+    demo = sub.add_parser("demo", help="a long single-pass video with TAR on a small offline model, and its "
+                                       "temporal attention maps")
+    try:
+        from .demo import add_arguments as add_demo_options
+    except ImportError as exc:
+        demo.set_defaults(func=lambda _args, _e=exc: _missing_extra("demo", _e))
+    else:
+        add_demo_options(demo)
+        demo.set_defaults(func=_cmd_demo)
     bench = sub.add_parser("bench", help="benchmark sweep: every TAR provider side by side, CSV and PNG plots")
     try:
         from .bench.sweep import build_parser as add_sweep_options
     except ImportError as exc:  # matplotlib / rich missing: say how to get them when the command runs
-        bench.set_defaults(func=lambda _args, _e=exc: _missing_bench_extra(_e))
+        bench.set_defaults(func=lambda _args, _e=exc: _missing_extra("bench", _e))
     else:
         add_sweep_options(bench)
         bench.set_defaults(func=_cmd_bench)

@@ -50,6 +50,41 @@ def apply_tar_bias(scores: torch.Tensor, delta: torch.Tensor, *, strength: float
     return scores + strength * delta
 
 
+def tar_attention_probs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    sigma: float,
+    strength: float = 1.0,
+    mode: str = "relative",
+    scale: float | None = None,
+    q_offset: int = 0,
+    k_offset: int = 0,
+    attn_mask: torch.Tensor | None = None,
+    compute_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """The TAR attention probabilities softmax(S'), materialised: (batch, heads, Lq, Lk) from (batch, frames, heads,
+    head_dim) q and k, in ``compute_dtype`` (default: q's dtype). The attention maps of the paper's analysis.
+
+    ``attn_mask`` (broadcastable to (batch, heads, Lq, Lk); boolean True = attend, or additive float) is applied
+    before the bias, so the relative row max runs over attended keys only.
+    """
+    p = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale,
+                    q_offset=q_offset, k_offset=k_offset)
+    compute_dtype = compute_dtype or q.dtype
+    qh, kh = (t.transpose(1, 2).to(compute_dtype) for t in (q, k))  # (batch, heads, frames, dim)
+    scores = torch.matmul(qh, kh.transpose(-1, -2)) * p.scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(compute_dtype)
+    delta = gaussian_delta(q.shape[1], k.shape[1], sigma=p.sigma, q_offset=p.q_offset,
+                           k_offset=p.k_offset, dtype=compute_dtype, device=q.device)
+    scores = apply_tar_bias(scores, delta, strength=p.strength, mode=p.mode)
+    return torch.softmax(scores, dim=-1)
+
+
 def tar_attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -75,19 +110,8 @@ def tar_attention_reference(
     Returns a contiguous tensor in the input dtype.
     """
     validate_tensors(q, k, v)
-    p = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale,
-                    q_offset=q_offset, k_offset=k_offset)
     compute_dtype = torch.float32 if (upcast and q.dtype in (torch.float16, torch.bfloat16)) else q.dtype
-    qh, kh, vh = (t.transpose(1, 2).to(compute_dtype) for t in (q, k, v))  # (batch, heads, frames, dim)
-    scores = torch.matmul(qh, kh.transpose(-1, -2)) * p.scale
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.to(compute_dtype)
-    delta = gaussian_delta(q.shape[1], k.shape[1], sigma=p.sigma, q_offset=p.q_offset,
-                           k_offset=p.k_offset, dtype=compute_dtype, device=q.device)
-    scores = apply_tar_bias(scores, delta, strength=p.strength, mode=p.mode)
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.matmul(probs, vh)
+    probs = tar_attention_probs(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
+                                k_offset=k_offset, attn_mask=attn_mask, compute_dtype=compute_dtype)
+    out = torch.matmul(probs, v.transpose(1, 2).to(compute_dtype))
     return out.transpose(1, 2).contiguous().to(q.dtype)

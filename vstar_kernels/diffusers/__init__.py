@@ -28,6 +28,7 @@ def _check_diffusers() -> str:
 
 DIFFUSERS_VERSION = _check_diffusers()
 
+from .analysis import TemporalAttentionMaps, plot_temporal_attention, record_temporal_attention  # noqa: E402
 from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
 from .patching import TARHandle, apply_tar, remove_tar, tar_state  # noqa: E402
 from .presets import DEFAULT_PRESET, PRESETS  # noqa: E402
@@ -41,9 +42,12 @@ __all__ = [
     "TARAttnProcessor",
     "TARHandle",
     "TARSwitch",
+    "TemporalAttentionMaps",
     "TemporalLayer",
     "apply_tar",
     "find_temporal_attention",
+    "plot_temporal_attention",
+    "record_temporal_attention",
     "remove_tar",
     "tar_state",
 ]

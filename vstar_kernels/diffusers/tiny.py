@@ -1,4 +1,8 @@
-"""Tiny offline diffusers pipelines with random weights (no hub access): tokenizer, text encoder, VAE, UNet."""
+"""Tiny offline diffusers pipelines with random weights (no hub access): tokenizer, text encoder, VAE, UNets.
+
+They exist for ``vstar-kernels demo``, the tests and the benchmarks: real diffusers classes end to end, built from
+configs in a second, producing noise (the weights are random) with the memory and time behaviour of the real thing.
+"""
 
 from __future__ import annotations
 
@@ -39,9 +43,26 @@ def tiny_vae():
                          norm_num_groups=32)
 
 
-def text_to_video_pipeline(unet):
+def tiny_unet3d(block_out_channels: tuple[int, ...] = (32, 64)):
+    """A UNet3DConditionModel (ModelScope/zeroscope layout) with one cross-attention down/up block per level except
+    the deepest down and first up block when there are more than two levels; heads = channels / 8."""
+    from diffusers import UNet3DConditionModel
+
+    levels = len(block_out_channels)
+    cross = levels if levels <= 2 else levels - 1
+    torch.manual_seed(0)
+    return UNet3DConditionModel(
+        block_out_channels=block_out_channels, layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock3D",) * cross + ("DownBlock3D",) * (levels - cross),
+        up_block_types=("UpBlock3D",) * (levels - cross) + ("CrossAttnUpBlock3D",) * cross, norm_num_groups=32,
+    ).eval()
+
+
+def text_to_video_pipeline(unet=None):
+    """TextToVideoSDPipeline (the ModelScope/zeroscope pipeline) around ``unet`` (default :func:`tiny_unet3d`)."""
     from diffusers import DDIMScheduler, TextToVideoSDPipeline
 
+    unet = tiny_unet3d() if unet is None else unet
     tokenizer = tiny_tokenizer()
     return TextToVideoSDPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer,
                                  unet=unet, scheduler=DDIMScheduler())

@@ -1,0 +1,181 @@
+"""``vstar-kernels demo``: one long single-pass video with TAR, and the picture that explains TAR.
+
+Without ``--model`` it builds a small random text-to-video pipeline offline (:mod:`vstar_kernels.diffusers.tiny`:
+real diffusers classes, random weights, so the video is noise but memory and time behave like the real thing);
+with ``--model PATH`` it loads a local diffusers pipeline folder. It applies TAR, records the temporal attention
+maps of one denoising call with and without TAR on the same noisy latents, generates the video (one pass, a
+progress bar per step), and writes ``video.gif`` (``video.mp4`` too when imageio is installed) and
+``attention.png``. It prints the backend, peak memory and time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .contract import make_params
+from .ops import select_backend
+
+
+class DemoError(Exception):
+    """A bad argument or environment: reported as one line, exit status 2."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .diffusers.presets import DEFAULT_PRESET, PRESETS
+
+    parser.add_argument("--model", help="a local diffusers text-to-video pipeline folder (default: tiny, offline)")
+    parser.add_argument("--prompt", default="a red balloon drifting over a city at sunset")
+    parser.add_argument("--frames", type=int, default=128, help="frames generated in one pass (default 128)")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"TAR preset: {', '.join(PRESETS)}")
+    parser.add_argument("--sigma", type=float, help="one sigma at level 0 instead of a preset")
+    parser.add_argument("--steps", type=int, default=6, help="denoising steps (default 6 for the tiny model)")
+    parser.add_argument("--size", type=int, default=32, help="height = width in pixels (default 32, tiny model)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="vstar-demo", help="output folder (default ./vstar-demo)")
+
+
+def _validate(args: argparse.Namespace) -> Path:
+    from .diffusers.presets import PRESETS
+
+    if args.frames < 1:
+        raise DemoError(f"--frames must be >= 1, got {args.frames}")
+    if args.steps < 1 or args.size < 8:
+        raise DemoError("--steps must be >= 1 and --size >= 8")
+    if args.sigma is None and args.preset not in PRESETS:
+        raise DemoError(f"unknown preset {args.preset!r}; choose from {', '.join(PRESETS)} or pass --sigma")
+    if args.sigma is not None and not args.sigma > 0:
+        raise DemoError(f"--sigma must be > 0, got {args.sigma}")
+    if args.model is not None and not (Path(args.model) / "model_index.json").is_file():
+        raise DemoError(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise DemoError("--device cuda but CUDA is not available")
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".vstar-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise DemoError(f"--out {out}: not writable ({exc.strerror or exc})") from None
+    return out
+
+
+def _pipeline(args: argparse.Namespace):
+    if args.model is None:
+        from .diffusers.tiny import text_to_video_pipeline
+
+        return text_to_video_pipeline()
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(args.model)
+
+
+def _peak_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _write_video(frames: torch.Tensor, out: Path) -> list[Path]:
+    """frames: (F, C, H, W) in [0, 1]. GIF always (Pillow, a diffusers dependency); MP4 when imageio can."""
+    from PIL import Image
+
+    images = [Image.fromarray((f.permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy()) for f in frames]
+    gif = out / "video.gif"
+    images[0].save(gif, save_all=True, append_images=images[1:], duration=125, loop=0)
+    written = [gif]
+    try:
+        import imageio.v3 as iio
+
+        mp4 = out / "video.mp4"
+        iio.imwrite(mp4, [(f.permute(1, 2, 0).clamp(0, 1) * 255).byte().cpu().numpy() for f in frames], fps=8)
+        written.append(mp4)
+    except Exception:  # imageio or its ffmpeg plugin missing: the GIF is the video
+        pass
+    return written
+
+
+def _attention_maps(pipe, args: argparse.Namespace, tar_kwargs: dict, device: torch.device):
+    """Maps of one UNet call at the noisiest step on the same latents and prompt embedding, without and with TAR."""
+    from .diffusers import apply_tar, record_temporal_attention, remove_tar
+
+    unet = pipe.unet
+    latent = args.size // pipe.vae_scale_factor
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(1, unet.config.in_channels, args.frames, latent, latent, generator=gen).to(device, unet.dtype)
+    prompt_embeds, _ = pipe.encode_prompt(args.prompt, device, 1, False)
+    if type(unet).__name__ == "UNetMotionModel":  # AnimateDiff's UNet takes the embedding repeated per frame
+        prompt_embeds = prompt_embeds.repeat_interleave(args.frames, dim=0)
+    t = pipe.scheduler.config.num_train_timesteps - 1
+    maps = {}
+    handle = apply_tar(pipe, **tar_kwargs, timesteps="all")
+    layers = list(handle.layers)
+    for label in ("without TAR", "with TAR"):
+        if label == "without TAR":
+            remove_tar(pipe)
+        else:
+            apply_tar(pipe, **tar_kwargs, timesteps="all")
+        with torch.no_grad(), record_temporal_attention(unet, positions=16, layers=layers, seed=args.seed) as rec:
+            unet(x, t, encoder_hidden_states=prompt_embeds)
+        maps[label] = rec
+    remove_tar(pipe)
+    return maps
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The demo; raises DemoError for bad arguments (the CLI prints it as one line)."""
+    from .diffusers import apply_tar, plot_temporal_attention
+
+    out = _validate(args)
+    device = torch.device(args.device)
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    pipe = _pipeline(args).to(device)
+    if not hasattr(pipe, "unet"):
+        raise DemoError(f"--model {args.model}: the pipeline has no UNet")
+    tar_kwargs = {"sigma": args.sigma} if args.sigma is not None else {"preset": args.preset}
+    maps = _attention_maps(pipe, args, tar_kwargs, device)
+    figure = plot_temporal_attention(
+        maps, out / "attention.png",
+        title=f"temporal attention at the noisiest step, {args.frames} frames (mean over TAR layers, heads, positions)")
+
+    handle = apply_tar(pipe, **tar_kwargs)
+    heads = pipe.unet.get_submodule(next(iter(handle.layers))).heads
+    probe = torch.empty(1, args.frames, heads, 8, device=device, dtype=pipe.unet.dtype)
+    backend = select_backend(probe, make_params(8, sigma=1.0)).NAME
+    print(f"vstar-kernels demo: {args.frames} frames, {args.size}x{args.size}, {args.steps} steps, "
+          f"{handle.num_layers} TAR layers ({args.preset if args.sigma is None else f'sigma={args.sigma}'}), "
+          f"backend {backend} on {device.type}", flush=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    frames = pipe(args.prompt, num_frames=args.frames, num_inference_steps=args.steps, height=args.size,
+                  width=args.size, generator=generator, output_type="pt").frames[0]
+    written = _write_video(frames, out)
+    elapsed = time.perf_counter() - start
+    for path in [*written, figure]:
+        print(f"wrote {path}")
+    print(f"peak memory {_peak_mib(device):.0f} MiB ({'CUDA allocator' if device.type == 'cuda' else 'process RSS'}),"
+          f" time {elapsed:.1f} s, backend {backend}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vstar-kernels demo", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    try:
+        return run_demo(parser.parse_args(argv))
+    except DemoError as exc:
+        print(f"vstar-kernels demo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_MININTERVAL", "1")
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Temporal attention analysis (the paper's look at attention maps): record the averaged F x F temporal attention map
+of each layer while a model runs, and plot them.
+
+    with record_temporal_attention(pipe.unet, positions=64) as maps:
+        pipe(prompt, num_frames=64)
+    plot_temporal_attention({"with TAR": maps}, "maps.png")
+
+Only a sample of ``positions`` spatial positions (rows of the B·H·W batch of a temporal layer) is recorded per call,
+through the materialised reference on that sample, so memory stays bounded however long the video is. The maps are
+what each layer's processor computes: with TAR if it is on for that call (its sigma, strength, mode), else plain
+softmax attention. The model's outputs are unchanged: recording runs beside the real processor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..reference import tar_attention_probs
+from .discovery import find_temporal_attention
+from .patching import _unet_of, tar_state
+from .processor import TARAttnProcessor
+
+
+@dataclass
+class TemporalAttentionMaps:
+    """Per layer: the sum of recorded (F x F) maps, each averaged over sampled positions and heads, and the count."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, layer: str, probs: torch.Tensor) -> None:
+        avg = probs.mean(dim=(0, 1)).float().cpu()
+        if layer in self.sums and self.sums[layer].shape == avg.shape:
+            self.sums[layer] += avg
+            self.counts[layer] += 1
+        else:  # a new layer, or a new frame count: start over
+            self.sums[layer], self.counts[layer] = avg, 1
+
+    @property
+    def layers(self) -> list[str]:
+        return list(self.sums)
+
+    def map(self, layer: str) -> torch.Tensor:
+        """The average map of one layer over every recorded call: rows are query frames, columns key frames."""
+        return self.sums[layer] / self.counts[layer]
+
+    def mean(self) -> torch.Tensor:
+        """The average over layers (those with the most common frame count)."""
+        if not self.sums:
+            raise ValueError("no temporal attention was recorded")
+        shapes = [s.shape for s in self.sums.values()]
+        common = max(set(shapes), key=shapes.count)
+        maps = [self.map(name) for name, s in self.sums.items() if s.shape == common]
+        return torch.stack(maps).mean(dim=0)
+
+
+class _RecordingProcessor:
+    """Wraps a layer's processor: records the sample's attention map, then returns the wrapped processor's output."""
+
+    def __init__(self, inner, name: str, maps: TemporalAttentionMaps, positions: int, generator: torch.Generator):
+        self.inner, self.name, self.maps, self.positions, self.generator = inner, name, maps, positions, generator
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if encoder_hidden_states is None and hidden_states.ndim == 3:
+            with torch.no_grad():
+                self._record(attn, hidden_states, attention_mask)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+    def _record(self, attn, hidden_states: torch.Tensor, attention_mask) -> None:
+        rows = hidden_states.shape[0]
+        pick = torch.randperm(rows, generator=self.generator)[: self.positions].to(hidden_states.device)
+        x = hidden_states[pick]
+        if attn.group_norm is not None:
+            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+        heads, frames = attn.heads, x.shape[1]
+        q = attn.to_q(x).view(len(pick), frames, heads, -1)
+        k = attn.to_k(x).view(len(pick), frames, heads, -1)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        inner = self.inner
+        tar_on = isinstance(inner, TARAttnProcessor) and inner.active
+        sigma = inner.sigma if tar_on else 1.0
+        strength = inner.strength if tar_on else 0.0
+        mode = inner.mode if tar_on else "relative"
+        probs = tar_attention_probs(q, k, sigma=sigma, strength=strength, mode=mode, scale=attn.scale,
+                                    compute_dtype=torch.float32)
+        self.maps.add(self.name, probs)
+
+
+@contextlib.contextmanager
+def record_temporal_attention(model: nn.Module, *, positions: int = 64, layers: Iterable[str] | None = None,
+                              seed: int = 0) -> Iterator[TemporalAttentionMaps]:
+    """Record averaged temporal attention maps of ``model`` (a UNet or a pipeline) inside the ``with`` block.
+
+    Args:
+        positions: spatial positions sampled per call (memory: positions x heads x F x F floats at a time).
+        layers: module paths to record; default the TAR-patched layers if TAR is applied, else every temporal
+            self-attention layer of the model.
+        seed: seeds the sampling of positions.
+
+    The processors in place on entry are restored on exit (also on error).
+    """
+    if positions < 1:
+        raise ValueError(f"positions must be >= 1, got {positions}")
+    unet = _unet_of(model)
+    if layers is None:
+        handle = tar_state(unet)
+        names = list(handle.layers) if handle else [layer.name for layer in find_temporal_attention(unet)]
+    else:
+        names = list(layers)
+    modules = dict(unet.named_modules())
+    missing = [n for n in names if n not in modules or not hasattr(modules[n], "processor")]
+    if missing:
+        raise ValueError(f"not attention layers of {type(unet).__name__}: {missing[:3]}")
+    maps = TemporalAttentionMaps()
+    generator = torch.Generator().manual_seed(seed)
+    installed: dict[str, tuple[object, _RecordingProcessor]] = {}
+    try:
+        for name in names:
+            module = modules[name]
+            recorder = _RecordingProcessor(module.processor, name, maps, positions, generator)
+            installed[name] = (module.processor, recorder)
+            module.set_processor(recorder)
+        yield maps
+    finally:
+        for name, (original, recorder) in installed.items():
+            if modules[name].processor is recorder:
+                modules[name].set_processor(original)
+
+
+def plot_temporal_attention(maps: dict[str, TemporalAttentionMaps | torch.Tensor], path: str | Path, *,
+                            title: str = "temporal attention (average over layers, heads and positions)") -> Path:
+    """Heatmaps side by side, one per label (e.g. ``{"without TAR": a, "with TAR": b}``); written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 4), squeeze=False)
+    for ax, (label, value) in zip(axes[0], maps.items(), strict=True):
+        matrix = value.mean() if isinstance(value, TemporalAttentionMaps) else value
+        image = ax.imshow(matrix.numpy(), cmap="viridis", interpolation="nearest")
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("key frame")
+        ax.set_ylabel("query frame")
+        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
