@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--frames", type=int, default=128, help="frames generated in one pass (default 128)")
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"TAR preset: {', '.join(PRESETS)}")
     parser.add_argument("--sigma", type=float, help="one sigma at level 0 instead of a preset")
-    parser.add_argument("--steps", type=int, default=6, help="denoising steps (default 6 for the tiny model)")
+    parser.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     parser.add_argument("--size", type=int, default=32, help="height = width in pixels (default 32, tiny model)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,9 +1,10 @@
 """Measurement helpers shared by the sweep and the end-to-end runs: failure capture and peak memory.
 
 Peak memory on CUDA is ``torch.cuda.max_memory_allocated`` around the call. On the CPU there is no allocator
-counter, so the call runs in a fresh subprocess and the growth of its peak resident set (``ru_maxrss``) over the call
-is the measure. A child killed by the OS (the out-of-memory killer) or raising an out-of-memory error is recorded as
-``oom``, never a crash of the runner.
+counter, so the call runs in a fresh subprocess: the peak resident set is reset just before the call (Linux
+``/proc/self/clear_refs``) and its growth over the call is the measure (elsewhere: ``ru_maxrss`` growth). A child
+killed by the OS (the out-of-memory killer) or raising an out-of-memory error is recorded as ``oom``, never a crash
+of the runner.
 """
 
 from __future__ import annotations
@@ -46,9 +47,31 @@ def peak_in_process(thunk: Callable[[], object], device: torch.device) -> float:
             thunk()
             torch.cuda.synchronize(device)
             return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        if _reset_peak_rss():  # Linux: the peak (VmHWM) restarts from the current RSS, so the growth is the call's
+            before = _status_kib("VmRSS")
+            thunk()
+            return (_status_kib("VmHWM") - before) / 1024
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # elsewhere: only growth above earlier peaks
         thunk()
-        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # ru_maxrss is KiB on Linux
+        return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (``echo 5 > /proc/self/clear_refs``, Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
 
 
 def run_child(module: str, payload: dict, timeout: float = 1800) -> dict:

@@ -74,9 +74,11 @@ def _grid(rows: list[dict], value: str, ylabel: str, title: str, path: Path) -> 
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
             labels[lab] = lab
-    fig.legend(list(handles.values()), list(labels), loc="upper center", ncol=4, fontsize=8, frameon=False)
-    fig.suptitle(title, y=1.0 + 0.02 / len(shapes), fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.12 / len(shapes)))
+    fig.tight_layout()
+    height = fig.get_figheight()  # legend (two rows) and title above the panels, placed in inches
+    fig.legend(list(handles.values()), list(labels), loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=4,
+               fontsize=8, frameon=False)
+    fig.suptitle(title, y=1.0 + 0.55 / height, fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
