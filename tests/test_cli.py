@@ -81,3 +81,12 @@ def test_demo_bad_arguments_are_one_line(tmp_path, args, message):
     res = _cli("demo", *[a.replace("FILE", str(tmp_path / "FILE")) for a in args])
     assert res.returncode == 2
     assert message in res.stderr and res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+
+
+def test_demo_with_synopsis(tmp_path):
+    res = _cli("demo", "--frames", "10", "--steps", "1", "--size", "16", "--out", str(tmp_path),
+               "--synopsis", "a snowy field", "a green meadow", "a golden wheat field")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "synopsis: 3 states over 10 frames: a snowy field -> a green meadow -> a golden wheat field" in res.stdout
+    bad = _cli("demo", "--frames", "2", "--synopsis", "a", "b", "c")
+    assert bad.returncode == 2 and "3 states for 2 frames" in bad.stderr

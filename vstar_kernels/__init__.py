@@ -9,9 +9,10 @@ from ._version import __version__
 from .contract import MODES, TARParams
 from .ops import tar_attention
 from .reference import gaussian_delta, tar_attention_probs, tar_attention_reference
+from .synopsis import SYNOPSIS_TEMPLATE, generate_synopsis, parse_synopsis, synopsis_embeddings
 
-_DIFFUSERS_EXPORTS = ("PRESETS", "TARAttnProcessor", "TARHandle", "apply_tar", "plot_temporal_attention",
-                      "record_temporal_attention", "remove_tar")
+_DIFFUSERS_EXPORTS = ("PRESETS", "TARAttnProcessor", "TARHandle", "apply_synopsis", "apply_tar",
+                      "plot_temporal_attention", "record_temporal_attention", "remove_synopsis", "remove_tar")
 
 
 def __getattr__(name: str):
@@ -26,9 +27,13 @@ def __getattr__(name: str):
 __all__ = [
     *_DIFFUSERS_EXPORTS,
     "MODES",
+    "SYNOPSIS_TEMPLATE",
     "TARParams",
     "__version__",
     "gaussian_delta",
+    "generate_synopsis",
+    "parse_synopsis",
+    "synopsis_embeddings",
     "tar_attention",
     "tar_attention_probs",
     "tar_attention_reference",

@@ -4,7 +4,8 @@ Without ``--model`` it builds a small random text-to-video pipeline offline (:mo
 real diffusers classes, random weights, so the video is noise but memory and time behave like the real thing);
 with ``--model PATH`` it loads a local diffusers pipeline folder. It applies TAR, records the temporal attention
 maps of one denoising call with and without TAR on the same noisy latents, generates the video (one pass, a
-progress bar per step), and writes ``video.gif`` (``video.mp4`` too when imageio is installed) and
+progress bar per step; with ``--synopsis`` each frame is conditioned on its interpolated state), and writes
+``video.gif`` (``video.mp4`` too when imageio is installed) and
 ``attention.png``. It prints the backend, peak memory and time.
 """
 
@@ -40,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="vstar-demo", help="output folder (default ./vstar-demo)")
+    parser.add_argument("--synopsis", nargs="+", metavar="STATE",
+                        help="video synopsis prompting: visual states, interpolated over the frames (first to last)")
 
 
 def _validate(args: argparse.Namespace) -> Path:
@@ -57,6 +60,11 @@ def _validate(args: argparse.Namespace) -> Path:
         raise DemoError(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DemoError("--device cuda but CUDA is not available")
+    if args.synopsis is not None:
+        if any(not state.strip() for state in args.synopsis):
+            raise DemoError("--synopsis states must be non-empty")
+        if len(args.synopsis) > args.frames:
+            raise DemoError(f"--synopsis has {len(args.synopsis)} states for {args.frames} frames")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +138,15 @@ def _attention_maps(pipe, args: argparse.Namespace, tar_kwargs: dict, device: to
     return maps
 
 
+def _apply_synopsis(pipe, states: list[str], num_frames: int, device: torch.device) -> None:
+    """Encode each state like the prompt, interpolate to one embedding per frame, condition frame f on it."""
+    from .diffusers import apply_synopsis
+    from .synopsis import synopsis_embeddings
+
+    keyframes = torch.cat([pipe.encode_prompt(state, device, 1, False)[0] for state in states])
+    apply_synopsis(pipe, synopsis_embeddings(keyframes, num_frames))
+
+
 def run_demo(args: argparse.Namespace) -> int:
     """The demo; raises DemoError for bad arguments (the CLI prints it as one line)."""
     from .diffusers import apply_tar, plot_temporal_attention
@@ -154,8 +171,13 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"vstar-kernels demo: {args.frames} frames, {args.size}x{args.size}, {args.steps} steps, "
           f"{handle.num_layers} TAR layers ({args.preset if args.sigma is None else f'sigma={args.sigma}'}), "
           f"backend {backend} on {device.type}", flush=True)
+    prompt = args.prompt
+    if args.synopsis:
+        _apply_synopsis(pipe, args.synopsis, args.frames, device)
+        prompt = args.synopsis[0]  # its conditional embedding is replaced per frame; the negative one is kept
+        print(f"synopsis: {len(args.synopsis)} states over {args.frames} frames: " + " -> ".join(args.synopsis))
     generator = torch.Generator().manual_seed(args.seed)
-    frames = pipe(args.prompt, num_frames=args.frames, num_inference_steps=args.steps, height=args.size,
+    frames = pipe(prompt, num_frames=args.frames, num_inference_steps=args.steps, height=args.size,
                   width=args.size, generator=generator, output_type="pt").frames[0]
     written = _write_video(frames, out)
     elapsed = time.perf_counter() - start

@@ -33,21 +33,26 @@ from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attenti
 from .patching import TARHandle, apply_tar, remove_tar, tar_state  # noqa: E402
 from .presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from .processor import MaterialisedTARProcessor, TARAttnProcessor, TARSwitch  # noqa: E402
+from .synopsis import SynopsisCrossAttnProcessor, SynopsisHandle, apply_synopsis, remove_synopsis  # noqa: E402
 
 __all__ = [
     "DEFAULT_PRESET",
     "PRESETS",
     "TEMPORAL_CONTAINERS",
     "MaterialisedTARProcessor",
+    "SynopsisCrossAttnProcessor",
+    "SynopsisHandle",
     "TARAttnProcessor",
     "TARHandle",
     "TARSwitch",
     "TemporalAttentionMaps",
     "TemporalLayer",
+    "apply_synopsis",
     "apply_tar",
     "find_temporal_attention",
     "plot_temporal_attention",
     "record_temporal_attention",
+    "remove_synopsis",
     "remove_tar",
     "tar_state",
 ]

@@ -41,6 +41,11 @@ def _level(name: str, num_up_blocks: int) -> int | str:
     return "outer"
 
 
+def temporal_container_paths(unet: nn.Module) -> list[str]:
+    """Module paths (with a trailing dot) of the temporal containers of ``unet``."""
+    return [name + "." for name, module in unet.named_modules() if type(module).__name__ in TEMPORAL_CONTAINERS]
+
+
 def find_temporal_attention(unet: nn.Module) -> list[TemporalLayer]:
     """Every temporal self-attention layer of ``unet`` in module order.
 
@@ -50,14 +55,12 @@ def find_temporal_attention(unet: nn.Module) -> list[TemporalLayer]:
     from diffusers.models.attention_processor import Attention
 
     num_up = len(getattr(unet, "up_blocks", ()))
-    temporal_prefixes: list[str] = []
+    temporal_prefixes = tuple(temporal_container_paths(unet))
     layers = []
     for name, module in unet.named_modules():
-        if type(module).__name__ in TEMPORAL_CONTAINERS:
-            temporal_prefixes.append(name + ".")
         if not isinstance(module, Attention) or module.is_cross_attention:
             continue
-        if any(name.startswith(prefix) for prefix in temporal_prefixes):
+        if name.startswith(temporal_prefixes):
             layers.append(TemporalLayer(name, _level(name, num_up), module))
     if not layers:
         raise ValueError(

@@ -1,0 +1,114 @@
+"""Per-frame text conditioning for diffusers video UNets: frame f's spatial cross-attention sees embedding f.
+
+The UNets repeat one text embedding for every frame: UNet3DConditionModel repeats it internally, and
+AnimateDiff's pipeline repeats it before calling UNetMotionModel. Either way each spatial cross-attention layer
+receives ``encoder_hidden_states`` of shape (batch·frames, tokens, dim), frame-major within each batch item. The
+synopsis processor wraps those layers' processors and swaps in the per-frame embeddings for the conditional
+batch items; everything else passes through to the wrapped processor.
+
+Classifier-free guidance: diffusers pipelines stack (unconditional, conditional). With an even batch the last half
+is conditional and gets the per-frame embeddings; the unconditional half keeps its single embedding. With an odd
+batch (no CFG) every item is conditional.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .discovery import temporal_container_paths
+from .patching import _unet_of
+
+_STATE_ATTR = "_vstar_synopsis_state"
+
+
+class SynopsisCrossAttnProcessor:
+    """Wraps a spatial cross-attention processor; replaces the conditional rows of ``encoder_hidden_states`` with
+    the per-frame embeddings (frames, tokens, dim). A plain object, like the processors it wraps."""
+
+    def __init__(self, inner, frame_embeds: torch.Tensor) -> None:
+        self.inner = inner
+        self.frame_embeds = frame_embeds
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = per_frame_context(encoder_hidden_states, self.frame_embeds)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+
+
+def per_frame_context(context: torch.Tensor, frame_embeds: torch.Tensor) -> torch.Tensor:
+    """(batch·frames, tokens, dim) context with the conditional batch items' rows replaced by ``frame_embeds``."""
+    frames = frame_embeds.shape[0]
+    rows = context.shape[0]
+    if rows % frames:
+        raise ValueError(f"cross-attention batch {rows} is not a multiple of the synopsis' {frames} frames: the "
+                         f"video must have as many frames as the per-frame embeddings")
+    if context.shape[1:] != frame_embeds.shape[1:]:
+        raise ValueError(f"per-frame embeddings are (frames, {tuple(frame_embeds.shape[1:])}), the text "
+                         f"embedding is (…, {tuple(context.shape[1:])}): encode the states like the prompt")
+    batch = rows // frames
+    first_cond = batch // 2 if batch % 2 == 0 else 0
+    out = context.clone()
+    view = out.view(batch, frames, *context.shape[1:])
+    view[first_cond:] = frame_embeds.to(device=context.device, dtype=context.dtype)
+    return out
+
+
+@dataclass
+class SynopsisHandle:
+    """What ``apply_synopsis`` patched: the spatial cross-attention layers and the per-frame embeddings."""
+
+    layers: list[str]
+    frame_embeds: torch.Tensor
+    _originals: dict[str, object] = field(default_factory=dict, repr=False)
+    _installed: dict[str, SynopsisCrossAttnProcessor] = field(default_factory=dict, repr=False)
+
+
+def spatial_cross_attention(unet: nn.Module) -> list[str]:
+    """Module paths of the cross-attention layers outside temporal containers (the spatial text conditioning)."""
+    temporal = tuple(temporal_container_paths(unet))
+    return [name for name, module in unet.named_modules()
+            if getattr(module, "is_cross_attention", False) and hasattr(module, "processor")
+            and not name.startswith(temporal)]
+
+
+def apply_synopsis(model: nn.Module, frame_embeds: torch.Tensor) -> SynopsisHandle:
+    """Condition frame f of ``model`` (a UNet3DConditionModel or UNetMotionModel, or a pipeline with ``.unet``) on
+    ``frame_embeds[f]`` ((frames, tokens, dim), e.g. from :func:`vstar_kernels.synopsis_embeddings`).
+
+    Applying again replaces the previous synopsis. Composes with ``apply_tar`` (different layers).
+    """
+    unet = _unet_of(model)
+    if not isinstance(frame_embeds, torch.Tensor) or frame_embeds.dim() != 3:
+        raise ValueError("frame_embeds must be a (frames, tokens, dim) tensor")
+    names = spatial_cross_attention(unet)
+    if not names:
+        raise ValueError(f"{type(unet).__name__} has no spatial cross-attention to condition per frame")
+    remove_synopsis(unet)
+    handle = SynopsisHandle(layers=names, frame_embeds=frame_embeds)
+    modules = dict(unet.named_modules())
+    for name in names:
+        module = modules[name]
+        installed = SynopsisCrossAttnProcessor(module.processor, frame_embeds)
+        handle._originals[name] = module.processor
+        handle._installed[name] = installed
+        module.set_processor(installed)
+    setattr(unet, _STATE_ATTR, handle)
+    return handle
+
+
+def remove_synopsis(model: nn.Module) -> bool:
+    """Restore the processors ``apply_synopsis`` wrapped; False if no synopsis was applied."""
+    unet = _unet_of(model)
+    handle: SynopsisHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
+    if handle is None:
+        return False
+    modules = dict(unet.named_modules())
+    for name, original in handle._originals.items():
+        module = modules.get(name)
+        if module is not None and module.processor is handle._installed[name]:
+            module.set_processor(original)
+    return True
