@@ -123,19 +123,16 @@ def _attention_maps(pipe, args: argparse.Namespace, tar_kwargs: dict, device: to
     if type(unet).__name__ == "UNetMotionModel":  # AnimateDiff's UNet takes the embedding repeated per frame
         prompt_embeds = prompt_embeds.repeat_interleave(args.frames, dim=0)
     t = pipe.scheduler.config.num_train_timesteps - 1
-    maps = {}
-    handle = apply_tar(pipe, **tar_kwargs, timesteps="all")
-    layers = list(handle.layers)
-    for label in ("without TAR", "with TAR"):
-        if label == "without TAR":
-            remove_tar(pipe)
-        else:
-            apply_tar(pipe, **tar_kwargs, timesteps="all")
-        with torch.no_grad(), record_temporal_attention(unet, positions=16, layers=layers, seed=args.seed) as rec:
+    layers = list(apply_tar(pipe, **tar_kwargs, timesteps="all").layers)
+
+    def record():
+        with torch.no_grad(), record_temporal_attention(unet, positions=16, layers=layers, seed=args.seed) as maps:
             unet(x, t, encoder_hidden_states=prompt_embeds)
-        maps[label] = rec
+        return maps
+
+    with_tar = record()
     remove_tar(pipe)
-    return maps
+    return {"without TAR": record(), "with TAR": with_tar}
 
 
 def _apply_synopsis(pipe, states: list[str], num_frames: int, device: torch.device) -> None:

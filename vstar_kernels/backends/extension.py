@@ -42,6 +42,7 @@ _INT64 = 2**63
 _lock = threading.Lock()
 _status: dict[str, str | None] = {}  # "error": why the extension cannot load (None: loaded); absent: not tried
 _warned_fallback = False
+_availability_by_device: dict[str, str | None] = {}
 
 
 # ----------------------------------------------------------------------------------------------- locating things
@@ -246,8 +247,15 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 @torch.compiler.assume_constant_result
 def _availability(device_type: str) -> str | None:
-    # A constant for torch.compile: evaluated once while tracing (loading or building the library as needed), so a
-    # compiled caller never graph-breaks on the lock, the file system or the dispatcher query below.
+    # Final once computed (load() remembers its outcome for the process), so kept per device type: eager calls skip
+    # the lock and the dispatcher query. A constant for torch.compile: evaluated once while tracing, so a compiled
+    # caller never graph-breaks on the lock, the file system or the dispatcher query.
+    if device_type not in _availability_by_device:
+        _availability_by_device[device_type] = _check_availability(device_type)
+    return _availability_by_device[device_type]
+
+
+def _check_availability(device_type: str) -> str | None:
     if device_type not in ("cpu", "cuda"):
         return f"no kernel for device type {device_type!r}"
     error = load()

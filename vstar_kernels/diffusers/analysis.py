@@ -24,7 +24,7 @@ from torch import nn
 from ..reference import tar_attention_probs
 from .discovery import find_temporal_attention
 from .patching import _unet_of, tar_state
-from .processor import TARAttnProcessor
+from .processor import TARAttnProcessor, project_heads
 
 
 @dataclass
@@ -76,16 +76,7 @@ class _RecordingProcessor:
     def _record(self, attn, hidden_states: torch.Tensor, attention_mask) -> None:
         rows = hidden_states.shape[0]
         pick = torch.randperm(rows, generator=self.generator)[: self.positions].to(hidden_states.device)
-        x = hidden_states[pick]
-        if attn.group_norm is not None:
-            x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-        heads, frames = attn.heads, x.shape[1]
-        q = attn.to_q(x).view(len(pick), frames, heads, -1)
-        k = attn.to_k(x).view(len(pick), frames, heads, -1)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, _ = project_heads(attn, hidden_states[pick])
         inner = self.inner
         tar_on = isinstance(inner, TARAttnProcessor) and inner.active
         sigma = inner.sigma if tar_on else 1.0

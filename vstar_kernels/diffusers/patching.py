@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -132,18 +132,27 @@ def remove_tar(model: nn.Module) -> bool:
     handle: TARHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
     if handle is None:
         return False
-    modules = dict(unet.named_modules())
-    for name, original in handle._originals.items():
-        module = modules.get(name)
-        if module is None:
-            continue
-        current = module.processor
-        recreated = type(current) is type(handle._installed[name]) and current.sigma is None
-        if current is handle._installed[name] or recreated:
-            module.set_processor(original)
+
+    def still_ours(name: str, current: object) -> bool:
+        installed = handle._installed[name]
+        recreated = type(current) is type(installed) and current.sigma is None
+        return current is installed or recreated
+
+    restore_processors(unet, handle._originals, still_ours)
     if handle._hook is not None:
         handle._hook.remove()
     return True
+
+
+def restore_processors(unet: nn.Module, originals: Mapping[str, object],
+                       still_ours: Callable[[str, object], bool]) -> None:
+    """Put ``originals[name]`` back on each layer whose current processor ``still_ours(name, current)`` accepts;
+    a layer whose processor something else replaced since keeps that newer choice."""
+    modules = dict(unet.named_modules())
+    for name, original in originals.items():
+        module = modules.get(name)
+        if module is not None and still_ours(name, module.processor):
+            module.set_processor(original)
 
 
 def tar_state(model: nn.Module) -> TARHandle | None:

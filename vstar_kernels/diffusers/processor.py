@@ -25,6 +25,27 @@ class TARSwitch:
     active: bool = True
 
 
+def project_heads(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of a diffusers ``Attention`` as (batch, frames, heads, head_dim) views of its projections (no
+    copies), with group_norm, norm_cross and norm_q/norm_k applied as AttnProcessor2_0 applies them.
+    ``hidden_states`` is (batch, frames, channels); without ``encoder_hidden_states`` it is self-attention."""
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    if encoder_hidden_states is None:
+        context = hidden_states
+    else:
+        context = attn.norm_encoder_hidden_states(encoder_hidden_states) if attn.norm_cross else encoder_hidden_states
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    batch, head_dim = hidden_states.shape[0], key.shape[-1] // attn.heads
+    q, k, v = (t.view(batch, -1, attn.heads, head_dim) for t in (query, key, value))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    return q, k, v
+
+
 class TARAttnProcessor:
     """Temporal self-attention with Temporal Attention Regularization (a plain object, not an nn.Module).
 
@@ -78,29 +99,10 @@ class TARAttnProcessor:
         if attention_mask is not None:
             attention_mask = attn.prepare_attention_mask(attention_mask, key_len, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        head_dim = key.shape[-1] // attn.heads
-        # (B·H·W, F, heads·d) -> (B·H·W, F, heads, d): free views of the projections
-        q = query.view(batch_size, -1, attn.heads, head_dim)
-        k = key.view(batch_size, -1, attn.heads, head_dim)
-        v = value.view(batch_size, -1, attn.heads, head_dim)
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = project_heads(attn, hidden_states, encoder_hidden_states)
 
         out = self._attend(q, k, v, attn.scale, attention_mask)
-        hidden_states = out.reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = out.reshape(batch_size, -1, attn.heads * v.shape[-1]).to(v.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if input_ndim == 4:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .discovery import temporal_container_paths
-from .patching import _unet_of
+from .patching import _unet_of, restore_processors
 
 _STATE_ATTR = "_vstar_synopsis_state"
 
@@ -106,9 +106,5 @@ def remove_synopsis(model: nn.Module) -> bool:
     handle: SynopsisHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
     if handle is None:
         return False
-    modules = dict(unet.named_modules())
-    for name, original in handle._originals.items():
-        module = modules.get(name)
-        if module is not None and module.processor is handle._installed[name]:
-            module.set_processor(original)
+    restore_processors(unet, handle._originals, lambda name, current: current is handle._installed[name])
     return True
