@@ -27,37 +27,22 @@ def motion_unet():
 
 
 def motion_unet_and_adapter():
-    torch.manual_seed(0)
-    unet2d = diffusers.UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        norm_num_groups=32, sample_size=8,
-    )
-    adapter = diffusers.MotionAdapter(
-        block_out_channels=(32, 64), motion_layers_per_block=1, motion_transformer_layers_per_block=1,
-        motion_num_attention_heads=2, motion_norm_num_groups=32, motion_max_seq_length=32,
-    )
-    return diffusers.UNetMotionModel.from_unet2d(unet2d, adapter).eval(), adapter
+    """AnimateDiff (SD1.5 + the v1.5 v2 adapter: 8 heads, 32 positions), two levels of one layer each."""
+    from vstar_kernels.diffusers.tiny import tiny_animatediff_unet
+
+    return tiny_animatediff_unet("animatediff", (32, 64), layers_per_block=1)
 
 
 def svd_unet():
-    torch.manual_seed(0)
-    return diffusers.UNetSpatioTemporalConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, num_attention_heads=(2, 4),
-        down_block_types=("CrossAttnDownBlockSpatioTemporal", "CrossAttnDownBlockSpatioTemporal"),
-        up_block_types=("CrossAttnUpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-        in_channels=8, out_channels=4, projection_class_embeddings_input_dim=96, addition_time_embed_dim=32,
-    ).eval()
+    from vstar_kernels.diffusers.tiny import tiny_svd_unet
+
+    return tiny_svd_unet()
 
 
 def i2vgen_unet():
-    torch.manual_seed(0)
-    return diffusers.I2VGenXLUNet(
-        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-        num_attention_heads=None, norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock3D", "CrossAttnDownBlock3D"),
-        up_block_types=("CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
-    ).eval()
+    from vstar_kernels.diffusers.tiny import tiny_i2vgen_unet
+
+    return tiny_i2vgen_unet()
 
 
 MODELS = {"unet3d": unet3d, "motion": motion_unet, "svd": svd_unet, "i2vgen": i2vgen_unet}

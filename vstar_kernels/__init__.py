@@ -11,8 +11,9 @@ from .ops import tar_attention
 from .reference import gaussian_delta, tar_attention_probs, tar_attention_reference
 from .synopsis import SYNOPSIS_TEMPLATE, generate_synopsis, parse_synopsis, synopsis_embeddings
 
-_DIFFUSERS_EXPORTS = ("PRESETS", "TARAttnProcessor", "TARHandle", "apply_synopsis", "apply_tar",
-                      "plot_temporal_attention", "record_temporal_attention", "remove_synopsis", "remove_tar")
+_DIFFUSERS_EXPORTS = ("POSITION_MODES", "PRESETS", "TARAttnProcessor", "TARHandle", "apply_synopsis", "apply_tar",
+                      "extend_frame_positions", "plot_temporal_attention", "record_temporal_attention",
+                      "remove_synopsis", "remove_tar", "restore_frame_positions")
 
 
 def __getattr__(name: str):

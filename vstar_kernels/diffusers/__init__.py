@@ -31,14 +31,23 @@ DIFFUSERS_VERSION = _check_diffusers()
 from .analysis import TemporalAttentionMaps, plot_temporal_attention, record_temporal_attention  # noqa: E402
 from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
 from .patching import TARHandle, apply_tar, remove_tar, tar_state  # noqa: E402
+from .positions import (  # noqa: E402
+    POSITION_MODES,
+    FramePositionEmbedding,
+    extend_frame_positions,
+    frame_positions_state,
+    restore_frame_positions,
+)
 from .presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from .processor import MaterialisedTARProcessor, TARAttnProcessor, TARSwitch  # noqa: E402
 from .synopsis import SynopsisCrossAttnProcessor, SynopsisHandle, apply_synopsis, remove_synopsis  # noqa: E402
 
 __all__ = [
     "DEFAULT_PRESET",
+    "POSITION_MODES",
     "PRESETS",
     "TEMPORAL_CONTAINERS",
+    "FramePositionEmbedding",
     "MaterialisedTARProcessor",
     "SynopsisCrossAttnProcessor",
     "SynopsisHandle",
@@ -49,10 +58,13 @@ __all__ = [
     "TemporalLayer",
     "apply_synopsis",
     "apply_tar",
+    "extend_frame_positions",
     "find_temporal_attention",
+    "frame_positions_state",
     "plot_temporal_attention",
     "record_temporal_attention",
     "remove_synopsis",
     "remove_tar",
+    "restore_frame_positions",
     "tar_state",
 ]

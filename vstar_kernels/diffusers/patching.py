@@ -11,6 +11,13 @@ from torch import nn
 from ..contract import MODES
 from ..ops import requested_backend
 from .discovery import TemporalLayer, find_temporal_attention
+from .positions import (
+    DEFAULT_POSITION_MODE,
+    check_positions_supported,
+    extend_frame_positions,
+    frame_positions_state,
+    set_frame_positions,
+)
 from .presets import StepWindow, resolve_levels, resolve_window
 from .processor import TARAttnProcessor, TARSwitch
 
@@ -19,13 +26,17 @@ _STATE_ATTR = "_vstar_tar_state"
 
 @dataclass
 class TARHandle:
-    """What one ``apply_tar`` patched: ``layers`` maps module path -> (level, sigma); the step window in force."""
+    """What one ``apply_tar`` patched: ``layers`` maps module path -> (level, sigma); the step window in force;
+    ``positions`` and ``position_tables`` (path -> rows) for the frame-position tables it set (AnimateDiff)."""
 
     layers: dict[str, tuple[int, float]]
     window: StepWindow
     strength: float
     mode: str
     switch: TARSwitch = field(repr=False)
+    positions: str = DEFAULT_POSITION_MODE
+    position_tables: dict[str, int] = field(default_factory=dict)
+    _positions_before: dict[str, str | None] = field(default_factory=dict, repr=False)
     _originals: dict[str, object] = field(default_factory=dict, repr=False)
     _installed: dict[str, TARAttnProcessor] = field(default_factory=dict, repr=False)
     _hook: torch.utils.hooks.RemovableHandle | None = field(default=None, repr=False)
@@ -62,6 +73,7 @@ def apply_tar(
     timesteps: str | tuple[float, float] = "paper",
     backend: str = "auto",
     processor: type[TARAttnProcessor] = TARAttnProcessor,
+    positions: str = DEFAULT_POSITION_MODE,
 ) -> TARHandle:
     """Patch TAR into ``model`` (a diffusers video UNet, or a pipeline with ``.unet``); returns a handle.
 
@@ -78,9 +90,14 @@ def apply_tar(
         backend: passed to ``tar_attention``.
         processor: the processor class installed; ``MaterialisedTARProcessor`` reproduces the official method's
             memory use (benchmarks).
+        positions: how frame-position tables (AnimateDiff's 32-row motion tables) serve calls with more frames
+            than they hold: "interpolate" (default: stretch the stored table), "extrapolate" (continue diffusers'
+            sinusoid; only for tables that are that sinusoid) or "keep" (diffusers' limit, with a clear error).
+            Calls within a table are bit-identical to diffusers. See :func:`extend_frame_positions`.
 
     Applying again replaces the previous application. The mid block and the temporal layer right after conv_in
-    are never patched. Raises ValueError for a model without temporal attention or a level it does not have.
+    are never patched. Raises ValueError for a model without temporal attention or a level it does not have,
+    and for a positions mode its tables cannot serve; nothing is changed then. ``remove_tar`` undoes all of it.
     """
     unet = _unet_of(model)
     mapping = resolve_levels(preset, sigma, levels)
@@ -91,6 +108,7 @@ def apply_tar(
     if not (isinstance(processor, type) and issubclass(processor, TARAttnProcessor)):
         raise TypeError(f"processor must be TARAttnProcessor or a subclass, got {processor!r}")
     layers = find_temporal_attention(unet)
+    check_positions_supported(unet, positions)
     present = {layer.level for layer in layers if isinstance(layer.level, int)}
     missing = sorted(set(mapping) - present)
     if missing:
@@ -99,7 +117,9 @@ def apply_tar(
 
     switch = TARSwitch()
     chosen: list[TemporalLayer] = [layer for layer in layers if layer.level in mapping]
-    handle = TARHandle(layers={}, window=window, strength=float(strength), mode=mode, switch=switch)
+    handle = TARHandle(layers={}, window=window, strength=float(strength), mode=mode, switch=switch,
+                       positions=positions, _positions_before=frame_positions_state(unet))
+    handle.position_tables = extend_frame_positions(unet, positions)
     for layer in chosen:
         level_sigma = mapping[layer.level]
         installed = processor(sigma=level_sigma, strength=strength, mode=mode, backend=backend, switch=switch)
@@ -121,7 +141,8 @@ def apply_tar(
 
 
 def remove_tar(model: nn.Module) -> bool:
-    """Restore exactly the processors ``apply_tar`` replaced and remove its hook; False if TAR was not applied.
+    """Restore exactly the processors ``apply_tar`` replaced, the frame-position tables' previous behaviour, and
+    remove its hook; False if TAR was not applied.
 
     A layer whose processor was replaced since (``fuse_qkv_projections``, attention slicing, ...) keeps the
     newer processor: only layers still running this application's TAR processor are restored, or a plain
@@ -139,6 +160,7 @@ def remove_tar(model: nn.Module) -> bool:
         return current is installed or recreated
 
     restore_processors(unet, handle._originals, still_ours)
+    set_frame_positions(unet, handle._positions_before)
     if handle._hook is not None:
         handle._hook.remove()
     return True

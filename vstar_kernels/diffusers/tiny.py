@@ -43,19 +43,129 @@ def tiny_vae():
                          norm_num_groups=32)
 
 
-def tiny_unet3d(block_out_channels: tuple[int, ...] = (32, 64)):
+# Every released AnimateDiff motion adapter (v1.5 v2/v3, AnimateLCM, the SDXL beta, PIA) ships motion_max_seq_length
+# = 32: builders here use it, never the frame count, so long runs meet the real table limit.
+RELEASED_MOTION_POSITIONS = 32
+ANIMATEDIFF_FAMILIES = ("animatediff", "animatediff-sdxl", "pia")
+
+
+def _cross_attention_split(levels: int) -> int:
+    """How many levels have cross-attention blocks: all of two, else all but the deepest (SD1.5 / ModelScope)."""
+    return levels if levels <= 2 else levels - 1
+
+
+def tiny_unet3d(block_out_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 1):
     """A UNet3DConditionModel (ModelScope/zeroscope layout) with one cross-attention down/up block per level except
-    the deepest down and first up block when there are more than two levels; heads = channels / 8."""
+    the deepest down and first up block when there are more than two levels; heads = channels / 8. The released
+    layout is ``block_out_channels`` of four levels with ``layers_per_block=2``."""
     from diffusers import UNet3DConditionModel
 
     levels = len(block_out_channels)
-    cross = levels if levels <= 2 else levels - 1
+    cross = _cross_attention_split(levels)
     torch.manual_seed(0)
     return UNet3DConditionModel(
-        block_out_channels=block_out_channels, layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
+        block_out_channels=block_out_channels, layers_per_block=layers_per_block, cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32,
         down_block_types=("CrossAttnDownBlock3D",) * cross + ("DownBlock3D",) * (levels - cross),
-        up_block_types=("UpBlock3D",) * (levels - cross) + ("CrossAttnUpBlock3D",) * cross, norm_num_groups=32,
+        up_block_types=("UpBlock3D",) * (levels - cross) + ("CrossAttnUpBlock3D",) * cross,
     ).eval()
+
+
+def tiny_svd_unet(block_out_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 1):
+    """A UNetSpatioTemporalConditionModel (Stable Video Diffusion layout: cross-attention on all but the deepest of
+    more than two levels, 8 input channels, 3 added time ids); heads = channels / 16. Released: four levels,
+    ``layers_per_block=2``."""
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    levels = len(block_out_channels)
+    cross = _cross_attention_split(levels)
+    torch.manual_seed(0)
+    return UNetSpatioTemporalConditionModel(
+        block_out_channels=block_out_channels, layers_per_block=layers_per_block, cross_attention_dim=32,
+        num_attention_heads=tuple(c // 16 for c in block_out_channels),
+        down_block_types=(("CrossAttnDownBlockSpatioTemporal",) * cross
+                          + ("DownBlockSpatioTemporal",) * (levels - cross)),
+        up_block_types=("UpBlockSpatioTemporal",) * (levels - cross) + ("CrossAttnUpBlockSpatioTemporal",) * cross,
+        in_channels=8, out_channels=4, projection_class_embeddings_input_dim=96, addition_time_embed_dim=32,
+    ).eval()
+
+
+def tiny_i2vgen_unet(block_out_channels: tuple[int, ...] = (32, 64), layers_per_block: int = 1):
+    """An I2VGenXLUNet (its released layout: cross-attention on all but the deepest of more than two levels, 64-wide
+    heads there, 8 here). Released: four levels, ``layers_per_block=2``."""
+    from diffusers import I2VGenXLUNet
+
+    levels = len(block_out_channels)
+    cross = _cross_attention_split(levels)
+    torch.manual_seed(0)
+    return I2VGenXLUNet(
+        block_out_channels=block_out_channels, layers_per_block=layers_per_block, cross_attention_dim=32,
+        attention_head_dim=8, num_attention_heads=None, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock3D",) * cross + ("DownBlock3D",) * (levels - cross),
+        up_block_types=("UpBlock3D",) * (levels - cross) + ("CrossAttnUpBlock3D",) * cross,
+    ).eval()
+
+
+def tiny_motion_adapter(block_out_channels: tuple[int, ...] = (32, 64, 64, 64), *, motion_layers_per_block: int = 2,
+                        use_motion_mid_block: bool = True, conv_in_channels: int | None = None):
+    """A MotionAdapter with a released adapter's structure (8 heads, 32-row position tables), narrower. Defaults:
+    AnimateDiff v1.5 v2; v3 and PIA have no mid block, PIA takes ``conv_in_channels=9``."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(1)
+    return MotionAdapter(
+        block_out_channels=block_out_channels, motion_layers_per_block=motion_layers_per_block,
+        motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=RELEASED_MOTION_POSITIONS,
+        use_motion_mid_block=use_motion_mid_block, conv_in_channels=conv_in_channels,
+    )
+
+
+def tiny_unet2d(block_out_channels: tuple[int, ...] = (32, 64, 64, 64), layers_per_block: int = 2, *,
+                sdxl: bool = False):
+    """The image UNet an adapter plugs into: SD1.5's layout (cross-attention on all but the deepest level) or,
+    with ``sdxl``, SDXL's (no cross-attention at the top level, transformer depth 1/2/10, text_time conditioning
+    with a 32-wide pooled embedding and 8-wide time ids)."""
+    from diffusers import UNet2DConditionModel
+
+    levels = len(block_out_channels)
+    torch.manual_seed(0)
+    if sdxl:
+        return UNet2DConditionModel(
+            block_out_channels=block_out_channels, layers_per_block=layers_per_block, cross_attention_dim=32,
+            attention_head_dim=8, norm_num_groups=32, use_linear_projection=True,
+            down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+            up_block_types=("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+            transformer_layers_per_block=(1, 2, 10)[:levels], addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8,
+        )
+    cross = _cross_attention_split(levels)
+    return UNet2DConditionModel(
+        block_out_channels=block_out_channels, layers_per_block=layers_per_block, cross_attention_dim=32,
+        attention_head_dim=8, norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * cross + ("DownBlock2D",) * (levels - cross),
+        up_block_types=("UpBlock2D",) * (levels - cross) + ("CrossAttnUpBlock2D",) * cross,
+    )
+
+
+def tiny_animatediff_unet(family: str = "animatediff", block_out_channels: tuple[int, ...] | None = None,
+                          layers_per_block: int = 2):
+    """A UNetMotionModel with a released family's layer structure and 32-row position tables, narrower:
+
+    - "animatediff": SD1.5 (4 levels) + the v1.5 v2 adapter (motion mid block);
+    - "animatediff-sdxl": SDXL (3 levels) + the SDXL beta adapter (no mid block);
+    - "pia": SD1.5 + PIA's adapter (no mid block, 9 input channels: latents, mask, image latents).
+    """
+    from diffusers import UNetMotionModel
+
+    if family not in ANIMATEDIFF_FAMILIES:
+        raise ValueError(f"family must be one of {ANIMATEDIFF_FAMILIES}, got {family!r}")
+    sdxl = family == "animatediff-sdxl"
+    channels = block_out_channels or ((32, 64, 64) if sdxl else (32, 64, 64, 64))
+    unet2d = tiny_unet2d(channels, layers_per_block, sdxl=sdxl)
+    adapter = tiny_motion_adapter(channels, motion_layers_per_block=layers_per_block,
+                                  use_motion_mid_block=family == "animatediff",
+                                  conv_in_channels=9 if family == "pia" else None)
+    return UNetMotionModel.from_unet2d(unet2d, adapter).eval(), adapter
 
 
 def text_to_video_pipeline(unet=None):
