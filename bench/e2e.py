@@ -4,10 +4,11 @@ processor, and with ``apply_tar``; peak memory and time.
     python -m bench.e2e [--models unet3d animatediff] [--frames 16 64 128 256 512] [--latent 16] [--out bench/results]
 
 Models: a small but deep UNet3DConditionModel (4 levels, ModelScope/zeroscope layout) and an AnimateDiff
-UNetMotionModel (a 4-level UNet2D plus a MotionAdapter with 512 positions), random weights, preset 64D1_32D8 with
-TAR on at every step. Each cell runs in a fresh subprocess (CPU: peak = resident-set growth over the forward; CUDA:
-allocator peak); an out-of-memory is recorded as ``oom``. Rows are appended to ``e2e.csv``; ``e2e_<device>.png``
-plots memory and time against frames.
+UNetMotionModel (a 4-level SD1.5-layout UNet2D plus a MotionAdapter with the released 32-row position tables,
+stretched to each frame count by ``positions="interpolate"``; the baseline gets the same through
+``extend_frame_positions``), random weights, preset 64D1_32D8 with TAR on at every step. Each cell runs in a fresh
+subprocess (CPU: peak = resident-set growth over the forward; CUDA: allocator peak); an out-of-memory is recorded
+as ``oom``. Rows are appended to ``e2e.csv``; ``e2e_<device>.png`` plots memory and time against frames.
 """
 
 from __future__ import annotations
@@ -28,35 +29,25 @@ CSV_FIELDS = ("run_id", "timestamp", "device", "device_name", "vstar_kernels", "
               "frames", "processor", "status", "peak_mib", "seconds")
 
 
-def build_model(name: str, max_frames: int = 512):
+def build_model(name: str):
     """The benchmark UNets (random weights, eval mode)."""
-    import diffusers
+    from vstar_kernels.diffusers.tiny import tiny_animatediff_unet, tiny_unet3d
 
-    torch.manual_seed(0)
     if name == "unet3d":
-        from vstar_kernels.diffusers.tiny import tiny_unet3d
-
         return tiny_unet3d(CHANNELS)
     if name == "animatediff":
-        unet2d = diffusers.UNet2DConditionModel(
-            block_out_channels=CHANNELS, layers_per_block=1, cross_attention_dim=32, attention_head_dim=8,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, norm_num_groups=32,
-        )
-        adapter = diffusers.MotionAdapter(
-            block_out_channels=CHANNELS, motion_layers_per_block=1, motion_num_attention_heads=4,
-            motion_norm_num_groups=32, motion_max_seq_length=max_frames,
-        )
-        return diffusers.UNetMotionModel.from_unet2d(unet2d, adapter).eval()
+        return tiny_animatediff_unet("animatediff", CHANNELS, layers_per_block=1)[0]
     raise ValueError(f"unknown model {name!r}; choose from {MODELS}")
 
 
 def _child(payload: dict) -> dict:
-    from vstar_kernels.diffusers import MaterialisedTARProcessor, TARAttnProcessor, apply_tar
+    from vstar_kernels.diffusers import MaterialisedTARProcessor, TARAttnProcessor, apply_tar, extend_frame_positions
 
     device = torch.device(payload["device"])
-    unet = build_model(payload["model"], max(512, payload["frames"])).to(device)
-    if payload["processor"] != "none":
+    unet = build_model(payload["model"]).to(device)
+    if payload["processor"] == "none":
+        extend_frame_positions(unet)  # the same positions as apply_tar's default, without TAR
+    else:
         cls = MaterialisedTARProcessor if payload["processor"] == "naive" else TARAttnProcessor
         apply_tar(unet, "64D1_32D8", timesteps="all", processor=cls)
     latent, frames = payload["latent"], payload["frames"]

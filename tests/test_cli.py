@@ -56,6 +56,25 @@ def test_demo_writes_video_and_attention_figure(tmp_path):
     assert (tmp_path / "out" / "attention.png").stat().st_size > 5_000
 
 
+def test_demo_animatediff_family_runs_past_the_32_position_tables(tmp_path):
+    res = _cli("demo", "--family", "animatediff", "--frames", "40", "--steps", "1", "--size", "16",
+               "--out", str(tmp_path / "out"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "motion tables of 32 rows, 40 frames: positions='interpolate' beyond them" in res.stdout
+    from PIL import Image
+
+    with Image.open(tmp_path / "out" / "video.gif") as gif:
+        assert gif.n_frames == 40 and gif.size == (16, 16)
+    assert (tmp_path / "out" / "attention.png").is_file()
+
+
+def test_demo_family_with_a_model_folder_is_refused(tmp_path):
+    (tmp_path / "model_index.json").write_text("{}")
+    res = _cli("demo", "--model", str(tmp_path), "--family", "animatediff", "--out", str(tmp_path / "out"))
+    assert res.returncode == 2 and "cannot be combined with --model" in res.stderr
+    assert res.stderr.strip().count("\n") == 0
+
+
 def test_demo_loads_a_local_pipeline_folder(tmp_path):
     from vstar_kernels.diffusers.tiny import text_to_video_pipeline
 

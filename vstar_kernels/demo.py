@@ -1,8 +1,10 @@
 """``vstar-kernels demo``: one long single-pass video with TAR, and the picture that explains TAR.
 
-Without ``--model`` it builds a small random text-to-video pipeline offline (:mod:`vstar_kernels.diffusers.tiny`:
-real diffusers classes, random weights, so the video is noise but memory and time behave like the real thing);
-with ``--model PATH`` it loads a local diffusers pipeline folder. It applies TAR, records the temporal attention
+Without ``--model`` it builds a small random pipeline offline (:mod:`vstar_kernels.diffusers.tiny`: real diffusers
+classes, random weights, so the video is noise but memory and time behave like the real thing) of ``--family``:
+"modelscope" (TextToVideoSDPipeline, the default) or "animatediff" (AnimateDiffPipeline whose motion adapter has the
+released 32-row position tables, interpolated to the frame count); with ``--model PATH`` it loads a local diffusers
+pipeline folder. It applies TAR, records the temporal attention
 maps of one denoising call with and without TAR on the same noisy latents, generates the video (one pass, a
 progress bar per step; with ``--synopsis`` each frame is conditioned on its interpolated state), and writes
 ``video.gif`` (``video.mp4`` too when imageio is installed) and
@@ -28,10 +30,17 @@ class DemoError(Exception):
     """A bad argument or environment: reported as one line, exit status 2."""
 
 
+FAMILIES = ("modelscope", "animatediff")
+DEFAULT_FAMILY = "modelscope"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from .diffusers.presets import DEFAULT_PRESET, PRESETS
 
     parser.add_argument("--model", help="a local diffusers text-to-video pipeline folder (default: tiny, offline)")
+    parser.add_argument("--family", choices=FAMILIES,
+                        help=f"the tiny offline pipeline: {' or '.join(FAMILIES)} (default {DEFAULT_FAMILY}; "
+                             "animatediff has the released 32-position motion adapter)")
     parser.add_argument("--prompt", default="a red balloon drifting over a city at sunset")
     parser.add_argument("--frames", type=int, default=128, help="frames generated in one pass (default 128)")
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"TAR preset: {', '.join(PRESETS)}")
@@ -58,6 +67,8 @@ def _validate(args: argparse.Namespace) -> Path:
         raise DemoError(f"--sigma must be > 0, got {args.sigma}")
     if args.model is not None and not (Path(args.model) / "model_index.json").is_file():
         raise DemoError(f"--model {args.model}: not a diffusers pipeline folder (no model_index.json)")
+    if args.model is not None and args.family is not None:
+        raise DemoError("--family picks the tiny offline pipeline; it cannot be combined with --model")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DemoError("--device cuda but CUDA is not available")
     if args.synopsis is not None:
@@ -78,9 +89,11 @@ def _validate(args: argparse.Namespace) -> Path:
 
 def _pipeline(args: argparse.Namespace):
     if args.model is None:
-        from .diffusers.tiny import text_to_video_pipeline
+        from .diffusers import tiny
 
-        return text_to_video_pipeline()
+        if (args.family or DEFAULT_FAMILY) == "animatediff":
+            return tiny.animatediff_pipeline(*tiny.tiny_animatediff_unet("animatediff"))
+        return tiny.text_to_video_pipeline()
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(args.model)
@@ -112,8 +125,15 @@ def _write_video(frames: torch.Tensor, out: Path) -> list[Path]:
 
 
 def _attention_maps(pipe, args: argparse.Namespace, tar_kwargs: dict, device: torch.device):
-    """Maps of one UNet call at the noisiest step on the same latents and prompt embedding, without and with TAR."""
-    from .diffusers import apply_tar, record_temporal_attention, remove_tar
+    """Maps of one UNet call at the noisiest step on the same latents and prompt embedding, without and with TAR.
+    Both calls see the same frame positions (AnimateDiff's tables interpolated past their rows)."""
+    from .diffusers import (
+        apply_tar,
+        extend_frame_positions,
+        record_temporal_attention,
+        remove_tar,
+        restore_frame_positions,
+    )
 
     unet = pipe.unet
     latent = args.size // pipe.vae_scale_factor
@@ -123,6 +143,7 @@ def _attention_maps(pipe, args: argparse.Namespace, tar_kwargs: dict, device: to
     if type(unet).__name__ == "UNetMotionModel":  # AnimateDiff's UNet takes the embedding repeated per frame
         prompt_embeds = prompt_embeds.repeat_interleave(args.frames, dim=0)
     t = pipe.scheduler.config.num_train_timesteps - 1
+    extend_frame_positions(unet)  # what apply_tar does by default, kept for the call without TAR too
     layers = list(apply_tar(pipe, **tar_kwargs, timesteps="all").layers)
 
     def record():
@@ -132,7 +153,9 @@ def _attention_maps(pipe, args: argparse.Namespace, tar_kwargs: dict, device: to
 
     with_tar = record()
     remove_tar(pipe)
-    return {"without TAR": record(), "with TAR": with_tar}
+    without_tar = record()
+    restore_frame_positions(unet)
+    return {"without TAR": without_tar, "with TAR": with_tar}
 
 
 def _apply_synopsis(pipe, states: list[str], num_frames: int, device: torch.device) -> None:
@@ -168,6 +191,11 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"vstar-kernels demo: {args.frames} frames, {args.size}x{args.size}, {args.steps} steps, "
           f"{handle.num_layers} TAR layers ({args.preset if args.sigma is None else f'sigma={args.sigma}'}), "
           f"backend {backend} on {device.type}", flush=True)
+    if handle.position_tables:
+        rows = sorted(set(handle.position_tables.values()))
+        fit = "within them" if args.frames <= max(rows) else f"positions={handle.positions!r} beyond them"
+        print(f"frame positions: {len(handle.position_tables)} motion tables of {'/'.join(map(str, rows))} rows, "
+              f"{args.frames} frames: {fit}", flush=True)
     prompt = args.prompt
     if args.synopsis:
         _apply_synopsis(pipe, args.synopsis, args.frames, device)
