@@ -22,14 +22,14 @@ def extension_build() -> dict:
     from torch.utils import cpp_extension
 
     sys.path.insert(0, str(ROOT))
-    from vstar_kernels.backends.extension import compile_flags, sources, with_cuda
+    from vstar_kernels.backends.extension_build import compile_flags, cuda_flags, sources, with_cuda
 
     files = [f"csrc/{name}" for name in sources()]
     cxx = compile_flags()
     if with_cuda():
         ext = cpp_extension.CUDAExtension(
             "vstar_kernels._C", files, include_dirs=[str(ROOT / "csrc")], extra_link_args=["-fopenmp"],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "-DVSTAR_WITH_CUDA"]},
+            extra_compile_args={"cxx": cxx, "nvcc": cuda_flags()},
         )
     else:
         ext = cpp_extension.CppExtension("vstar_kernels._C", files, include_dirs=[str(ROOT / "csrc")],

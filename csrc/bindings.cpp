@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <string_view>
 
 #include "tar_attention.h"
@@ -41,7 +42,8 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(q.size(3) >= 1, "tar_attention: head_dim must be >= 1");
   TORCH_CHECK(k.size(1) >= 1 || q.numel() == 0, "tar_attention: k and v need at least one frame");
   TORCH_CHECK(std::isfinite(sigma) && sigma > 0, "tar_attention: sigma must be > 0 and finite, got ", sigma);
-  TORCH_CHECK(std::isfinite(strength), "tar_attention: strength must be finite, got ", strength);
+  TORCH_CHECK(std::isfinite(strength) && std::abs(strength) <= std::numeric_limits<float>::max(),
+              "tar_attention: strength must be finite and fit in float32, got ", strength);
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "tar_attention: scale must be > 0 and finite, got ", scale);
   TORCH_CHECK(mode == "relative" || mode == "absolute", "tar_attention: mode must be 'relative' or 'absolute', got '",
               std::string(mode), "'");
@@ -51,6 +53,9 @@ at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
                          double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
   const std::string_view mode_sv(mode.data(), mode.size());
   check_inputs(q, k, v, sigma, strength, mode_sv, scale);
+  constexpr int64_t kMaxOffset = int64_t{1} << 53;  // frame indices exact in double
+  TORCH_CHECK(q_offset >= -kMaxOffset && q_offset <= kMaxOffset && k_offset >= -kMaxOffset && k_offset <= kMaxOffset,
+              "tar_attention: q_offset and k_offset must be within +-2^53, got ", q_offset, " and ", k_offset);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   if (out.numel() == 0) return out;
 
@@ -67,7 +72,7 @@ at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   p.scale = static_cast<float>(scale);
   p.gauss_log2_coeff = tar_gauss_log2_coeff(sigma);
   p.strength = static_cast<float>(strength);
-  p.offset_delta = static_cast<double>(q_offset) - static_cast<double>(k_offset);
+  p.offset_delta = static_cast<double>(q_offset - k_offset);  // exact: both within 2^53
   p.relative = mode_sv == "relative";
 
   if (q.is_cpu()) {

@@ -41,9 +41,14 @@ struct TARParams {
   bool relative = true;         // mode "relative" (VSTAR) or "absolute"
 };
 
+// The coefficient saturates here: exp2(-2048 d^2) is exactly 0 for every |d| >= 1 (1 at d = 0), so a tiny sigma
+// gives the diagonal-only band instead of an overflow to inf (0 * inf = NaN on the diagonal).
+constexpr double kGaussLog2CoeffMax = 2048.0;
+
 // Host-side constant of the Gaussian from sigma (> 0, finite; validated by the caller).
 inline float tar_gauss_log2_coeff(double sigma) {
-  return static_cast<float>(1.4426950408889634 / (2.0 * sigma * sigma));
+  const double coeff = (1.4426950408889634 / 2.0) / sigma / sigma;  // inf, never 0/0, for a tiny sigma
+  return static_cast<float>(coeff < kGaussLog2CoeffMax ? coeff : kGaussLog2CoeffMax);
 }
 
 // G_ij for frame distance dist = gi - gj.

@@ -148,12 +148,30 @@ def test_build_disabled_falls_back_to_torch(tmp_path):
     assert not any((tmp_path / "cache").glob("*/*.so"))
 
 
-def test_failed_build_warns_once_with_the_compiler_error_and_explicit_raises(tmp_path):
+def _broken_compiler(tmp_path: Path) -> Path:
+    """A C++ compiler that answers version probes like g++ (an argument that *is* a probe flag) and fails every
+    compile. Matching "-v" anywhere would take a path such as -I/opt/my-venv/... for a probe and compile for real."""
     broken = tmp_path / "broken-c++"
-    # answers version probes like g++, fails every compile
-    broken.write_text('#!/bin/sh\ncase "$*" in *-v*|*--version*|*-dM*) exec g++ "$@";; esac\n'
+    broken.write_text('#!/bin/sh\nfor arg in "$@"; do case "$arg" in -v|--version|-dM|-dumpversion|-dumpfullversion)'
+                      ' exec g++ "$@";; esac; done\n'
                       "echo 'fatal error: this compiler is broken on purpose'\nexit 1\n")
     broken.chmod(0o755)
+    return broken
+
+
+def test_the_broken_compiler_is_broken_from_any_venv_path(tmp_path):
+    broken = _broken_compiler(tmp_path)
+    (tmp_path / "x.cpp").write_text("int main() { return 0; }\n")
+    compile_ = subprocess.run([str(broken), "-I/opt/my-venv/include", "-isystem", "/srv/x-venv/torch/include",
+                               "-c", str(tmp_path / "x.cpp"), "-o", str(tmp_path / "x.o")], capture_output=True,
+                              text=True)
+    assert compile_.returncode == 1 and "broken on purpose" in compile_.stdout
+    assert not (tmp_path / "x.o").exists()
+    assert subprocess.run([str(broken), "--version"], capture_output=True).returncode == 0
+
+
+def test_failed_build_warns_once_with_the_compiler_error_and_explicit_raises(tmp_path):
+    broken = _broken_compiler(tmp_path)
     out = _probe(tmp_path, CXX=str(broken))
     assert "AUTO_EQUALS_TORCH True" in out
     assert "WARNINGS 1" in out

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from vstar_kernels import nvcc_check
+from vstar_kernels.checks import nvcc_check
 
 SPILLING_LOG = """\
 ptxas info    : Compiling entry function '_ZN5vstar20tar_attention_kernelIfLi2ELb1EEEvNS_9TARParamsE' for 'sm_80'

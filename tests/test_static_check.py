@@ -1,4 +1,4 @@
-"""The static resource check (vstar_kernels.static_check): enumeration coverage, and the full AOT compile.
+"""The static resource check (vstar_kernels.checks.static_check): enumeration coverage, and the full AOT compile.
 
 The suite runs under TRITON_INTERPRET=1 (conftest.py), where the kernel is an interpreted function that
 ``triton.compile`` cannot compile; the full check therefore runs in a subprocess without that variable.
@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from vstar_kernels import static_check
 from vstar_kernels.backends.triton_tar import block_config
+from vstar_kernels.checks import static_check
 
 VARIANTS = {"relative", "relative-2pass", "absolute"}
 REPO = Path(__file__).resolve().parents[1]

@@ -193,10 +193,17 @@ def test_composes_with_tar_and_both_remove_cleanly():
     assert torch.equal(unet(x, 900, ehs).sample, base)
 
 
-def test_frame_count_mismatch_is_a_clear_error():
+@pytest.mark.parametrize("model", ["unet3d", "motion"])
+@pytest.mark.parametrize("batch", [1, 2])  # 2: a CFG batch (uncond, cond)
+@pytest.mark.parametrize(("synopsis_frames", "call_frames"), [(8, 16), (6, 8), (16, 8)])
+def test_frame_count_mismatch_is_a_clear_error(model, batch, synopsis_frames, call_frames):
+    """16 frames with an 8-frame synopsis used to condition half the video (and shift the CFG halves) silently."""
     from vstar_kernels import apply_synopsis
 
-    unet = _unets()["unet3d"]()
-    apply_synopsis(unet, torch.randn(6, 7, 32))
-    with pytest.raises(ValueError, match="as many frames as the per-frame embeddings"), torch.no_grad():
-        unet(torch.randn(1, 4, 8, 8, 8), 900, torch.randn(1, 7, 32))
+    unet = _unets()[model]()
+    apply_synopsis(unet, torch.randn(synopsis_frames, 7, 32))
+    text = torch.randn(batch, 7, 32)
+    ehs = text.repeat_interleave(call_frames, dim=0) if model == "motion" else text
+    pattern = rf"synopsis has {synopsis_frames} per-frame embeddings but this call has {call_frames} frames"
+    with pytest.raises(ValueError, match=pattern), torch.no_grad():
+        unet(torch.randn(batch, 4, call_frames, 8, 8), 900, ehs)

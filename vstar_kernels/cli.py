@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import torch
 
 from ._version import __version__
-from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, extension
+from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, extension, extension_build
 from .ops import BACKEND_ENV, requested_backend
 
 _PACKAGES = ("torch", "triton", "diffusers", "transformers", "xformers", "numpy")
@@ -68,7 +68,7 @@ def info_lines() -> list[str]:
 def _reason(name: str, device: torch.device) -> str | None:
     """Why backend ``name`` cannot run on ``device``; info never compiles the extension to find out."""
     if name == extension.NAME and extension.build_pending():
-        if device.type == "cpu" or extension.with_cuda():
+        if device.type == "cpu" or extension_build.with_cuda():
             return None
         return "a build holds the CUDA kernel only with a CUDA build of torch and a CUDA toolkit"
     return BACKENDS[name].unavailable_reason(device)

@@ -26,6 +26,12 @@ import torch
 Mode = Literal["relative", "absolute"]
 MODES: tuple[str, ...] = ("relative", "absolute")
 LOG2E = 1.4426950408889634  # log2(e): kernels work in the exp2 domain
+# The Gaussian's exp2 coefficient saturates here: exp2(-2048 d^2) is exactly 0 in float32 and float64 for every
+# |d| >= 1 (and 1 at d = 0), so any sigma below ~0.019 gives the diagonal-only band, down to the smallest sigma,
+# without the coefficient overflowing (0 * inf = NaN on the diagonal).
+GAUSS_LOG2_COEFF_MAX = 2048.0
+FLOAT32_MAX = 3.4028234663852886e38  # strength must fit the kernels' float32 accumulation
+MAX_OFFSET = 2**53  # frame indices stay exact in float64 up to here
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -61,7 +67,8 @@ class TARParams:
 
     @property
     def gauss_log2_coeff(self) -> float:
-        return LOG2E / (2.0 * self.sigma * self.sigma)
+        """log2(e) / (2 sigma^2), saturated at GAUSS_LOG2_COEFF_MAX (no overflow for tiny sigma)."""
+        return min((LOG2E / 2.0) / self.sigma / self.sigma, GAUSS_LOG2_COEFF_MAX)
 
     @property
     def bias_log2_scale(self) -> float:
@@ -72,7 +79,9 @@ def _real(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     out = float(value)
-    if not math.isfinite(out):
+    # comparisons, not math.isfinite: under torch.compile a float that varies between calls (or any scalar with
+    # dynamic=True) is symbolic, and comparisons trace where math.isfinite breaks the graph
+    if not -math.inf < out < math.inf:
         raise ValueError(f"{name} must be finite, got {out}")
     return out
 
@@ -80,7 +89,10 @@ def _real(name: str, value: object) -> float:
 def _integer(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer frame index, got {type(value).__name__}")
-    return int(value)
+    out = int(value)
+    if not -MAX_OFFSET <= out <= MAX_OFFSET:
+        raise ValueError(f"{name} must be within ±2^53 (frame indices exact in float64), got {out}")
+    return out
 
 
 def make_params(
@@ -98,6 +110,8 @@ def make_params(
     if sigma_f <= 0.0:
         raise ValueError(f"sigma must be > 0, got {sigma_f}")
     strength_f = _real("strength", strength)
+    if abs(strength_f) > FLOAT32_MAX:
+        raise ValueError(f"strength must fit in float32 (|strength| <= {FLOAT32_MAX:.4g}), got {strength_f}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if scale is None:

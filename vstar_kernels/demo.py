@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .contract import make_params
-from .ops import select_backend
+from .ops import backend_for
 
 
 class DemoError(Exception):
@@ -35,7 +34,7 @@ DEFAULT_FAMILY = "modelscope"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .diffusers.presets import DEFAULT_PRESET, PRESETS
+    from .presets import DEFAULT_PRESET, PRESETS
 
     parser.add_argument("--model", help="a local diffusers text-to-video pipeline folder (default: tiny, offline)")
     parser.add_argument("--family", choices=FAMILIES,
@@ -55,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _validate(args: argparse.Namespace) -> Path:
-    from .diffusers.presets import PRESETS
+    from .presets import PRESETS
 
     if args.frames < 1:
         raise DemoError(f"--frames must be >= 1, got {args.frames}")
@@ -185,9 +184,8 @@ def run_demo(args: argparse.Namespace) -> int:
         title=f"temporal attention at the noisiest step, {args.frames} frames (mean over TAR layers, heads, positions)")
 
     handle = apply_tar(pipe, **tar_kwargs)
-    heads = pipe.unet.get_submodule(next(iter(handle.layers))).heads
-    probe = torch.empty(1, args.frames, heads, 8, device=device, dtype=pipe.unet.dtype)
-    backend = select_backend(probe, make_params(8, sigma=1.0)).NAME
+    layer = pipe.unet.get_submodule(next(iter(handle.layers)))
+    backend = backend_for(device, pipe.unet.dtype, layer.inner_dim // layer.heads)
     print(f"vstar-kernels demo: {args.frames} frames, {args.size}x{args.size}, {args.steps} steps, "
           f"{handle.num_layers} TAR layers ({args.preset if args.sigma is None else f'sigma={args.sigma}'}), "
           f"backend {backend} on {device.type}", flush=True)

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-from types import ModuleType
 
 import torch
 
-from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER
+from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, Backend, InputSpec
 from .contract import TARParams, make_params, validate_tensors
 
 BACKEND_ENV = "VSTAR_KERNELS_BACKEND"
@@ -66,27 +65,37 @@ def requested_backend(backend: str) -> str:
     return name
 
 
-def why_not(name: str, q: torch.Tensor, params: TARParams) -> str | None:
-    """None when backend ``name`` can run these inputs, else the reason."""
+def why_not(name: str, spec: InputSpec | torch.Tensor, params: TARParams) -> str | None:
+    """None when backend ``name`` can run inputs like ``spec`` (an InputSpec, or the query tensor), else the
+    reason."""
+    spec = spec if isinstance(spec, InputSpec) else InputSpec.of(spec)
     impl = BACKENDS[name]
-    return impl.unavailable_reason(q.device) or impl.unsupported_reason(q, params)
+    return impl.unavailable_reason(spec.device) or impl.unsupported_reason(spec, params)
 
 
-def select_backend(q: torch.Tensor, params: TARParams, backend: str = "auto") -> ModuleType:
-    """Resolve ``backend`` (or the environment override) to a backend module that can run these inputs."""
+def select_backend(q: InputSpec | torch.Tensor, params: TARParams, backend: str = "auto") -> Backend:
+    """Resolve ``backend`` (or the environment override) to a backend that can run these inputs (the query
+    tensor or its InputSpec); RuntimeError naming the reasons when none can."""
+    spec = q if isinstance(q, InputSpec) else InputSpec.of(q)
     name = requested_backend(backend)
     if name != "auto":
-        reason = why_not(name, q, params)
+        reason = why_not(name, spec, params)
         if reason is not None:
             raise RuntimeError(f"backend {name!r} cannot run this call: {reason}")
         return BACKENDS[name]
     reasons = []
-    for candidate in AUTO_ORDER.get(q.device.type, DEFAULT_AUTO_ORDER):
-        reason = why_not(candidate, q, params)
+    for candidate in AUTO_ORDER.get(spec.device.type, DEFAULT_AUTO_ORDER):
+        reason = why_not(candidate, spec, params)
         if reason is None:
             return BACKENDS[candidate]
-        note_fallback = getattr(BACKENDS[candidate], "note_fallback", None)
-        if note_fallback is not None:
-            note_fallback(reason)
+        BACKENDS[candidate].note_fallback(reason)
         reasons.append(f"{candidate}: {reason}")
     raise RuntimeError("no backend can run this call: " + "; ".join(reasons))
+
+
+def backend_for(device: torch.device | str, dtype: torch.dtype, head_dim: int, backend: str = "auto") -> str:
+    """The name of the backend ``tar_attention`` runs for inputs on ``device`` of ``dtype`` and ``head_dim`` (with
+    ``backend`` and the environment override as a call would have them). No tensor is built; the extension may be
+    loaded (or built, on first use) to find out."""
+    spec = InputSpec(torch.device(device), dtype, int(head_dim))
+    return select_backend(spec, make_params(spec.head_dim, sigma=1.0), backend).NAME

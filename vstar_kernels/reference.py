@@ -26,16 +26,18 @@ def gaussian_delta(
     """The TAR band ΔA: an (lq, lk) matrix ``exp(-(gi - gj)^2 / (2 sigma^2))``.
 
     ``gi = q_offset + i`` and ``gj = k_offset + j`` are global frame indices, so the diagonal of the
-    default square matrix is 1. Computed in float64 and cast to ``dtype``.
+    default square matrix is 1. Computed in float64 and cast to ``dtype``; any sigma > 0 is exact (a tiny sigma
+    gives the identity band).
     """
     params = make_params(1, sigma=sigma, q_offset=q_offset, k_offset=k_offset)
     lk = lq if lk is None else lk
     if lq < 0 or lk < 0:
         raise ValueError(f"lq and lk must be >= 0, got {lq} and {lk}")
-    gi = torch.arange(lq, dtype=torch.float64, device=device) + params.q_offset
-    gj = torch.arange(lk, dtype=torch.float64, device=device) + params.k_offset
-    dist = gi[:, None] - gj[None, :]
-    return torch.exp(-(dist * dist) / (2.0 * params.sigma**2)).to(dtype)
+    i = torch.arange(lq, dtype=torch.float64, device=device)
+    j = torch.arange(lk, dtype=torch.float64, device=device)
+    dist = (i[:, None] - j[None, :]) + float(params.offset_delta)  # offsets subtracted as integers: exact
+    # (dist / sigma)^2 rather than dist^2 / sigma^2: no 0/0 when sigma^2 underflows; the diagonal stays exactly 1
+    return torch.exp(-0.5 * (dist / params.sigma) ** 2).to(dtype)
 
 
 def apply_tar_bias(scores: torch.Tensor, delta: torch.Tensor, *, strength: float, mode: str) -> torch.Tensor:

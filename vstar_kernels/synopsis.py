@@ -9,6 +9,7 @@ per frame, so a long video evolves as the prompt says.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Callable
 
@@ -109,8 +110,11 @@ def synopsis_embeddings(keyframe_embeds: torch.Tensor, num_frames: int, mode: st
     if not isinstance(keyframe_embeds, torch.Tensor) or keyframe_embeds.dim() != 3:
         shape = tuple(keyframe_embeds.shape) if isinstance(keyframe_embeds, torch.Tensor) else type(keyframe_embeds)
         raise ValueError(f"keyframe_embeds must be (K, tokens, dim), got {shape}")
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+    if not keyframe_embeds.is_floating_point():
+        raise TypeError(f"keyframe_embeds must be floating point (text embeddings), got {keyframe_embeds.dtype}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, numbers.Integral) or num_frames < 1:
         raise ValueError(f"num_frames must be an integer >= 1, got {num_frames!r}")
+    num_frames = int(num_frames)  # numpy integers too
     if mode not in SYNOPSIS_MODES:
         raise ValueError(f"mode must be one of {SYNOPSIS_MODES}, got {mode!r}")
     k = keyframe_embeds.shape[0]

@@ -1,21 +1,17 @@
-"""Backends of ``tar_attention``: one module each, all honouring the op contract.
-
-Each backend module provides ``NAME``, ``unavailable_reason(device) -> str | None`` (can it run at all),
-``unsupported_reason(q, params) -> str | None`` (can it run these inputs) and
-``forward(q, k, v, params) -> Tensor``; optionally ``note_fallback(reason)``, called when "auto" passes it over.
-:mod:`vstar_kernels.ops` chooses among them.
+"""Backends of ``tar_attention``: one module each, all honouring the op contract and the :class:`~.base.Backend`
+interface (``NAME``, ``DTYPES``, ``MAX_HEAD_DIM``, ``unavailable_reason``, ``unsupported_reason``, ``note_fallback``,
+``forward``). :mod:`vstar_kernels.ops` chooses among them.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
+from typing import cast
 
 from . import extension, torch_tar, triton_tar
+from .base import Backend, InputSpec
 
-BACKENDS: dict[str, ModuleType] = {
-    triton_tar.NAME: triton_tar,
-    extension.NAME: extension,
-    torch_tar.NAME: torch_tar,
+BACKENDS: dict[str, Backend] = {
+    module.NAME: cast(Backend, module) for module in (triton_tar, extension, torch_tar)
 }
 # "auto" tries these in order, per device type
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
@@ -24,4 +20,4 @@ AUTO_ORDER: dict[str, tuple[str, ...]] = {
 }
 DEFAULT_AUTO_ORDER: tuple[str, ...] = (torch_tar.NAME,)
 
-__all__ = ["AUTO_ORDER", "BACKENDS", "DEFAULT_AUTO_ORDER"]
+__all__ = ["AUTO_ORDER", "BACKENDS", "DEFAULT_AUTO_ORDER", "Backend", "InputSpec"]

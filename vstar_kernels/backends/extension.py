@@ -3,158 +3,40 @@
 Loading, first match wins:
 1. an ahead-of-time build shipped in the package (``VSTAR_KERNELS_BUILD_EXT=1 pip install .`` makes
    ``vstar_kernels/_C*.so``);
-2. a just-in-time build (the CPU kernel, plus the CUDA kernel when torch is a CUDA build and a toolkit is found)
-   in the cache (``VSTAR_KERNELS_CACHE``, default ``~/.cache/vstar-kernels``), made on first use
-   with ``torch.utils.cpp_extension.load`` and ninja, announced on stderr while it compiles, serialised across
-   processes by a file lock. The cache key covers the sources, the flags, torch's version and the CPU ISA.
-``VSTAR_KERNELS_NO_BUILD=1`` disables step 2. A failed build is remembered for the process: "auto" falls back to the
-torch backend with one warning quoting the compiler error; ``backend="extension"`` raises it.
+2. a finished just-in-time build in the cache, loaded without a lock (read-only caches work);
+3. a just-in-time build made now (:mod:`vstar_kernels.backends.extension_build`: the CPU kernel, plus the CUDA kernel
+   when torch is a CUDA build and a toolkit is found), unless ``VSTAR_KERNELS_NO_BUILD`` is on.
+A failed build is remembered for the process: "auto" falls back to the torch backend with one warning quoting the
+compiler error; ``backend="extension"`` raises it.
 
-The op's fake (meta) implementation is registered here, so ``torch.compile(fullgraph=True)`` traces through it.
+The op's fake (meta) implementation is registered here, with the real kernel's checks, so
+``torch.compile(fullgraph=True)`` traces through it and refuses what the kernel would refuse.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
+import math
 import os
-import sys
 import threading
 import warnings
-from collections.abc import Iterator
-from pathlib import Path
 
 import torch
 
-from ..contract import TARParams
+from ..contract import FLOAT32_MAX, MAX_OFFSET, TARParams, validate_tensors
+from . import extension_build as build
+from .base import InputSpec
 
 NAME = "extension"
-NO_BUILD_ENV = "VSTAR_KERNELS_NO_BUILD"
-CACHE_ENV = "VSTAR_KERNELS_CACHE"
-LIB_NAME = "vstar_kernels_ext"
+NO_BUILD_ENV = build.NO_BUILD_ENV
 OP_NAME = "vstar_kernels::tar_attention"
-CPU_SOURCES = ("bindings.cpp", "tar_attention_cpu.cpp")
-CUDA_SOURCES = ("tar_attention_cuda.cu",)
-HEADERS = ("tar_attention.h", "tar_attention_cpu.h")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_INT64 = 2**63
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = None  # any head_dim on the CPU
+MAX_CUDA_HEAD_DIM = 256  # csrc/tar_attention.h kMaxCudaHeadDim
 
 _lock = threading.Lock()
 _status: dict[str, str | None] = {}  # "error": why the extension cannot load (None: loaded); absent: not tried
 _warned_fallback = False
 _availability_by_device: dict[str, str | None] = {}
-
-
-# ----------------------------------------------------------------------------------------------- locating things
-def source_dir() -> Path:
-    """csrc/ of a source checkout (editable installs), else the copy packaged as ``vstar_kernels/csrc``."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "csrc", here.parents[1] / "csrc"):
-        if (candidate / "tar_attention.h").is_file():
-            return candidate
-    raise FileNotFoundError("the C++ sources (csrc/) are not installed with this copy of vstar-kernels")
-
-
-def cache_root() -> Path:
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or str(Path.home() / ".cache")
-    return Path(base) / "vstar-kernels"
-
-
-def cpu_isa() -> str:
-    """The at::vec ISA the CPU kernel is compiled for: torch's own choice for this machine."""
-    capability = torch.backends.cpu.get_cpu_capability()
-    return capability if capability in ("AVX2", "AVX512") else "DEFAULT"
-
-
-def with_cuda() -> bool:
-    """Whether builds include the CUDA kernel: a CUDA build of torch and a CUDA toolkit."""
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    return torch.version.cuda is not None and CUDA_HOME is not None
-
-
-def sources() -> list[str]:
-    return [*CPU_SOURCES, *(CUDA_SOURCES if with_cuda() else ())]
-
-
-def compile_flags(isa: str | None = None) -> list[str]:
-    """C++ flags: optimisation, OpenMP (at::parallel_for), the at::vec ISA, and the CUDA switch of bindings.cpp."""
-    isa = cpu_isa() if isa is None else isa
-    flags = ["-O3", "-DNDEBUG", "-fopenmp", f"-DCPU_CAPABILITY={isa}"]
-    if with_cuda():
-        flags.append("-DVSTAR_WITH_CUDA")
-    if isa == "AVX2":
-        flags += ["-DCPU_CAPABILITY_AVX2", "-mavx2", "-mfma", "-mf16c"]
-    elif isa == "AVX512":
-        flags += ["-DCPU_CAPABILITY_AVX512", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"]
-    return flags
-
-
-def build_dir() -> Path:
-    """The cache folder of this build: named by torch version, ISA and a hash of the sources and flags."""
-    src = source_dir()
-    digest = hashlib.sha256()
-    for name in (*sources(), *HEADERS):
-        digest.update((src / name).read_bytes())
-    flags = compile_flags()
-    digest.update(" ".join(flags).encode())
-    version = torch.__version__.replace("+", "_")
-    device = "cuda" if with_cuda() else "cpu"
-    return cache_root() / f"{LIB_NAME}-torch{version}-{cpu_isa()}-{device}-{digest.hexdigest()[:12]}"
-
-
-def prebuilt_library() -> Path | None:
-    """The ahead-of-time build inside the package, if any."""
-    package = Path(__file__).resolve().parents[1]
-    found = sorted(package.glob("_C*.so")) + sorted(package.glob("_C*.pyd"))
-    return found[0] if found else None
-
-
-# ----------------------------------------------------------------------------------------------- building, loading
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock across processes, released by the OS if the holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        try:
-            import fcntl
-        except ImportError:  # not POSIX: torch's own build baton still serialises the compile
-            yield
-            return
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _jit_build() -> Path:
-    from torch.utils import cpp_extension
-
-    target = build_dir()
-    library = target / f"{LIB_NAME}.so"
-    with _file_lock(target.parent / f"{target.name}.lock"):
-        if not library.is_file():
-            print(f"vstar-kernels: building the C++ extension (first use, about a minute) in {target}",
-                  file=sys.stderr, flush=True)
-            target.mkdir(parents=True, exist_ok=True)
-            src = source_dir()
-            cpp_extension.load(
-                name=LIB_NAME,
-                sources=[str(src / name) for name in sources()],
-                extra_cflags=compile_flags(),
-                extra_cuda_cflags=["-O3", "-std=c++17", "-DVSTAR_WITH_CUDA"],
-                extra_ldflags=["-fopenmp"],
-                extra_include_paths=[str(src)],
-                build_directory=str(target),
-                is_python_module=False,
-                verbose=False,
-            )
-            print("vstar-kernels: C++ extension built", file=sys.stderr, flush=True)
-    return library
 
 
 def _op_registered() -> bool:
@@ -174,13 +56,16 @@ def _load_uncached() -> str | None:
     if _op_registered():  # loaded by someone else in this process
         _register_fake_once()
         return None
-    library = prebuilt_library()
+    disabled = build.builds_disabled()  # a bad value is the caller's error, raised as such
+    library = build.prebuilt_library()
     try:
         if library is None:
-            cached = build_dir() / f"{LIB_NAME}.so"
-            if not cached.is_file() and os.environ.get(NO_BUILD_ENV, "").strip() not in ("", "0"):
-                return f"{NO_BUILD_ENV}=1 is set and no built extension exists (looked in {cached.parent})"
-            library = _jit_build()
+            library = build.cached_library()
+        if library is None:
+            if disabled:
+                return (f"{NO_BUILD_ENV}={os.environ[NO_BUILD_ENV].strip()} is set and no built extension exists "
+                        f"(looked in {build.build_dir()})")
+            library = build.jit_build()
         if not _op_registered():
             torch.ops.load_library(str(library))
     except Exception as exc:  # a compiler error, a missing compiler or ninja, a bad cache entry
@@ -200,9 +85,31 @@ def _register_fake_once() -> None:
 
     @torch.library.register_fake(OP_NAME)
     def _fake(q, k, v, sigma, strength=1.0, mode="relative", scale=1.0, q_offset=0, k_offset=0):
+        _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset)
         return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
     _fake_registered = True
+
+
+def _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset) -> None:
+    """The real kernel's TORCH_CHECKs (csrc/bindings.cpp), for the fake kernel: shapes, dtypes and scalars. Scalars
+    that are symbolic under torch.compile are left to the real kernel."""
+    validate_tensors(q, k, v)
+    if q.dtype not in DTYPES:
+        raise RuntimeError(f"tar_attention (extension): dtype must be float32, float16 or bfloat16, got {q.dtype}")
+    if mode not in ("relative", "absolute"):
+        raise RuntimeError(f"tar_attention: mode must be 'relative' or 'absolute', got {mode!r}")
+    checks = (
+        (sigma, lambda x: math.isfinite(x) and x > 0, "sigma must be > 0 and finite"),
+        (strength, lambda x: math.isfinite(x) and abs(x) <= FLOAT32_MAX,
+         "strength must be finite and fit in float32"),
+        (scale, lambda x: math.isfinite(x) and x > 0, "scale must be > 0 and finite"),
+        (q_offset, lambda x: abs(x) <= MAX_OFFSET, "q_offset must be within +-2^53"),
+        (k_offset, lambda x: abs(x) <= MAX_OFFSET, "k_offset must be within +-2^53"),
+    )
+    for value, ok, message in checks:
+        if isinstance(value, int | float) and not ok(value):
+            raise RuntimeError(f"tar_attention: {message}, got {value}")
 
 
 def _error_tail(exc: BaseException, lines: int = 25) -> str:
@@ -218,13 +125,11 @@ def _error_tail(exc: BaseException, lines: int = 25) -> str:
 
 def build_pending() -> bool:
     """True when the next use would compile: nothing loaded, no ahead-of-time build, no cached one, builds allowed."""
-    if "error" in _status or _op_registered() or prebuilt_library() is not None:
-        return False
-    if os.environ.get(NO_BUILD_ENV, "").strip() not in ("", "0"):
+    if "error" in _status or _op_registered() or build.prebuilt_library() is not None:
         return False
     try:
-        return not (build_dir() / f"{LIB_NAME}.so").is_file()
-    except FileNotFoundError:  # no sources: load() will say so
+        return not build.builds_disabled() and build.cached_library() is None
+    except (FileNotFoundError, ValueError):  # no sources, or a bad NO_BUILD value: load() will say so
         return False
 
 
@@ -232,11 +137,11 @@ def status() -> dict[str, object]:
     """For ``vstar-kernels info``: whether the extension is loaded, where it lives, and why not."""
     tried = "error" in _status
     try:
-        location = str(prebuilt_library() or build_dir())
+        location = str(build.prebuilt_library() or build.build_dir())
     except FileNotFoundError as exc:
         location = str(exc)
     return {"loaded": tried and _status["error"] is None, "error": _status["error"] if tried else "not loaded yet",
-            "location": location, "isa": cpu_isa()}
+            "location": location, "isa": build.cpu_isa()}
 
 
 # ----------------------------------------------------------------------------------------------- backend interface
@@ -266,14 +171,12 @@ def _check_availability(device_type: str) -> str | None:
     return None
 
 
-def unsupported_reason(q: torch.Tensor, params: TARParams) -> str | None:
+def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     """None when the kernel supports these inputs, else why not."""
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
-    if q.device.type == "cuda" and q.shape[-1] > 256:
-        return f"head_dim {q.shape[-1]} exceeds the CUDA kernel's maximum of 256"
-    if not all(-_INT64 <= x < _INT64 for x in (params.q_offset, params.k_offset)):
-        return "q_offset / k_offset must fit in int64"
+    if spec.dtype not in DTYPES:
+        return f"dtype {spec.dtype} is not supported (float16, bfloat16, float32)"
+    if spec.device.type == "cuda" and spec.head_dim > MAX_CUDA_HEAD_DIM:
+        return f"head_dim {spec.head_dim} exceeds the CUDA kernel's maximum of {MAX_CUDA_HEAD_DIM}"
     return None
 
 

@@ -4,12 +4,15 @@ relative mode: the row max needs the whole score row, so the scores are material
 the batch (and, for a huge single sequence, of the query frames) at a time: the float32 scores of a chunk never
 exceed the memory budget (default 256 MiB, ``VSTAR_KERNELS_TORCH_BUDGET_MB`` or the ``memory_budget``
 argument). Query chunking is exact because the row max is per query frame.
-absolute mode: the bias is the same for every sequence, so one (1, 1, Lq, Lk) tensor is handed to
-``scaled_dot_product_attention``, which never materialises scores per sequence on its fused paths.
+absolute mode: the bias is the same for every sequence, so for float32/float64 inputs one (1, 1, Lq, Lk) tensor is
+handed to ``scaled_dot_product_attention``, which never materialises scores per sequence on its fused paths. SDPA
+needs a bias of the query's dtype, so float16/bfloat16 inputs take the chunked path instead: the bias stays float32
+(a half-precision bias overflows at strength 1e5 and loses accuracy long before).
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -17,8 +20,11 @@ import torch.nn.functional as F
 
 from ..contract import TARParams
 from ..reference import apply_tar_bias, gaussian_delta
+from .base import InputSpec
 
 NAME = "torch"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_HEAD_DIM = None
 DEFAULT_BUDGET_MB = 256
 BUDGET_ENV = "VSTAR_KERNELS_TORCH_BUDGET_MB"
 # float32 scores, the biased copy and the softmax output are alive at once
@@ -30,9 +36,13 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def unsupported_reason(q: torch.Tensor, params: TARParams) -> str | None:
+def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     """Every input the contract admits is supported."""
     return None
+
+
+def note_fallback(reason: str) -> None:
+    """Never passed over: the last resort of every device."""
 
 
 def memory_budget_bytes() -> int:
@@ -44,9 +54,9 @@ def memory_budget_bytes() -> int:
         mb = float(raw)
     except ValueError:
         raise ValueError(f"{BUDGET_ENV} must be a number of MiB, got {raw!r}") from None
-    if mb <= 0:
-        raise ValueError(f"{BUDGET_ENV} must be > 0, got {raw!r}")
-    return int(mb * (1 << 20))
+    if not (math.isfinite(mb) and mb > 0):
+        raise ValueError(f"{BUDGET_ENV} must be a finite number of MiB > 0, got {raw!r}")
+    return max(1, int(mb * (1 << 20)))
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,9 +72,9 @@ def forward(
     memory_budget: int | None = None,
 ) -> torch.Tensor:
     """TAR attention on (batch, frames, heads, head_dim) inputs; output contiguous (batch, Lq, heads, dim)."""
-    if params.strength == 0.0 or not params.relative:
+    if params.strength == 0.0 or (not params.relative and q.dtype in (torch.float32, torch.float64)):
         return _forward_sdpa(q, k, v, params)
-    return _forward_chunked_relative(q, k, v, params, memory_budget or memory_budget_bytes())
+    return _forward_chunked(q, k, v, params, memory_budget or memory_budget_bytes())
 
 
 def _forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams) -> torch.Tensor:
@@ -72,7 +82,7 @@ def _forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TAR
     if params.strength != 0.0:
         delta = gaussian_delta(q.shape[1], k.shape[1], sigma=params.sigma, q_offset=params.q_offset,
                                k_offset=params.k_offset, dtype=torch.float64, device=q.device)
-        bias = (params.strength * delta).to(q.dtype)[None, None]
+        bias = (params.strength * delta).to(q.dtype)[None, None]  # float32/float64 only: exact enough
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=params.scale
     )
@@ -90,7 +100,7 @@ def chunk_plan(
     return b_chunk, q_chunk
 
 
-def _forward_chunked_relative(
+def _forward_chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, budget: int
 ) -> torch.Tensor:
     batch, len_q, heads, dim = q.shape

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..contract import TARParams
+from .base import InputSpec
 
 try:  # triton is optional: a Linux dependency, absent on other platforms
     import triton
@@ -41,7 +42,7 @@ NAME = "triton"
 MAX_HEAD_DIM = 256
 # The interpreter is chosen when the kernel is decorated, so it is read once, at import, like Triton does.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_CAPABILITY = (8, 0)  # the architectures the static check compiles for: sm_80 and sm_90
 
 
@@ -64,15 +65,22 @@ def unavailable_reason(device: torch.device) -> str | None:
     return f"no Triton backend for device type {device.type!r}"
 
 
-def unsupported_reason(q: torch.Tensor, params: TARParams) -> str | None:
+def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     """None when the kernel supports these inputs, else why not."""
-    if q.dtype not in _DTYPES:
-        return f"dtype {q.dtype} is not supported (float16, bfloat16, float32)"
-    if q.shape[-1] > MAX_HEAD_DIM:
-        return f"head_dim {q.shape[-1]} exceeds the Triton kernel's maximum of {MAX_HEAD_DIM}"
-    if q.shape[0] * q.shape[2] >= 2**31:
-        return f"batch*heads = {q.shape[0] * q.shape[2]} exceeds the grid limit 2**31 - 1"
+    if spec.dtype not in DTYPES:
+        return f"dtype {spec.dtype} is not supported (float16, bfloat16, float32)"
+    if INTERPRETER and spec.dtype == torch.bfloat16:
+        return ("bfloat16 under TRITON_INTERPRET=1 is refused: the interpreter computes bf16 tl.dot wrongly "
+                "(values near 1e9); run bf16 on a GPU, or use the extension or torch backend")
+    if spec.head_dim > MAX_HEAD_DIM:
+        return f"head_dim {spec.head_dim} exceeds the Triton kernel's maximum of {MAX_HEAD_DIM}"
+    if spec.batch_heads >= 2**31:
+        return f"batch*heads = {spec.batch_heads} exceeds the grid limit 2**31 - 1"
     return None
+
+
+def note_fallback(reason: str) -> None:
+    """Nothing to report: why Triton cannot run is shown by ``vstar-kernels info``."""
 
 
 @functools.cache
@@ -119,8 +127,8 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
     Key tile: the whole padded key row when it fits (single pass, no rescaling), else a fixed multi-tile width.
     Query tile: as wide as the key tile (temporal self-attention has Lq == Lk), capped so one score tile and one
     accumulator stay within a register budget. The choice never depends on Lq, so the set of specialisations is
-    small (dtype x head_dim bucket x key tile x mode) and ``python -m vstar_kernels.static_check`` compiles all of
-    them. ``len_q`` is accepted for overrides that want it.
+    small (dtype x head_dim bucket x key tile x mode) and ``python -m vstar_kernels.checks.static_check`` compiles
+    all of them. ``len_q`` is accepted for overrides that want it.
     """
     del len_q
     fp32 = dtype == torch.float32

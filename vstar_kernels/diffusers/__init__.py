@@ -28,6 +28,7 @@ def _check_diffusers() -> str:
 
 DIFFUSERS_VERSION = _check_diffusers()
 
+from ..presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from .analysis import TemporalAttentionMaps, plot_temporal_attention, record_temporal_attention  # noqa: E402
 from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
 from .patching import TARHandle, apply_tar, remove_tar, tar_state  # noqa: E402
@@ -38,7 +39,6 @@ from .positions import (  # noqa: E402
     frame_positions_state,
     restore_frame_positions,
 )
-from .presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from .processor import MaterialisedTARProcessor, TARAttnProcessor, TARSwitch  # noqa: E402
 from .synopsis import SynopsisCrossAttnProcessor, SynopsisHandle, apply_synopsis, remove_synopsis  # noqa: E402
 

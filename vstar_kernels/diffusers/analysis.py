@@ -22,8 +22,9 @@ import torch
 from torch import nn
 
 from ..reference import tar_attention_probs
+from .components import unet_of
 from .discovery import find_temporal_attention
-from .patching import _unet_of, tar_state
+from .patching import tar_state
 from .processor import TARAttnProcessor, project_heads
 
 
@@ -102,7 +103,7 @@ def record_temporal_attention(model: nn.Module, *, positions: int = 64, layers: 
     """
     if positions < 1:
         raise ValueError(f"positions must be >= 1, got {positions}")
-    unet = _unet_of(model)
+    unet = unet_of(model)
     if layers is None:
         handle = tar_state(unet)
         names = list(handle.layers) if handle else [layer.name for layer in find_temporal_attention(unet)]

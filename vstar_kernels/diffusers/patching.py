@@ -1,15 +1,23 @@
-"""apply_tar / remove_tar: put TAR processors on a UNet's temporal self-attention, and take them off exactly."""
+"""apply_tar / remove_tar: put TAR processors on a UNet's temporal self-attention, and take them off exactly.
+
+Everything an application needs at run time lives on the UNet itself: the processors, the forward pre-hook
+(:class:`TARGate`) that switches TAR by timestep, and the :class:`TARHandle`. So ``copy.deepcopy`` gives a copy with
+its own switch, pickling (``torch.save(unet)``) works, and ``torch.compile(unet, fullgraph=True)`` traces the gate:
+it computes the step window as a tensor and the processors branch with ``torch.cond``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from ..contract import MODES
+from ..contract import MODES, make_params
 from ..ops import requested_backend
+from ..presets import StepWindow, resolve_levels, resolve_window
+from .components import remove_pre_hook, restore_processors, unet_of
 from .discovery import TemporalLayer, find_temporal_attention
 from .positions import (
     DEFAULT_POSITION_MODE,
@@ -18,10 +26,42 @@ from .positions import (
     frame_positions_state,
     set_frame_positions,
 )
-from .presets import StepWindow, resolve_levels, resolve_window
 from .processor import TARAttnProcessor, TARSwitch
 
 _STATE_ATTR = "_vstar_tar_state"
+
+
+class TARGate:
+    """The UNet forward pre-hook of one ``apply_tar``: reads the call's timestep and switches TAR on or off.
+
+    Eager: sets ``switch.active``. Under ``torch.compile``: sets ``switch.flag`` to the window as a 0-d bool tensor
+    (no ``.item()``, so ``fullgraph=True`` holds), which the processors branch on with ``torch.cond``. A plain,
+    picklable object; a deep copy gets its own switch but shares the pipeline's scheduler (the schedule the copy's
+    pipeline steps through is the same object's).
+    """
+
+    def __init__(self, window: StepWindow, switch: TARSwitch, scheduler: object | None = None) -> None:
+        self.window = window
+        self.switch = switch
+        self.scheduler = scheduler
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if t is not None:
+            t = torch.as_tensor(t)
+        schedule = getattr(self.scheduler, "timesteps", None)
+        if schedule is not None:
+            schedule = torch.as_tensor(schedule)
+        if torch.compiler.is_compiling():
+            self.switch.flag = None if t is None or t.numel() == 0 else self.window.active_tensor(t, schedule)
+            return
+        self.switch.flag = None
+        self.switch.active = t is None or t.numel() == 0 or bool(self.window.active_tensor(t, schedule))
+
+    def __deepcopy__(self, memo: dict) -> TARGate:
+        import copy
+
+        return TARGate(copy.deepcopy(self.window, memo), copy.deepcopy(self.switch, memo), self.scheduler)
 
 
 @dataclass
@@ -39,27 +79,11 @@ class TARHandle:
     _positions_before: dict[str, str | None] = field(default_factory=dict, repr=False)
     _originals: dict[str, object] = field(default_factory=dict, repr=False)
     _installed: dict[str, TARAttnProcessor] = field(default_factory=dict, repr=False)
-    _hook: torch.utils.hooks.RemovableHandle | None = field(default=None, repr=False)
+    _gate: TARGate | None = field(default=None, repr=False)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
-
-
-def _unet_of(model: nn.Module) -> nn.Module:
-    unet = getattr(model, "unet", model)
-    if not isinstance(unet, nn.Module):
-        raise TypeError(f"expected a diffusers UNet or a pipeline with .unet, got {type(model).__name__}")
-    return unet
-
-
-def _timestep_of(args: tuple, kwargs: dict) -> float | None:
-    t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
-    if t is None:
-        return None
-    if isinstance(t, torch.Tensor):
-        return float(t.detach().flatten()[0].item()) if t.numel() else None
-    return float(t)
 
 
 def apply_tar(
@@ -99,11 +123,12 @@ def apply_tar(
     are never patched. Raises ValueError for a model without temporal attention or a level it does not have,
     and for a positions mode its tables cannot serve; nothing is changed then. ``remove_tar`` undoes all of it.
     """
-    unet = _unet_of(model)
+    unet = unet_of(model)
     mapping = resolve_levels(preset, sigma, levels)
     window = resolve_window(timesteps)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    strength = make_params(1, sigma=1.0, strength=strength, mode=mode).strength  # the op's own rules, at the door
     requested_backend(backend)  # validates the name
     if not (isinstance(processor, type) and issubclass(processor, TARAttnProcessor)):
         raise TypeError(f"processor must be TARAttnProcessor or a subclass, got {processor!r}")
@@ -129,13 +154,8 @@ def apply_tar(
         layer.module.set_processor(installed)
 
     scheduler = getattr(model, "scheduler", None) if model is not unet else None
-
-    def gate(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        schedule = getattr(scheduler, "timesteps", None)
-        steps = None if schedule is None else [float(s) for s in schedule]
-        switch.active = window.active(_timestep_of(args, kwargs), steps)
-
-    handle._hook = unet.register_forward_pre_hook(gate, with_kwargs=True)
+    handle._gate = TARGate(window, switch, scheduler)
+    unet.register_forward_pre_hook(handle._gate, with_kwargs=True)
     setattr(unet, _STATE_ATTR, handle)
     return handle
 
@@ -149,7 +169,7 @@ def remove_tar(model: nn.Module) -> bool:
     ``TARAttnProcessor()`` re-created from it without arguments (what ``load_ip_adapter`` does), which gets the
     original back too.
     """
-    unet = _unet_of(model)
+    unet = unet_of(model)
     handle: TARHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
     if handle is None:
         return False
@@ -161,22 +181,11 @@ def remove_tar(model: nn.Module) -> bool:
 
     restore_processors(unet, handle._originals, still_ours)
     set_frame_positions(unet, handle._positions_before)
-    if handle._hook is not None:
-        handle._hook.remove()
+    if handle._gate is not None:
+        remove_pre_hook(unet, handle._gate)
     return True
-
-
-def restore_processors(unet: nn.Module, originals: Mapping[str, object],
-                       still_ours: Callable[[str, object], bool]) -> None:
-    """Put ``originals[name]`` back on each layer whose current processor ``still_ours(name, current)`` accepts;
-    a layer whose processor something else replaced since keeps that newer choice."""
-    modules = dict(unet.named_modules())
-    for name, original in originals.items():
-        module = modules.get(name)
-        if module is not None and still_ours(name, module.processor):
-            module.set_processor(original)
 
 
 def tar_state(model: nn.Module) -> TARHandle | None:
     """The handle of the TAR application in force on ``model``, or None."""
-    return _unet_of(model).__dict__.get(_STATE_ATTR)
+    return unet_of(model).__dict__.get(_STATE_ATTR)

@@ -7,7 +7,7 @@ outputs are viewed as (B·H·W, F, heads, d) and handed over without copies; the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +20,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TARSwitch:
-    """Shared on/off state of one ``apply_tar``: the UNet's timestep pre-hook flips ``active``."""
+    """Shared on/off state of one ``apply_tar``: the UNet's timestep pre-hook flips ``active`` (eager), or sets
+    ``flag``, a 0-d bool tensor, while ``torch.compile`` traces (None otherwise)."""
 
     active: bool = True
+    flag: torch.Tensor | None = field(default=None, repr=False)
 
 
 def project_heads(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
@@ -112,24 +114,40 @@ class TARAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
     def _attend(self, q, k, v, scale: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        if not self.active and not self.materialise:
-            # TAR off (outside the step window, or built without arguments): exactly AttnProcessor2_0's SDPA call,
-            # so those steps are bit-identical to the unpatched model.
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 attn_mask=attention_mask, dropout_p=0.0, is_causal=False,
-                                                 scale=scale)
-            return out.transpose(1, 2)
-        sigma = self.sigma if self.sigma is not None else 1.0
-        strength = self.strength if self.active else 0.0
+        flag = None if self.switch is None else self.switch.flag
+        if flag is not None and self.sigma is not None and torch.compiler.is_compiling():
+            # traced step window: both branches in the graph, one runs (no graph break, no recompile per step)
+            return torch.cond(flag, lambda q, k, v: self._with_tar(q, k, v, scale, attention_mask).contiguous(),
+                              lambda q, k, v: self._without_tar(q, k, v, scale, attention_mask).contiguous(),
+                              (q, k, v))
+        if self.active:
+            return self._with_tar(q, k, v, scale, attention_mask)
+        return self._without_tar(q, k, v, scale, attention_mask)
+
+    def _without_tar(self, q, k, v, scale: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """TAR off (outside the step window, or built without arguments): exactly AttnProcessor2_0's SDPA call, so
+        those steps are bit-identical to the unpatched model; the materialised processor runs its reference."""
+        if self.materialise:
+            return self._reference(q, k, v, scale, attention_mask, strength=0.0)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale)
+        return out.transpose(1, 2)
+
+    def _with_tar(self, q, k, v, scale: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
         if attention_mask is not None or self.materialise:
             if attention_mask is not None and not TARAttnProcessor._warned_mask:
                 logger.warning("TARAttnProcessor: an attention_mask is set; using the materialised reference "
                                "(correct, not fused)")
                 TARAttnProcessor._warned_mask = True
-            return tar_attention_reference(q, k, v, sigma=sigma, strength=strength, mode=self.mode, scale=scale,
-                                           attn_mask=attention_mask)
-        return tar_attention(q, k, v, sigma=sigma, strength=strength, mode=self.mode, scale=scale,
+            return self._reference(q, k, v, scale, attention_mask, strength=self.strength)
+        return tar_attention(q, k, v, sigma=self.sigma, strength=self.strength, mode=self.mode, scale=scale,
                              backend=self.backend)
+
+    def _reference(self, q, k, v, scale: float, attention_mask: torch.Tensor | None, strength: float) -> torch.Tensor:
+        sigma = self.sigma if self.sigma is not None else 1.0
+        return tar_attention_reference(q, k, v, sigma=sigma, strength=strength, mode=self.mode, scale=scale,
+                                       attn_mask=attention_mask)
+
 
 class MaterialisedTARProcessor(TARAttnProcessor):
     """The official method's memory behaviour, for benchmarks: scores, ΔA and probabilities materialised per layer

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .components import remove_pre_hook, restore_processors, unet_of
 from .discovery import temporal_container_paths
-from .patching import _unet_of, restore_processors
 
 _STATE_ATTR = "_vstar_synopsis_state"
 
@@ -57,6 +57,22 @@ def per_frame_context(context: torch.Tensor, frame_embeds: torch.Tensor) -> torc
     return out
 
 
+class SynopsisFrameCheck:
+    """UNet forward pre-hook: a call must have as many frames as the synopsis. The sample is (batch, channels,
+    frames, height, width); a mismatch is a ValueError naming both counts, before anything runs (otherwise frames
+    and CFG halves would silently be conditioned on the wrong embeddings)."""
+
+    def __init__(self, frames: int) -> None:
+        self.frames = frames
+
+    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
+        sample = kwargs.get("sample", args[0] if args else None)
+        if isinstance(sample, torch.Tensor) and sample.dim() == 5 and sample.shape[2] != self.frames:
+            raise ValueError(f"the synopsis has {self.frames} per-frame embeddings but this call has "
+                             f"{sample.shape[2]} frames: build it with synopsis_embeddings(..., num_frames="
+                             f"{sample.shape[2]}) and apply_synopsis again")
+
+
 @dataclass
 class SynopsisHandle:
     """What ``apply_synopsis`` patched: the spatial cross-attention layers and the per-frame embeddings."""
@@ -65,6 +81,7 @@ class SynopsisHandle:
     frame_embeds: torch.Tensor
     _originals: dict[str, object] = field(default_factory=dict, repr=False)
     _installed: dict[str, SynopsisCrossAttnProcessor] = field(default_factory=dict, repr=False)
+    _check: SynopsisFrameCheck | None = field(default=None, repr=False)
 
 
 def spatial_cross_attention(unet: nn.Module) -> list[str]:
@@ -79,9 +96,10 @@ def apply_synopsis(model: nn.Module, frame_embeds: torch.Tensor) -> SynopsisHand
     """Condition frame f of ``model`` (a UNet3DConditionModel or UNetMotionModel, or a pipeline with ``.unet``) on
     ``frame_embeds[f]`` ((frames, tokens, dim), e.g. from :func:`vstar_kernels.synopsis_embeddings`).
 
-    Applying again replaces the previous synopsis. Composes with ``apply_tar`` (different layers).
+    Applying again replaces the previous synopsis. Composes with ``apply_tar`` (different layers). A UNet call
+    with another frame count than ``frame_embeds`` raises ValueError naming both.
     """
-    unet = _unet_of(model)
+    unet = unet_of(model)
     if not isinstance(frame_embeds, torch.Tensor) or frame_embeds.dim() != 3:
         raise ValueError("frame_embeds must be a (frames, tokens, dim) tensor")
     names = spatial_cross_attention(unet)
@@ -96,15 +114,19 @@ def apply_synopsis(model: nn.Module, frame_embeds: torch.Tensor) -> SynopsisHand
         handle._originals[name] = module.processor
         handle._installed[name] = installed
         module.set_processor(installed)
+    handle._check = SynopsisFrameCheck(frame_embeds.shape[0])
+    unet.register_forward_pre_hook(handle._check, with_kwargs=True)
     setattr(unet, _STATE_ATTR, handle)
     return handle
 
 
 def remove_synopsis(model: nn.Module) -> bool:
     """Restore the processors ``apply_synopsis`` wrapped; False if no synopsis was applied."""
-    unet = _unet_of(model)
+    unet = unet_of(model)
     handle: SynopsisHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
     if handle is None:
         return False
     restore_processors(unet, handle._originals, lambda name, current: current is handle._installed[name])
+    if handle._check is not None:
+        remove_pre_hook(unet, handle._check)
     return True

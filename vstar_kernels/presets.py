@@ -7,10 +7,13 @@ of the UNet (level 0), "32" the next (level 1). "64D1_32D8" means sigma 1 at lev
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from ..contract import make_params
+import torch
+
+from .contract import make_params
 
 PRESETS: dict[str, dict[int, float]] = {
     "64D1": {0: 1.0},
@@ -61,6 +64,9 @@ def resolve_levels(
     return mapping
 
 
+_TIMESTEP_TOLERANCE = 1e-6  # relative and absolute: locating a timestep in the scheduler's schedule
+
+
 @dataclass(frozen=True)
 class StepWindow:
     """When TAR is on. ``fraction``: on for the first ``fraction`` of the scheduler's steps, when the timestep can be
@@ -70,26 +76,48 @@ class StepWindow:
     hi: float
     fraction: float | None = None
 
-    def active(self, t: float | None, schedule: Sequence[float] | None = None) -> bool:
+    def active(self, t: float | None, schedule: Sequence[float] | torch.Tensor | None = None) -> bool:
+        """Whether TAR is on at timestep ``t`` (None: no timestep given, on)."""
         if t is None:
             return True
-        if self.fraction is not None and schedule:
-            matches = [i for i, s in enumerate(schedule) if math.isclose(s, t, rel_tol=1e-6, abs_tol=1e-6)]
-            if matches:
-                return matches[0] < round(self.fraction * len(schedule))
-        return self.lo <= t <= self.hi
+        steps = None if schedule is None else torch.as_tensor(schedule, dtype=torch.float64)
+        return bool(self.active_tensor(torch.tensor(float(t), dtype=torch.float64), steps))
+
+    def active_tensor(self, t: torch.Tensor, schedule: torch.Tensor | None = None) -> torch.Tensor:
+        """The rule as a 0-d bool tensor on ``t``'s device, with no data-dependent Python branch, so a forward
+        pre-hook traced by ``torch.compile(fullgraph=True)`` computes it in the graph. ``t`` may be batched (CFG):
+        its first element is the timestep."""
+        t = t.detach().reshape(-1)[0].to(torch.float64)
+        in_range = (t >= self.lo) & (t <= self.hi)
+        if self.fraction is None or schedule is None or schedule.numel() == 0:
+            return in_range
+        steps = schedule.detach().reshape(-1).to(device=t.device, dtype=torch.float64)
+        tolerance = torch.clamp(_TIMESTEP_TOLERANCE * torch.maximum(steps.abs(), t.abs()), min=_TIMESTEP_TOLERANCE)
+        close = (steps - t).abs() <= tolerance
+        first_steps = round(self.fraction * steps.numel())  # the first match lies among them iff one of them matches
+        return torch.where(close.any(), close[:first_steps].any(), in_range)
+
+
+def _window_bound(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"timesteps {name} must be a real number, got {type(value).__name__}")
+    out = float(value)
+    if math.isnan(out):
+        raise ValueError(f"timesteps {name} must not be NaN")
+    return out
 
 
 def resolve_window(timesteps: str | tuple[float, float]) -> StepWindow:
     """The step window: "paper" (first 14/25 of the schedule; t >= 440 of 1000 without a scheduler), "all", or an
-    inclusive (t_lo, t_hi) timestep range."""
-    if timesteps == "paper":
-        return StepWindow(NUM_TRAIN_TIMESTEPS * (1 - PAPER_FRACTION), math.inf, PAPER_FRACTION)
-    if timesteps == "all":
-        return StepWindow(-math.inf, math.inf)
-    if isinstance(timesteps, tuple | list) and len(timesteps) == 2:
-        lo, hi = (float(t) for t in timesteps)
+    inclusive (t_lo, t_hi) timestep range of real numbers (±inf for an open end)."""
+    if isinstance(timesteps, str):
+        if timesteps == "paper":
+            return StepWindow(NUM_TRAIN_TIMESTEPS * (1 - PAPER_FRACTION), math.inf, PAPER_FRACTION)
+        if timesteps == "all":
+            return StepWindow(-math.inf, math.inf)
+    elif isinstance(timesteps, tuple | list) and len(timesteps) == 2:
+        lo, hi = _window_bound("t_lo", timesteps[0]), _window_bound("t_hi", timesteps[1])
         if not lo <= hi:
-            raise ValueError(f"timesteps range must have t_lo <= t_hi, got {timesteps}")
+            raise ValueError(f"timesteps range must have t_lo <= t_hi, got {tuple(timesteps)}")
         return StepWindow(lo, hi)
     raise ValueError(f'timesteps must be "paper", "all" or a (t_lo, t_hi) pair, got {timesteps!r}')

@@ -1,0 +1,116 @@
+"""Static check of the CUDA fallback without a GPU: ``python -m vstar_kernels.checks.nvcc_check``.
+
+Compiles ``csrc/tar_attention_cuda.cu`` (no ATen inside, so no CUDA build of torch is needed) with ``nvcc`` for
+each architecture with ``-Xptxas -v`` and prints registers, shared memory and spills per kernel. Exit status 1 on a
+compile error or any spill; 2 when nvcc is not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..backends.extension_build import source_dir
+
+ARCHS = (80, 90)
+_ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for 'sm_(?P<arch>\d+)'")
+_SPILL = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill")
+_USAGE = re.compile(r"Used (?P<regs>\d+) registers.*?(?P<smem>\d+) bytes smem")
+_KERNEL = re.compile(r"tar_attention_kernelI(?P<dtype>f|6__half|13__nv_bfloat16)Li(?P<dpl>\d+)ELb(?P<rel>[01])E")
+_DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
+
+
+@dataclass
+class KernelUsage:
+    arch: int
+    kernel: str
+    registers: int = 0
+    smem: int = 0
+    stack: int = 0
+    spill_stores: int = 0
+    spill_loads: int = 0
+
+    @property
+    def spills(self) -> bool:
+        return self.spill_stores > 0 or self.spill_loads > 0
+
+
+def find_nvcc() -> str | None:
+    """nvcc from PATH, CUDA_HOME or /usr/local/cuda."""
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    for root in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root and (Path(root) / "bin" / "nvcc").is_file():
+            return str(Path(root) / "bin" / "nvcc")
+    return None
+
+
+def _describe(mangled: str) -> str:
+    match = _KERNEL.search(mangled)
+    if match is None:
+        return mangled
+    mode = "relative" if match["rel"] == "1" else "absolute/plain"
+    return f"{_DTYPES[match['dtype']]} head_dim<={32 * int(match['dpl'])} {mode}"
+
+
+def parse_ptxas(log: str) -> list[KernelUsage]:
+    """Per-kernel resource usage from ``-Xptxas -v`` output."""
+    rows: list[KernelUsage] = []
+    for line in log.splitlines():
+        if entry := _ENTRY.search(line):
+            rows.append(KernelUsage(arch=int(entry["arch"]), kernel=_describe(entry["name"])))
+        elif rows and (spill := _SPILL.search(line)):
+            rows[-1].stack, rows[-1].spill_stores, rows[-1].spill_loads = (
+                int(spill["stack"]), int(spill["stores"]), int(spill["loads"]))
+        elif rows and (usage := _USAGE.search(line)):
+            rows[-1].registers, rows[-1].smem = int(usage["regs"]), int(usage["smem"])
+    return rows
+
+
+def compile_cuda(nvcc: str, archs: tuple[int, ...] = ARCHS) -> tuple[int, str, list[KernelUsage]]:
+    """Compile the .cu for ``archs``; (return code, compiler log, usage rows)."""
+    src = source_dir()
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", str(src / "tar_attention_cuda.cu"), "-o", str(Path(tmp) / "tar_attention_cuda.o"),
+               "-std=c++17", "-O3", f"-I{src}", "-Xptxas", "-v", *gencode]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    log = proc.stdout + proc.stderr
+    return proc.returncode, log, parse_ptxas(log)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="SM versions (default 80 90)")
+    args = parser.parse_args(argv)
+    nvcc = find_nvcc()
+    if nvcc is None:
+        print("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)", file=sys.stderr)
+        return 2
+    code, log, rows = compile_cuda(nvcc, tuple(args.arch))
+    if code != 0:
+        print(log, file=sys.stderr)
+        print(f"nvcc failed with exit status {code}", file=sys.stderr)
+        return 1
+    print(f"{'arch':<6}{'kernel':<36}{'regs':>6}{'smem B':>9}{'stack B':>9}{'spill st/ld B':>15}")
+    for row in rows:
+        print(f"sm_{row.arch:<3}{row.kernel:<36}{row.registers:>6}{row.smem:>9}{row.stack:>9}"
+              f"{row.spill_stores:>8}/{row.spill_loads:<6}")
+    spilled = [row for row in rows if row.spills]
+    if not rows:
+        print("no kernels found in the ptxas output", file=sys.stderr)
+        return 1
+    print(f"{len(rows)} kernels, max {max(r.registers for r in rows)} registers, {len(spilled)} with spills")
+    return 1 if spilled else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

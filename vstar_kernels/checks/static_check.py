@@ -1,0 +1,497 @@
+"""Static resource check of every Triton specialisation the launcher can choose, without a GPU.
+
+Run ``python -m vstar_kernels.checks.static_check [--arch 80 90] [--jobs N] [--csv PATH] [--value-classes plain aligned]
+[--cache-dir DIR]``.
+
+1. :func:`reachable_specialisations` enumerates the compiles :func:`~vstar_kernels.backends.triton_tar.forward`
+   can trigger: every :class:`BlockConfig` that ``block_config`` returns over a grid of frame counts, head dims and
+   both modes, times fp16/bf16/fp32, times the constexpr flags ``_launch`` passes for ``strength != 0`` and
+   ``strength == 0``. The flags are not re-derived here: ``_launch`` itself is called with the kernel swapped for a
+   recorder, so whatever ``_launch`` passes (today RELATIVE, TWO_PASS, BLOCK_*, DOT_PRECISION,
+   num_warps, num_stages) is what gets compiled. Identical compiles are deduplicated.
+2. Each one is AOT-compiled for each requested arch (``triton.compile`` on a ``GPUTarget``; no driver needed).
+3. Registers, shared and local memory come from the cubin (bundled ``cuobjdump --dump-resource-usage``); spill
+   stores/loads from re-running the ptxas triton used, with triton's flags, ``-v`` on the PTX. Triton's dynamic
+   shared memory (``metadata.shared``) is compared with the per-block limit of the arch, as the launcher does.
+4. A table is printed; the exit status is 1 if any compile fails, spills, uses local memory or needs more shared
+   memory than the arch allows (the rows are listed), 2 if the check cannot run at all, else 0.
+
+Runtime-argument specialisation. Triton also specialises non-constexpr arguments on their values: an int equal
+to 1 becomes the constexpr 1, an int (or pointer address) divisible by 16 gets a ``tt.divisibility = 16`` hint.
+Covering every value class of every shape would multiply the compiles by ~17, so each compile uses a
+representative call from :data:`VALUE_CLASSES`: a diffusers-style layout with 16-byte-aligned pointers, a unit last
+stride (so ``stride_*d`` become the constexpr 1) and other strides that are multiples of 16. In the default class
+"plain", ``num_heads``, ``len_q``, ``len_k`` and ``head_dim`` are neither 1 nor multiples of 16 (plain ``i32``, no
+hint: the general masked case, e.g. head_dim 40); in "aligned" all four are multiples of 16 (e.g. head_dim 64, 16
+frames, 16 heads), which changes vectorisation and so register allocation. ``--value-classes plain aligned``
+checks both (twice the compiles). :func:`specialise_value` applies triton's rule to those values; the tests
+cross-check it against triton's own binder.
+
+Configs passed explicitly to ``forward(config=...)`` (tests forcing two-pass) are not covered: only what
+``block_config`` can return.
+
+Under ``TRITON_INTERPRET=1`` the kernel is an interpreted function that cannot be compiled; :func:`main` refuses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import inspect
+import itertools
+import multiprocessing
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from ..backends import triton_tar
+from ..backends.triton_tar import BlockConfig, block_config
+from ..contract import MODES, make_params
+
+ARCHS: tuple[int, ...] = (80, 90)
+# Largest dynamic shared memory one block may request (opt-in), as the launcher checks ``metadata.shared``.
+SHARED_LIMIT: dict[int, int] = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
+DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_TRITON_TYPES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
+
+# Shapes fed to block_config: every head_dim, powers of two and their neighbours plus a few odd frame counts.
+HEAD_DIMS: tuple[int, ...] = tuple(range(1, triton_tar.MAX_HEAD_DIM + 1))
+FRAME_COUNTS: tuple[int, ...] = tuple(sorted(
+    {n for p in range(12) for n in (2**p - 1, 2**p, 2**p + 1) if 1 <= n <= 2048} | {14, 24, 25, 100, 1000}
+))
+STRENGTHS: tuple[float, ...] = (1.0, 0.0)  # biased, and strength == 0 (launched as absolute with a zero bias)
+
+# Representative calls (see the module docstring): (batch, frames, heads, head_dim) shape and strides.
+VALUE_CLASSES: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, int]]] = {
+    "plain": ((2, 100, 10, 40), (100 * 10 * 48, 10 * 48, 48, 1)),
+    "aligned": ((2, 32, 16, 64), (32 * 16 * 64, 16 * 64, 64, 1)),
+}
+
+_FP_FUSION_WARNING = "TRITON_DEFAULT_FP_FUSION is unset"
+
+
+# ---------------------------------------------------------------------------------------------- enumeration
+@dataclass(frozen=True)
+class Spec:
+    """One distinct compile: equal Specs are identical ``triton.compile`` calls for a given arch.
+
+    ``value_class`` names the representative call (:data:`VALUE_CLASSES`). ``config.two_pass`` equals the
+    TWO_PASS constexpr actually passed (a two-pass config launched with strength 0 compiles as absolute). ``constexprs``
+    are the constexpr keywords ``_launch`` passes, in kernel order; ``signature`` maps every kernel argument to its
+    triton type ("*fp16", "i32", "fp32", "constexpr"); ``specialised`` holds the runtime arguments triton turns
+    into constexprs (the unit strides); ``divisible`` the arguments that carry ``tt.divisibility = 16``.
+    """
+
+    dtype: str
+    value_class: str
+    config: BlockConfig
+    constexprs: tuple[tuple[str, object], ...]
+    signature: tuple[tuple[str, str], ...]
+    specialised: tuple[tuple[str, int], ...]
+    divisible: tuple[str, ...]
+
+    @property
+    def variant(self) -> str:
+        """One of: relative, relative-2pass, absolute (which strength == 0 also runs)."""
+        flags = dict(self.constexprs)
+        if not flags["RELATIVE"]:
+            return "absolute"
+        return "relative-2pass" if flags["TWO_PASS"] else "relative"
+
+
+def reachable_configs() -> list[tuple[BlockConfig, str, str]]:
+    """Every distinct (BlockConfig, mode, dtype) ``block_config`` returns over FRAME_COUNTS² x HEAD_DIMS x MODES x
+    DTYPES."""
+    found = {
+        (block_config(len_q, len_k, head_dim, mode, DTYPES[dtype]), mode, dtype)
+        for dtype in DTYPES for len_q in FRAME_COUNTS for len_k in FRAME_COUNTS for head_dim in HEAD_DIMS
+        for mode in MODES
+    }
+    return sorted(found, key=lambda item: (_config_key(item[0]), item[1], item[2]))
+
+
+def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list[Spec]:
+    """Every distinct compile the launcher can choose: reachable (config, mode, dtype) x the flags ``_launch``
+    passes, for each representative call in ``value_classes`` (keys of :data:`VALUE_CLASSES`).
+
+    Deterministic order (value class, dtype, block_d, block_n, block_m, variant); no two elements are equal.
+    """
+    specs: set[Spec] = set()
+    names = _kernel_arg_names()
+    configs = reachable_configs()
+    with _recording_kernel() as calls:
+        for value_class, (config, mode, dtype), strength in itertools.product(value_classes, configs, STRENGTHS):
+            params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, strength=strength, mode=mode)
+            tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
+            triton_tar._launch((1, 1), *tensors, params, config)
+            specs.add(_spec_from_call(dtype, value_class, names, *calls.pop()))
+    return sorted(specs, key=_spec_key)
+
+
+def specialise_value(value: object) -> tuple[str, int | None, bool]:
+    """How triton 3.x specialises one non-constexpr argument: (type, constexpr value or None, divisible by 16).
+
+    Pointers (tensors) are typed by dtype and divisible when their address is 16-byte aligned; ints equal to 1
+    become the constexpr 1, other ints are i32 (i64 beyond 32 bits) and divisible when a multiple of 16; floats
+    are fp32 and never specialised.
+    """
+    if isinstance(value, torch.Tensor):
+        return f"*{_TRITON_TYPES[value.dtype]}", None, value.data_ptr() % 16 == 0
+    if isinstance(value, bool):
+        raise TypeError("bool kernel arguments are not expected by this kernel")
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", 1, False
+        return ("i32" if -(2**31) <= value < 2**31 else "i64"), None, value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", None, False
+    raise TypeError(f"unexpected kernel argument type {type(value).__name__}")
+
+
+def _config_key(config: BlockConfig) -> tuple[int, ...]:
+    return (config.block_d, config.block_n, config.block_m, config.two_pass, config.num_warps, config.num_stages)
+
+
+def _spec_key(spec: Spec) -> tuple[object, ...]:
+    return (list(VALUE_CLASSES).index(spec.value_class), list(DTYPES).index(spec.dtype), _config_key(spec.config),
+            spec.variant, spec.constexprs)
+
+
+def _representative_tensor(dtype: torch.dtype, value_class: str = "plain") -> torch.Tensor:
+    """A storage-free (meta) tensor of the value class's shape and strides; its data_ptr() is 0 (aligned)."""
+    shape, strides = VALUE_CLASSES[value_class]
+    return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+
+
+class _Recorder:
+    """Stands in for the kernel: ``kernel[grid](*args, **kwargs)`` records (args, kwargs) instead of launching."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+    def __getitem__(self, grid: object):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+@contextmanager
+def _recording_kernel() -> Iterator[list[tuple[tuple[object, ...], dict[str, object]]]]:
+    """Swap the module's kernel for a :class:`_Recorder` (restored on exit); yields the recorded calls."""
+    recorder = _Recorder()
+    with mock.patch.object(triton_tar, "_tar_attention_fwd", recorder):
+        yield recorder.calls
+
+
+def _kernel_arg_names() -> list[str]:
+    """The kernel's parameter names (works for a JITFunction and an interpreted one)."""
+    return list(inspect.signature(triton_tar._tar_attention_fwd.fn).parameters)
+
+
+def _spec_from_call(dtype: str, value_class: str, names: Sequence[str], args: tuple[object, ...],
+                    kwargs: dict[str, object]) -> Spec:
+    """Turn one recorded ``_launch`` call of the kernel with parameters ``names`` into a Spec."""
+    kwargs = dict(kwargs)
+    num_warps, num_stages = kwargs.pop("num_warps"), kwargs.pop("num_stages")
+    signature, specialised, divisible = [], [], []
+    for name, value in zip(names, args, strict=False):
+        ty, const, div = specialise_value(value)
+        signature.append((name, ty))
+        if const is not None:
+            specialised.append((name, const))
+        if div:
+            divisible.append(name)
+    signature += [(name, "constexpr") for name in names[len(args):]]
+    config = BlockConfig(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"], two_pass=bool(kwargs["TWO_PASS"]),
+                         num_warps=num_warps, num_stages=num_stages)
+    constexprs = tuple((name, kwargs[name]) for name in names if name in kwargs)
+    return Spec(dtype, value_class, config, constexprs, tuple(signature), tuple(specialised), tuple(divisible))
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+@dataclass(frozen=True)
+class Usage:
+    """Resources of one compiled kernel (bytes unless named otherwise)."""
+
+    registers: int  # per thread, from the cubin
+    shared: int  # static shared memory in the cubin
+    dynamic_shared: int  # triton's metadata.shared, requested at launch
+    local: int
+    stack: int
+    spill_stores: int
+    spill_loads: int
+    ptxas_registers: int  # from the ptxas -v re-run; must equal ``registers``
+
+
+@dataclass(frozen=True)
+class Row:
+    """The result for one (spec, arch): ``usage`` when it compiled, else ``error``."""
+
+    arch: int
+    spec: Spec
+    usage: Usage | None
+    error: str | None = None
+
+    def label(self) -> str:
+        """E.g. "sm_80 fp16 plain relative M=16 N=64 D=64 warps=2"."""
+        spec, cfg = self.spec, self.spec.config
+        return (f"sm_{self.arch} {spec.dtype} {spec.value_class} {spec.variant} M={cfg.block_m} N={cfg.block_n} "
+                f"D={cfg.block_d} warps={cfg.num_warps}")
+
+    def problems(self) -> list[str]:
+        """Why this row fails the check (empty when it passes)."""
+        if self.usage is None:
+            return [f"compile error: {self.error}"]
+        u, out = self.usage, []
+        if u.spill_stores or u.spill_loads:
+            out.append(f"spills {u.spill_stores} B stores / {u.spill_loads} B loads at {u.registers} registers")
+        if u.local:
+            out.append(f"uses {u.local} B local memory")
+        limit = SHARED_LIMIT.get(self.arch)
+        if limit is not None and u.dynamic_shared > limit:
+            out.append(f"needs {u.dynamic_shared} B shared memory > {limit} B per block on sm_{self.arch}")
+        if u.ptxas_registers != u.registers:
+            out.append(f"ptxas -v re-run reports {u.ptxas_registers} registers, cubin {u.registers}")
+        return out
+
+
+def compile_spec(spec: Spec, arch: int):
+    """AOT-compile ``spec`` for ``sm_<arch>`` with ``triton.compile``; returns the CompiledKernel.
+
+    Raises RuntimeError if the kernel is an interpreted function (TRITON_INTERPRET=1 at import).
+    """
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    kernel = triton_tar._tar_attention_fwd
+    if not isinstance(kernel, JITFunction):
+        raise RuntimeError(f"the kernel is a {type(kernel).__name__}, not a JITFunction: unset TRITON_INTERPRET")
+    constexprs = {**dict(spec.specialised), **dict(spec.constexprs)}
+    attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
+    source = ASTSource(fn=kernel, signature=dict(spec.signature), constexprs=constexprs, attrs=attrs)
+    options = {"num_warps": spec.config.num_warps, "num_stages": spec.config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def measure(spec: Spec, arch: int) -> Row:
+    """Compile ``spec`` for ``arch`` and read its resource usage; never raises (errors land in the Row)."""
+    try:
+        compiled = compile_spec(spec, arch)
+        with tempfile.TemporaryDirectory(prefix="vstar_static_") as workdir:
+            usage = _usage(compiled, arch, Path(workdir))
+        return Row(arch, spec, usage)
+    except Exception as exc:
+        return Row(arch, spec, None, f"{type(exc).__name__}: {_first_line(str(exc))}")
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0][:200] if lines else ""
+
+
+def _usage(compiled, arch: int, workdir: Path) -> Usage:
+    cubin = workdir / "kernel.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    res = _cubin_resources(cubin)
+    regs, stores, loads = _ptxas_spills(compiled.asm["ptx"], arch, bool(compiled.metadata.enable_fp_fusion), workdir)
+    return Usage(registers=res["REG"], shared=res["SHARED"], dynamic_shared=int(compiled.metadata.shared),
+                 local=res["LOCAL"], stack=res.get("STACK", 0), spill_stores=stores, spill_loads=loads,
+                 ptxas_registers=regs)
+
+
+def _run_tool(cmd: list[str]) -> str:
+    """Run a bundled NVIDIA tool; returns stdout + stderr, raises RuntimeError with its output on failure."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{Path(cmd[0]).name} failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+    return proc.stdout + proc.stderr
+
+
+def _cubin_resources(cubin: Path) -> dict[str, int]:
+    """REG/SHARED/LOCAL/STACK of the kernel function in ``cubin``, from ``cuobjdump --dump-resource-usage``."""
+    from triton import knobs
+
+    text = _run_tool([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)])
+    match = re.search(r"Function _tar_attention_fwd:\s*\n\s*(.*)", text)
+    if match is None:
+        raise RuntimeError(f"no resource usage for _tar_attention_fwd in cuobjdump output:\n{text}")
+    fields = dict(re.findall(r"([A-Z]+):(\d+)", match.group(1)))
+    return {key: int(value) for key, value in fields.items()}
+
+
+def _ptx_target(ptx: str) -> str:
+    """The ``.target`` arch of a PTX module, e.g. "sm_90a"."""
+    match = re.search(r"^\s*\.target\s+(sm_\w+)", ptx, re.MULTILINE)
+    if match is None:
+        raise RuntimeError("PTX has no .target line")
+    return match.group(1)
+
+
+def _ptxas_spills(ptx: str, arch: int, fp_fusion: bool, workdir: Path) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v``, run as triton runs it for ``arch``."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    src = workdir / "kernel.ptx"
+    src.write_text(ptx)
+    fmad = [] if fp_fusion else ["--fmad=false"]
+    cmd = [get_ptxas(arch).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2", f"--gpu-name={_ptx_target(ptx)}",
+           str(src), "-o", str(workdir / "kernel.o")]
+    log = _run_tool(cmd)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    regs = re.search(r"Used (\d+) registers", log)
+    if spills is None or regs is None:
+        raise RuntimeError(f"cannot parse ptxas -v output:\n{log}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def _init_worker(cache_dir: str) -> None:
+    """Process-pool initialiser: compile into ``cache_dir`` and silence triton 3.9's FP-fusion default notice."""
+    os.environ["TRITON_CACHE_DIR"] = cache_dir
+    warnings.filterwarnings("ignore", message=_FP_FUSION_WARNING)
+
+
+def run_all(specs: Sequence[Spec], archs: Sequence[int], jobs: int, cache_dir: str) -> list[Row]:
+    """Measure every (spec, arch) in a spawn-based process pool of ``jobs`` workers; rows in input order."""
+    tasks = [(spec, arch) for arch in archs for spec in specs]
+    ctx = multiprocessing.get_context("spawn")
+    rows: list[Row | None] = [None] * len(tasks)
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker,
+                                                initargs=(cache_dir,)) as pool:
+        futures = {pool.submit(measure, spec, arch): i for i, (spec, arch) in enumerate(tasks)}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            rows[futures[future]] = future.result()
+            if done % 50 == 0 or done == len(tasks):
+                print(f"  compiled {done}/{len(tasks)}", file=sys.stderr, flush=True)
+    return [row for row in rows if row is not None]
+
+
+# --------------------------------------------------------------------------------------------------- report
+# shared: static shared memory in the cubin; dyn_shared: triton's metadata.shared (requested at launch).
+COLUMNS: tuple[str, ...] = ("arch", "dtype", "ints", "variant", "BLOCK_M", "BLOCK_N", "BLOCK_D", "warps", "regs",
+                            "shared", "dyn_shared", "local", "stack", "spill_st", "spill_ld", "status")
+
+
+def row_cells(row: Row) -> list[str]:
+    """The table cells of ``row``, in COLUMNS order."""
+    cfg, u = row.spec.config, row.usage
+    numbers = ["-"] * 7 if u is None else [
+        str(v) for v in (u.registers, u.shared, u.dynamic_shared, u.local, u.stack, u.spill_stores, u.spill_loads)
+    ]
+    status = "ok" if not row.problems() else ("ERROR" if u is None else "FAIL")
+    spec = row.spec
+    return [f"sm_{row.arch}", spec.dtype, spec.value_class, spec.variant,
+            *(str(n) for n in (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps)), *numbers, status]
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Plain aligned text, one line per row, with a header."""
+    table = [list(COLUMNS), *(row_cells(row) for row in rows)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True)) for line in table)
+
+
+def write_csv(rows: Sequence[Row], path: str) -> None:
+    """The table as CSV, plus a ``problems`` column."""
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow([*COLUMNS, "problems"])
+        for row in rows:
+            writer.writerow([*row_cells(row), "; ".join(row.problems())])
+
+
+def summary(rows: Sequence[Row], archs: Sequence[int]) -> list[str]:
+    """Max registers and dynamic shared memory per arch, then one line per failing row."""
+    lines = []
+    for arch in archs:
+        usages = [row.usage for row in rows if row.arch == arch and row.usage is not None]
+        if usages:
+            lines.append(f"sm_{arch}: max registers {max(u.registers for u in usages)}, "
+                         f"max dynamic shared {max(u.dynamic_shared for u in usages)} B")
+    for row in rows:
+        for problem in row.problems():
+            lines.append(f"FAIL {row.label()}: {problem}")
+    return lines
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def toolchain_problem() -> str | None:
+    """None when an AOT compile can run here, else why not (interpreter mode, no triton / nvidia tools)."""
+    if triton_tar.triton is None:
+        return triton_tar._IMPORT_ERROR
+    from triton import knobs
+    from triton.runtime.jit import JITFunction
+
+    if knobs.runtime.interpret or not isinstance(triton_tar._tar_attention_fwd, JITFunction):
+        return ("TRITON_INTERPRET=1 is set (or was when vstar_kernels was imported): the kernel is an interpreted "
+                "function that triton.compile cannot compile. Run without it: "
+                "env -u TRITON_INTERPRET python -m vstar_kernels.checks.static_check")
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        tools = [knobs.nvidia.cuobjdump.path, get_ptxas(80).path, get_ptxas(90).path]
+    except Exception as exc:
+        return f"triton's NVIDIA backend tools are unavailable ({type(exc).__name__}: {exc})"
+    missing = [tool for tool in tools if not Path(tool).is_file()]
+    return f"missing NVIDIA tools: {missing}" if missing else None
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m vstar_kernels.checks.static_check",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT),
+                        help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all CPUs)")
+    parser.add_argument("--csv", metavar="PATH", help="also write the table to PATH as CSV")
+    parser.add_argument("--value-classes", nargs="+", default=["plain"], choices=list(VALUE_CLASSES),
+                        help="representative argument values (see the module docstring); default: plain")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="triton cache to compile into (reruns hit it); default: a temporary directory, removed "
+                             "afterwards (the full run writes ~0.5 GB)")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the check; returns 0 when every specialisation compiles without spills, 1 otherwise, 2 if it cannot run."""
+    args = _parse_args(argv)
+    problem = toolchain_problem()
+    if problem is not None:
+        print(f"static_check: cannot run: {problem}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    specs = reachable_specialisations(list(dict.fromkeys(args.value_classes)))
+    archs = list(dict.fromkeys(args.arch))
+    print(f"{len(specs)} specialisations x {len(archs)} arch(s) = {len(specs) * len(archs)} compiles, "
+          f"{args.jobs} job(s)", flush=True)
+    cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="vstar_static_cache_")
+    try:
+        rows = run_all(specs, archs, args.jobs, cache_dir)
+    finally:
+        if args.cache_dir is None:
+            shutil.rmtree(cache_dir, ignore_errors=True)
+    print(format_table(rows))
+    print("\n".join(summary(rows, archs)))
+    if args.csv:
+        write_csv(rows, args.csv)
+    failing = sum(1 for row in rows if row.problems())
+    print(f"{len(rows)} rows, {failing} failing, {time.perf_counter() - start:.0f} s wall")
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
