@@ -80,3 +80,13 @@ def assert_matches_reference(out: torch.Tensor, q, k, v, **kwargs) -> None:
     assert torch.isfinite(out).all(), "non-finite output"
     err, base, atol = reference_error(q, k, v, out, **kwargs)
     assert err <= 2 * base + atol, f"max error {err:.3e} > 2 * {base:.3e} + {atol:.3e} ({kwargs})"
+
+
+def pickle_round_trip(obj):
+    """``obj`` through ``torch.save`` / ``torch.load`` (full pickling, as a user saving a whole model does)."""
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)

@@ -6,11 +6,11 @@ Every model here is built from a released layer structure, narrower: AnimateDiff
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import pickle_round_trip
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -264,31 +264,20 @@ def test_a_newly_loaded_table_is_used_not_a_stale_cache():
 
 
 @torch.no_grad()
-def test_deepcopy_carries_its_own_positions():
+@pytest.mark.parametrize("mode", ["interpolate", "extrapolate"])
+@pytest.mark.parametrize("make_copy", [copy.deepcopy, pickle_round_trip], ids=["deepcopy", "pickle"])
+def test_copies_carry_their_own_positions(make_copy, mode):
     unet = small_motion_unet()
-    extend_frame_positions(unet, "interpolate")
+    extend_frame_positions(unet, mode)
     x, ehs = motion_inputs(64)
     expected = unet(x, 900, ehs).sample
-    twin = copy.deepcopy(unet)
+    twin = make_copy(unet)
+    assert frame_positions_state(twin) == frame_positions_state(unet)
     assert restore_frame_positions(unet)  # the original goes back to diffusers' limit; the copy keeps its mode
     assert torch.equal(twin(x, 900, ehs).sample, expected)
     with pytest.raises(RuntimeError, match=r"size of tensor a \(64\)"):
         unet(x, 900, ehs)
     assert all(type(m) is FramePositionEmbedding for m in tables(twin).values())
-
-
-@torch.no_grad()
-def test_pickled_model_keeps_its_positions():
-    unet = small_motion_unet()
-    extend_frame_positions(unet, "extrapolate")
-    x, ehs = motion_inputs(64)
-    expected = unet(x, 900, ehs).sample
-    buffer = io.BytesIO()
-    torch.save(unet, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert torch.equal(loaded(x, 900, ehs).sample, expected)
-    assert frame_positions_state(loaded) == frame_positions_state(unet)
 
 
 @torch.no_grad()

@@ -7,7 +7,6 @@ graph break on the timestep, NaN for a tiny sigma, ...).
 from __future__ import annotations
 
 import copy
-import io
 import math
 import os
 import subprocess
@@ -17,7 +16,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from helpers import assert_matches_reference, make_qkv, reference_error
+from helpers import assert_matches_reference, make_qkv, pickle_round_trip, reference_error
 
 from vstar_kernels import synopsis_embeddings, tar_attention, tar_attention_reference
 from vstar_kernels.backends import BACKENDS, Backend, extension, extension_build, torch_tar
@@ -66,10 +65,7 @@ def test_torch_save_of_a_patched_unet():
     apply_tar(unet, "64D1_32D8")
     x, ehs = unet_inputs()
     on, off = run(unet, 900, x, ehs), run(unet, 100, x, ehs)
-    buffer = io.BytesIO()
-    torch.save(unet, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
+    loaded = pickle_round_trip(unet)
     assert torch.equal(run(loaded, 100, x, ehs), off) and torch.equal(run(loaded, 900, x, ehs), on)
     assert remove_tar(loaded)
     assert torch.equal(run(loaded, 100, x, ehs), off)
