@@ -41,7 +41,8 @@ def tar_attention(
 
     Returns:
         (batch, Lq, heads, head_dim) in the input dtype, laid out so that ``.reshape(batch, Lq, heads * head_dim)``
-        is a free view.
+        is a free view. Differentiable in q, k and v on every backend; with no input requiring grad nothing is
+        saved.
 
     Raises:
         TypeError / ValueError: bad arguments, before any launch, naming the argument.
@@ -53,7 +54,27 @@ def tar_attention(
     impl = select_backend(q, params, backend)
     if q.numel() == 0:
         return torch.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype, device=q.device)
-    return impl.forward(q, k, v, params)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _TARAttentionFunction.apply(q, k, v, params, impl.NAME)
+    return impl.forward(q, k, v, params)  # inference: nothing saved, nothing recorded
+
+
+class _TARAttentionFunction(torch.autograd.Function):
+    """Autograd around a backend: its forward, and its backward (which recomputes from q, k, v: nothing else is
+    saved). Used only when an input requires grad."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, params: TARParams, name: str):
+        ctx.save_for_backward(q, k, v)
+        ctx.params, ctx.backend = params, name
+        return BACKENDS[name].forward(q, k, v, params)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = BACKENDS[ctx.backend].backward(q, k, v, grad_out, ctx.params)
+        needs = ctx.needs_input_grad
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None
 
 
 def requested_backend(backend: str) -> str:

@@ -2,8 +2,9 @@
 
 This is the definition every backend is tested against (see :mod:`vstar_kernels.contract` for the formula).
 It materialises the (batch, heads, Lq, Lk) score tensor, so use it for tests and small inputs only; the
-memory-bounded fallback (:mod:`vstar_kernels.backends.torch_tar`) reuses :func:`gaussian_delta` and
-:func:`apply_tar_bias` chunk by chunk.
+memory-bounded fallback (:mod:`vstar_kernels.backends.torch_tar`) reuses :func:`gaussian_delta`,
+:func:`apply_tar_bias` and its gradient :func:`tar_bias_backward` chunk by chunk. The reference is differentiable by
+autograd (the definition of the gradients too).
 """
 
 from __future__ import annotations
@@ -50,6 +51,21 @@ def apply_tar_bias(scores: torch.Tensor, delta: torch.Tensor, *, strength: float
         row_max = scores.amax(dim=-1, keepdim=True)
         return scores + strength * row_max * delta
     return scores + strength * delta
+
+
+def tar_bias_backward(grad_biased: torch.Tensor, scores: torch.Tensor, delta: torch.Tensor, *, strength: float,
+                      mode: str) -> torch.Tensor:
+    """The gradient through :func:`apply_tar_bias`: dL/dS from ``grad_biased`` = dL/dS' and the unbiased logits S.
+
+    absolute: dS = dS'. relative: S'_ij = S_ij + strength · m_i · ΔA_ij with m_i = max_j S_ij, so
+    dS_ij = dS'_ij + strength · [S_ij = m_i] / |{j: S_ij = m_i}| · Σ_j' dS'_ij' ΔA_ij': the row max passes its
+    gradient to the argmax, split evenly among tied keys as ``torch.amax`` does (identical frames make ties real).
+    """
+    if mode != "relative" or strength == 0.0:
+        return grad_biased
+    ties = (scores == scores.amax(dim=-1, keepdim=True)).to(grad_biased.dtype)
+    coupling = (grad_biased * delta).sum(dim=-1, keepdim=True)
+    return grad_biased + (strength * coupling / ties.sum(dim=-1, keepdim=True)) * ties
 
 
 def tar_attention_probs(

@@ -1,6 +1,6 @@
 """Backends of ``tar_attention``: one module each, all honouring the op contract and the :class:`~.base.Backend`
 interface (``NAME``, ``DTYPES``, ``MAX_HEAD_DIM``, ``unavailable_reason``, ``unsupported_reason``, ``note_fallback``,
-``forward``). :mod:`vstar_kernels.ops` chooses among them.
+``forward``, ``backward``). :mod:`vstar_kernels.ops` chooses among them and makes the forward differentiable.
 """
 
 from __future__ import annotations

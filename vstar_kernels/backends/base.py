@@ -32,7 +32,7 @@ class InputSpec:
 
 @runtime_checkable
 class Backend(Protocol):
-    """One backend: a name, what it supports, why it cannot run, and the forward."""
+    """One backend: a name, what it supports, why it cannot run, the forward and its backward."""
 
     NAME: str
     DTYPES: tuple[torch.dtype, ...]  # input dtypes it computes
@@ -48,4 +48,8 @@ class Backend(Protocol):
         """Called when "auto" passes this backend over for ``reason`` (e.g. to warn once about a failed build)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams) -> torch.Tensor:
-        """(batch, Lq, heads, head_dim) output of the op contract."""
+        """(batch, Lq, heads, head_dim) output of the op contract (no autograd: ops wraps it)."""
+
+    def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+                 params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(dq, dk, dv) for the output gradient ``grad_out``, shaped and typed like q, k, v."""

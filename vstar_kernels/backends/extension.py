@@ -78,7 +78,8 @@ _fake_registered = False
 
 
 def _register_fake_once() -> None:
-    """The op's shape function for FakeTensor tracing (torch.compile, export): output shaped like q, v's head_dim."""
+    """The op's Python kernels: the shape function for FakeTensor tracing (torch.compile, export), output shaped like
+    q with v's head_dim, and its autograd formula."""
     global _fake_registered
     if _fake_registered:
         return
@@ -87,6 +88,20 @@ def _register_fake_once() -> None:
     def _fake(q, k, v, sigma, strength=1.0, mode="relative", scale=1.0, q_offset=0, k_offset=0):
         _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset)
         return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+    def _setup_context(ctx, inputs, output):
+        q, k, v, sigma, strength, mode, scale, q_offset, k_offset = inputs
+        ctx.save_for_backward(q, k, v)
+        ctx.params = TARParams(sigma, strength, mode, scale, q_offset, k_offset)
+
+    def _backward(ctx, grad_out):
+        q, k, v = ctx.saved_tensors
+        dq, dk, dv = backward(q, k, v, grad_out, ctx.params)
+        needs = ctx.needs_input_grad
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, *(None,) * 6)
+
+    # the op called directly (torch.ops.vstar_kernels.tar_attention) is differentiable too
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
 
     _fake_registered = True
 
@@ -192,3 +207,12 @@ def note_fallback(reason: str) -> None:
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams) -> torch.Tensor:
     return torch.ops.vstar_kernels.tar_attention(q, k, v, params.sigma, params.strength, params.mode, params.scale,
                                                  params.q_offset, params.k_offset)
+
+
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+             params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv). No fused extension backward kernel exists yet: the torch backend's memory-bounded chunked
+    backward (the same gradient, recomputed per chunk on this device) runs."""
+    from . import torch_tar
+
+    return torch_tar.backward(q, k, v, grad_out, params)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import TARParams
-from ..reference import apply_tar_bias, gaussian_delta
+from ..reference import apply_tar_bias, gaussian_delta, tar_bias_backward
 from .base import InputSpec
 
 NAME = "torch"
@@ -27,8 +27,10 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = None
 DEFAULT_BUDGET_MB = 256
 BUDGET_ENV = "VSTAR_KERNELS_TORCH_BUDGET_MB"
-# float32 scores, the biased copy and the softmax output are alive at once
+# float32 scores, the biased copy and the softmax output are alive at once in the forward; the backward adds dP,
+# dS' and dS
 _LIVE_SCORE_COPIES = 3
+_LIVE_SCORE_COPIES_BACKWARD = 6
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -91,10 +93,12 @@ def _forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TAR
 
 
 def chunk_plan(
-    batch: int, len_q: int, heads: int, len_k: int, compute_dtype: torch.dtype, budget: int
+    batch: int, len_q: int, heads: int, len_k: int, compute_dtype: torch.dtype, budget: int,
+    copies: int = _LIVE_SCORE_COPIES,
 ) -> tuple[int, int]:
-    """(batch chunk, query-frame chunk) whose live score tensors fit ``budget`` bytes (at least one row)."""
-    row_bytes = heads * len_k * (torch.finfo(compute_dtype).bits // 8) * _LIVE_SCORE_COPIES
+    """(batch chunk, query-frame chunk) whose ``copies`` live score tensors fit ``budget`` bytes (at least one
+    row)."""
+    row_bytes = heads * len_k * (torch.finfo(compute_dtype).bits // 8) * copies
     q_chunk = max(1, min(len_q, budget // row_bytes))
     b_chunk = max(1, min(batch, budget // (row_bytes * len_q))) if q_chunk == len_q else 1
     return b_chunk, q_chunk
@@ -123,3 +127,56 @@ def _forward_chunked(
             del scores
             out[bs, qs] = torch.matmul(probs, vh).transpose(1, 2)
     return out
+
+
+def backward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grad_out: torch.Tensor,
+    params: TARParams,
+    *,
+    memory_budget: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of TAR attention for the output gradient ``grad_out``, each shaped and typed like its input.
+
+    Memory-bounded like the forward: per chunk of the batch (and of the query frames) it recomputes S, S' and
+    P = softmax(S') in float32 (float64 for float64 inputs) and applies dS' = P ∘ (dP − rowsum(P ∘ dP)) with
+    dP = dO·Vᵀ, the bias gradient (:func:`~vstar_kernels.reference.tar_bias_backward`: the row max's share goes to
+    the tied argmax keys), dQ = scale·dS·K, dK += scale·dSᵀ·Q and dV += Pᵀ·dO. Nothing of size Lq×Lk outlives a
+    chunk, and the forward saves only its inputs.
+    """
+    batch, len_q, heads, dim = q.shape
+    len_k = k.shape[1]
+    compute = _compute_dtype(q.dtype)
+    b_chunk, q_chunk = chunk_plan(batch, len_q, heads, len_k, compute, memory_budget or memory_budget_bytes(),
+                                  copies=_LIVE_SCORE_COPIES_BACKWARD)
+    delta = gaussian_delta(len_q, len_k, sigma=params.sigma, q_offset=params.q_offset,
+                           k_offset=params.k_offset, dtype=compute, device=q.device)
+    dq = torch.empty((batch, len_q, heads, dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, len_k, heads, dim), dtype=k.dtype, device=k.device)
+    dv = torch.empty((batch, len_k, heads, v.shape[3]), dtype=v.dtype, device=v.device)
+    for b0 in range(0, batch, b_chunk):
+        bs = slice(b0, b0 + b_chunk)
+        kh = k[bs].transpose(1, 2).to(compute)  # (b, heads, Lk, dim)
+        vh = v[bs].transpose(1, 2).to(compute)
+        dk_acc = torch.zeros_like(kh)
+        dv_acc = torch.zeros_like(vh)
+        for i0 in range(0, len_q, q_chunk):
+            qs = slice(i0, i0 + q_chunk)
+            qh = q[bs, qs].transpose(1, 2).to(compute)
+            doh = grad_out[bs, qs].transpose(1, 2).to(compute)
+            scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale)
+            probs = torch.softmax(apply_tar_bias(scores, delta[qs], strength=params.strength, mode=params.mode), -1)
+            dprobs = torch.matmul(doh, vh.transpose(-1, -2))
+            grad_biased = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
+            del dprobs
+            grad_scores = tar_bias_backward(grad_biased, scores, delta[qs], strength=params.strength,
+                                            mode=params.mode).mul_(params.scale)
+            del grad_biased, scores
+            dq[bs, qs] = torch.matmul(grad_scores, kh).transpose(1, 2)
+            dk_acc += torch.matmul(grad_scores.transpose(-1, -2), qh)
+            dv_acc += torch.matmul(probs.transpose(-1, -2), doh)
+        dk[bs] = dk_acc.transpose(1, 2)
+        dv[bs] = dv_acc.transpose(1, 2)
+    return dq, dk, dv

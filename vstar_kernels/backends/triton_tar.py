@@ -282,3 +282,12 @@ if triton is not None:
         out = acc / l_i[:, None]
         tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
                  out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
+             params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv). No fused Triton backward kernel exists yet: the torch backend's memory-bounded chunked
+    backward (the same gradient, recomputed per chunk on this device) runs."""
+    from . import torch_tar
+
+    return torch_tar.backward(q, k, v, grad_out, params)
