@@ -3,12 +3,14 @@
 // (vstar_kernels/backends/extension.py) next to the loader.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
 #include <string_view>
+#include <tuple>
 
 #include "tar_attention.h"
 #include "tar_attention_cpu.h"
@@ -96,6 +98,44 @@ at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
 #endif
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
+    double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
+  const std::string_view mode_sv(mode.data(), mode.size());
+  check_inputs(q, k, v, sigma, strength, mode_sv, scale);
+  TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == q.size(0) && grad_out.size(1) == q.size(1) &&
+                  grad_out.size(2) == q.size(2) && grad_out.size(3) == v.size(3),
+              "tar_attention_backward: grad_out must be shaped like the output ", q.sizes(), ", got ",
+              grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(),
+              "tar_attention_backward: grad_out must match q's dtype and device");
+  TORCH_CHECK(q.is_cpu(), "tar_attention_backward: the fused backward is CPU-only, got ", q.device());
+  TORCH_CHECK(q_offset >= -(int64_t{1} << 53) && q_offset <= (int64_t{1} << 53) &&
+                  k_offset >= -(int64_t{1} << 53) && k_offset <= (int64_t{1} << 53),
+              "tar_attention_backward: q_offset and k_offset must be within +-2^53");
+  if (q.numel() == 0 || k.numel() == 0)  // nothing attends: every gradient is zero
+    return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
+  at::Tensor dq = at::empty(q.sizes(), q.options());
+  at::Tensor dk = at::empty(k.sizes(), k.options());
+  at::Tensor dv = at::empty(v.sizes(), v.options());
+  TARParams p;
+  p.batch = q.size(0);
+  p.len_q = q.size(1);
+  p.heads = q.size(2);
+  p.head_dim = q.size(3);
+  p.len_k = k.size(1);
+  p.q = strides_of(q);
+  p.k = strides_of(k);
+  p.v = strides_of(v);
+  p.scale = static_cast<float>(scale);
+  p.gauss_log2_coeff = tar_gauss_log2_coeff(sigma);
+  p.strength = static_cast<float>(strength);
+  p.offset_delta = static_cast<double>(q_offset - k_offset);
+  p.relative = mode_sv == "relative";
+  tar_attention_backward_cpu(p, grad_out, q, k, v, dq, dk, dv);
+  return {dq, dk, dv};
+}
+
 }  // namespace
 }  // namespace vstar
 
@@ -103,9 +143,15 @@ TORCH_LIBRARY(vstar_kernels, m) {
   m.def(
       "tar_attention(Tensor q, Tensor k, Tensor v, float sigma, float strength=1.0, str mode='relative', "
       "float scale=1.0, int q_offset=0, int k_offset=0) -> Tensor");
+  m.def(
+      "tar_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, float sigma, float strength=1.0, "
+      "str mode='relative', float scale=1.0, int q_offset=0, int k_offset=0) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(vstar_kernels, CPU, m) { m.impl("tar_attention", &vstar::tar_attention); }
+TORCH_LIBRARY_IMPL(vstar_kernels, CPU, m) {
+  m.impl("tar_attention", &vstar::tar_attention);
+  m.impl("tar_attention_backward", &vstar::tar_attention_backward);
+}
 
 #ifdef VSTAR_WITH_CUDA
 TORCH_LIBRARY_IMPL(vstar_kernels, CUDA, m) { m.impl("tar_attention", &vstar::tar_attention); }

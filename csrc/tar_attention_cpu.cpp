@@ -40,14 +40,15 @@ inline int64_t skewed_stride(int64_t cols) { return cols % 64 == 0 ? cols + 8 : 
 
 // C[r, 0:ncols] (+)= sum_c A[r, c] * B[c, 0:ncols] for RB rows; A rows are `lda` apart, B rows `ldb` apart.
 // ncols is a multiple of kVec; columns are processed kColVecs vectors at a time, then one vector at a time.
-template <int RB>
+// Accumulate: add to C instead of overwriting it (the backward's dK and dV sums over query blocks).
+template <int RB, bool Accumulate = false>
 void micro_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t inner,
                 int64_t ncols) {
   int64_t j = 0;
   for (; j + kColVecs * kVec <= ncols; j += kColVecs * kVec) {
     Vec acc[RB][kColVecs];
     for (int r = 0; r < RB; ++r)
-      for (int v = 0; v < kColVecs; ++v) acc[r][v] = Vec(0.f);
+      for (int v = 0; v < kColVecs; ++v) acc[r][v] = Accumulate ? Vec::loadu(c + r * ldc + j + v * kVec) : Vec(0.f);
     for (int64_t x = 0; x < inner; ++x) {
       Vec bv[kColVecs];
       for (int v = 0; v < kColVecs; ++v) bv[v] = Vec::loadu(b + x * ldb + j + v * kVec);
@@ -61,7 +62,7 @@ void micro_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float*
   }
   for (; j < ncols; j += kVec) {
     Vec acc[RB];
-    for (int r = 0; r < RB; ++r) acc[r] = Vec(0.f);
+    for (int r = 0; r < RB; ++r) acc[r] = Accumulate ? Vec::loadu(c + r * ldc + j) : Vec(0.f);
     for (int64_t x = 0; x < inner; ++x) {
       const Vec bv = Vec::loadu(b + x * ldb + j);
       for (int r = 0; r < RB; ++r) acc[r] = at::vec::fmadd(Vec(a[r * lda + x]), bv, acc[r]);
@@ -70,19 +71,21 @@ void micro_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float*
   }
 }
 
-// C (m x ncols) = A (m x inner) B (inner x ncols), rows blocked by kRows.
+// C (m x ncols) (+)= A (m x inner) B (inner x ncols), rows blocked by kRows.
+template <bool Accumulate = false>
 void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
                int64_t inner, int64_t ncols) {
   int64_t r = 0;
-  for (; r + kRows <= m; r += kRows) micro_gemm<kRows>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, inner, ncols);
+  for (; r + kRows <= m; r += kRows)
+    micro_gemm<kRows, Accumulate>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, inner, ncols);
   const float* ar = a + r * lda;
   float* cr = c + r * ldc;
   switch (m - r) {
-    case 5: micro_gemm<5>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
-    case 4: micro_gemm<4>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
-    case 3: micro_gemm<3>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
-    case 2: micro_gemm<2>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
-    case 1: micro_gemm<1>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 5: micro_gemm<5, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 4: micro_gemm<4, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 3: micro_gemm<3, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 2: micro_gemm<2, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 1: micro_gemm<1, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
     default: break;
   }
 }
@@ -115,6 +118,16 @@ inline float exp_sum(float* s, float max, int64_t n) {
     sum = sum + e;
   }
   return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
+}
+
+// Gaussian row table: row i reads table[(len_q - 1 - i) + j] = G(gi - gj) for j in [0, cols); empty for cols 0.
+std::vector<float> gaussian_table(const TARParams& p, int64_t cols) {
+  std::vector<float> table(cols > 0 ? p.len_q - 1 + cols : 0, 0.f);
+  for (int64_t t = 0; t < static_cast<int64_t>(table.size()); ++t) {
+    const double dist = p.offset_delta + static_cast<double>(p.len_q - 1 - t);
+    table[t] = tar_gaussian(dist, p.gauss_log2_coeff);
+  }
+  return table;
 }
 
 template <typename scalar_t>
@@ -150,12 +163,7 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
   const int64_t num_qb = (lq + bm - 1) / bm;
   const bool has_bias = tar_has_bias(p);
 
-  // Gaussian row table: row i reads gauss[(lq - 1 - i) + j] = G(gi - gj) for j in [0, lk_pad).
-  std::vector<float> gauss(has_bias ? lq - 1 + lk_pad : 0, 0.f);
-  for (int64_t t = 0; t < static_cast<int64_t>(gauss.size()); ++t) {
-    const double dist = p.offset_delta + static_cast<double>(lq - 1 - t);
-    gauss[t] = tar_gaussian(dist, p.gauss_log2_coeff);
-  }
+  const std::vector<float> gauss = gaussian_table(p, has_bias ? lk_pad : 0);
 
   at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
     std::unique_ptr<float[]> scratch(new float[d * ld_k + lk * ld_v + bm * d + bm * ld_k + bm * ld_v]);
@@ -209,6 +217,120 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
   });
 }
 
+
+// The backward, per (batch, head) task (so dK and dV are summed without races), query blocks of up to bm rows:
+//   S  = (scale Q) K^T            recomputed with the forward's micro-kernel, so the row max and its ties are exact
+//   P  = softmax(S + coeff G)     coeff = strength * rowmax(S) (relative) or strength (absolute)
+//   dP = dO V^T,  dS' = P (dP - rowsum(P dP))
+//   dS = dS' + strength * [S = rowmax] / #ties * rowsum(dS' G)        (relative: the row max's gradient)
+//   dQ = scale dS K,  dK += dS^T (scale Q),  dV += P^T dO
+// Buffers per thread: packed K^T, V^T, K, the block's Q and dO, three bm x Lk strips and dK, dV accumulators.
+template <typename scalar_t>
+void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go_strides, const scalar_t* go,
+                                     const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* dq,
+                                     scalar_t* dk, scalar_t* dv, const TensorStrides& dq_s,
+                                     const TensorStrides& dk_s, const TensorStrides& dv_s) {
+  const int64_t lq = p.len_q, lk = p.len_k, d = p.head_dim;
+  const int64_t lk_pad = round_up(lk, kVec), d_pad = round_up(d, kVec);
+  const int64_t ld_k = skewed_stride(lk_pad), ld_d = skewed_stride(d_pad);
+  const int64_t bm = std::min<int64_t>(std::clamp<int64_t>(kStripFloats / lk_pad / kRows * kRows, kRows, 64), lq);
+  const bool has_bias = tar_has_bias(p);
+  const std::vector<float> gauss = gaussian_table(p, has_bias ? lk_pad : 0);
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
+    const int64_t floats = 2 * d * ld_k + lk * ld_d + 2 * bm * ld_d + 3 * bm * ld_k + lk * bm + 2 * lk * ld_d +
+                           bm * ld_d;
+    std::unique_ptr<float[]> scratch(new float[floats]);
+    float* kt = scratch.get();      // d x lk_pad: K^T
+    float* vt = kt + d * ld_k;      // d x lk_pad: V^T
+    float* kp = vt + d * ld_k;      // lk x d_pad: K
+    float* qp = kp + lk * ld_d;     // bm x d_pad: scale * Q of the block
+    float* dop = qp + bm * ld_d;    // bm x d_pad: dO of the block
+    float* s = dop + bm * ld_d;     // bm x lk_pad: S, then P
+    float* s0 = s + bm * ld_k;      // bm x lk_pad: unbiased S (relative mode)
+    float* ds = s0 + bm * ld_k;     // bm x lk_pad: dP, then dS
+    float* tr = ds + bm * ld_k;     // lk x bm: a transposed strip
+    float* dk_acc = tr + lk * bm;   // lk x d_pad
+    float* dv_acc = dk_acc + lk * ld_d;
+    float* dq_acc = dv_acc + lk * ld_d;  // bm x d_pad
+
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const Strided<scalar_t> ks{k + b * p.k.batch + h * p.k.head, p.k.frame, p.k.dim};
+      const Strided<scalar_t> vs{v + b * p.v.batch + h * p.v.head, p.v.frame, p.v.dim};
+      const Strided<scalar_t> qs{q + b * p.q.batch + h * p.q.head, p.q.frame, p.q.dim};
+      const Strided<scalar_t> gos{go + b * go_strides.batch + h * go_strides.head, go_strides.frame, go_strides.dim};
+      std::fill(kt, kt + 2 * d * ld_k + lk * ld_d, 0.f);  // kt, vt, kp with their padding
+      std::fill(qp, qp + 2 * bm * ld_d, 0.f);
+      std::fill(dk_acc, dk_acc + 2 * lk * ld_d, 0.f);
+      for (int64_t j = 0; j < lk; ++j)
+        for (int64_t c = 0; c < d; ++c) {
+          const float kv = ks.at(j, c);
+          kt[c * ld_k + j] = kv;
+          kp[j * ld_d + c] = kv;
+          vt[c * ld_k + j] = vs.at(j, c);
+        }
+      for (int64_t m0 = 0; m0 < lq; m0 += bm) {
+        const int64_t mb = std::min(bm, lq - m0);
+        for (int64_t r = 0; r < mb; ++r)
+          for (int64_t c = 0; c < d; ++c) {
+            qp[r * ld_d + c] = qs.at(m0 + r, c) * p.scale;
+            dop[r * ld_d + c] = gos.at(m0 + r, c);
+          }
+        gemm_rows(qp, ld_d, kt, ld_k, s, ld_k, mb, d, lk_pad);    // S
+        gemm_rows(dop, ld_d, vt, ld_k, ds, ld_k, mb, d, lk_pad);  // dP
+        for (int64_t r = 0; r < mb; ++r) {
+          float* row = s + r * ld_k;
+          float* drow = ds + r * ld_k;
+          std::fill(row + lk, row + lk_pad, minus_inf);
+          const float* gauss_row = has_bias ? gauss.data() + (lq - 1 - (m0 + r)) : nullptr;
+          const float unbiased_max = row_max(row, lk_pad);
+          float max = unbiased_max;
+          if (has_bias) {
+            if (p.relative) std::copy(row, row + lk_pad, s0 + r * ld_k);
+            max = add_bias_max(row, gauss_row, tar_bias_coeff(p, unbiased_max, 1.f), lk_pad);
+          }
+          const float inv_sum = 1.f / exp_sum(row, max, lk_pad);
+          float dot = 0.f;  // rowsum(P dP)
+          for (int64_t j = 0; j < lk; ++j) {
+            row[j] *= inv_sum;
+            dot += row[j] * drow[j];
+          }
+          float coupling = 0.f;  // rowsum(dS' G)
+          for (int64_t j = 0; j < lk_pad; ++j) {
+            drow[j] = j < lk ? row[j] * (drow[j] - dot) : 0.f;
+            if (has_bias) coupling += drow[j] * gauss_row[j];
+          }
+          if (has_bias && p.relative && coupling != 0.f) {
+            const float* unbiased = s0 + r * ld_k;
+            int64_t ties = 0;
+            for (int64_t j = 0; j < lk; ++j) ties += unbiased[j] == unbiased_max;
+            const float share = p.strength * coupling / static_cast<float>(ties);
+            for (int64_t j = 0; j < lk; ++j)
+              if (unbiased[j] == unbiased_max) drow[j] += share;
+          }
+        }
+        gemm_rows(ds, ld_k, kp, ld_d, dq_acc, ld_d, mb, lk, d_pad);  // dQ / scale
+        scalar_t* dqrow = dq + b * dq_s.batch + h * dq_s.head + m0 * dq_s.frame;
+        for (int64_t r = 0; r < mb; ++r) store_row(dq_acc + r * ld_d, d, p.scale, dqrow + r * dq_s.frame, dq_s.dim);
+        for (int64_t j = 0; j < lk; ++j)
+          for (int64_t r = 0; r < mb; ++r) tr[j * bm + r] = ds[r * ld_k + j];
+        gemm_rows<true>(tr, bm, qp, ld_d, dk_acc, ld_d, lk, mb, d_pad);  // dK += dS^T (scale Q)
+        for (int64_t j = 0; j < lk; ++j)
+          for (int64_t r = 0; r < mb; ++r) tr[j * bm + r] = s[r * ld_k + j];
+        gemm_rows<true>(tr, bm, dop, ld_d, dv_acc, ld_d, lk, mb, d_pad);  // dV += P^T dO
+      }
+      scalar_t* dkrow = dk + b * dk_s.batch + h * dk_s.head;
+      scalar_t* dvrow = dv + b * dv_s.batch + h * dv_s.head;
+      for (int64_t j = 0; j < lk; ++j) {
+        store_row(dk_acc + j * ld_d, d, 1.f, dkrow + j * dk_s.frame, dk_s.dim);
+        store_row(dv_acc + j * ld_d, d, 1.f, dvrow + j * dv_s.frame, dv_s.dim);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 void tar_attention_cpu(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -223,6 +345,32 @@ void tar_attention_cpu(const TARParams& p, const at::Tensor& q, const at::Tensor
     case at::kHalf: run(c10::Half{}); break;
     case at::kBFloat16: run(c10::BFloat16{}); break;
     default: TORCH_CHECK(false, "vstar_kernels::tar_attention (CPU): unsupported dtype ", q.scalar_type());
+  }
+}
+
+}  // namespace vstar
+
+namespace vstar {
+
+void tar_attention_backward_cpu(const TARParams& p, const at::Tensor& grad_out, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, at::Tensor& dq, at::Tensor& dk,
+                                at::Tensor& dv) {
+  const TensorStrides go{grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3)};
+  const TensorStrides sq{dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3)};
+  const TensorStrides sk{dk.stride(0), dk.stride(1), dk.stride(2), dk.stride(3)};
+  const TensorStrides sv{dv.stride(0), dv.stride(1), dv.stride(2), dv.stride(3)};
+  auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    tar_attention_backward_cpu_impl<scalar_t>(p, go, grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+                                              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
+                                              dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
+                                              dv.mutable_data_ptr<scalar_t>(), sq, sk, sv);
+  };
+  switch (q.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "vstar_kernels::tar_attention_backward (CPU): unsupported dtype ", q.scalar_type());
   }
 }
 

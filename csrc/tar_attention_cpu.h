@@ -12,4 +12,10 @@ namespace vstar {
 void tar_attention_cpu(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        at::Tensor& out);
 
+// dq, dk, dv (shaped like q, k, v; any strides) of TAR attention for the output gradient grad_out, recomputing the
+// scores per (batch, head) and query block: never an Lq x Lk tensor. Row-max ties share its gradient evenly.
+void tar_attention_backward_cpu(const TARParams& p, const at::Tensor& grad_out, const at::Tensor& q,
+                                const at::Tensor& k, const at::Tensor& v, at::Tensor& dq, at::Tensor& dk,
+                                at::Tensor& dv);
+
 }  // namespace vstar

@@ -190,3 +190,36 @@ def test_unet_training_step_through_apply_tar_matches_the_materialised_processor
     assert temporal and all(fused[n] is not None and fused[n].abs().sum() > 0 for n in temporal)  # to_q/k/v/out
     for name, grad in fused.items():
         torch.testing.assert_close(grad, materialised[name], rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["extension", "torch"])
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_bfloat16_inputs(backend, mode):
+    q, k, v = make_qkv(2, 20, 2, 40, dtype=torch.bfloat16, layout="fused_qkv")
+    assert_grads_match_reference(backend, q, k, v, sigma=3.0, strength=1.0, mode=mode)
+
+
+@pytest.mark.parametrize(("len_q", "len_k", "dim"), [(3, 3000, 8), (130, 70, 20), (7, 1, 4)])
+def test_fused_cpu_backward_shapes(len_q, len_k, dim):
+    """Long key rows (the strip narrows to a few query rows), several query blocks, a single key."""
+    q, k, v = make_qkv(2, len_q, 2, dim, len_k=len_k, seed=len_k)
+    assert_grads_match_reference("extension", q, k, v, sigma=5.0, strength=2.0, q_offset=len_k - len_q)
+
+
+def test_fused_cpu_backward_op_checks_and_strided_grad():
+    assert extension.load() is None
+    op = torch.ops.vstar_kernels.tar_attention_backward
+    q, k, v = make_qkv(2, 9, 3, 16, layout="heads_first")
+    grad = torch.randn(2, 3, 9, 16).transpose(1, 2)  # a non-contiguous output gradient
+    torch.library.opcheck(op, (grad, q, k, v, 2.0, 1.0, "relative", 0.25, 0, 0))
+    dq, dk, dv = op(grad, q, k, v, 2.0, 1.0, "relative", 0.25, 0, 0)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = tar_attention_reference(*leaves, sigma=2.0, scale=0.25)
+    for g, r in zip((dq, dk, dv), torch.autograd.grad(ref, leaves, grad.double()), strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+    with pytest.raises(RuntimeError, match="grad_out must be shaped like the output"):
+        op(grad[:, :4], q, k, v, 2.0)
+    with pytest.raises(RuntimeError, match="sigma must be > 0"):
+        op(grad, q, k, v, 0.0)
+    empty = op(grad[:0], q[:0], k[:0], v[:0], 2.0)
+    assert [t.shape[0] for t in empty] == [0, 0, 0]

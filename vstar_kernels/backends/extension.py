@@ -29,6 +29,7 @@ from .base import InputSpec
 NAME = "extension"
 NO_BUILD_ENV = build.NO_BUILD_ENV
 OP_NAME = "vstar_kernels::tar_attention"
+BACKWARD_OP_NAME = "vstar_kernels::tar_attention_backward"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = None  # any head_dim on the CPU
 MAX_CUDA_HEAD_DIM = 256  # csrc/tar_attention.h kMaxCudaHeadDim
@@ -40,7 +41,7 @@ _availability_by_device: dict[str, str | None] = {}
 
 
 def _op_registered() -> bool:
-    return hasattr(torch.ops, "vstar_kernels") and hasattr(torch.ops.vstar_kernels, "tar_attention")
+    return hasattr(torch.ops, "vstar_kernels") and hasattr(torch.ops.vstar_kernels, "tar_attention_backward")
 
 
 def load() -> str | None:
@@ -88,6 +89,13 @@ def _register_fake_once() -> None:
     def _fake(q, k, v, sigma, strength=1.0, mode="relative", scale=1.0, q_offset=0, k_offset=0):
         _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset)
         return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
+
+    @torch.library.register_fake(BACKWARD_OP_NAME)
+    def _fake_backward(grad_out, q, k, v, sigma, strength=1.0, mode="relative", scale=1.0, q_offset=0, k_offset=0):
+        _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset)
+        if grad_out.shape != (*q.shape[:3], v.shape[3]) or grad_out.dtype != q.dtype:
+            raise RuntimeError("tar_attention_backward: grad_out must be shaped like the output and match q's dtype")
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _setup_context(ctx, inputs, output):
         q, k, v, sigma, strength, mode, scale, q_offset, k_offset = inputs
@@ -211,8 +219,12 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
              params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv). No fused extension backward kernel exists yet: the torch backend's memory-bounded chunked
-    backward (the same gradient, recomputed per chunk on this device) runs."""
-    from . import torch_tar
+    """(dq, dk, dv). CPU: the fused C++ backward (``vstar_kernels::tar_attention_backward``: scores recomputed per
+    (batch, head) and query block, never an Lq x Lk tensor). CUDA has no fused backward yet: the torch backend's
+    memory-bounded chunked backward runs there."""
+    if q.device.type != "cpu":
+        from . import torch_tar
 
-    return torch_tar.backward(q, k, v, grad_out, params)
+        return torch_tar.backward(q, k, v, grad_out, params)
+    return torch.ops.vstar_kernels.tar_attention_backward(grad_out, q, k, v, params.sigma, params.strength,
+                                                          params.mode, params.scale, params.q_offset, params.k_offset)
