@@ -84,18 +84,19 @@ def _grid(rows: list[dict], value: str, ylabel: str, title: str, path: Path) -> 
     return path
 
 
-def plot_sweep(csv_path: Path, run_id: str | None, out: Path) -> list[Path]:
-    """sweep_time_<device>.png and sweep_memory_<device>.png from one run of the sweep."""
+def plot_sweep(csv_path: Path, run_id: str | None, out: Path, prefix: str = "sweep") -> list[Path]:
+    """<prefix>_time_<device>.png and <prefix>_memory_<device>.png from one run of the sweep."""
     rows = read_rows(csv_path, run_id)
     if not rows:
         return []
     device, meta = rows[0]["device"], rows[0]
     tag = f"{meta['device_name'] or device}, torch {meta['torch']}, {meta['dtype']}, {meta['timestamp']}"
+    what = "forward+backward" if "backward" in prefix else "forward"
     written = [
-        _grid(rows, "median_ms", "median ms per call", f"TAR temporal attention: time ({tag})",
-              out / f"sweep_time_{device}.png"),
-        _grid(rows, "peak_mib", "peak MiB (one call)", f"TAR temporal attention: peak memory ({tag})",
-              out / f"sweep_memory_{device}.png"),
+        _grid(rows, "median_ms", "median ms per call", f"TAR temporal attention: {what} time ({tag})",
+              out / f"{prefix}_time_{device}.png"),
+        _grid(rows, "peak_mib", "peak MiB (one call)", f"TAR temporal attention: {what} peak memory ({tag})",
+              out / f"{prefix}_memory_{device}.png"),
     ]
     return [p for p in written if p is not None]
 

@@ -39,13 +39,32 @@ class Case:
 
 
 def make_case(tokens: int, frames: int, heads: int, head_dim: int, mode: str, *, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", sigma: float = 8.0, strength: float = 1.0) -> Case:
-    """``tokens // frames`` sequences (B·H·W of a latent) of ``frames`` frames, as views of one fused QKV projection."""
+              device: str | torch.device = "cpu", sigma: float = 8.0, strength: float = 1.0,
+              requires_grad: bool = False) -> Case:
+    """``tokens // frames`` sequences (B·H·W of a latent) of ``frames`` frames, as views of one fused QKV projection
+    (a leaf that requires grad with ``requires_grad``, as in training)."""
     batch = max(1, tokens // frames)
     gen = torch.Generator().manual_seed(0)
     fused = torch.randn(batch, frames, 3 * heads * head_dim, generator=gen).to(device=device, dtype=dtype)
+    fused.requires_grad_(requires_grad)
     q, k, v = (t.view(batch, frames, heads, head_dim) for t in fused.split(heads * head_dim, dim=-1))
     return Case(q, k, v, mode=mode, sigma=sigma, strength=strength)
+
+
+def forward_backward(forward: Thunk, case: Case) -> Thunk:
+    """A thunk that runs ``forward`` and the backward to the fused QKV projection (dq, dk, dv at once), for a case
+    made with ``requires_grad=True``."""
+    leaf = case.q._base if case.q._base is not None else case.q
+    if not leaf.requires_grad:
+        raise ValueError("forward_backward needs a case made with requires_grad=True")
+    gen = torch.Generator().manual_seed(1)
+    grad_out = torch.randn((*case.q.shape[:3], case.v.shape[3]), generator=gen).to(case.q.device, case.q.dtype)
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode(False), torch.enable_grad():  # the harness times inside inference_mode
+            return torch.autograd.grad(forward(), leaf, grad_out)[0]
+
+    return run
 
 
 @dataclass(frozen=True)

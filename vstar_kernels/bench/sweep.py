@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from vstar_kernels.bench.measure import OOM, failure_status, peak_in_process, probe, run_child
-from vstar_kernels.bench.providers import PROVIDERS, make_case
+from vstar_kernels.bench.providers import PROVIDERS, forward_backward, make_case
 from vstar_kernels.bench.timing import time_side_by_side
 
 
@@ -89,18 +89,27 @@ def analytic(batch: int, frames: int, heads: int, head_dim: int, dtype: torch.dt
 
 def _child(payload: dict) -> dict:
     """Subprocess entry (CPU memory): build the point, run the provider once, report the RSS growth."""
-    case = make_case(payload["tokens"], payload["frames"], payload["heads"], payload["head_dim"], payload["mode"])
-    thunk = PROVIDERS[payload["provider"]].build(case)
+    backward = payload.get("backward", False)
+    case = make_case(payload["tokens"], payload["frames"], payload["heads"], payload["head_dim"], payload["mode"],
+                     requires_grad=backward)
+    thunk = _thunk(PROVIDERS[payload["provider"]], case, backward)
     try:
         return {"status": "ok", "peak_mib": round(peak_in_process(thunk, case.q.device), 1)}
     except Exception as exc:  # reported, not raised: the parent records it
         return {"status": failure_status(exc)}
 
 
+def _thunk(provider, case, backward: bool):
+    forward = provider.build(case)
+    return forward_backward(forward, case) if backward else forward
+
+
 def measure_point(shape: Shape, frames: int, mode: str, providers: list[str], *, tokens: int, rounds: int,
-                  device: torch.device, dtype: torch.dtype, memory: bool) -> list[dict]:
-    """Rows for one (shape, frames, mode): every provider timed side by side, with memory when asked."""
-    case = make_case(tokens, frames, shape.heads, shape.head_dim, mode, dtype=dtype, device=device)
+                  device: torch.device, dtype: torch.dtype, memory: bool, backward: bool = False) -> list[dict]:
+    """Rows for one (shape, frames, mode): every provider timed side by side, with memory when asked; with
+    ``backward``, forward plus the backward to q, k and v."""
+    case = make_case(tokens, frames, shape.heads, shape.head_dim, mode, dtype=dtype, device=device,
+                     requires_grad=backward)
     batch = case.q.shape[0]
     min_bytes, gflop = analytic(batch, frames, shape.heads, shape.head_dim, dtype)
     base = {"shape": shape.name, "heads": shape.heads, "head_dim": shape.head_dim, "batch": batch, "frames": frames,
@@ -113,7 +122,7 @@ def measure_point(shape: Shape, frames: int, mode: str, providers: list[str], *,
         if reason is not None:
             rows[name] = {**base, "provider": name, "status": f"unavailable: {reason}"}
             continue
-        thunk = provider.build(case)
+        thunk = _thunk(provider, case, backward)
         status = probe(thunk)
         rows[name] = {**base, "provider": name, "status": status}
         if status == "ok":
@@ -136,7 +145,7 @@ def measure_point(shape: Shape, frames: int, mode: str, providers: list[str], *,
                 rows[name]["peak_mib"] = round(peak_in_process(thunks[name], device), 1)
             else:
                 payload = {"tokens": tokens, "frames": frames, "heads": shape.heads, "head_dim": shape.head_dim,
-                           "mode": mode, "provider": name}
+                           "mode": mode, "provider": name, "backward": backward}
                 result = run_child("vstar_kernels.bench.sweep", payload)
                 if result["status"] == "ok":
                     rows[name]["peak_mib"] = result["peak_mib"]
@@ -181,13 +190,13 @@ def run(args: argparse.Namespace) -> Path:
     console = Console(stderr=True)
     meta = run_metadata(device)
     out = Path(args.out)
-    csv_path = out / "sweep.csv"
+    csv_path = out / ("sweep_backward.csv" if args.backward else "sweep.csv")
     points = [(SHAPES[s], f, m) for s in args.shapes for m in args.modes for f in args.frames]
     all_rows: list[dict] = []
     for index, (shape, frames, mode) in enumerate(track(points, description="sweep", console=console)):
         memory = args.memory == "all" or (args.memory == "first" and shape.name == args.shapes[0])
         rows = measure_point(shape, frames, mode, args.providers, tokens=args.tokens, rounds=args.rounds,
-                             device=device, dtype=dtype, memory=memory)
+                             device=device, dtype=dtype, memory=memory, backward=args.backward)
         append_csv(csv_path, rows, meta)
         all_rows += rows
         floor = next((r.get("median_ms") for r in rows if r["provider"] == FLOOR), None)
@@ -198,7 +207,7 @@ def run(args: argparse.Namespace) -> Path:
     if not args.no_plot:
         from vstar_kernels.bench.plots import plot_sweep
 
-        for png in plot_sweep(csv_path, meta["run_id"], out):
+        for png in plot_sweep(csv_path, meta["run_id"], out, prefix="sweep_backward" if args.backward else "sweep"):
             console.print(f"wrote {png}")
     console.print(f"appended {len(all_rows)} rows to {csv_path} (run {meta['run_id']})")
     return csv_path
@@ -223,6 +232,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None, default_out: Pat
     parser.add_argument("--memory", choices=["first", "all", "none"], default="first",
                         help="measure peak memory for the first shape only (default), every shape, or none")
     parser.add_argument("--out", default=str(default_out), help=f"output folder (default {default_out})")
+    parser.add_argument("--backward", action="store_true",
+                        help="time forward + backward (gradients of q, k, v, as in training) into sweep_backward.csv")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
