@@ -26,7 +26,7 @@ namespace {
 TensorStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
-                  std::string_view mode, double scale) {
+                  std::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->dim() == 4, "tar_attention: q, k, v must be 4-D (batch, frames, heads, head_dim), got ",
                 t->sizes());
@@ -49,18 +49,14 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "tar_attention: scale must be > 0 and finite, got ", scale);
   TORCH_CHECK(mode == "relative" || mode == "absolute", "tar_attention: mode must be 'relative' or 'absolute', got '",
               std::string(mode), "'");
-}
-
-at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
-                         double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
-  const std::string_view mode_sv(mode.data(), mode.size());
-  check_inputs(q, k, v, sigma, strength, mode_sv, scale);
   constexpr int64_t kMaxOffset = int64_t{1} << 53;  // frame indices exact in double
   TORCH_CHECK(q_offset >= -kMaxOffset && q_offset <= kMaxOffset && k_offset >= -kMaxOffset && k_offset <= kMaxOffset,
               "tar_attention: q_offset and k_offset must be within +-2^53, got ", q_offset, " and ", k_offset);
-  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
-  if (out.numel() == 0) return out;
+}
 
+// The kernels' parameters of checked inputs (the output strides are set by the caller that owns the output).
+TARParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
+                      std::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
   TARParams p;
   p.batch = q.size(0);
   p.len_q = q.size(1);
@@ -70,12 +66,22 @@ at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   p.q = strides_of(q);
   p.k = strides_of(k);
   p.v = strides_of(v);
-  p.o = strides_of(out);
   p.scale = static_cast<float>(scale);
   p.gauss_log2_coeff = tar_gauss_log2_coeff(sigma);
   p.strength = static_cast<float>(strength);
   p.offset_delta = static_cast<double>(q_offset - k_offset);  // exact: both within 2^53
-  p.relative = mode_sv == "relative";
+  p.relative = mode == "relative";
+  return p;
+}
+
+at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
+                         double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
+  const std::string_view mode_sv(mode.data(), mode.size());
+  check_inputs(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
+  at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
+  if (out.numel() == 0) return out;
+  TARParams p = make_params(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
+  p.o = strides_of(out);
 
   if (q.is_cpu()) {
     tar_attention_cpu(p, q, k, v, out);
@@ -102,7 +108,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
     double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
   const std::string_view mode_sv(mode.data(), mode.size());
-  check_inputs(q, k, v, sigma, strength, mode_sv, scale);
+  check_inputs(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == q.size(0) && grad_out.size(1) == q.size(1) &&
                   grad_out.size(2) == q.size(2) && grad_out.size(3) == v.size(3),
               "tar_attention_backward: grad_out must be shaped like the output ", q.sizes(), ", got ",
@@ -110,28 +116,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(),
               "tar_attention_backward: grad_out must match q's dtype and device");
   TORCH_CHECK(q.is_cpu(), "tar_attention_backward: the fused backward is CPU-only, got ", q.device());
-  TORCH_CHECK(q_offset >= -(int64_t{1} << 53) && q_offset <= (int64_t{1} << 53) &&
-                  k_offset >= -(int64_t{1} << 53) && k_offset <= (int64_t{1} << 53),
-              "tar_attention_backward: q_offset and k_offset must be within +-2^53");
   if (q.numel() == 0 || k.numel() == 0)  // nothing attends: every gradient is zero
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  TARParams p;
-  p.batch = q.size(0);
-  p.len_q = q.size(1);
-  p.heads = q.size(2);
-  p.head_dim = q.size(3);
-  p.len_k = k.size(1);
-  p.q = strides_of(q);
-  p.k = strides_of(k);
-  p.v = strides_of(v);
-  p.scale = static_cast<float>(scale);
-  p.gauss_log2_coeff = tar_gauss_log2_coeff(sigma);
-  p.strength = static_cast<float>(strength);
-  p.offset_delta = static_cast<double>(q_offset - k_offset);
-  p.relative = mode_sv == "relative";
+  const TARParams p = make_params(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
   tar_attention_backward_cpu(p, grad_out, q, k, v, dq, dk, dv);
   return {dq, dk, dv};
 }

@@ -333,45 +333,43 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
 
 }  // namespace
 
-void tar_attention_cpu(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       at::Tensor& out) {
-  auto run = [&](auto tag) {
-    using scalar_t = decltype(tag);
-    tar_attention_cpu_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
-                                     v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
-  };
-  switch (q.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "vstar_kernels::tar_attention (CPU): unsupported dtype ", q.scalar_type());
+namespace {
+
+// Calls fn(scalar_t{}) for the kernels' input dtypes.
+template <typename Fn>
+void dispatch_input_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "vstar_kernels::", op, " (CPU): unsupported dtype ", dtype);
   }
 }
 
-}  // namespace vstar
+TensorStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
-namespace vstar {
+}  // namespace
+
+void tar_attention_cpu(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       at::Tensor& out) {
+  dispatch_input_dtype(q.scalar_type(), "tar_attention", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    tar_attention_cpu_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                     v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+  });
+}
 
 void tar_attention_backward_cpu(const TARParams& p, const at::Tensor& grad_out, const at::Tensor& q,
                                 const at::Tensor& k, const at::Tensor& v, at::Tensor& dq, at::Tensor& dk,
                                 at::Tensor& dv) {
-  const TensorStrides go{grad_out.stride(0), grad_out.stride(1), grad_out.stride(2), grad_out.stride(3)};
-  const TensorStrides sq{dq.stride(0), dq.stride(1), dq.stride(2), dq.stride(3)};
-  const TensorStrides sk{dk.stride(0), dk.stride(1), dk.stride(2), dk.stride(3)};
-  const TensorStrides sv{dv.stride(0), dv.stride(1), dv.stride(2), dv.stride(3)};
-  auto run = [&](auto tag) {
+  dispatch_input_dtype(q.scalar_type(), "tar_attention_backward", [&](auto tag) {
     using scalar_t = decltype(tag);
-    tar_attention_backward_cpu_impl<scalar_t>(p, go, grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
-                                              k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(),
-                                              dq.mutable_data_ptr<scalar_t>(), dk.mutable_data_ptr<scalar_t>(),
-                                              dv.mutable_data_ptr<scalar_t>(), sq, sk, sv);
-  };
-  switch (q.scalar_type()) {
-    case at::kFloat: run(float{}); break;
-    case at::kHalf: run(c10::Half{}); break;
-    case at::kBFloat16: run(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "vstar_kernels::tar_attention_backward (CPU): unsupported dtype ", q.scalar_type());
-  }
+    tar_attention_backward_cpu_impl<scalar_t>(
+        p, strides_of(grad_out), grad_out.const_data_ptr<scalar_t>(), q.const_data_ptr<scalar_t>(),
+        k.const_data_ptr<scalar_t>(), v.const_data_ptr<scalar_t>(), dq.mutable_data_ptr<scalar_t>(),
+        dk.mutable_data_ptr<scalar_t>(), dv.mutable_data_ptr<scalar_t>(), strides_of(dq), strides_of(dk),
+        strides_of(dv));
+  });
 }
 
 }  // namespace vstar
