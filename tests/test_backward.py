@@ -223,3 +223,25 @@ def test_fused_cpu_backward_op_checks_and_strided_grad():
         op(grad, q, k, v, 0.0)
     empty = op(grad[:0], q[:0], k[:0], v[:0], 2.0)
     assert [t.shape[0] for t in empty] == [0, 0, 0]
+
+
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+@pytest.mark.parametrize(("len_q", "len_k"), [(40, 40), (17, 50), (50, 17)])
+def test_triton_backward_with_small_tiles_and_ties(mode, len_q, len_k):
+    """Forced 16-wide tiles: rows span several key tiles, the row max and its ties come from different tiles."""
+    from vstar_kernels.backends import triton_tar_backward as tb
+    from vstar_kernels.contract import make_params
+
+    q, k, v = make_qkv(2, len_q, 2, 24, len_k=len_k, seed=len_q * len_k)
+    k = k.clone()
+    k[:, 20 % len_k] = k[:, 3]  # identical key frames in different 16-wide tiles
+    q = q.clone()
+    q[:, :5] = k[:, 3:4] * 2.0
+    grad_out = torch.randn(2, len_q, 2, 24, generator=torch.Generator().manual_seed(3))
+    params = make_params(24, sigma=3.0, strength=1.5, mode=mode, q_offset=2)
+    config = tb.BackwardConfig(16, 16, 32, num_warps=2)
+    grads = tb.backward(q, k, v, grad_out, params, config=config)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = tar_attention_reference(*leaves, sigma=3.0, strength=1.5, mode=mode, q_offset=2)
+    for g, r in zip(grads, torch.autograd.grad(ref, leaves, grad_out.double()), strict=True):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Fused flash-style TAR temporal attention in Triton (forward).
+"""Fused flash-style TAR temporal attention in Triton (forward; the backward is in triton_tar_backward.py).
 
 Reads top-down: availability, the launcher, the block configuration (a plain function you can override), then
 the kernel. The kernel computes the Gaussian band inline in the exp2 domain; it never materialises a score
@@ -101,7 +101,7 @@ class BlockConfig:
     num_stages: int = 2
 
 
-def _next_pow2(n: int) -> int:
+def next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
@@ -132,10 +132,10 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
     """
     del len_q
     fp32 = dtype == torch.float32
-    block_d = max(MIN_BLOCK_D, _next_pow2(head_dim))
+    block_d = max(MIN_BLOCK_D, next_pow2(head_dim))
     limit = single_tile_limit(block_d, dtype)
-    fits = _next_pow2(len_k) <= limit
-    block_n = max(16, _next_pow2(len_k)) if fits else min(limit, 64 if block_d <= 128 else 32)
+    fits = next_pow2(len_k) <= limit
+    block_n = max(16, next_pow2(len_k)) if fits else min(limit, 64 if block_d <= 128 else 32)
     budget = _TILE_ELEMENTS_FP32 if fp32 else _TILE_ELEMENTS
     block_m = max(16, min(64, block_n, budget // block_n, budget // block_d))
     tile = block_m * max(block_n, block_d)
@@ -199,7 +199,7 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig) -> None:
 if triton is not None:
 
     @triton.jit
-    def _scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
+    def scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
                      DOT_PRECISION: tl.constexpr):
         """Logits of one key tile in log2 units, -inf past Lk: ``<q, k_j> * scale * log2(e)``."""
         mask_n = cols < len_k
@@ -250,7 +250,7 @@ if triton is not None:
             # pass 1: the row max of the unbiased logits (log2 units) over every key tile
             row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             for start_n in range(0, len_k, BLOCK_N):
-                s = _scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, start_n + offs_n, len_k,
+                s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, start_n + offs_n, len_k,
                                  qk_log2_scale, DOT_PRECISION)
                 row_max = tl.maximum(row_max, tl.max(s, 1))
 
@@ -259,7 +259,7 @@ if triton is not None:
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
             cols = start_n + offs_n
-            s = _scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
+            s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
                              DOT_PRECISION)
             # ΔA inline: G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) = exp2(-(gi - gj)^2 * gauss_log2_coeff)
             dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
@@ -286,8 +286,7 @@ if triton is not None:
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
              params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv). No fused Triton backward kernel exists yet: the torch backend's memory-bounded chunked
-    backward (the same gradient, recomputed per chunk on this device) runs."""
-    from . import torch_tar
+    """(dq, dk, dv) by the fused Triton backward kernels (:mod:`.triton_tar_backward`)."""
+    from .triton_tar_backward import backward as fused_backward
 
-    return torch_tar.backward(q, k, v, grad_out, params)
+    return fused_backward(q, k, v, grad_out, params)

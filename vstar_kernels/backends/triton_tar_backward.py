@@ -1,0 +1,291 @@
+"""Fused flash-style TAR backward in Triton: dQ over query blocks, dK and dV over key blocks, no atomics.
+
+Three kernels share one tile shape (BLOCK_M x BLOCK_N), so every kernel recomputes bit-identical score tiles with
+the forward's :func:`~vstar_kernels.backends.triton_tar.scores_tile`, and the row max's ties are found exactly:
+
+1. ``_tar_bwd_stats`` (grid: batch·heads x query blocks): per query row, the unbiased row max m (relative mode),
+   the log-sum-exp of S' (log2 units), D = rowsum(dO ∘ O) with O recomputed in fp32, and the row max's gradient
+   share strength · rowsum(dS' ∘ G) / #ties. Four fp32 numbers per row: O(batch·heads·Lq), never O(Lq·Lk).
+2. ``_tar_bwd_dq`` (same grid): dS = P ∘ (dP − D) (+ the share at the tied argmax keys), dQ = scale · dS·K.
+3. ``_tar_bwd_dkdv`` (grid: batch·heads x key blocks): dV = Σ Pᵀ·dO and dK = Σ dSᵀ·(scale·Q) over query blocks.
+
+Logits are in the exp2 domain like the forward (t = S·log2 e); the gradients are in natural units.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..contract import TARParams
+from .triton_tar import MIN_BLOCK_D, next_pow2, scores_tile, tl, triton
+
+_STATS = 4  # row max, log-sum-exp, D, tie share
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Tiles of the three backward kernels (one shape for all, so their score tiles are identical)."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int
+    num_stages: int = 1
+
+
+def backward_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.float16) -> BackwardConfig:
+    """Square tiles of at most 64 (32 for head_dim > 128; fp32: 32, or 16 for head_dim > 64), at least 16."""
+    block_d = max(MIN_BLOCK_D, next_pow2(head_dim))
+    cap = (32 if block_d <= 64 else 16) if dtype == torch.float32 else (64 if block_d <= 128 else 32)
+    block = max(16, min(cap, next_pow2(len_k)))
+    return BackwardConfig(block, block, block_d, num_warps=4 if block * block_d >= 4096 else 2)
+
+
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
+             *, config: BackwardConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous (batch, frames, heads, head_dim) in the input dtype; any input strides."""
+    batch, len_q, heads, head_dim = q.shape
+    len_k = k.shape[1]
+    cfg = config or backward_block_config(len_k, head_dim, q.dtype)
+    dq = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    dk = torch.empty((batch, len_k, heads, head_dim), dtype=k.dtype, device=k.device)
+    dv = torch.empty((batch, len_k, heads, head_dim), dtype=v.dtype, device=v.device)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    stats = torch.empty((_STATS, batch * heads, len_q), dtype=torch.float32, device=q.device)
+    relative = params.relative and params.strength != 0.0
+    common = dict(
+        strides=(*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()),
+        scalars=(heads, len_q, len_k, head_dim, float(params.offset_delta), params.qk_log2_scale,
+                 params.gauss_log2_coeff, params.bias_log2_scale, params.strength),
+        meta=dict(RELATIVE=relative, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages),
+    )
+    grid_q = (batch * heads, triton.cdiv(len_q, cfg.block_m))
+    grid_k = (batch * heads, triton.cdiv(len_k, cfg.block_n))
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _tar_bwd_stats[grid_q](q, k, v, grad_out, stats, *common["strides"], *common["scalars"], **common["meta"])
+        _tar_bwd_dq[grid_q](q, k, v, grad_out, stats, dq, *common["strides"], *dq.stride(), *common["scalars"],
+                            params.scale, **common["meta"])
+        _tar_bwd_dkdv[grid_k](q, k, v, grad_out, stats, dk, dv, *common["strides"], *dk.stride(), *dv.stride(),
+                              *common["scalars"], params.scale, **common["meta"])
+    return dq, dk, dv
+
+
+if triton is not None:
+
+    @triton.jit
+    def _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d, cols, len_k,
+                    row_pos, row_max, lse, delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
+                    RELATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """For one (query, key) tile: the unbiased log2 logits s, G, P = exp2(S' − lse) and dS' = P ∘ (dP − D)."""
+        s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale, DOT_PRECISION)
+        dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
+        gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
+        if RELATIVE:  # noqa: SIM108 - a constexpr branch of the kernel
+            biased = s + (bias_log2_scale * row_max)[:, None] * gauss
+        else:
+            biased = s + bias_log2_scale * gauss
+        p = tl.exp2(biased - lse[:, None])
+        vt = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :] * stride_vn,
+                     mask=mask_d[:, None] & (cols < len_k)[None, :], other=0.0)
+        dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta_row[:, None])
+        return s, gauss, p, ds
+
+    @triton.jit
+    def _tar_bwd_stats(
+        Q, K, V, DO, STATS,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_gb, stride_gm, stride_gh, stride_gd,
+        num_heads, len_q, len_k, head_dim,
+        offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
+        RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < len_q
+        mask_d = offs_d < head_dim
+        tile_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=tile_mask, other=0.0)
+        do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+                     mask=tile_mask, other=0.0)
+        row_pos = offs_m.to(tl.float32) + offset_delta
+
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        if RELATIVE:
+            for start_n in range(0, len_k, BLOCK_N):
+                s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, start_n + offs_n, len_k,
+                                qk_log2_scale, DOT_PRECISION)
+                row_max = tl.maximum(row_max, tl.max(s, 1))
+        # the forward, recomputed: log-sum-exp of S' and O (fp32) for D = rowsum(dO * O)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, len_k, BLOCK_N):
+            cols = start_n + offs_n
+            s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
+                            DOT_PRECISION)
+            dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
+            gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
+            if RELATIVE:  # noqa: SIM108 - a constexpr branch of the kernel
+                s = s + (bias_log2_scale * row_max)[:, None] * gauss
+            else:
+                s = s + bias_log2_scale * gauss
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                         mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+            m_i = m_new
+        lse = m_i + tl.log2(l_i)
+        delta_row = tl.sum(do.to(tl.float32) * (acc / l_i[:, None]), 1)
+
+        share = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if RELATIVE:  # the row max's gradient: strength * rowsum(dS' * G), split over the tied argmax keys
+            coupling = tl.zeros([BLOCK_M], dtype=tl.float32)
+            ties = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for start_n in range(0, len_k, BLOCK_N):
+                s, gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                              offs_d, mask_d, start_n + offs_n, len_k, row_pos, row_max, lse,
+                                              delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
+                                              RELATIVE, DOT_PRECISION)
+                coupling += tl.sum(ds * gauss, 1)
+                ties += tl.sum((s == row_max[:, None]).to(tl.float32), 1)
+            share = strength * coupling / tl.maximum(ties, 1.0)
+        rows = STATS + pid_bh * len_q + offs_m
+        plane = len_q * tl.num_programs(0)  # elements per statistic: batch·heads·Lq
+        tl.store(rows, row_max, mask=mask_m)
+        tl.store(rows + plane, lse, mask=mask_m)
+        tl.store(rows + 2 * plane, delta_row, mask=mask_m)
+        tl.store(rows + 3 * plane, share, mask=mask_m)
+
+    @triton.jit
+    def _tar_bwd_dq(
+        Q, K, V, DO, STATS, DQ,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_gb, stride_gm, stride_gh, stride_gd,
+        stride_dqb, stride_dqm, stride_dqh, stride_dqd,
+        num_heads, len_q, len_k, head_dim,
+        offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength, scale,
+        RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0).to(tl.int64)
+        pid_m = tl.program_id(1)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < len_q
+        mask_d = offs_d < head_dim
+        tile_mask = mask_m[:, None] & mask_d[None, :]
+        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                    mask=tile_mask, other=0.0)
+        do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+                     mask=tile_mask, other=0.0)
+        row_pos = offs_m.to(tl.float32) + offset_delta
+        rows = STATS + pid_bh * len_q + offs_m
+        plane = len_q * tl.num_programs(0)
+        row_max = tl.load(rows, mask=mask_m, other=0.0)
+        lse = tl.load(rows + plane, mask=mask_m, other=0.0)
+        delta_row = tl.load(rows + 2 * plane, mask=mask_m, other=0.0)
+        share = tl.load(rows + 3 * plane, mask=mask_m, other=0.0)
+
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, len_k, BLOCK_N):
+            cols = start_n + offs_n
+            s, _gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                            offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
+                                            qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION)
+            if RELATIVE:
+                ds = ds + tl.where(s == row_max[:, None], share[:, None], 0.0)
+            kb = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                         mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
+            dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PRECISION)
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                 (dq * scale).to(DQ.dtype.element_ty), mask=tile_mask)
+
+    @triton.jit
+    def _tar_bwd_dkdv(
+        Q, K, V, DO, STATS, DK, DV,
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        stride_vb, stride_vn, stride_vh, stride_vd,
+        stride_gb, stride_gm, stride_gh, stride_gd,
+        stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+        stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+        num_heads, len_q, len_k, head_dim,
+        offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength, scale,
+        RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+    ):
+        pid_bh = tl.program_id(0).to(tl.int64)
+        pid_n = tl.program_id(1)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        q_base = Q + b * stride_qb + h * stride_qh
+        k_base = K + b * stride_kb + h * stride_kh
+        v_base = V + b * stride_vb + h * stride_vh
+        do_base = DO + b * stride_gb + h * stride_gh
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_d = offs_d < head_dim
+        mask_n = cols < len_k
+        plane = len_q * tl.num_programs(0)
+
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        for start_m in range(0, len_q, BLOCK_M):
+            offs_m = start_m + offs_m0
+            mask_m = offs_m < len_q
+            tile_mask = mask_m[:, None] & mask_d[None, :]
+            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=tile_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=tile_mask,
+                         other=0.0)
+            rows = STATS + pid_bh * len_q + offs_m
+            row_max = tl.load(rows, mask=mask_m, other=0.0)
+            lse = tl.load(rows + plane, mask=mask_m, other=0.0)
+            delta_row = tl.load(rows + 2 * plane, mask=mask_m, other=0.0)
+            share = tl.load(rows + 3 * plane, mask=mask_m, other=0.0)
+            row_pos = offs_m.to(tl.float32) + offset_delta
+            s, _gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                           offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
+                                           qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION)
+            if RELATIVE:
+                ds = ds + tl.where(s == row_max[:, None], share[:, None], 0.0)
+            p = tl.where(mask_m[:, None], p, 0.0)
+            ds = tl.where(mask_m[:, None], ds, 0.0)
+            dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+        out_mask = mask_n[:, None] & mask_d[None, :]
+        tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                 (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+                 dv.to(DV.dtype.element_ty), mask=out_mask)
+
+
+__all__ = ["BackwardConfig", "backward", "backward_block_config"]
