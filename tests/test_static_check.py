@@ -18,12 +18,46 @@ from vstar_kernels.backends.triton_tar import block_config
 from vstar_kernels.checks import static_check
 
 VARIANTS = {"relative", "relative-2pass", "absolute"}
+BACKWARD_VARIANTS = {f"{k}-{m}" for k in ("bwd_stats", "bwd_dq", "bwd_dkdv") for m in ("relative", "absolute")}
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def specs() -> list[static_check.Spec]:
+def all_specs() -> list[static_check.Spec]:
     return static_check.reachable_specialisations()
+
+
+@pytest.fixture(scope="module")
+def specs(all_specs: list[static_check.Spec]) -> list[static_check.Spec]:
+    """The forward kernel's specialisations."""
+    return [s for s in all_specs if s.kernel == static_check.FORWARD_KERNEL]
+
+
+def test_backward_kernels_are_enumerated_for_every_dtype_and_bucket(all_specs: list[static_check.Spec]) -> None:
+    assert len(all_specs) == len(set(all_specs))
+    assert {s.dtype for s in all_specs if s.kernel != static_check.FORWARD_KERNEL} == {"fp16", "bf16"}
+    for dtype in ("fp16", "bf16"):
+        for block_d in (32, 64, 128, 256):
+            found = {s.variant for s in all_specs if s.kernel != static_check.FORWARD_KERNEL and s.dtype == dtype
+                     and s.config.block_d == block_d}
+            assert found == BACKWARD_VARIANTS, (dtype, block_d, found)
+    for spec in all_specs:
+        if spec.kernel != static_check.FORWARD_KERNEL:
+            flags = dict(spec.constexprs)
+            assert flags["BLOCK_M"] == flags["BLOCK_N"] and "TWO_PASS" not in flags
+            assert all(name.startswith("stride_") and name.endswith("d") and value == 1
+                       for name, value in spec.specialised)
+
+
+@pytest.mark.parametrize(("len_k", "head_dim"), [(1, 1), (300, 40), (2048, 256), (65, 129)])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_every_backward_config_is_enumerated(all_specs, len_k: int, head_dim: int, dtype: str) -> None:
+    from vstar_kernels.backends.triton_tar_backward import backward_block_config
+
+    cfg = backward_block_config(len_k, head_dim, static_check.DTYPES[dtype])
+    tiles = {(s.config.block_m, s.config.block_n, s.config.block_d, s.config.num_warps)
+             for s in all_specs if s.dtype == dtype and s.kernel == "_tar_bwd_dkdv"}
+    assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps) in tiles
 
 
 def test_enumeration_covers_dtypes_buckets_and_variants(specs: list[static_check.Spec]) -> None:
@@ -37,7 +71,8 @@ def test_enumeration_covers_dtypes_buckets_and_variants(specs: list[static_check
 
 
 def test_value_classes_differ_only_in_int_hints() -> None:
-    both = static_check.reachable_specialisations(["plain", "aligned"])
+    both = [s for s in static_check.reachable_specialisations(["plain", "aligned"])
+            if s.kernel == static_check.FORWARD_KERNEL]
     plain = [s for s in both if s.value_class == "plain"]
     aligned = [s for s in both if s.value_class == "aligned"]
     assert len(plain) == len(aligned) == len(both) // 2

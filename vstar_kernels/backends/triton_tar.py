@@ -286,7 +286,12 @@ if triton is not None:
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
              params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) by the fused Triton backward kernels (:mod:`.triton_tar_backward`)."""
+    """(dq, dk, dv): fp16/bf16 by the fused Triton backward kernels (:mod:`.triton_tar_backward`); fp32 by the
+    torch backend's chunked backward (the fused kernels' IEEE fp32 tiles spill; fp32 training is rare)."""
+    if q.dtype == torch.float32:
+        from . import torch_tar
+
+        return torch_tar.backward(q, k, v, grad_out, params)
     from .triton_tar_backward import backward as fused_backward
 
     return fused_backward(q, k, v, grad_out, params)

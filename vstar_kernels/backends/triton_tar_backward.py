@@ -37,11 +37,16 @@ class BackwardConfig:
 
 
 def backward_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.float16) -> BackwardConfig:
-    """Square tiles of at most 64 (32 for head_dim > 128; fp32: 32, or 16 for head_dim > 64), at least 16."""
+    """Square tiles of 16 or 32 (16 for head_dim > 128), warps chosen so no kernel spills on sm_80 or sm_90
+    (``python -m vstar_kernels.checks.static_check`` compiles every fp16/bf16 config this returns). fp32 gets 16-wide
+    tiles, for the interpreter: on a GPU, :func:`vstar_kernels.backends.triton_tar.backward` sends fp32 to the
+    chunked torch backward, because IEEE fp32 dots keep both operand tiles in registers and spill here."""
     block_d = max(MIN_BLOCK_D, next_pow2(head_dim))
-    cap = (32 if block_d <= 64 else 16) if dtype == torch.float32 else (64 if block_d <= 128 else 32)
-    block = max(16, min(cap, next_pow2(len_k)))
-    return BackwardConfig(block, block, block_d, num_warps=4 if block * block_d >= 4096 else 2)
+    if dtype == torch.float32:
+        return BackwardConfig(16, 16, block_d, num_warps=4)
+    block = max(16, min(32 if block_d <= 128 else 16, next_pow2(len_k)))
+    num_warps = (2 if block_d <= 128 else 4) if block == 16 else (4 if block_d <= 64 else 8)
+    return BackwardConfig(block, block, block_d, num_warps=num_warps)
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,

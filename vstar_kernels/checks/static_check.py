@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import inspect
 import itertools
@@ -57,8 +58,9 @@ from unittest import mock
 
 import torch
 
-from ..backends import triton_tar
+from ..backends import triton_tar, triton_tar_backward
 from ..backends.triton_tar import BlockConfig, block_config
+from ..backends.triton_tar_backward import backward_block_config
 from ..contract import MODES, make_params
 
 ARCHS: tuple[int, ...] = (80, 90)
@@ -73,6 +75,7 @@ FRAME_COUNTS: tuple[int, ...] = tuple(sorted(
     {n for p in range(12) for n in (2**p - 1, 2**p, 2**p + 1) if 1 <= n <= 2048} | {14, 24, 25, 100, 1000}
 ))
 STRENGTHS: tuple[float, ...] = (1.0, 0.0)  # biased, and strength == 0 (launched as absolute with a zero bias)
+BACKWARD_DTYPES: tuple[str, ...] = ("fp16", "bf16")  # the dtypes the Triton backward kernels are launched for
 
 # Representative calls (see the module docstring): (batch, frames, heads, head_dim) shape and strides.
 VALUE_CLASSES: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, int]]] = {
@@ -81,6 +84,15 @@ VALUE_CLASSES: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, i
 }
 
 _FP_FUSION_WARNING = "TRITON_DEFAULT_FP_FUSION is unset"
+
+# Every kernel the launchers can start, by name, with the module that defines it.
+FORWARD_KERNEL = "_tar_attention_fwd"
+KERNELS: dict[str, object] = {
+    FORWARD_KERNEL: triton_tar,
+    "_tar_bwd_stats": triton_tar_backward,
+    "_tar_bwd_dq": triton_tar_backward,
+    "_tar_bwd_dkdv": triton_tar_backward,
+}
 
 
 # ---------------------------------------------------------------------------------------------- enumeration
@@ -102,14 +114,17 @@ class Spec:
     signature: tuple[tuple[str, str], ...]
     specialised: tuple[tuple[str, int], ...]
     divisible: tuple[str, ...]
+    kernel: str = FORWARD_KERNEL
 
     @property
     def variant(self) -> str:
-        """One of: relative, relative-2pass, absolute (which strength == 0 also runs)."""
+        """Forward: relative, relative-2pass or absolute (which strength == 0 also runs). Backward: the kernel and
+        the mode, e.g. bwd_dq-relative."""
         flags = dict(self.constexprs)
-        if not flags["RELATIVE"]:
-            return "absolute"
-        return "relative-2pass" if flags["TWO_PASS"] else "relative"
+        mode = "relative" if flags["RELATIVE"] else "absolute"
+        if self.kernel != FORWARD_KERNEL:
+            return f"{self.kernel.removeprefix('_tar_')}-{mode}"
+        return "relative-2pass" if flags["RELATIVE"] and flags["TWO_PASS"] else mode
 
 
 def reachable_configs() -> list[tuple[BlockConfig, str, str]]:
@@ -123,21 +138,36 @@ def reachable_configs() -> list[tuple[BlockConfig, str, str]]:
     return sorted(found, key=lambda item: (_config_key(item[0]), item[1], item[2]))
 
 
-def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list[Spec]:
-    """Every distinct compile the launcher can choose: reachable (config, mode, dtype) x the flags ``_launch``
-    passes, for each representative call in ``value_classes`` (keys of :data:`VALUE_CLASSES`).
+def reachable_backward_configs() -> list[tuple[object, str, str]]:
+    """Every distinct (BackwardConfig, mode, dtype) ``backward_block_config`` returns over FRAME_COUNTS x HEAD_DIMS
+    x MODES x BACKWARD_DTYPES (fp32 gradients run the chunked torch backward)."""
+    found = {(backward_block_config(len_k, head_dim, DTYPES[dtype]), mode, dtype)
+             for dtype in BACKWARD_DTYPES for len_k in FRAME_COUNTS for head_dim in HEAD_DIMS for mode in MODES}
+    return sorted(found, key=lambda item: (item[0].block_d, item[0].block_n, item[1], item[2]))
 
-    Deterministic order (value class, dtype, block_d, block_n, block_m, variant); no two elements are equal.
+
+def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list[Spec]:
+    """Every distinct compile the launchers can choose: reachable (config, mode, dtype) x the flags ``_launch``
+    passes, for each representative call in ``value_classes`` (keys of :data:`VALUE_CLASSES`); and the three
+    kernels of the Triton backward for every config ``backward_block_config`` returns.
+
+    Deterministic order (kernel, value class, dtype, block_d, block_n, block_m, variant); no two are equal.
     """
     specs: set[Spec] = set()
-    names = _kernel_arg_names()
-    configs = reachable_configs()
-    with _recording_kernel() as calls:
-        for value_class, (config, mode, dtype), strength in itertools.product(value_classes, configs, STRENGTHS):
+    with _recording_kernels() as calls:
+        for value_class, (config, mode, dtype), strength in itertools.product(value_classes, reachable_configs(),
+                                                                              STRENGTHS):
             params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, strength=strength, mode=mode)
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
             triton_tar._launch((1, 1), *tensors, params, config)
-            specs.add(_spec_from_call(dtype, value_class, names, *calls.pop()))
+            specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
+        for value_class, (config, mode, dtype), strength in itertools.product(
+                value_classes, reachable_backward_configs(), STRENGTHS):
+            params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, strength=strength, mode=mode)
+            tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
+            triton_tar_backward.backward(*tensors, params, config=config)
+            while calls:
+                specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
     return sorted(specs, key=_spec_key)
 
 
@@ -166,8 +196,8 @@ def _config_key(config: BlockConfig) -> tuple[int, ...]:
 
 
 def _spec_key(spec: Spec) -> tuple[object, ...]:
-    return (list(VALUE_CLASSES).index(spec.value_class), list(DTYPES).index(spec.dtype), _config_key(spec.config),
-            spec.variant, spec.constexprs)
+    return (list(KERNELS).index(spec.kernel), list(VALUE_CLASSES).index(spec.value_class),
+            list(DTYPES).index(spec.dtype), _config_key(spec.config), spec.variant, spec.constexprs)
 
 
 def _representative_tensor(dtype: torch.dtype, value_class: str = "plain") -> torch.Tensor:
@@ -176,32 +206,40 @@ def _representative_tensor(dtype: torch.dtype, value_class: str = "plain") -> to
     return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
 
 
-class _Recorder:
-    """Stands in for the kernel: ``kernel[grid](*args, **kwargs)`` records (args, kwargs) instead of launching."""
+Call = tuple[str, tuple[object, ...], dict[str, object]]
 
-    def __init__(self) -> None:
-        self.calls: list[tuple[tuple[object, ...], dict[str, object]]] = []
+
+class _Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records (name, args, kwargs) instead of
+    launching."""
+
+    def __init__(self, name: str, calls: list[Call], original: object) -> None:
+        self.name, self.calls = name, calls
+        self.fn = original.fn  # the Python function: its parameter names stay readable while recording
 
     def __getitem__(self, grid: object):
-        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+        return lambda *args, **kwargs: self.calls.append((self.name, args, kwargs))
 
 
 @contextmanager
-def _recording_kernel() -> Iterator[list[tuple[tuple[object, ...], dict[str, object]]]]:
-    """Swap the module's kernel for a :class:`_Recorder` (restored on exit); yields the recorded calls."""
-    recorder = _Recorder()
-    with mock.patch.object(triton_tar, "_tar_attention_fwd", recorder):
-        yield recorder.calls
+def _recording_kernels() -> Iterator[list[Call]]:
+    """Swap every kernel of :data:`KERNELS` for a :class:`_Recorder` (restored on exit); yields the calls."""
+    calls: list[Call] = []
+    with contextlib.ExitStack() as stack:
+        for name, module in KERNELS.items():
+            stack.enter_context(mock.patch.object(module, name, _Recorder(name, calls, getattr(module, name))))
+        yield calls
 
 
-def _kernel_arg_names() -> list[str]:
+def _kernel_arg_names(kernel: str = FORWARD_KERNEL) -> list[str]:
     """The kernel's parameter names (works for a JITFunction and an interpreted one)."""
-    return list(inspect.signature(triton_tar._tar_attention_fwd.fn).parameters)
+    return list(inspect.signature(getattr(KERNELS[kernel], kernel).fn).parameters)
 
 
-def _spec_from_call(dtype: str, value_class: str, names: Sequence[str], args: tuple[object, ...],
+def _spec_from_call(dtype: str, value_class: str, kernel: str, args: tuple[object, ...],
                     kwargs: dict[str, object]) -> Spec:
-    """Turn one recorded ``_launch`` call of the kernel with parameters ``names`` into a Spec."""
+    """Turn one recorded launch of ``kernel`` into a Spec."""
+    names = _kernel_arg_names(kernel)
     kwargs = dict(kwargs)
     num_warps, num_stages = kwargs.pop("num_warps"), kwargs.pop("num_stages")
     signature, specialised, divisible = [], [], []
@@ -213,10 +251,11 @@ def _spec_from_call(dtype: str, value_class: str, names: Sequence[str], args: tu
         if div:
             divisible.append(name)
     signature += [(name, "constexpr") for name in names[len(args):]]
-    config = BlockConfig(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"], two_pass=bool(kwargs["TWO_PASS"]),
-                         num_warps=num_warps, num_stages=num_stages)
+    config = BlockConfig(kwargs["BLOCK_M"], kwargs["BLOCK_N"], kwargs["BLOCK_D"],
+                         two_pass=bool(kwargs.get("TWO_PASS", False)), num_warps=num_warps, num_stages=num_stages)
     constexprs = tuple((name, kwargs[name]) for name in names if name in kwargs)
-    return Spec(dtype, value_class, config, constexprs, tuple(signature), tuple(specialised), tuple(divisible))
+    return Spec(dtype, value_class, config, constexprs, tuple(signature), tuple(specialised), tuple(divisible),
+                kernel)
 
 
 # ------------------------------------------------------------------------------------------------ compiling
@@ -276,7 +315,7 @@ def compile_spec(spec: Spec, arch: int):
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
 
-    kernel = triton_tar._tar_attention_fwd
+    kernel = getattr(KERNELS[spec.kernel], spec.kernel)
     if not isinstance(kernel, JITFunction):
         raise RuntimeError(f"the kernel is a {type(kernel).__name__}, not a JITFunction: unset TRITON_INTERPRET")
     constexprs = {**dict(spec.specialised), **dict(spec.constexprs)}
@@ -291,7 +330,7 @@ def measure(spec: Spec, arch: int) -> Row:
     try:
         compiled = compile_spec(spec, arch)
         with tempfile.TemporaryDirectory(prefix="vstar_static_") as workdir:
-            usage = _usage(compiled, arch, Path(workdir))
+            usage = _usage(compiled, arch, Path(workdir), spec.kernel)
         return Row(arch, spec, usage)
     except Exception as exc:
         return Row(arch, spec, None, f"{type(exc).__name__}: {_first_line(str(exc))}")
@@ -302,10 +341,10 @@ def _first_line(text: str) -> str:
     return lines[0][:200] if lines else ""
 
 
-def _usage(compiled, arch: int, workdir: Path) -> Usage:
+def _usage(compiled, arch: int, workdir: Path, kernel: str = FORWARD_KERNEL) -> Usage:
     cubin = workdir / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
-    res = _cubin_resources(cubin)
+    res = _cubin_resources(cubin, kernel)
     regs, stores, loads = _ptxas_spills(compiled.asm["ptx"], arch, bool(compiled.metadata.enable_fp_fusion), workdir)
     return Usage(registers=res["REG"], shared=res["SHARED"], dynamic_shared=int(compiled.metadata.shared),
                  local=res["LOCAL"], stack=res.get("STACK", 0), spill_stores=stores, spill_loads=loads,
@@ -320,14 +359,14 @@ def _run_tool(cmd: list[str]) -> str:
     return proc.stdout + proc.stderr
 
 
-def _cubin_resources(cubin: Path) -> dict[str, int]:
-    """REG/SHARED/LOCAL/STACK of the kernel function in ``cubin``, from ``cuobjdump --dump-resource-usage``."""
+def _cubin_resources(cubin: Path, kernel: str = FORWARD_KERNEL) -> dict[str, int]:
+    """REG/SHARED/LOCAL/STACK of ``kernel`` in ``cubin``, from ``cuobjdump --dump-resource-usage``."""
     from triton import knobs
 
     text = _run_tool([knobs.nvidia.cuobjdump.path, "--dump-resource-usage", str(cubin)])
-    match = re.search(r"Function _tar_attention_fwd:\s*\n\s*(.*)", text)
+    match = re.search(rf"Function {re.escape(kernel)}:\s*\n\s*(.*)", text)
     if match is None:
-        raise RuntimeError(f"no resource usage for _tar_attention_fwd in cuobjdump output:\n{text}")
+        raise RuntimeError(f"no resource usage for {kernel} in cuobjdump output:\n{text}")
     fields = dict(re.findall(r"([A-Z]+):(\d+)", match.group(1)))
     return {key: int(value) for key, value in fields.items()}
 
