@@ -84,6 +84,19 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
 if triton is not None:
 
     @triton.jit
+    def _load_tile(base, stride_m, stride_d, offs_m, offs_d, mask):
+        """A (rows, BLOCK_D) tile of one (batch, head) slice, zero outside ``mask``."""
+        return tl.load(base + offs_m[:, None] * stride_m + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+
+    @triton.jit
+    def _load_stats(STATS, pid_bh, len_q, offs_m, mask_m):
+        """The stats kernel's four per-row numbers: row max, log-sum-exp, D and the tie share."""
+        rows = STATS + pid_bh * len_q + offs_m
+        plane = len_q * tl.num_programs(0)
+        return (tl.load(rows, mask=mask_m, other=0.0), tl.load(rows + plane, mask=mask_m, other=0.0),
+                tl.load(rows + 2 * plane, mask=mask_m, other=0.0), tl.load(rows + 3 * plane, mask=mask_m, other=0.0))
+
+    @triton.jit
     def _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d, cols, len_k,
                     row_pos, row_max, lse, delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
                     RELATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -126,10 +139,8 @@ if triton is not None:
         mask_m = offs_m < len_q
         mask_d = offs_d < head_dim
         tile_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=tile_mask, other=0.0)
-        do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-                     mask=tile_mask, other=0.0)
+        q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
+        do = _load_tile(DO + b * stride_gb + h * stride_gh, stride_gm, stride_gd, offs_m, offs_d, tile_mask)
         row_pos = offs_m.to(tl.float32) + offset_delta
 
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -207,17 +218,10 @@ if triton is not None:
         mask_m = offs_m < len_q
         mask_d = offs_d < head_dim
         tile_mask = mask_m[:, None] & mask_d[None, :]
-        q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                    mask=tile_mask, other=0.0)
-        do = tl.load(DO + b * stride_gb + h * stride_gh + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-                     mask=tile_mask, other=0.0)
+        q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
+        do = _load_tile(DO + b * stride_gb + h * stride_gh, stride_gm, stride_gd, offs_m, offs_d, tile_mask)
         row_pos = offs_m.to(tl.float32) + offset_delta
-        rows = STATS + pid_bh * len_q + offs_m
-        plane = len_q * tl.num_programs(0)
-        row_max = tl.load(rows, mask=mask_m, other=0.0)
-        lse = tl.load(rows + plane, mask=mask_m, other=0.0)
-        delta_row = tl.load(rows + 2 * plane, mask=mask_m, other=0.0)
-        share = tl.load(rows + 3 * plane, mask=mask_m, other=0.0)
+        row_max, lse, delta_row, share = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
@@ -260,7 +264,6 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < head_dim
         mask_n = cols < len_k
-        plane = len_q * tl.num_programs(0)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -268,14 +271,9 @@ if triton is not None:
             offs_m = start_m + offs_m0
             mask_m = offs_m < len_q
             tile_mask = mask_m[:, None] & mask_d[None, :]
-            q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd, mask=tile_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * stride_gm + offs_d[None, :] * stride_gd, mask=tile_mask,
-                         other=0.0)
-            rows = STATS + pid_bh * len_q + offs_m
-            row_max = tl.load(rows, mask=mask_m, other=0.0)
-            lse = tl.load(rows + plane, mask=mask_m, other=0.0)
-            delta_row = tl.load(rows + 2 * plane, mask=mask_m, other=0.0)
-            share = tl.load(rows + 3 * plane, mask=mask_m, other=0.0)
+            q = _load_tile(q_base, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
+            do = _load_tile(do_base, stride_gm, stride_gd, offs_m, offs_d, tile_mask)
+            row_max, lse, delta_row, share = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m)
             row_pos = offs_m.to(tl.float32) + offset_delta
             s, _gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                            offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
