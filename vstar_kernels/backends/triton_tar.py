@@ -209,6 +209,58 @@ if triton is not None:
         return tl.where(mask_n[None, :], s, float("-inf"))
 
     @triton.jit
+    def tar_bias_tile(s, row_pos, cols, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE: tl.constexpr):
+        """ΔA inline on one tile of log2 logits: (S', G) with G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) =
+        exp2(-(gi - gj)^2 * gauss_log2_coeff) and S' = S + strength·m·G (relative, m the unbiased row max in log2
+        units) or S + strength·log2(e)·G (absolute). The one Triton statement of the TAR bias."""
+        dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
+        gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
+        if RELATIVE:  # noqa: SIM108 - a constexpr branch of the kernel
+            biased = s + (bias_log2_scale * row_max)[:, None] * gauss
+        else:
+            biased = s + bias_log2_scale * gauss
+        return biased, gauss
+
+    @triton.jit
+    def unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """max_j of the unbiased log2 logits of each query row, over every key tile (relative mode's first pass)."""
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for start_n in range(0, len_k, BLOCK_N):
+            s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, start_n + offs_n, len_k, qk_log2_scale,
+                            DOT_PRECISION)
+            row_max = tl.maximum(row_max, tl.max(s, 1))
+        return row_max
+
+    @triton.jit
+    def online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k,
+                       row_pos, row_max, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
+                       RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """The TAR softmax over every key tile, online: (running max m, sum l, unnormalised P·V), all in log2 units.
+        Relative mode takes ``row_max`` from a first pass (TWO_PASS) or from the single tile that holds the row."""
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        for start_n in range(0, len_k, BLOCK_N):
+            cols = start_n + offs_n
+            s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
+                            DOT_PRECISION)
+            if RELATIVE:  # noqa: SIM102 - nested constexpr branches, as Triton evaluates them
+                if not TWO_PASS:
+                    row_max = tl.max(s, 1)  # the whole key row is in this tile
+            s, _gauss = tar_bias_tile(s, row_pos, cols, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            vt = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                         mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
+            m_i = m_new
+        return m_i, l_i, acc
+
+    @triton.jit
     def _tar_attention_fwd(
         Q, K, V, O,  # noqa: E741 - the kernel names its tensors like the math does
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -246,38 +298,14 @@ if triton is not None:
         # gi - k_offset per query row, in frames; gi - gj = row_pos - j (float32: exact below 2**24)
         row_pos = offs_m.to(tl.float32) + offset_delta
 
-        if TWO_PASS:
-            # pass 1: the row max of the unbiased logits (log2 units) over every key tile
-            row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            for start_n in range(0, len_k, BLOCK_N):
-                s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, start_n + offs_n, len_k,
-                                 qk_log2_scale, DOT_PRECISION)
-                row_max = tl.maximum(row_max, tl.max(s, 1))
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, len_k, BLOCK_N):
-            cols = start_n + offs_n
-            s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
-                             DOT_PRECISION)
-            # ΔA inline: G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) = exp2(-(gi - gj)^2 * gauss_log2_coeff)
-            dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
-            gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
-            if RELATIVE:
-                if not TWO_PASS:
-                    row_max = tl.max(s, 1)  # the whole key row is in this tile
-                s = s + (bias_log2_scale * row_max)[:, None] * gauss
-            else:
-                s = s + bias_log2_scale * gauss
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                         mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-            m_i = m_new
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        if TWO_PASS:  # pass 1: the row max of the unbiased logits over every key tile
+            row_max = unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
+                                       BLOCK_M, BLOCK_N, DOT_PRECISION)
+        _m_i, l_i, acc = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
+                                        mask_d, len_k, row_pos, row_max, qk_log2_scale, gauss_log2_coeff,
+                                        bias_log2_scale, RELATIVE, TWO_PASS, BLOCK_M, BLOCK_N, BLOCK_D,
+                                        DOT_PRECISION)
 
         out = acc / l_i[:, None]
         tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,

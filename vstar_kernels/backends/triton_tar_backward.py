@@ -20,7 +20,16 @@ from dataclasses import dataclass
 import torch
 
 from ..contract import TARParams
-from .triton_tar import MIN_BLOCK_D, next_pow2, scores_tile, tl, triton
+from .triton_tar import (
+    MIN_BLOCK_D,
+    next_pow2,
+    online_softmax,
+    scores_tile,
+    tar_bias_tile,
+    tl,
+    triton,
+    unbiased_row_max,
+)
 
 _STATS = 4  # row max, log-sum-exp, D, tie share
 
@@ -102,12 +111,7 @@ if triton is not None:
                     RELATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """For one (query, key) tile: the unbiased log2 logits s, G, P = exp2(S' − lse) and dS' = P ∘ (dP − D)."""
         s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale, DOT_PRECISION)
-        dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
-        gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
-        if RELATIVE:  # noqa: SIM108 - a constexpr branch of the kernel
-            biased = s + (bias_log2_scale * row_max)[:, None] * gauss
-        else:
-            biased = s + bias_log2_scale * gauss
+        biased, gauss = tar_bias_tile(s, row_pos, cols, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE)
         p = tl.exp2(biased - lse[:, None])
         vt = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :] * stride_vn,
                      mask=mask_d[:, None] & (cols < len_k)[None, :], other=0.0)
@@ -145,32 +149,12 @@ if triton is not None:
 
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         if RELATIVE:
-            for start_n in range(0, len_k, BLOCK_N):
-                s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, start_n + offs_n, len_k,
-                                qk_log2_scale, DOT_PRECISION)
-                row_max = tl.maximum(row_max, tl.max(s, 1))
-        # the forward, recomputed: log-sum-exp of S' and O (fp32) for D = rowsum(dO * O)
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, len_k, BLOCK_N):
-            cols = start_n + offs_n
-            s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
-                            DOT_PRECISION)
-            dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
-            gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
-            if RELATIVE:  # noqa: SIM108 - a constexpr branch of the kernel
-                s = s + (bias_log2_scale * row_max)[:, None] * gauss
-            else:
-                s = s + bias_log2_scale * gauss
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                         mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
-            m_i = m_new
+            row_max = unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
+                                       BLOCK_M, BLOCK_N, DOT_PRECISION)
+        # the forward, recomputed (row max given, as in its two-pass form): lse of S' and O (fp32) for D
+        m_i, l_i, acc = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
+                                       mask_d, len_k, row_pos, row_max, qk_log2_scale, gauss_log2_coeff,
+                                       bias_log2_scale, RELATIVE, True, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
         lse = m_i + tl.log2(l_i)
         delta_row = tl.sum(do.to(tl.float32) * (acc / l_i[:, None]), 1)
 
@@ -179,10 +163,10 @@ if triton is not None:
             coupling = tl.zeros([BLOCK_M], dtype=tl.float32)
             ties = tl.zeros([BLOCK_M], dtype=tl.float32)
             for start_n in range(0, len_k, BLOCK_N):
-                s, gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                              offs_d, mask_d, start_n + offs_n, len_k, row_pos, row_max, lse,
-                                              delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                                              RELATIVE, DOT_PRECISION)
+                s, gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                                               offs_d, mask_d, start_n + offs_n, len_k, row_pos, row_max, lse,
+                                               delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
+                                               RELATIVE, DOT_PRECISION)
                 coupling += tl.sum(ds * gauss, 1)
                 ties += tl.sum((s == row_max[:, None]).to(tl.float32), 1)
             share = strength * coupling / tl.maximum(ties, 1.0)
