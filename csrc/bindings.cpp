@@ -74,6 +74,14 @@ TARParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   return p;
 }
 
+#ifdef VSTAR_WITH_CUDA
+// The CUDA kernels' element type of a checked (float32, float16 or bfloat16) tensor.
+DType cuda_dtype(const at::Tensor& t) {
+  return t.scalar_type() == at::kFloat ? DType::kFloat32 : t.scalar_type() == at::kHalf ? DType::kFloat16
+                                                                                         : DType::kBFloat16;
+}
+#endif
+
 at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
                          double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
   const std::string_view mode_sv(mode.data(), mode.size());
@@ -92,10 +100,7 @@ at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(p.head_dim <= kMaxCudaHeadDim, "tar_attention (CUDA): head_dim must be <= ", kMaxCudaHeadDim, ", got ",
               p.head_dim);
   const c10::cuda::CUDAGuard guard(q.device());
-  const DType dtype = q.scalar_type() == at::kFloat  ? DType::kFloat32
-                      : q.scalar_type() == at::kHalf ? DType::kFloat16
-                                                     : DType::kBFloat16;
-  const int err = tar_attention_cuda_launch(p, dtype, q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
+  const int err = tar_attention_cuda_launch(p, cuda_dtype(q), q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                                             out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "tar_attention (CUDA): kernel launch failed with CUDA error ", err);
   return out;
@@ -115,15 +120,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
               grad_out.sizes());
   TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(),
               "tar_attention_backward: grad_out must match q's dtype and device");
-  TORCH_CHECK(q.is_cpu(), "tar_attention_backward: the fused backward is CPU-only, got ", q.device());
   if (q.numel() == 0 || k.numel() == 0)  // nothing attends: every gradient is zero
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
   const TARParams p = make_params(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
-  tar_attention_backward_cpu(p, grad_out, q, k, v, dq, dk, dv);
+  if (q.is_cpu()) {
+    tar_attention_backward_cpu(p, grad_out, q, k, v, dq, dk, dv);
+    return {dq, dk, dv};
+  }
+#ifdef VSTAR_WITH_CUDA
+  TORCH_CHECK(q.is_cuda(), "tar_attention_backward: unsupported device ", q.device());
+  TORCH_CHECK(p.head_dim <= kMaxCudaHeadDim, "tar_attention_backward (CUDA): head_dim must be <= ", kMaxCudaHeadDim,
+              ", got ", p.head_dim);
+  const c10::cuda::CUDAGuard guard(q.device());
+  const TARGradStrides g{strides_of(grad_out), strides_of(dq), strides_of(dk), strides_of(dv)};
+  at::Tensor workspace = at::empty({kBackwardStatsPerRow, p.batch * p.heads, p.len_q}, q.options().dtype(at::kFloat));
+  const int err = tar_attention_backward_cuda_launch(
+      p, g, cuda_dtype(q), grad_out.const_data_ptr(), q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
+      dq.mutable_data_ptr(), dk.mutable_data_ptr(), dv.mutable_data_ptr(), workspace.mutable_data_ptr<float>(),
+      c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == 0, "tar_attention_backward (CUDA): kernel launch failed with CUDA error ", err);
   return {dq, dk, dv};
+#else
+  TORCH_CHECK(false, "tar_attention_backward: this build of the extension has no CUDA kernel (device ", q.device(),
+              ")");
+#endif
 }
 
 }  // namespace
@@ -144,5 +167,8 @@ TORCH_LIBRARY_IMPL(vstar_kernels, CPU, m) {
 }
 
 #ifdef VSTAR_WITH_CUDA
-TORCH_LIBRARY_IMPL(vstar_kernels, CUDA, m) { m.impl("tar_attention", &vstar::tar_attention); }
+TORCH_LIBRARY_IMPL(vstar_kernels, CUDA, m) {
+  m.impl("tar_attention", &vstar::tar_attention);
+  m.impl("tar_attention_backward", &vstar::tar_attention_backward);
+}
 #endif

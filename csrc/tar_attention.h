@@ -75,4 +75,18 @@ constexpr int64_t kMaxCudaHeadDim = 256;
 int tar_attention_cuda_launch(const TARParams& p, DType dtype, const void* q, const void* k, const void* v,
                               void* o, void* stream);
 
+// Strides (elements) of the backward's incoming gradient and its three outputs, (batch, frames, heads, head_dim).
+struct TARGradStrides {
+  TensorStrides grad_out{}, dq{}, dk{}, dv{};
+};
+
+// fp32 numbers per (batch, head, query row) in the backward's workspace: row max, log-sum-exp, D, tie share.
+constexpr int64_t kBackwardStatsPerRow = 4;
+
+// The fused CUDA backward: writes dq, dk, dv (never zero-fills: with Lq * Lk == 0 the caller does). `workspace`
+// holds kBackwardStatsPerRow * batch * heads * len_q floats. Returns 0 or a cudaError_t value.
+int tar_attention_backward_cuda_launch(const TARParams& p, const TARGradStrides& g, DType dtype, const void* grad_out,
+                                       const void* q, const void* k, const void* v, void* dq, void* dk, void* dv,
+                                       float* workspace, void* stream);
+
 }  // namespace vstar

@@ -6,12 +6,14 @@
 //   softmax  online, in the exp2 domain (logits scaled by scale * log2 e);
 //   P V      lane c owns channels c, c + 32, ... of the output row.
 // Relative mode first sweeps K for the unbiased row max (tar_bias_coeff needs it), then runs the online softmax.
+// The backward (tar_bwd_query_kernel, tar_bwd_key_kernel, below) reuses those passes and the same logit function.
 // The Gaussian and the bias come from tar_attention.h, the one C++ definition. Correctness first: no tensor cores.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "tar_attention.h"
 
@@ -67,27 +69,100 @@ __device__ void load_tile(float* dst, int dst_stride, const T* base, int64_t fra
   }
 }
 
+// Dot product of two fp32 rows in shared memory, channel by channel with fmaf in order 0..head_dim-1. Every kernel
+// computes its logits with this one function, so a logit recomputed by the backward is bit-identical to the
+// forward's: the backward finds the row max's tied keys with ==.
+__device__ __forceinline__ float row_dot(const float* a, const float* b, int64_t head_dim) {
+  float dot = 0.f;
+  for (int c = 0; c < head_dim; ++c) dot = fmaf(a[c], b[c], dot);
+  return dot;
+}
+
 // Logit (exp2 domain) of this lane's key in the current tile; -inf past the end of the row.
 template <int DPL>
 __device__ __forceinline__ float lane_logit(const float* q_row, const float* k_tile, int lane, bool valid,
                                             float qk_log2_scale, int64_t head_dim) {
   using S = TileShape<DPL>;
   if (!valid) return -INFINITY;
-  const float* k_row = k_tile + lane * S::kKStride;
-  float dot = 0.f;
-  for (int c = 0; c < head_dim; ++c) dot = fmaf(q_row[c], k_row[c], dot);
-  return dot * qk_log2_scale;
+  return row_dot(q_row, k_tile + lane * S::kKStride, head_dim) * qk_log2_scale;
+}
+
+// Relative mode's first pass: max_j of the unbiased exp2-domain logits of this warp's query row (warp-uniform).
+template <typename T, int DPL>
+__device__ float unbiased_row_max(const TARParams& p, const float* q_row, float* k_tile, const T* kb, int lane) {
+  using S = TileShape<DPL>;
+  const float qk_log2_scale = p.scale * kLog2e;
+  float row_max = -INFINITY;
+  for (int64_t j0 = 0; j0 < p.len_k; j0 += S::kTileN) {
+    __syncthreads();
+    load_tile<T, DPL>(k_tile, S::kKStride, kb, p.k.frame, p.k.dim, j0, p.len_k, p.head_dim);
+    __syncthreads();
+    const bool valid = lane < S::kTileN && j0 + lane < p.len_k;
+    row_max = fmaxf(row_max, lane_logit<DPL>(q_row, k_tile, lane, valid, qk_log2_scale, p.head_dim));
+  }
+  return warp_max(row_max);
+}
+
+// The biased exp2-domain logit t' = t + coeff * G_ij of query row i (row_dist = offset_delta + i) and key j.
+__device__ __forceinline__ float biased_logit(const TARParams& p, float t, float coeff, double row_dist, int64_t j) {
+  return t + coeff * tar_gaussian(row_dist - static_cast<double>(j), p.gauss_log2_coeff);
+}
+
+// The online softmax of one query row over every key tile: running max m and sum l (exp2 domain) and the
+// unnormalised P V in acc (lane owns channels lane + 32 s). `coeff` multiplies G (tar_bias_coeff).
+template <typename T, int DPL>
+__device__ void online_row_softmax(const TARParams& p, const float* q_row, float* k_tile, float* v_tile,
+                                   const T* kb, const T* vb, int lane, int64_t i, float coeff, bool has_bias,
+                                   float& m, float& l, float (&acc)[DPL]) {
+  using S = TileShape<DPL>;
+  const float qk_log2_scale = p.scale * kLog2e;
+  const double row_dist = p.offset_delta + static_cast<double>(i);
+  m = -INFINITY;
+  l = 0.f;
+#pragma unroll
+  for (int s = 0; s < DPL; ++s) acc[s] = 0.f;
+  for (int64_t j0 = 0; j0 < p.len_k; j0 += S::kTileN) {
+    __syncthreads();
+    load_tile<T, DPL>(k_tile, S::kKStride, kb, p.k.frame, p.k.dim, j0, p.len_k, p.head_dim);
+    load_tile<T, DPL>(v_tile, S::kKStride, vb, p.v.frame, p.v.dim, j0, p.len_k, p.head_dim);
+    __syncthreads();
+    const int64_t j = j0 + lane;
+    const bool valid = lane < S::kTileN && j < p.len_k;
+    float t = lane_logit<DPL>(q_row, k_tile, lane, valid, qk_log2_scale, p.head_dim);
+    if (valid && has_bias) t = biased_logit(p, t, coeff, row_dist, j);
+    const float m_new = fmaxf(m, warp_max(t));
+    const float alpha = exp2f(m - m_new);
+    const float pj = valid ? exp2f(t - m_new) : 0.f;
+    l = l * alpha + warp_sum(pj);
+#pragma unroll
+    for (int s = 0; s < DPL; ++s) acc[s] *= alpha;
+    const int n = static_cast<int>(p.len_k - j0 < S::kTileN ? p.len_k - j0 : S::kTileN);
+    for (int jj = 0; jj < n; ++jj) {
+      const float pb = __shfl_sync(kFullMask, pj, jj);
+#pragma unroll
+      for (int s = 0; s < DPL; ++s) acc[s] = fmaf(pb, v_tile[jj * S::kKStride + lane + 32 * s], acc[s]);
+    }
+    m = m_new;
+  }
+}
+
+// Loads this warp's row i (fp32, zero past head_dim or past the end) into shared memory.
+template <typename T, int DPL>
+__device__ __forceinline__ void load_row(float* dst, const T* base, int64_t frame_stride, int64_t dim_stride,
+                                         int64_t i, bool valid, int64_t head_dim, int lane) {
+  for (int c = lane; c < TileShape<DPL>::kDim; c += 32)
+    dst[c] = (valid && c < head_dim) ? to_float(base[i * frame_stride + c * dim_stride]) : 0.f;
 }
 
 // At least 4 resident blocks per SM caps registers at 128; without the bound ptxas spilled a few bytes in the
-// small head-dim variants (found by `python -m vstar_kernels.nvcc_check`).
+// small head-dim variants (found by `python -m vstar_kernels.checks.nvcc_check`).
 template <typename T, int DPL, bool kRelative>
 __global__ void __launch_bounds__(kThreads, 4)
     tar_attention_kernel(TARParams p, const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                          T* __restrict__ o) {
   using S = TileShape<DPL>;
   __shared__ float k_tile[S::kTileN * S::kKStride];
-  __shared__ float v_tile[S::kTileN * S::kDim];
+  __shared__ float v_tile[S::kTileN * S::kKStride];
   __shared__ float q_rows[kWarps][S::kDim];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -96,58 +171,19 @@ __global__ void __launch_bounds__(kThreads, 4)
   const T* kb = k + b * p.k.batch + h * p.k.head;
   const T* vb = v + b * p.v.batch + h * p.v.head;
   T* ob = o + b * p.o.batch + h * p.o.head;
-  const float qk_log2_scale = p.scale * kLog2e;
   const int64_t num_row_blocks = (p.len_q + kWarps - 1) / kWarps;
   const bool has_bias = tar_has_bias(p);
 
   for (int64_t rb = blockIdx.y; rb < num_row_blocks; rb += gridDim.y) {
     const int64_t i = rb * kWarps + warp;
     const bool row_valid = i < p.len_q;
-    for (int c = lane; c < S::kDim; c += 32)
-      q_rows[warp][c] = (row_valid && c < p.head_dim) ? to_float(qb[i * p.q.frame + c * p.q.dim]) : 0.f;
+    load_row<T, DPL>(q_rows[warp], qb, p.q.frame, p.q.dim, i, row_valid, p.head_dim, lane);
     __syncwarp();
 
     float coeff = has_bias ? tar_bias_coeff(p, 0.f, kLog2e) : 0.f;  // absolute: fixed
-    if (kRelative && has_bias) {  // pass 1: the unbiased row max
-      float row_max = -INFINITY;
-      for (int64_t j0 = 0; j0 < p.len_k; j0 += S::kTileN) {
-        __syncthreads();
-        load_tile<T, DPL>(k_tile, S::kKStride, kb, p.k.frame, p.k.dim, j0, p.len_k, p.head_dim);
-        __syncthreads();
-        const bool valid = lane < S::kTileN && j0 + lane < p.len_k;
-        row_max = fmaxf(row_max, lane_logit<DPL>(q_rows[warp], k_tile, lane, valid, qk_log2_scale, p.head_dim));
-      }
-      coeff = tar_bias_coeff(p, warp_max(row_max), kLog2e);
-    }
-
-    // pass 2: online softmax of the biased logits, accumulating P V
-    float m = -INFINITY, l = 0.f, acc[DPL];
-#pragma unroll
-    for (int s = 0; s < DPL; ++s) acc[s] = 0.f;
-    const double row_dist = p.offset_delta + static_cast<double>(i);
-    for (int64_t j0 = 0; j0 < p.len_k; j0 += S::kTileN) {
-      __syncthreads();
-      load_tile<T, DPL>(k_tile, S::kKStride, kb, p.k.frame, p.k.dim, j0, p.len_k, p.head_dim);
-      load_tile<T, DPL>(v_tile, S::kDim, vb, p.v.frame, p.v.dim, j0, p.len_k, p.head_dim);
-      __syncthreads();
-      const int64_t j = j0 + lane;
-      const bool valid = lane < S::kTileN && j < p.len_k;
-      float t = lane_logit<DPL>(q_rows[warp], k_tile, lane, valid, qk_log2_scale, p.head_dim);
-      if (valid && has_bias) t += coeff * tar_gaussian(row_dist - static_cast<double>(j), p.gauss_log2_coeff);
-      const float m_new = fmaxf(m, warp_max(t));
-      const float alpha = exp2f(m - m_new);
-      const float pj = valid ? exp2f(t - m_new) : 0.f;
-      l = l * alpha + warp_sum(pj);
-#pragma unroll
-      for (int s = 0; s < DPL; ++s) acc[s] *= alpha;
-      const int n = static_cast<int>(p.len_k - j0 < S::kTileN ? p.len_k - j0 : S::kTileN);
-      for (int jj = 0; jj < n; ++jj) {
-        const float pb = __shfl_sync(kFullMask, pj, jj);
-#pragma unroll
-        for (int s = 0; s < DPL; ++s) acc[s] = fmaf(pb, v_tile[jj * S::kDim + lane + 32 * s], acc[s]);
-      }
-      m = m_new;
-    }
+    if (kRelative && has_bias) coeff = tar_bias_coeff(p, unbiased_row_max<T, DPL>(p, q_rows[warp], k_tile, kb, lane), kLog2e);
+    float m, l, acc[DPL];
+    online_row_softmax<T, DPL>(p, q_rows[warp], k_tile, v_tile, kb, vb, lane, i, coeff, has_bias, m, l, acc);
 
     if (row_valid) {
       const float inv_l = 1.f / l;
@@ -161,44 +197,293 @@ __global__ void __launch_bounds__(kThreads, 4)
   }
 }
 
-template <typename T, int DPL>
-cudaError_t launch_typed(const TARParams& p, const void* q, const void* k, const void* v, void* o,
-                         cudaStream_t stream) {
-  const int64_t row_blocks = (p.len_q + kWarps - 1) / kWarps;
-  const dim3 grid(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(row_blocks < 65535 ? row_blocks : 65535));
-  const auto* qt = static_cast<const T*>(q);
-  const auto* kt = static_cast<const T*>(k);
-  const auto* vt = static_cast<const T*>(v);
-  auto* ot = static_cast<T*>(o);
-  if (p.relative && tar_has_bias(p))
-    tar_attention_kernel<T, DPL, true><<<grid, kThreads, 0, stream>>>(p, qt, kt, vt, ot);
-  else
-    tar_attention_kernel<T, DPL, false><<<grid, kThreads, 0, stream>>>(p, qt, kt, vt, ot);
-  return cudaGetLastError();
+// ---------------------------------------------------------------------------------------------------- backward
+// Two kernels, no atomics (DESIGN.md §10; the same split as the Triton backward):
+//   tar_bwd_query_kernel  one warp per query row i: recomputes the forward (row max m_i, lse_i, O_i in fp32),
+//                         D_i = <dO_i, O_i>, then one more sweep for dS'_ij = P_ij (dP_ij - D_i), the row max's
+//                         gradient share_i = strength * sum_j dS'_ij G_ij / #ties and
+//                         dQ_i = scale * (sum_j dS'_ij k_j + share_i * sum_{j tied} k_j). Writes the four row
+//                         statistics (m, lse, D, share) for the second kernel.
+//   tar_bwd_key_kernel    one warp per key j: dV_j = sum_i P_ij dO_i and dK_j = scale * sum_i dS_ij q_i, with
+//                         dS_ij = dS'_ij + share_i at the tied keys [t_ij == m_i].
+// Logits are exp2-domain (t = S log2 e) as in the forward; gradients are in natural units.
+
+struct RowStats {
+  float row_max, lse, delta, share;
+};
+
+__device__ __forceinline__ float* stat_plane(float* stats, int stat, const TARParams& p) {
+  return stats + static_cast<int64_t>(stat) * p.batch * p.heads * p.len_q;
 }
 
+template <typename T, int DPL, bool kRelative>
+__global__ void __launch_bounds__(kThreads, 4)
+    tar_bwd_query_kernel(TARParams p, TARGradStrides g, const T* __restrict__ grad_out, const T* __restrict__ q,
+                         const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ dq,
+                         float* __restrict__ stats) {
+  using S = TileShape<DPL>;
+  __shared__ float k_tile[S::kTileN * S::kKStride];
+  __shared__ float v_tile[S::kTileN * S::kKStride];
+  __shared__ float q_rows[kWarps][S::kDim];
+  __shared__ float do_rows[kWarps][S::kDim];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const T* qb = q + b * p.q.batch + h * p.q.head;
+  const T* kb = k + b * p.k.batch + h * p.k.head;
+  const T* vb = v + b * p.v.batch + h * p.v.head;
+  const T* gb = grad_out + b * g.grad_out.batch + h * g.grad_out.head;
+  T* dqb = dq + b * g.dq.batch + h * g.dq.head;
+  const float qk_log2_scale = p.scale * kLog2e;
+  const int64_t num_row_blocks = (p.len_q + kWarps - 1) / kWarps;
+  const bool has_bias = tar_has_bias(p);
+
+  for (int64_t rb = blockIdx.y; rb < num_row_blocks; rb += gridDim.y) {
+    const int64_t i = rb * kWarps + warp;
+    const bool row_valid = i < p.len_q;
+    load_row<T, DPL>(q_rows[warp], qb, p.q.frame, p.q.dim, i, row_valid, p.head_dim, lane);
+    load_row<T, DPL>(do_rows[warp], gb, g.grad_out.frame, g.grad_out.dim, i, row_valid, p.head_dim, lane);
+    __syncwarp();
+
+    // the forward, recomputed with the forward's own passes
+    float row_max = -INFINITY;
+    float coeff = has_bias ? tar_bias_coeff(p, 0.f, kLog2e) : 0.f;
+    if (kRelative && has_bias) {
+      row_max = unbiased_row_max<T, DPL>(p, q_rows[warp], k_tile, kb, lane);
+      coeff = tar_bias_coeff(p, row_max, kLog2e);
+    }
+    float m, l, acc[DPL];
+    online_row_softmax<T, DPL>(p, q_rows[warp], k_tile, v_tile, kb, vb, lane, i, coeff, has_bias, m, l, acc);
+    const float lse = m + log2f(l);
+    float delta = 0.f;
+#pragma unroll
+    for (int s = 0; s < DPL; ++s) delta = fmaf(do_rows[warp][lane + 32 * s], acc[s] / l, delta);
+    delta = warp_sum(delta);
+
+    // dS' per key, its coupling to the row max, and dQ
+    const double row_dist = p.offset_delta + static_cast<double>(i);
+    float coupling = 0.f, ties = 0.f, dq_acc[DPL], tie_acc[DPL];
+#pragma unroll
+    for (int s = 0; s < DPL; ++s) dq_acc[s] = tie_acc[s] = 0.f;
+    for (int64_t j0 = 0; j0 < p.len_k; j0 += S::kTileN) {
+      __syncthreads();
+      load_tile<T, DPL>(k_tile, S::kKStride, kb, p.k.frame, p.k.dim, j0, p.len_k, p.head_dim);
+      load_tile<T, DPL>(v_tile, S::kKStride, vb, p.v.frame, p.v.dim, j0, p.len_k, p.head_dim);
+      __syncthreads();
+      const int64_t j = j0 + lane;
+      const bool valid = lane < S::kTileN && j < p.len_k;
+      float ds = 0.f;
+      bool tie = false;
+      if (valid) {
+        const float t = lane_logit<DPL>(q_rows[warp], k_tile, lane, true, qk_log2_scale, p.head_dim);
+        const float tb = has_bias ? biased_logit(p, t, coeff, row_dist, j) : t;
+        const float pj = exp2f(tb - lse);
+        const float dp = row_dot(do_rows[warp], v_tile + lane * S::kKStride, p.head_dim);
+        ds = pj * (dp - delta);
+        if (kRelative) {
+          coupling = fmaf(ds, tar_gaussian(row_dist - static_cast<double>(j), p.gauss_log2_coeff), coupling);
+          tie = t == row_max;
+          ties += tie ? 1.f : 0.f;
+        }
+      }
+      const int n = static_cast<int>(p.len_k - j0 < S::kTileN ? p.len_k - j0 : S::kTileN);
+      for (int jj = 0; jj < n; ++jj) {
+        const float dsb = __shfl_sync(kFullMask, ds, jj);
+        const bool tieb = __shfl_sync(kFullMask, static_cast<int>(tie), jj) != 0;
+#pragma unroll
+        for (int s = 0; s < DPL; ++s) {
+          const float kc = k_tile[jj * S::kKStride + lane + 32 * s];
+          dq_acc[s] = fmaf(dsb, kc, dq_acc[s]);
+          if (kRelative && tieb) tie_acc[s] += kc;
+        }
+      }
+    }
+    float share = 0.f;
+    if (kRelative) share = p.strength * warp_sum(coupling) / fmaxf(warp_sum(ties), 1.f);
+
+    if (row_valid) {
+#pragma unroll
+      for (int s = 0; s < DPL; ++s) {
+        const int c = lane + 32 * s;
+        if (c < p.head_dim) dqb[i * g.dq.frame + c * g.dq.dim] = from_float<T>(p.scale * fmaf(share, tie_acc[s], dq_acc[s]));
+      }
+      if (lane == 0) {
+        const int64_t row = bh * p.len_q + i;
+        stat_plane(stats, 0, p)[row] = row_max;
+        stat_plane(stats, 1, p)[row] = lse;
+        stat_plane(stats, 2, p)[row] = delta;
+        stat_plane(stats, 3, p)[row] = share;
+      }
+    }
+    __syncwarp();
+  }
+}
+
+template <typename T, int DPL, bool kRelative>
+__global__ void __launch_bounds__(kThreads, 4)
+    tar_bwd_key_kernel(TARParams p, TARGradStrides g, const T* __restrict__ grad_out, const T* __restrict__ q,
+                       const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ dk, T* __restrict__ dv,
+                       const float* __restrict__ stats) {
+  using S = TileShape<DPL>;
+  __shared__ float q_tile[S::kTileN * S::kKStride];
+  __shared__ float do_tile[S::kTileN * S::kKStride];
+  __shared__ float k_rows[kWarps][S::kDim];
+  __shared__ float v_rows[kWarps][S::kDim];
+  __shared__ RowStats tile_stats[S::kTileN];
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
+  const T* qb = q + b * p.q.batch + h * p.q.head;
+  const T* kb = k + b * p.k.batch + h * p.k.head;
+  const T* vb = v + b * p.v.batch + h * p.v.head;
+  const T* gb = grad_out + b * g.grad_out.batch + h * g.grad_out.head;
+  T* dkb = dk + b * g.dk.batch + h * g.dk.head;
+  T* dvb = dv + b * g.dv.batch + h * g.dv.head;
+  const float qk_log2_scale = p.scale * kLog2e;
+  const int64_t num_col_blocks = (p.len_k + kWarps - 1) / kWarps;
+  const bool has_bias = tar_has_bias(p);
+  float* const planes = const_cast<float*>(stats);
+
+  for (int64_t cb = blockIdx.y; cb < num_col_blocks; cb += gridDim.y) {
+    const int64_t j = cb * kWarps + warp;
+    const bool col_valid = j < p.len_k;
+    load_row<T, DPL>(k_rows[warp], kb, p.k.frame, p.k.dim, j, col_valid, p.head_dim, lane);
+    load_row<T, DPL>(v_rows[warp], vb, p.v.frame, p.v.dim, j, col_valid, p.head_dim, lane);
+    __syncwarp();
+    float dk_acc[DPL], dv_acc[DPL];
+#pragma unroll
+    for (int s = 0; s < DPL; ++s) dk_acc[s] = dv_acc[s] = 0.f;
+
+    for (int64_t i0 = 0; i0 < p.len_q; i0 += S::kTileN) {
+      __syncthreads();
+      load_tile<T, DPL>(q_tile, S::kKStride, qb, p.q.frame, p.q.dim, i0, p.len_q, p.head_dim);
+      load_tile<T, DPL>(do_tile, S::kKStride, gb, g.grad_out.frame, g.grad_out.dim, i0, p.len_q, p.head_dim);
+      if (threadIdx.x < S::kTileN && i0 + threadIdx.x < p.len_q) {
+        const int64_t row = bh * p.len_q + i0 + threadIdx.x;
+        tile_stats[threadIdx.x] = {stat_plane(planes, 0, p)[row], stat_plane(planes, 1, p)[row],
+                                   stat_plane(planes, 2, p)[row], stat_plane(planes, 3, p)[row]};
+      }
+      __syncthreads();
+      const int64_t i = i0 + lane;
+      const bool valid = col_valid && lane < S::kTileN && i < p.len_q;
+      float pij = 0.f, ds = 0.f;
+      if (valid) {
+        const RowStats st = tile_stats[lane];
+        const float t = row_dot(q_tile + lane * S::kKStride, k_rows[warp], p.head_dim) * qk_log2_scale;
+        const float coeff = has_bias ? tar_bias_coeff(p, st.row_max, kLog2e) : 0.f;
+        const float tb = has_bias ? biased_logit(p, t, coeff, p.offset_delta + static_cast<double>(i), j) : t;
+        pij = exp2f(tb - st.lse);
+        const float dp = row_dot(do_tile + lane * S::kKStride, v_rows[warp], p.head_dim);
+        ds = pij * (dp - st.delta);
+        if (kRelative && t == st.row_max) ds += st.share;
+      }
+      const int n = static_cast<int>(p.len_q - i0 < S::kTileN ? p.len_q - i0 : S::kTileN);
+      for (int ii = 0; ii < n; ++ii) {
+        const float pb = __shfl_sync(kFullMask, pij, ii);
+        const float dsb = __shfl_sync(kFullMask, ds, ii);
+#pragma unroll
+        for (int s = 0; s < DPL; ++s) {
+          dv_acc[s] = fmaf(pb, do_tile[ii * S::kKStride + lane + 32 * s], dv_acc[s]);
+          dk_acc[s] = fmaf(dsb, q_tile[ii * S::kKStride + lane + 32 * s], dk_acc[s]);
+        }
+      }
+    }
+    if (col_valid) {
+#pragma unroll
+      for (int s = 0; s < DPL; ++s) {
+        const int c = lane + 32 * s;
+        if (c < p.head_dim) {
+          dkb[j * g.dk.frame + c * g.dk.dim] = from_float<T>(dk_acc[s] * p.scale);
+          dvb[j * g.dv.frame + c * g.dv.dim] = from_float<T>(dv_acc[s]);
+        }
+      }
+    }
+    __syncwarp();
+  }
+}
+
+// ----------------------------------------------------------------------------------------------------- launch
 template <typename T>
-cudaError_t launch_dim(const TARParams& p, const void* q, const void* k, const void* v, void* o, cudaStream_t s) {
-  if (p.head_dim <= 32) return launch_typed<T, 1>(p, q, k, v, o, s);
-  if (p.head_dim <= 64) return launch_typed<T, 2>(p, q, k, v, o, s);
-  if (p.head_dim <= 128) return launch_typed<T, 4>(p, q, k, v, o, s);
-  return launch_typed<T, 8>(p, q, k, v, o, s);
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<T>{}, std::integral_constant<int, DPL>{}) for the element type and head_dim bucket of a call.
+template <typename F>
+cudaError_t dispatch(DType dtype, int64_t head_dim, F&& f) {
+  auto by_dim = [&](auto tag) {
+    if (head_dim <= 32) return f(tag, std::integral_constant<int, 1>{});
+    if (head_dim <= 64) return f(tag, std::integral_constant<int, 2>{});
+    if (head_dim <= 128) return f(tag, std::integral_constant<int, 4>{});
+    return f(tag, std::integral_constant<int, 8>{});
+  };
+  switch (dtype) {
+    case DType::kFloat32: return by_dim(TypeTag<float>{});
+    case DType::kFloat16: return by_dim(TypeTag<__half>{});
+    case DType::kBFloat16: return by_dim(TypeTag<__nv_bfloat16>{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+// Grid: x = batch * heads, y = blocks of kWarps rows (grid-strided beyond 65,535).
+dim3 grid_for(const TARParams& p, int64_t rows) {
+  const int64_t blocks = (rows + kWarps - 1) / kWarps;
+  return dim3(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(blocks < 65535 ? blocks : 65535));
+}
+
+bool launchable(const TARParams& p) {
+  return p.head_dim >= 1 && p.head_dim <= kMaxCudaHeadDim && p.batch * p.heads <= INT32_MAX;
 }
 
 }  // namespace
 
 int tar_attention_cuda_launch(const TARParams& p, DType dtype, const void* q, const void* k, const void* v, void* o,
                               void* stream) {
-  if (p.head_dim < 1 || p.head_dim > kMaxCudaHeadDim || p.batch * p.heads > INT32_MAX)
-    return static_cast<int>(cudaErrorInvalidConfiguration);
+  if (!launchable(p)) return static_cast<int>(cudaErrorInvalidConfiguration);
   if (p.batch * p.heads * p.len_q == 0) return 0;
   auto* s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case DType::kFloat32: return static_cast<int>(launch_dim<float>(p, q, k, v, o, s));
-    case DType::kFloat16: return static_cast<int>(launch_dim<__half>(p, q, k, v, o, s));
-    case DType::kBFloat16: return static_cast<int>(launch_dim<__nv_bfloat16>(p, q, k, v, o, s));
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  const bool relative = p.relative && tar_has_bias(p);
+  return static_cast<int>(dispatch(dtype, p.head_dim, [&](auto tag, auto dpl) {
+    using T = typename decltype(tag)::type;
+    constexpr int DPL = decltype(dpl)::value;
+    const auto* qt = static_cast<const T*>(q);
+    const auto* kt = static_cast<const T*>(k);
+    const auto* vt = static_cast<const T*>(v);
+    const dim3 grid = grid_for(p, p.len_q);
+    if (relative)
+      tar_attention_kernel<T, DPL, true><<<grid, kThreads, 0, s>>>(p, qt, kt, vt, static_cast<T*>(o));
+    else
+      tar_attention_kernel<T, DPL, false><<<grid, kThreads, 0, s>>>(p, qt, kt, vt, static_cast<T*>(o));
+    return cudaGetLastError();
+  }));
+}
+
+int tar_attention_backward_cuda_launch(const TARParams& p, const TARGradStrides& g, DType dtype, const void* grad_out,
+                                       const void* q, const void* k, const void* v, void* dq, void* dk, void* dv,
+                                       float* workspace, void* stream) {
+  if (!launchable(p)) return static_cast<int>(cudaErrorInvalidConfiguration);
+  if (p.batch * p.heads * p.len_q * p.len_k == 0) return 0;  // the caller zero-fills
+  auto* s = static_cast<cudaStream_t>(stream);
+  const bool relative = p.relative && tar_has_bias(p);
+  return static_cast<int>(dispatch(dtype, p.head_dim, [&](auto tag, auto dpl) {
+    using T = typename decltype(tag)::type;
+    constexpr int DPL = decltype(dpl)::value;
+    const auto* go = static_cast<const T*>(grad_out);
+    const auto* qt = static_cast<const T*>(q);
+    const auto* kt = static_cast<const T*>(k);
+    const auto* vt = static_cast<const T*>(v);
+    const dim3 rows = grid_for(p, p.len_q), cols = grid_for(p, p.len_k);
+    if (relative) {
+      tar_bwd_query_kernel<T, DPL, true><<<rows, kThreads, 0, s>>>(p, g, go, qt, kt, vt, static_cast<T*>(dq), workspace);
+      tar_bwd_key_kernel<T, DPL, true><<<cols, kThreads, 0, s>>>(p, g, go, qt, kt, vt, static_cast<T*>(dk),
+                                                                 static_cast<T*>(dv), workspace);
+    } else {
+      tar_bwd_query_kernel<T, DPL, false><<<rows, kThreads, 0, s>>>(p, g, go, qt, kt, vt, static_cast<T*>(dq), workspace);
+      tar_bwd_key_kernel<T, DPL, false><<<cols, kThreads, 0, s>>>(p, g, go, qt, kt, vt, static_cast<T*>(dk),
+                                                                  static_cast<T*>(dv), workspace);
+    }
+    return cudaGetLastError();
+  }));
 }
 
 }  // namespace vstar

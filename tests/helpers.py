@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vstar_kernels import tar_attention_reference
+from vstar_kernels import tar_attention, tar_attention_reference
 
 # absolute tolerance per dtype, relative to max |v| (output rounding plus accumulation order)
 ATOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -90,3 +90,27 @@ def pickle_round_trip(obj):
     torch.save(obj, buffer)
     buffer.seek(0)
     return torch.load(buffer, weights_only=False)
+
+
+def grads_of(fn, inputs, grad_out):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    return out, torch.autograd.grad(out, leaves, grad_out)
+
+
+def assert_grads_match_reference(backend: str, q, k, v, seed: int = 0, **kw) -> None:
+    """|g - g_ref64| <= 2 * |g_torch_same_precision - g_ref64| + atol for dq, dk, dv."""
+    gen = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn((*q.shape[:3], v.shape[3]), generator=gen).to(q.dtype)
+    out, grads = grads_of(lambda q, k, v: tar_attention(q, k, v, backend=backend, **kw), (q, k, v), grad_out)
+    assert out.grad_fn is not None
+    _, ref = grads_of(lambda q, k, v: tar_attention_reference(q, k, v, **kw),
+                    (q.double(), k.double(), v.double()), grad_out.double())
+    _, same = grads_of(lambda q, k, v: tar_attention_reference(q, k, v, upcast=False, **kw), (q, k, v), grad_out)
+    for name, g, r, s, t in zip("qkv", grads, ref, same, (q, k, v), strict=True):
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        assert torch.isfinite(g).all(), name
+        err = (g.double() - r).abs().max().item()
+        base = (s.double() - r).abs().max().item() if q.dtype != torch.float64 else 0.0
+        atol = ATOL[q.dtype] * max(1.0, r.abs().max().item())
+        assert err <= 2 * base + atol, f"d{name}: {err:.3e} > 2 * {base:.3e} + {atol:.3e} ({backend}, {kw})"

@@ -1,44 +1,21 @@
 """Gradients of TAR attention on every backend against the float64 reference's autograd (the definition).
 
-Every backend's backward today is the torch backend's memory-bounded chunked backward (recomputing S, S', P per
-chunk on the input's device); the fused Triton/C++/CUDA backward kernels are future work. The tests hold any
-implementation to the float64 reference with the precision-aware criterion.
+Backends: the fused C++ CPU backward (extension), the fused Triton backward under the interpreter (fp16, and the
+kernels with forced small tiles), the torch backend's chunked backward. Every one is held to the float64
+reference with the precision-aware criterion (``helpers.assert_grads_match_reference``). The CUDA kernels'
+gradients are checked in tests/test_cuda.py on a GPU.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ATOL, make_qkv
+from helpers import assert_grads_match_reference, grads_of, make_qkv
 
-from vstar_kernels import tar_attention, tar_attention_reference
+from vstar_kernels import gaussian_delta, tar_attention, tar_attention_reference
 from vstar_kernels.backends import extension
 
 BACKENDS = ("triton", "extension", "torch")
-
-
-def _grads(fn, inputs, grad_out):
-    leaves = [t.detach().requires_grad_() for t in inputs]
-    out = fn(*leaves)
-    return out, torch.autograd.grad(out, leaves, grad_out)
-
-
-def assert_grads_match_reference(backend: str, q, k, v, seed: int = 0, **kw) -> None:
-    """|g - g_ref64| <= 2 * |g_torch_same_precision - g_ref64| + atol for dq, dk, dv."""
-    gen = torch.Generator().manual_seed(seed)
-    grad_out = torch.randn((*q.shape[:3], v.shape[3]), generator=gen).to(q.dtype)
-    out, grads = _grads(lambda q, k, v: tar_attention(q, k, v, backend=backend, **kw), (q, k, v), grad_out)
-    assert out.grad_fn is not None
-    _, ref = _grads(lambda q, k, v: tar_attention_reference(q, k, v, **kw),
-                    (q.double(), k.double(), v.double()), grad_out.double())
-    _, same = _grads(lambda q, k, v: tar_attention_reference(q, k, v, upcast=False, **kw), (q, k, v), grad_out)
-    for name, g, r, s, t in zip("qkv", grads, ref, same, (q, k, v), strict=True):
-        assert g.shape == t.shape and g.dtype == t.dtype, name
-        assert torch.isfinite(g).all(), name
-        err = (g.double() - r).abs().max().item()
-        base = (s.double() - r).abs().max().item() if q.dtype != torch.float64 else 0.0
-        atol = ATOL[q.dtype] * max(1.0, r.abs().max().item())
-        assert err <= 2 * base + atol, f"d{name}: {err:.3e} > 2 * {base:.3e} + {atol:.3e} ({backend}, {kw})"
 
 
 @pytest.mark.parametrize("mode", ["relative", "absolute"])
@@ -90,8 +67,8 @@ def test_tied_maxima_split_the_row_max_gradient_evenly():
     scores = torch.einsum("bihd,bjhd->bhij", q, k)
     assert ((scores == scores.amax(-1, keepdim=True)).sum(-1) == 3).any()  # real ties
     fn = lambda q, k, v: tar_attention(q, k, v, sigma=1.0, strength=2.0, backend="torch")  # noqa: E731
-    _, ours = _grads(fn, (q, k, v), torch.ones(1, 8, 2, 16, dtype=torch.float64))
-    _, ref = _grads(lambda q, k, v: tar_attention_reference(q, k, v, sigma=1.0, strength=2.0), (q, k, v),
+    _, ours = grads_of(fn, (q, k, v), torch.ones(1, 8, 2, 16, dtype=torch.float64))
+    _, ref = grads_of(lambda q, k, v: tar_attention_reference(q, k, v, sigma=1.0, strength=2.0), (q, k, v),
                     torch.ones(1, 8, 2, 16, dtype=torch.float64))
     for g, r in zip(ours, ref, strict=True):
         torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
@@ -245,3 +222,60 @@ def test_triton_backward_with_small_tiles_and_ties(mode, len_q, len_k):
     ref = tar_attention_reference(*leaves, sigma=3.0, strength=1.5, mode=mode, q_offset=2)
     for g, r in zip(grads, torch.autograd.grad(ref, leaves, grad_out.double()), strict=True):
         torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+@pytest.mark.parametrize(("len_q", "len_k"), [(40, 40), (9, 70)])
+def test_triton_training_forward_saves_the_row_max_and_log_sum_exp(mode, len_q, len_k):
+    """The forward of a training call returns the output and, per row, the unbiased row max and lse of S' (log2)."""
+    import math
+
+    from vstar_kernels.backends import triton_tar
+    from vstar_kernels.contract import make_params
+
+    q, k, v = (t.half() for t in make_qkv(2, len_q, 3, 24, len_k=len_k, seed=7))
+    params = make_params(24, sigma=2.5, strength=1.5, mode=mode, q_offset=3)
+    out, (saved_out, stats) = triton_tar.forward_with_residuals(q, k, v, params)
+    assert saved_out is out and stats.shape == (2, 2 * 3, len_q) and stats.dtype == torch.float32
+    kw = dict(sigma=2.5, strength=1.5, mode=mode, q_offset=3)
+    ref = tar_attention_reference(q.double(), k.double(), v.double(), **kw)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=2e-3)
+    qd, kd = q.double().transpose(1, 2), k.double().transpose(1, 2)  # (batch, heads, frames, dim)
+    scores = qd @ kd.transpose(-1, -2) * 24**-0.5
+    delta = gaussian_delta(len_q, len_k, sigma=2.5, q_offset=3).double()
+    row_max = scores.amax(-1, keepdim=True)
+    biased = scores + 1.5 * (row_max if mode == "relative" else 1.0) * delta
+    lse = torch.logsumexp(biased, -1) / math.log(2)
+    torch.testing.assert_close(stats[1].double(), lse.reshape(6, len_q), rtol=1e-5, atol=1e-5)
+    if mode == "relative":
+        torch.testing.assert_close(stats[0].double(), (row_max[..., 0] / math.log(2)).reshape(6, len_q),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_triton_backward_from_saved_residuals_equals_recomputing_them(mode):
+    from vstar_kernels.backends import triton_tar
+    from vstar_kernels.contract import make_params
+
+    q, k, v = (t.half() for t in make_qkv(2, 37, 2, 40, seed=11))
+    grad_out = torch.randn(2, 37, 2, 40, generator=torch.Generator().manual_seed(5)).half()
+    params = make_params(40, sigma=3.0, strength=1.0, mode=mode)
+    _, residuals = triton_tar.forward_with_residuals(q, k, v, params)
+    saved = triton_tar.backward(q, k, v, grad_out, params, residuals=residuals)
+    recomputed = triton_tar.backward(q, k, v, grad_out, params)
+    for a, b in zip(saved, recomputed, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(("backend", "dtype", "saved"), [
+    ("triton", torch.float16, 5),    # q, k, v, the output and its (2, batch·heads, Lq) row statistics
+    ("triton", torch.float32, 3),    # fp32 gradients recompute in the chunked torch backward
+    ("extension", torch.float32, 3),  # the fused C++ backward recomputes the row statistics bit-exactly
+    ("torch", torch.float32, 3),
+])
+def test_the_forward_saves_what_its_backward_needs(backend, dtype, saved):
+    q, k, v = (t.to(dtype).requires_grad_() for t in make_qkv(1, 20, 2, 16, seed=2))
+    out = tar_attention(q, k, v, sigma=2.0, backend=backend)
+    tensors = out.grad_fn.saved_tensors
+    assert len(tensors) == saved
+    assert all(t.numel() <= 2 * q.numel() for t in tensors)  # nothing Lq x Lk

@@ -1,5 +1,5 @@
-"""CUDA-only checks of the Triton kernel and the extension's CUDA fallback: bf16, batch*heads beyond the 65,535 grid
-limit, a timed run.
+"""CUDA-only checks of the Triton kernels and the extension's CUDA kernels, forward and backward: bf16, gradients
+against the float64 reference, batch*heads beyond the 65,535 grid limit, a timed run.
 
 They skip cleanly on machines without CUDA (every machine of this project today). Under TRITON_INTERPRET=1 the
 Triton backend is CPU-only, so run these with ``TRITON_INTERPRET=0 pytest tests/test_cuda.py`` on a GPU.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_matches_reference, make_qkv
+from helpers import assert_grads_match_reference, assert_matches_reference, make_qkv
 
 from vstar_kernels import tar_attention
 from vstar_kernels.backends import triton_tar
@@ -53,6 +53,44 @@ def test_cuda_batch_heads_beyond_65535(backend, mode):
     idx = torch.tensor([0, 4321, 8749])  # check sequences at the start, middle and end of the grid
     assert torch.isfinite(out).all()
     assert_matches_reference(out[idx].cpu(), *(t[idx].cpu() for t in (q, k, v)), **kw)
+
+
+@pytest.mark.parametrize("backend", ["triton", "extension"])
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+@pytest.mark.parametrize(("frames", "dim", "len_k", "q_offset"), [
+    (16, 40, None, 0), (19, 80, 23, 4), (160, 64, None, 0), (1, 40, None, 0), (33, 160, None, 2), (17, 256, None, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_gradients_match_the_float64_reference(backend, mode, frames, dim, len_k, q_offset, dtype):
+    """The fused backward kernels (Triton fp16/bf16, the .cu's two kernels; Triton fp32 takes the torch backward)."""
+    q, k, v = _cuda(*make_qkv(2, frames, 3, dim, dtype=dtype, len_k=len_k, layout="fused_qkv"
+                              if len_k is None else "projection"))
+    assert_grads_match_reference(backend, q, k, v, sigma=2.0, strength=1.5, mode=mode, q_offset=q_offset)
+
+
+@pytest.mark.parametrize("backend", ["triton", "extension"])
+def test_cuda_gradients_with_tied_row_maxima(backend):
+    """Identical key frames (a static first frame) tie the row max: its gradient is split among them."""
+    q, k, v = make_qkv(2, 40, 2, 64, dtype=torch.float16, seed=4)
+    k = k.clone()
+    k[:, 25] = k[:, 3]
+    k[:, 37] = k[:, 3]
+    q = q.clone()
+    q[:, :6] = k[:, 3:4] * 2
+    assert_grads_match_reference(backend, *_cuda(q, k, v), sigma=3.0, strength=2.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "extension"])
+def test_cuda_backward_batch_heads_beyond_65535(backend):
+    q, k, v = (t.requires_grad_() for t in _cuda(*make_qkv(8750, 16, 8, 40, dtype=torch.float16)))
+    grad_out = torch.randn_like(q)
+    dq, dk, dv = torch.autograd.grad(tar_attention(q, k, v, sigma=1.0, backend=backend), (q, k, v), grad_out)
+    idx = torch.tensor([0, 4321, 8749])
+    leaves = [t[idx].detach().cpu().double().requires_grad_() for t in (q, k, v)]
+    from vstar_kernels import tar_attention_reference
+
+    ref = torch.autograd.grad(tar_attention_reference(*leaves, sigma=1.0), leaves, grad_out[idx].cpu().double())
+    for g, r in zip((dq, dk, dv), ref, strict=True):
+        torch.testing.assert_close(g[idx].cpu().double(), r, rtol=2e-2, atol=2e-2)
 
 
 def test_cuda_timed_run_reports_kernel_and_sdpa_time():

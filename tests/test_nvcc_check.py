@@ -20,7 +20,14 @@ ptxas info    : Used 255 registers, used 1 barriers, 17536 bytes smem, 584 bytes
 def test_parser_reads_registers_and_flags_spills():
     (row,) = nvcc_check.parse_ptxas(SPILLING_LOG)
     assert (row.arch, row.registers, row.smem, row.spill_stores, row.spill_loads) == (80, 255, 17536, 12, 8)
-    assert row.spills and row.kernel == "fp32 head_dim<=64 relative"
+    assert row.spills and row.kernel == "fwd fp32 head_dim<=64 relative"
+
+
+def test_parser_names_the_backward_kernels():
+    log = SPILLING_LOG.replace("20tar_attention_kernel", "20tar_bwd_query_kernel")
+    log += SPILLING_LOG.replace("20tar_attention_kernelIfLi2ELb1", "18tar_bwd_key_kernelI6__halfLi8ELb0")
+    assert [row.kernel for row in nvcc_check.parse_ptxas(log)] == [
+        "bwd dq fp32 head_dim<=64 relative", "bwd dk/dv fp16 head_dim<=256 absolute/plain"]
 
 
 @pytest.mark.skipif(nvcc_check.find_nvcc() is None, reason="nvcc not found (.ci/run runs this check regardless)")
@@ -29,5 +36,9 @@ def test_cuda_kernels_compile_for_sm80_and_sm90_without_spills():
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("sm_")]
     assert {line.split()[0] for line in rows} == {"sm_80", "sm_90"}
-    assert len(rows) == 2 * 3 * 4 * 2  # arch x dtype x head-dim bucket x (relative, absolute)
+    # arch x dtype x head-dim bucket x (relative, absolute) x (forward, backward dq, backward dk/dv)
+    assert len(rows) == 2 * 3 * 4 * 2 * 3
+    kinds = {" ".join(line.split()[1:-7]) for line in rows}
+    assert kinds == {"fwd", "bwd dq", "bwd dk/dv"}
     assert "0 with spills" in res.stdout
+    assert "bindings.cpp with -DVSTAR_WITH_CUDA: compiles" in res.stdout

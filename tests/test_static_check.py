@@ -18,7 +18,8 @@ from vstar_kernels.backends.triton_tar import block_config
 from vstar_kernels.checks import static_check
 
 VARIANTS = {"relative", "relative-2pass", "absolute"}
-BACKWARD_VARIANTS = {f"{k}-{m}" for k in ("bwd_stats", "bwd_dq", "bwd_dkdv") for m in ("relative", "absolute")}
+TRAINING_VARIANTS = {f"{v}+stats" for v in VARIANTS}  # the forward of a training call saves the row statistics
+BACKWARD_VARIANTS = {f"{k}-{m}" for k in ("bwd_prep", "bwd_dq", "bwd_dkdv") for m in ("relative", "absolute")}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -67,7 +68,8 @@ def test_enumeration_covers_dtypes_buckets_and_variants(specs: list[static_check
     for dtype in ("fp16", "bf16", "fp32"):
         for block_d in (32, 64, 128, 256):
             found = {s.variant for s in specs if s.dtype == dtype and s.config.block_d == block_d}
-            assert found == VARIANTS, (dtype, block_d, found)
+            expected = VARIANTS if dtype == "fp32" else VARIANTS | TRAINING_VARIANTS  # fp32 trains via torch
+            assert found == expected, (dtype, block_d, found)
 
 
 def test_value_classes_differ_only_in_int_hints() -> None:
@@ -99,6 +101,18 @@ def test_every_block_config_is_enumerated(specs: list[static_check.Spec], len_q:
     cfg = block_config(len_q, len_k, head_dim, mode, static_check.DTYPES[dtype])
     tiles = {(s.config.block_m, s.config.block_n, s.config.block_d, s.config.num_warps, s.config.two_pass)
              for s in specs if s.dtype == dtype}
+    assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.two_pass) in tiles
+
+
+@pytest.mark.parametrize(("len_k", "head_dim"), [(1, 1), (16, 40), (300, 40), (2048, 256), (65, 129)])
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_every_training_forward_config_is_enumerated(specs, len_k: int, head_dim: int, mode: str, dtype: str) -> None:
+    from vstar_kernels.backends.triton_tar_backward import backward_block_config, forward_config
+
+    cfg = forward_config(backward_block_config(len_k, head_dim, static_check.DTYPES[dtype]), len_k, mode)
+    tiles = {(s.config.block_m, s.config.block_n, s.config.block_d, s.config.num_warps, s.config.two_pass)
+             for s in specs if s.dtype == dtype and s.variant.endswith("+stats")}
     assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.two_pass) in tiles
 
 

@@ -60,19 +60,27 @@ def tar_attention(
 
 
 class _TARAttentionFunction(torch.autograd.Function):
-    """Autograd around a backend: its forward, and its backward (which recomputes from q, k, v: nothing else is
-    saved). Used only when an input requires grad."""
+    """Autograd around a backend: its forward, and its backward. Saved: q, k, v, plus what the backend's
+    ``forward_with_residuals`` returns where it has one (Triton fp16/bf16: the output and two fp32 numbers per query
+    row); the other backends' backwards recompute from q, k, v. Used only when an input requires grad."""
 
     @staticmethod
     def forward(ctx, q, k, v, params: TARParams, name: str):
-        ctx.save_for_backward(q, k, v)
+        impl = BACKENDS[name]
+        forward_with_residuals = getattr(impl, "forward_with_residuals", None)
+        if forward_with_residuals is None:
+            out, residuals = impl.forward(q, k, v, params), ()
+        else:
+            out, residuals = forward_with_residuals(q, k, v, params)
+        ctx.save_for_backward(q, k, v, *residuals)
         ctx.params, ctx.backend = params, name
-        return BACKENDS[name].forward(q, k, v, params)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v = ctx.saved_tensors
-        dq, dk, dv = BACKENDS[ctx.backend].backward(q, k, v, grad_out, ctx.params)
+        q, k, v, *residuals = ctx.saved_tensors
+        extra = {"residuals": tuple(residuals)} if residuals else {}
+        dq, dk, dv = BACKENDS[ctx.backend].backward(q, k, v, grad_out, ctx.params, **extra)
         needs = ctx.needs_input_grad
         return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None
 

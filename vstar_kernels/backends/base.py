@@ -52,4 +52,7 @@ class Backend(Protocol):
 
     def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
                  params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(dq, dk, dv) for the output gradient ``grad_out``, shaped and typed like q, k, v."""
+        """(dq, dk, dv) for the output gradient ``grad_out``, shaped and typed like q, k, v. A backend that defines
+        ``forward_with_residuals(q, k, v, params) -> (out, residuals)`` (optional: the forward of a call whose
+        inputs require grad, saving what its backward needs beyond q, k, v) also takes
+        ``backward(..., residuals=residuals)``."""

@@ -219,12 +219,8 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
              params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv). CPU: the fused C++ backward (``vstar_kernels::tar_attention_backward``: scores recomputed per
-    (batch, head) and query block, never an Lq x Lk tensor). CUDA has no fused backward yet: the torch backend's
-    memory-bounded chunked backward runs there."""
-    if q.device.type != "cpu":
-        from . import torch_tar
-
-        return torch_tar.backward(q, k, v, grad_out, params)
+    """(dq, dk, dv) from the fused ``vstar_kernels::tar_attention_backward``, never an Lq x Lk tensor. CPU: scores
+    recomputed per (batch, head) and query block (at::vec, at::parallel_for). CUDA: two kernels in the .cu, one
+    warp per query row (dQ and four fp32 statistics per row) and one warp per key (dK, dV)."""
     return torch.ops.vstar_kernels.tar_attention_backward(grad_out, q, k, v, params.sigma, params.strength,
                                                           params.mode, params.scale, params.q_offset, params.k_offset)

@@ -160,30 +160,43 @@ def forward(
     ``config`` overrides :func:`block_config` (tests use it to force the two-pass path); a relative-mode config
     must be two-pass unless its key tile covers Lk. Returns a contiguous (batch, Lq, heads, head_dim) tensor.
     """
-    batch, len_q, heads, head_dim = q.shape
+    len_q, head_dim = q.shape[1], q.shape[3]
     len_k = k.shape[1]
     cfg = config or block_config(len_q, len_k, head_dim, params.mode, q.dtype)
     if params.relative and not cfg.two_pass and len_k > cfg.block_n:
         raise ValueError(f"single-pass relative mode needs block_n >= Lk, got {cfg.block_n} < {len_k}")
     if cfg.block_d < head_dim:
         raise ValueError(f"block_d {cfg.block_d} < head_dim {head_dim}")
+    return run(q, k, v, params, cfg)
+
+
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, cfg: BlockConfig,
+        stats: torch.Tensor | None = None) -> torch.Tensor:
+    """Allocate the output and launch with ``cfg`` as given (:func:`forward` checks it against the shapes first).
+
+    ``stats``, a contiguous fp32 (2, batch·heads, Lq) tensor, receives each query row's unbiased row max and the
+    log-sum-exp of S' (log2 units) for the backward."""
+    batch, len_q, heads, head_dim = q.shape
     out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
+    if stats is not None and (stats.shape != (2, batch * heads, len_q) or stats.dtype != torch.float32
+                              or not stats.is_contiguous()):
+        raise ValueError(f"stats must be a contiguous float32 (2, {batch * heads}, {len_q}) tensor")
     grid = (batch * heads, triton.cdiv(len_q, cfg.block_m))
     if q.device.type == "cuda":
         with torch.cuda.device(q.device):
-            _launch(grid, q, k, v, out, params, cfg)
+            _launch(grid, q, k, v, out, params, cfg, stats)
     else:
-        _launch(grid, q, k, v, out, params, cfg)
+        _launch(grid, q, k, v, out, params, cfg, stats)
     return out
 
 
-def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig) -> None:
+def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torch.Tensor | None = None) -> None:
     # strength 0 runs the absolute kernel with a zero bias: s + 0 * G == s exactly, one fewer specialisation
     relative = params.relative and params.strength != 0.0
     _tar_attention_fwd[grid](
-        q, k, v, out,
+        q, k, v, out, out if stats is None else stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q.shape[2], q.shape[1], k.shape[1], q.shape[3],
         float(params.offset_delta), params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
@@ -191,6 +204,7 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig) -> None:
         TWO_PASS=relative and cfg.two_pass,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SAVE_STATS=stats is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -237,8 +251,9 @@ if triton is not None:
                        row_pos, row_max, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
                        RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """The TAR softmax over every key tile, online: (running max m, sum l, unnormalised P·V), all in log2 units.
-        Relative mode takes ``row_max`` from a first pass (TWO_PASS) or from the single tile that holds the row."""
+        """The TAR softmax over every key tile, online: (running max m, sum l, unnormalised P·V, the unbiased row max),
+        all in log2 units. Relative mode takes ``row_max`` from a first pass (TWO_PASS) or from the single tile that
+        holds the row, and returns the one it used."""
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -258,11 +273,12 @@ if triton is not None:
                          mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
             m_i = m_new
-        return m_i, l_i, acc
+        return m_i, l_i, acc, row_max
 
     @triton.jit
     def _tar_attention_fwd(
         Q, K, V, O,  # noqa: E741 - the kernel names its tensors like the math does
+        STATS,  # (2, batch·heads, Lq) fp32 when SAVE_STATS, else unused
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
@@ -278,6 +294,7 @@ if triton is not None:
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
+        SAVE_STATS: tl.constexpr,
     ):
         pid_bh = tl.program_id(0).to(tl.int64)
         pid_m = tl.program_id(1)
@@ -302,24 +319,41 @@ if triton is not None:
         if TWO_PASS:  # pass 1: the row max of the unbiased logits over every key tile
             row_max = unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
                                        BLOCK_M, BLOCK_N, DOT_PRECISION)
-        _m_i, l_i, acc = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
-                                        mask_d, len_k, row_pos, row_max, qk_log2_scale, gauss_log2_coeff,
-                                        bias_log2_scale, RELATIVE, TWO_PASS, BLOCK_M, BLOCK_N, BLOCK_D,
-                                        DOT_PRECISION)
+        m_i, l_i, acc, row_max = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n,
+                                                offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
+                                                gauss_log2_coeff, bias_log2_scale, RELATIVE, TWO_PASS, BLOCK_M,
+                                                BLOCK_N, BLOCK_D, DOT_PRECISION)
 
         out = acc / l_i[:, None]
         tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
                  out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        if SAVE_STATS:  # for the backward: the unbiased row max and the log-sum-exp of S' (log2 units)
+            rows = STATS + pid_bh * len_q + offs_m
+            tl.store(rows, row_max, mask=mask_m)
+            tl.store(rows + len_q * tl.num_programs(0), m_i + tl.log2(l_i), mask=mask_m)
 
 
-def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
-             params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv): fp16/bf16 by the fused Triton backward kernels (:mod:`.triton_tar_backward`); fp32 by the
-    torch backend's chunked backward (the fused kernels' IEEE fp32 tiles spill; fp32 training is rare)."""
+def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                           params: TARParams) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The forward of a call whose inputs require grad: (out, residuals for :func:`backward`). fp16/bf16: the
+    output and each row's max and log-sum-exp, computed with the backward's tiles (:mod:`.triton_tar_backward`);
+    fp32: nothing beyond q, k, v."""
+    if q.dtype == torch.float32:
+        return forward(q, k, v, params), ()
+    from .triton_tar_backward import forward_with_residuals as fused_forward
+
+    return fused_forward(q, k, v, params)
+
+
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
+             residuals: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv): fp16/bf16 by the fused Triton backward kernels (:mod:`.triton_tar_backward`), from the
+    ``residuals`` of :func:`forward_with_residuals` (recomputed when not given); fp32 by the torch backend's chunked
+    backward (the fused kernels' IEEE fp32 tiles spill; fp32 training is rare)."""
     if q.dtype == torch.float32:
         from . import torch_tar
 
         return torch_tar.backward(q, k, v, grad_out, params)
     from .triton_tar_backward import backward as fused_backward
 
-    return fused_backward(q, k, v, grad_out, params)
+    return fused_backward(q, k, v, grad_out, params, residuals=residuals)

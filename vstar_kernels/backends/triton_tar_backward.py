@@ -1,11 +1,13 @@
 """Fused flash-style TAR backward in Triton: dQ over query blocks, dK and dV over key blocks, no atomics.
 
-Three kernels share one tile shape (BLOCK_M x BLOCK_N), so every kernel recomputes bit-identical score tiles with
-the forward's :func:`~vstar_kernels.backends.triton_tar.scores_tile`, and the row max's ties are found exactly:
+The forward of a training call (:func:`forward_with_residuals`) runs the forward kernel with the backward's tile
+shape (BLOCK_M x BLOCK_N, :func:`forward_config`) and saves, per query row, the unbiased row max m and the
+log-sum-exp of S' (log2 units) beside its output O. Every kernel then computes bit-identical score tiles with
+:func:`~vstar_kernels.backends.triton_tar.scores_tile`, so the row max's tied keys are found exactly with ==.
 
-1. ``_tar_bwd_stats`` (grid: batch·heads x query blocks): per query row, the unbiased row max m (relative mode),
-   the log-sum-exp of S' (log2 units), D = rowsum(dO ∘ O) with O recomputed in fp32, and the row max's gradient
-   share strength · rowsum(dS' ∘ G) / #ties. Four fp32 numbers per row: O(batch·heads·Lq), never O(Lq·Lk).
+1. ``_tar_bwd_prep`` (grid: batch·heads x query blocks): D = rowsum(dO ∘ O), and in relative mode the row max's
+   gradient share strength · rowsum(dS' ∘ G) / #ties (one sweep over K; absolute mode reads no K at all). With m
+   and lse that makes four fp32 numbers per row: O(batch·heads·Lq), never O(Lq·Lk).
 2. ``_tar_bwd_dq`` (same grid): dS = P ∘ (dP − D) (+ the share at the tied argmax keys), dQ = scale · dS·K.
 3. ``_tar_bwd_dkdv`` (grid: batch·heads x key blocks): dV = Σ Pᵀ·dO and dK = Σ dSᵀ·(scale·Q) over query blocks.
 
@@ -22,13 +24,13 @@ import torch
 from ..contract import TARParams
 from .triton_tar import (
     MIN_BLOCK_D,
+    BlockConfig,
     next_pow2,
-    online_softmax,
+    run,
     scores_tile,
     tar_bias_tile,
     tl,
     triton,
-    unbiased_row_max,
 )
 
 _STATS = 4  # row max, log-sum-exp, D, tie share
@@ -58,9 +60,34 @@ def backward_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.
     return BackwardConfig(block, block, block_d, num_warps=num_warps)
 
 
+def forward_config(cfg: BackwardConfig, len_k: int, mode: str) -> BlockConfig:
+    """The forward kernel's configuration for a training call: the backward's tiles and warps (``cfg``), so the
+    forward's saved row max is bit-identical to the logits the backward recomputes; two-pass in relative mode when
+    the key row spans several tiles."""
+    return BlockConfig(cfg.block_m, cfg.block_n, cfg.block_d, two_pass=mode == "relative" and len_k > cfg.block_n,
+                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
+                           config: BackwardConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(out, (out, stats)): the forward with the backward's tiles (``config``, default
+    :func:`backward_block_config`), saving per query row the unbiased row max and the log-sum-exp of S' (log2
+    units) in ``stats``, a (2, batch·heads, Lq) fp32 tensor."""
+    batch, len_q, heads, head_dim = q.shape
+    len_k = k.shape[1]
+    cfg = config or backward_block_config(len_k, head_dim, q.dtype)
+    stats = torch.empty((2, batch * heads, len_q), dtype=torch.float32, device=q.device)
+    out = run(q, k, v, params, forward_config(cfg, len_k, params.mode), stats)
+    return out, (out, stats)
+
+
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
-             *, config: BackwardConfig | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv), contiguous (batch, frames, heads, head_dim) in the input dtype; any input strides."""
+             *, residuals: tuple[torch.Tensor, ...] = (), config: BackwardConfig | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv), contiguous (batch, frames, heads, head_dim) in the input dtype; any input strides.
+
+    ``residuals`` are what :func:`forward_with_residuals` saved with the same ``config``; without them the forward
+    is recomputed here first."""
     batch, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
     cfg = config or backward_block_config(len_k, head_dim, q.dtype)
@@ -69,6 +96,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     dv = torch.empty((batch, len_k, heads, head_dim), dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    out, fwd_stats = residuals or forward_with_residuals(q, k, v, params, config=cfg)[1]
     stats = torch.empty((_STATS, batch * heads, len_q), dtype=torch.float32, device=q.device)
     relative = params.relative and params.strength != 0.0
     common = dict(
@@ -82,7 +110,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     grid_q = (batch * heads, triton.cdiv(len_q, cfg.block_m))
     grid_k = (batch * heads, triton.cdiv(len_k, cfg.block_n))
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _tar_bwd_stats[grid_q](q, k, v, grad_out, stats, *common["strides"], *common["scalars"], **common["meta"])
+        _tar_bwd_prep[grid_q](q, k, v, grad_out, out, fwd_stats, stats, *common["strides"], *out.stride(),
+                              *common["scalars"], **common["meta"])
         _tar_bwd_dq[grid_q](q, k, v, grad_out, stats, dq, *common["strides"], *dq.stride(), *common["scalars"],
                             params.scale, **common["meta"])
         _tar_bwd_dkdv[grid_k](q, k, v, grad_out, stats, dk, dv, *common["strides"], *dk.stride(), *dv.stride(),
@@ -99,7 +128,7 @@ if triton is not None:
 
     @triton.jit
     def _load_stats(STATS, pid_bh, len_q, offs_m, mask_m):
-        """The stats kernel's four per-row numbers: row max, log-sum-exp, D and the tie share."""
+        """The prep kernel's four per-row numbers: row max, log-sum-exp, D and the tie share."""
         rows = STATS + pid_bh * len_q + offs_m
         plane = len_q * tl.num_programs(0)
         return (tl.load(rows, mask=mask_m, other=0.0), tl.load(rows + plane, mask=mask_m, other=0.0),
@@ -120,12 +149,13 @@ if triton is not None:
         return s, gauss, p, ds
 
     @triton.jit
-    def _tar_bwd_stats(
-        Q, K, V, DO, STATS,
+    def _tar_bwd_prep(
+        Q, K, V, DO, O, FWD_STATS, STATS,  # noqa: E741 - named like the math
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
         stride_gb, stride_gm, stride_gh, stride_gd,
+        stride_ob, stride_om, stride_oh, stride_od,
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
         RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -135,31 +165,25 @@ if triton is not None:
         pid_m = tl.program_id(1)
         b = pid_bh // num_heads
         h = pid_bh % num_heads
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < len_q
         mask_d = offs_d < head_dim
         tile_mask = mask_m[:, None] & mask_d[None, :]
-        q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
         do = _load_tile(DO + b * stride_gb + h * stride_gh, stride_gm, stride_gd, offs_m, offs_d, tile_mask)
-        row_pos = offs_m.to(tl.float32) + offset_delta
-
-        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        if RELATIVE:
-            row_max = unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
-                                       BLOCK_M, BLOCK_N, DOT_PRECISION)
-        # the forward, recomputed (row max given, as in its two-pass form): lse of S' and O (fp32) for D
-        m_i, l_i, acc = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d,
-                                       mask_d, len_k, row_pos, row_max, qk_log2_scale, gauss_log2_coeff,
-                                       bias_log2_scale, RELATIVE, True, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION)
-        lse = m_i + tl.log2(l_i)
-        delta_row = tl.sum(do.to(tl.float32) * (acc / l_i[:, None]), 1)
+        out = _load_tile(O + b * stride_ob + h * stride_oh, stride_om, stride_od, offs_m, offs_d, tile_mask)
+        delta_row = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
+        saved = FWD_STATS + pid_bh * len_q + offs_m
+        row_max = tl.load(saved, mask=mask_m, other=0.0)
+        lse = tl.load(saved + len_q * tl.num_programs(0), mask=mask_m, other=0.0)
 
         share = tl.zeros([BLOCK_M], dtype=tl.float32)
         if RELATIVE:  # the row max's gradient: strength * rowsum(dS' * G), split over the tied argmax keys
+            q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
+            k_base = K + b * stride_kb + h * stride_kh
+            v_base = V + b * stride_vb + h * stride_vh
+            row_pos = offs_m.to(tl.float32) + offset_delta
             coupling = tl.zeros([BLOCK_M], dtype=tl.float32)
             ties = tl.zeros([BLOCK_M], dtype=tl.float32)
             for start_n in range(0, len_k, BLOCK_N):
@@ -275,4 +299,4 @@ if triton is not None:
                  dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-__all__ = ["BackwardConfig", "backward", "backward_block_config"]
+__all__ = ["BackwardConfig", "backward", "backward_block_config", "forward_config", "forward_with_residuals"]

@@ -1,8 +1,10 @@
 """Static check of the CUDA fallback without a GPU: ``python -m vstar_kernels.checks.nvcc_check``.
 
 Compiles ``csrc/tar_attention_cuda.cu`` (no ATen inside, so no CUDA build of torch is needed) with ``nvcc`` for
-each architecture with ``-Xptxas -v`` and prints registers, shared memory and spills per kernel. Exit status 1 on a
-compile error or any spill; 2 when nvcc is not found.
+each architecture with ``-Xptxas -v`` and prints registers, shared memory and spills per kernel (forward and the
+two backward kernels). Then it syntax-checks ``csrc/bindings.cpp`` as the CUDA build compiles it
+(``-DVSTAR_WITH_CUDA``), against this torch's headers: the CUDA dispatch of both ops is type-checked without a CUDA
+build of torch. Exit status 1 on a compile error or any spill; 2 when nvcc is not found.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ ARCHS = (80, 90)
 _ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for 'sm_(?P<arch>\d+)'")
 _SPILL = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill")
 _USAGE = re.compile(r"Used (?P<regs>\d+) registers.*?(?P<smem>\d+) bytes smem")
-_KERNEL = re.compile(r"tar_attention_kernelI(?P<dtype>f|6__half|13__nv_bfloat16)Li(?P<dpl>\d+)ELb(?P<rel>[01])E")
+_KERNEL = re.compile(r"(?P<name>tar_attention_kernel|tar_bwd_query_kernel|tar_bwd_key_kernel)"
+                     r"I(?P<dtype>f|6__half|13__nv_bfloat16)Li(?P<dpl>\d+)ELb(?P<rel>[01])E")
+_KINDS = {"tar_attention_kernel": "fwd", "tar_bwd_query_kernel": "bwd dq", "tar_bwd_key_kernel": "bwd dk/dv"}
 _DTYPES = {"f": "fp32", "6__half": "fp16", "13__nv_bfloat16": "bf16"}
 
 
@@ -58,7 +62,7 @@ def _describe(mangled: str) -> str:
     if match is None:
         return mangled
     mode = "relative" if match["rel"] == "1" else "absolute/plain"
-    return f"{_DTYPES[match['dtype']]} head_dim<={32 * int(match['dpl'])} {mode}"
+    return f"{_KINDS[match['name']]} {_DTYPES[match['dtype']]} head_dim<={32 * int(match['dpl'])} {mode}"
 
 
 def parse_ptxas(log: str) -> list[KernelUsage]:
@@ -87,6 +91,26 @@ def compile_cuda(nvcc: str, archs: tuple[int, ...] = ARCHS) -> tuple[int, str, l
     return proc.returncode, log, parse_ptxas(log)
 
 
+def check_cuda_bindings(nvcc: str) -> tuple[int, str]:
+    """``-fsyntax-only`` compile of bindings.cpp with ``-DVSTAR_WITH_CUDA``; (return code, compiler log).
+
+    A CPU wheel of torch ships the c10/cuda headers but not the CMake-generated ``cuda_cmake_macros.h``; an empty
+    stand-in is supplied last on the include path (it only carries build switches)."""
+    from torch.utils.cpp_extension import include_paths
+
+    src = source_dir()
+    with tempfile.TemporaryDirectory() as tmp:
+        macros = Path(tmp) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+        macros.parent.mkdir(parents=True)
+        macros.write_text("#pragma once\n")
+        includes = [f"-I{path}" for path in include_paths()]
+        # nvcc drives the host compiler with the CUDA include path; the stand-in comes last, so a real header wins
+        cmd = [nvcc, "-x", "c++", "-std=c++17", "-DVSTAR_WITH_CUDA", *includes, f"-I{src}", f"-I{tmp}",
+               "-Xcompiler", "-fsyntax-only", "-c", str(src / "bindings.cpp"), "-o", str(Path(tmp) / "bindings.o")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="SM versions (default 80 90)")
@@ -100,15 +124,21 @@ def main(argv: list[str] | None = None) -> int:
         print(log, file=sys.stderr)
         print(f"nvcc failed with exit status {code}", file=sys.stderr)
         return 1
-    print(f"{'arch':<6}{'kernel':<36}{'regs':>6}{'smem B':>9}{'stack B':>9}{'spill st/ld B':>15}")
+    print(f"{'arch':<6}{'kernel':<50}{'regs':>6}{'smem B':>9}{'stack B':>9}{'spill st/ld B':>15}")
     for row in rows:
-        print(f"sm_{row.arch:<3}{row.kernel:<36}{row.registers:>6}{row.smem:>9}{row.stack:>9}"
+        print(f"sm_{row.arch:<3}{row.kernel:<50}{row.registers:>6}{row.smem:>9}{row.stack:>9}"
               f"{row.spill_stores:>8}/{row.spill_loads:<6}")
     spilled = [row for row in rows if row.spills]
     if not rows:
         print("no kernels found in the ptxas output", file=sys.stderr)
         return 1
     print(f"{len(rows)} kernels, max {max(r.registers for r in rows)} registers, {len(spilled)} with spills")
+    code, log = check_cuda_bindings(nvcc)
+    if code != 0:
+        print(log, file=sys.stderr)
+        print("bindings.cpp with -DVSTAR_WITH_CUDA does not compile", file=sys.stderr)
+        return 1
+    print("bindings.cpp with -DVSTAR_WITH_CUDA: compiles")
     return 1 if spilled else 0
 
 

@@ -60,7 +60,7 @@ import torch
 
 from ..backends import triton_tar, triton_tar_backward
 from ..backends.triton_tar import BlockConfig, block_config
-from ..backends.triton_tar_backward import backward_block_config
+from ..backends.triton_tar_backward import backward_block_config, forward_config
 from ..contract import MODES, make_params
 
 ARCHS: tuple[int, ...] = (80, 90)
@@ -89,7 +89,7 @@ _FP_FUSION_WARNING = "TRITON_DEFAULT_FP_FUSION is unset"
 FORWARD_KERNEL = "_tar_attention_fwd"
 KERNELS: dict[str, object] = {
     FORWARD_KERNEL: triton_tar,
-    "_tar_bwd_stats": triton_tar_backward,
+    "_tar_bwd_prep": triton_tar_backward,
     "_tar_bwd_dq": triton_tar_backward,
     "_tar_bwd_dkdv": triton_tar_backward,
 }
@@ -118,13 +118,15 @@ class Spec:
 
     @property
     def variant(self) -> str:
-        """Forward: relative, relative-2pass or absolute (which strength == 0 also runs). Backward: the kernel and
-        the mode, e.g. bwd_dq-relative."""
+        """Forward: relative, relative-2pass or absolute (which strength == 0 also runs), with "+stats" for the
+        forward of a training call (it saves the row statistics). Backward: the kernel and the mode, e.g.
+        bwd_dq-relative."""
         flags = dict(self.constexprs)
         mode = "relative" if flags["RELATIVE"] else "absolute"
         if self.kernel != FORWARD_KERNEL:
             return f"{self.kernel.removeprefix('_tar_')}-{mode}"
-        return "relative-2pass" if flags["RELATIVE"] and flags["TWO_PASS"] else mode
+        variant = "relative-2pass" if flags["RELATIVE"] and flags["TWO_PASS"] else mode
+        return variant + ("+stats" if flags.get("SAVE_STATS") else "")
 
 
 def reachable_configs() -> list[tuple[BlockConfig, str, str]]:
@@ -146,10 +148,19 @@ def reachable_backward_configs() -> list[tuple[object, str, str]]:
     return sorted(found, key=lambda item: (item[0].block_d, item[0].block_n, item[1], item[2]))
 
 
+def reachable_training_forward_configs() -> list[tuple[BlockConfig, str, str]]:
+    """Every distinct (BlockConfig, mode, dtype) the forward of a training call runs with (``forward_config`` of
+    each backward config: single-pass when the key row fits one tile, else two-pass in relative mode)."""
+    found = {(forward_config(backward_block_config(len_k, head_dim, DTYPES[dtype]), len_k, mode), mode, dtype)
+             for dtype in BACKWARD_DTYPES for len_k in FRAME_COUNTS for head_dim in HEAD_DIMS for mode in MODES}
+    return sorted(found, key=lambda item: (_config_key(item[0]), item[1], item[2]))
+
+
 def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list[Spec]:
     """Every distinct compile the launchers can choose: reachable (config, mode, dtype) x the flags ``_launch``
-    passes, for each representative call in ``value_classes`` (keys of :data:`VALUE_CLASSES`); and the three
-    kernels of the Triton backward for every config ``backward_block_config`` returns.
+    passes, for each representative call in ``value_classes`` (keys of :data:`VALUE_CLASSES`); the forward of a
+    training call (saving the row statistics) for every config it runs with; and the three kernels of the Triton
+    backward for every config ``backward_block_config`` returns.
 
     Deterministic order (kernel, value class, dtype, block_d, block_n, block_m, variant); no two are equal.
     """
@@ -162,10 +173,17 @@ def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list
             triton_tar._launch((1, 1), *tensors, params, config)
             specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
         for value_class, (config, mode, dtype), strength in itertools.product(
+                value_classes, reachable_training_forward_configs(), STRENGTHS):
+            params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, strength=strength, mode=mode)
+            tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
+            triton_tar._launch((1, 1), *tensors, params, config, _representative_tensor(torch.float32, value_class))
+            specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
+        for value_class, (config, mode, dtype), strength in itertools.product(
                 value_classes, reachable_backward_configs(), STRENGTHS):
             params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, strength=strength, mode=mode)
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
-            triton_tar_backward.backward(*tensors, params, config=config)
+            saved = (tensors[0], _representative_tensor(torch.float32, value_class))  # the forward is enumerated above
+            triton_tar_backward.backward(*tensors, params, config=config, residuals=saved)
             while calls:
                 specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
     return sorted(specs, key=_spec_key)
