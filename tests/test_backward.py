@@ -279,3 +279,12 @@ def test_the_forward_saves_what_its_backward_needs(backend, dtype, saved):
     tensors = out.grad_fn.saved_tensors
     assert len(tensors) == saved
     assert all(t.numel() <= 2 * q.numel() for t in tensors)  # nothing Lq x Lk
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_empty_batch_joins_the_graph_with_zero_gradients(backend):
+    q, k, v = (t[:0].requires_grad_() for t in make_qkv(2, 8, 2, 16))
+    out = tar_attention(q, k, v, sigma=2.0, backend=backend)
+    assert out.shape == (0, 8, 2, 16) and out.grad_fn is not None
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert all(g.shape == t.shape and not g.any() for g, t in zip(grads, (q, k, v), strict=True))

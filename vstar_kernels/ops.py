@@ -52,11 +52,15 @@ def tar_attention(
     params = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale,
                          q_offset=q_offset, k_offset=k_offset)
     impl = select_backend(q, params, backend)
-    if q.numel() == 0:
-        return torch.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype, device=q.device)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _TARAttentionFunction.apply(q, k, v, params, impl.NAME)
+    if q.numel() == 0:
+        return _empty_output(q, v)
     return impl.forward(q, k, v, params)  # inference: nothing saved, nothing recorded
+
+
+def _empty_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return torch.empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]), dtype=q.dtype, device=q.device)
 
 
 class _TARAttentionFunction(torch.autograd.Function):
@@ -68,7 +72,9 @@ class _TARAttentionFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, params: TARParams, name: str):
         impl = BACKENDS[name]
         forward_with_residuals = getattr(impl, "forward_with_residuals", None)
-        if forward_with_residuals is None:
+        if q.numel() == 0:  # an empty batch still joins the graph: its gradients are zeros
+            out, residuals = _empty_output(q, v), ()
+        elif forward_with_residuals is None:
             out, residuals = impl.forward(q, k, v, params), ()
         else:
             out, residuals = forward_with_residuals(q, k, v, params)
@@ -79,8 +85,11 @@ class _TARAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, *residuals = ctx.saved_tensors
-        extra = {"residuals": tuple(residuals)} if residuals else {}
-        dq, dk, dv = BACKENDS[ctx.backend].backward(q, k, v, grad_out, ctx.params, **extra)
+        if q.numel() == 0:
+            dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        else:
+            extra = {"residuals": tuple(residuals)} if residuals else {}
+            dq, dk, dv = BACKENDS[ctx.backend].backward(q, k, v, grad_out, ctx.params, **extra)
         needs = ctx.needs_input_grad
         return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None
 

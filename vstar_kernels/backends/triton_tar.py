@@ -154,11 +154,14 @@ def forward(
     params: TARParams,
     *,
     config: BlockConfig | None = None,
+    stats: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the kernel on (batch, frames, heads, head_dim) inputs of any strides.
 
     ``config`` overrides :func:`block_config` (tests use it to force the two-pass path); a relative-mode config
-    must be two-pass unless its key tile covers Lk. Returns a contiguous (batch, Lq, heads, head_dim) tensor.
+    must be two-pass unless its key tile covers Lk. ``stats``, a contiguous fp32 (2, batch·heads, Lq) tensor,
+    receives each query row's unbiased row max and the log-sum-exp of S' (log2 units) for the backward. Returns a
+    contiguous (batch, Lq, heads, head_dim) tensor.
     """
     len_q, head_dim = q.shape[1], q.shape[3]
     len_k = k.shape[1]
@@ -167,15 +170,12 @@ def forward(
         raise ValueError(f"single-pass relative mode needs block_n >= Lk, got {cfg.block_n} < {len_k}")
     if cfg.block_d < head_dim:
         raise ValueError(f"block_d {cfg.block_d} < head_dim {head_dim}")
-    return run(q, k, v, params, cfg)
+    return _run(q, k, v, params, cfg, stats)
 
 
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, cfg: BlockConfig,
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, cfg: BlockConfig,
         stats: torch.Tensor | None = None) -> torch.Tensor:
-    """Allocate the output and launch with ``cfg`` as given (:func:`forward` checks it against the shapes first).
-
-    ``stats``, a contiguous fp32 (2, batch·heads, Lq) tensor, receives each query row's unbiased row max and the
-    log-sum-exp of S' (log2 units) for the backward."""
+    """Allocate the output and launch with ``cfg`` (checked by :func:`forward`)."""
     batch, len_q, heads, head_dim = q.shape
     out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
     if out.numel() == 0:

@@ -1,14 +1,16 @@
 """Fused flash-style TAR backward in Triton: dQ over query blocks, dK and dV over key blocks, no atomics.
 
-The forward of a training call (:func:`forward_with_residuals`) runs the forward kernel with the backward's tile
-shape (BLOCK_M x BLOCK_N, :func:`forward_config`) and saves, per query row, the unbiased row max m and the
-log-sum-exp of S' (log2 units) beside its output O. Every kernel then computes bit-identical score tiles with
-:func:`~vstar_kernels.backends.triton_tar.scores_tile`, so the row max's tied keys are found exactly with ==.
+The forward of a training call (:func:`forward_with_residuals`) is the ordinary forward kernel (its own tiles)
+that also saves, per query row, the unbiased row max m and the log-sum-exp of S' (log2 units) beside its output O.
+P = exp2(S' − lse) is then reproduced from m and lse. The row max's tied keys are found with == on logits, so they
+must come from bit-identical score tiles: the three backward kernels share one tile shape and
+:func:`~vstar_kernels.backends.triton_tar.scores_tile`, and the prep kernel takes its own row max (m_b) and tie count
+from those tiles; the forward's tiles may differ (different MMA shapes may round differently in the last bit).
 
-1. ``_tar_bwd_prep`` (grid: batch·heads x query blocks): D = rowsum(dO ∘ O), and in relative mode the row max's
-   gradient share strength · rowsum(dS' ∘ G) / #ties (one sweep over K; absolute mode reads no K at all). With m
-   and lse that makes four fp32 numbers per row: O(batch·heads·Lq), never O(Lq·Lk).
-2. ``_tar_bwd_dq`` (same grid): dS = P ∘ (dP − D) (+ the share at the tied argmax keys), dQ = scale · dS·K.
+1. ``_tar_bwd_prep`` (grid: batch·heads x query blocks): D = rowsum(dO ∘ O), and in relative mode one sweep over K
+   for the row max's gradient share strength · rowsum(dS' ∘ G) / #ties and for m_b (absolute mode reads no K). Five
+   fp32 numbers per row (m, lse, D, share, m_b): O(batch·heads·Lq), never O(Lq·Lk).
+2. ``_tar_bwd_dq`` (same grid): dS = P ∘ (dP − D) (+ the share at the keys with S = m_b), dQ = scale · dS·K.
 3. ``_tar_bwd_dkdv`` (grid: batch·heads x key blocks): dV = Σ Pᵀ·dO and dK = Σ dSᵀ·(scale·Q) over query blocks.
 
 Logits are in the exp2 domain like the forward (t = S·log2 e); the gradients are in natural units.
@@ -25,15 +27,16 @@ from ..contract import TARParams
 from .triton_tar import (
     MIN_BLOCK_D,
     BlockConfig,
+    block_config,
+    forward,
     next_pow2,
-    run,
     scores_tile,
     tar_bias_tile,
     tl,
     triton,
 )
 
-_STATS = 4  # row max, log-sum-exp, D, tie share
+_STATS = 5  # forward's row max, log-sum-exp, D, tie share, the backward tiles' row max (ties)
 
 
 @dataclass(frozen=True)
@@ -60,25 +63,15 @@ def backward_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.
     return BackwardConfig(block, block, block_d, num_warps=num_warps)
 
 
-def forward_config(cfg: BackwardConfig, len_k: int, mode: str) -> BlockConfig:
-    """The forward kernel's configuration for a training call: the backward's tiles and warps (``cfg``), so the
-    forward's saved row max is bit-identical to the logits the backward recomputes; two-pass in relative mode when
-    the key row spans several tiles."""
-    return BlockConfig(cfg.block_m, cfg.block_n, cfg.block_d, two_pass=mode == "relative" and len_k > cfg.block_n,
-                       num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-
-
 def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
-                           config: BackwardConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """(out, (out, stats)): the forward with the backward's tiles (``config``, default
-    :func:`backward_block_config`), saving per query row the unbiased row max and the log-sum-exp of S' (log2
-    units) in ``stats``, a (2, batch·heads, Lq) fp32 tensor."""
+                           config: BlockConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(out, (out, stats)): the forward (``config``, default :func:`~.triton_tar.block_config`), saving per query
+    row the unbiased row max and the log-sum-exp of S' (log2 units) in ``stats``, a (2, batch·heads, Lq) fp32
+    tensor."""
     batch, len_q, heads, head_dim = q.shape
-    len_k = k.shape[1]
-    cfg = config or backward_block_config(len_k, head_dim, q.dtype)
+    cfg = config or block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype)
     stats = torch.empty((2, batch * heads, len_q), dtype=torch.float32, device=q.device)
-    out = run(q, k, v, params, forward_config(cfg, len_k, params.mode), stats)
-    return out, (out, stats)
+    return (out := forward(q, k, v, params, config=cfg, stats=stats)), (out, stats)
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
@@ -86,8 +79,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous (batch, frames, heads, head_dim) in the input dtype; any input strides.
 
-    ``residuals`` are what :func:`forward_with_residuals` saved with the same ``config``; without them the forward
-    is recomputed here first."""
+    ``residuals`` are what :func:`forward_with_residuals` saved; without them the forward is recomputed here
+    first."""
     batch, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
     cfg = config or backward_block_config(len_k, head_dim, q.dtype)
@@ -96,7 +89,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     dv = torch.empty((batch, len_k, heads, head_dim), dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    out, fwd_stats = residuals or forward_with_residuals(q, k, v, params, config=cfg)[1]
+    out, fwd_stats = residuals or forward_with_residuals(q, k, v, params)[1]
     stats = torch.empty((_STATS, batch * heads, len_q), dtype=torch.float32, device=q.device)
     relative = params.relative and params.strength != 0.0
     common = dict(
@@ -128,11 +121,13 @@ if triton is not None:
 
     @triton.jit
     def _load_stats(STATS, pid_bh, len_q, offs_m, mask_m):
-        """The prep kernel's four per-row numbers: row max, log-sum-exp, D and the tie share."""
+        """The prep kernel's per-row numbers: the forward's row max and log-sum-exp (for P), D, the tie share, and
+        the row max of the backward's tiles (for finding the tied keys)."""
         rows = STATS + pid_bh * len_q + offs_m
         plane = len_q * tl.num_programs(0)
         return (tl.load(rows, mask=mask_m, other=0.0), tl.load(rows + plane, mask=mask_m, other=0.0),
-                tl.load(rows + 2 * plane, mask=mask_m, other=0.0), tl.load(rows + 3 * plane, mask=mask_m, other=0.0))
+                tl.load(rows + 2 * plane, mask=mask_m, other=0.0), tl.load(rows + 3 * plane, mask=mask_m, other=0.0),
+                tl.load(rows + 4 * plane, mask=mask_m, other=0.0))
 
     @triton.jit
     def _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d, cols, len_k,
@@ -179,12 +174,15 @@ if triton is not None:
         lse = tl.load(saved + len_q * tl.num_programs(0), mask=mask_m, other=0.0)
 
         share = tl.zeros([BLOCK_M], dtype=tl.float32)
+        tile_max = row_max  # absolute mode: unused
         if RELATIVE:  # the row max's gradient: strength * rowsum(dS' * G), split over the tied argmax keys
             q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
             k_base = K + b * stride_kb + h * stride_kh
             v_base = V + b * stride_vb + h * stride_vh
             row_pos = offs_m.to(tl.float32) + offset_delta
             coupling = tl.zeros([BLOCK_M], dtype=tl.float32)
+            # the row max as this tile shape computes it, and how many keys reach it (online)
+            tile_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             ties = tl.zeros([BLOCK_M], dtype=tl.float32)
             for start_n in range(0, len_k, BLOCK_N):
                 s, gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
@@ -192,7 +190,12 @@ if triton is not None:
                                                delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
                                                RELATIVE, DOT_PRECISION)
                 coupling += tl.sum(ds * gauss, 1)
-                ties += tl.sum((s == row_max[:, None]).to(tl.float32), 1)
+                block_max = tl.max(s, 1)
+                block_ties = tl.sum((s == block_max[:, None]).to(tl.float32), 1)
+                new_max = tl.maximum(tile_max, block_max)
+                ties = (tl.where(tile_max == new_max, ties, 0.0)
+                        + tl.where(block_max == new_max, block_ties, 0.0))
+                tile_max = new_max
             share = strength * coupling / tl.maximum(ties, 1.0)
         rows = STATS + pid_bh * len_q + offs_m
         plane = len_q * tl.num_programs(0)  # elements per statistic: batch·heads·Lq
@@ -200,6 +203,7 @@ if triton is not None:
         tl.store(rows + plane, lse, mask=mask_m)
         tl.store(rows + 2 * plane, delta_row, mask=mask_m)
         tl.store(rows + 3 * plane, share, mask=mask_m)
+        tl.store(rows + 4 * plane, tile_max, mask=mask_m)
 
     @triton.jit
     def _tar_bwd_dq(
@@ -229,7 +233,7 @@ if triton is not None:
         q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
         do = _load_tile(DO + b * stride_gb + h * stride_gh, stride_gm, stride_gd, offs_m, offs_d, tile_mask)
         row_pos = offs_m.to(tl.float32) + offset_delta
-        row_max, lse, delta_row, share = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m)
+        row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
@@ -238,7 +242,7 @@ if triton is not None:
                                             offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
                                             qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION)
             if RELATIVE:
-                ds = ds + tl.where(s == row_max[:, None], share[:, None], 0.0)
+                ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
             kb = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                          mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
             dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PRECISION)
@@ -281,13 +285,13 @@ if triton is not None:
             tile_mask = mask_m[:, None] & mask_d[None, :]
             q = _load_tile(q_base, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
             do = _load_tile(do_base, stride_gm, stride_gd, offs_m, offs_d, tile_mask)
-            row_max, lse, delta_row, share = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m)
+            row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m)
             row_pos = offs_m.to(tl.float32) + offset_delta
             s, _gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                            offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
                                            qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION)
             if RELATIVE:
-                ds = ds + tl.where(s == row_max[:, None], share[:, None], 0.0)
+                ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
             p = tl.where(mask_m[:, None], p, 0.0)
             ds = tl.where(mask_m[:, None], ds, 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
@@ -299,4 +303,4 @@ if triton is not None:
                  dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-__all__ = ["BackwardConfig", "backward", "backward_block_config", "forward_config", "forward_with_residuals"]
+__all__ = ["BackwardConfig", "backward", "backward_block_config", "forward_with_residuals"]

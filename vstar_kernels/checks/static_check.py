@@ -60,7 +60,7 @@ import torch
 
 from ..backends import triton_tar, triton_tar_backward
 from ..backends.triton_tar import BlockConfig, block_config
-from ..backends.triton_tar_backward import backward_block_config, forward_config
+from ..backends.triton_tar_backward import backward_block_config
 from ..contract import MODES, make_params
 
 ARCHS: tuple[int, ...] = (80, 90)
@@ -149,11 +149,9 @@ def reachable_backward_configs() -> list[tuple[object, str, str]]:
 
 
 def reachable_training_forward_configs() -> list[tuple[BlockConfig, str, str]]:
-    """Every distinct (BlockConfig, mode, dtype) the forward of a training call runs with (``forward_config`` of
-    each backward config: single-pass when the key row fits one tile, else two-pass in relative mode)."""
-    found = {(forward_config(backward_block_config(len_k, head_dim, DTYPES[dtype]), len_k, mode), mode, dtype)
-             for dtype in BACKWARD_DTYPES for len_k in FRAME_COUNTS for head_dim in HEAD_DIMS for mode in MODES}
-    return sorted(found, key=lambda item: (_config_key(item[0]), item[1], item[2]))
+    """Every distinct (BlockConfig, mode, dtype) the forward of a training call runs with: the inference configs
+    of the dtypes the fused backward takes (it also saves the row statistics)."""
+    return [item for item in reachable_configs() if item[2] in BACKWARD_DTYPES]
 
 
 def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list[Spec]:
