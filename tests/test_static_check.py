@@ -108,7 +108,9 @@ def test_every_block_config_is_enumerated(specs: list[static_check.Spec], len_q:
 @pytest.mark.parametrize("mode", ["relative", "absolute"])
 @pytest.mark.parametrize("dtype", ["fp16", "bf16"])
 def test_every_training_forward_config_is_enumerated(specs, len_k: int, head_dim: int, mode: str, dtype: str) -> None:
-    cfg = block_config(len_k, len_k, head_dim, mode, static_check.DTYPES[dtype])  # the forward's own tiles
+    from vstar_kernels.backends.triton_tar_backward import training_block_config
+
+    cfg = training_block_config(block_config(len_k, len_k, head_dim, mode, static_check.DTYPES[dtype]))
     tiles = {(s.config.block_m, s.config.block_n, s.config.block_d, s.config.num_warps, s.config.two_pass)
              for s in specs if s.dtype == dtype and s.variant.endswith("+stats")}
     assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps, cfg.two_pass) in tiles

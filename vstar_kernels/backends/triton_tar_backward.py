@@ -19,6 +19,7 @@ Logits are in the exp2 domain like the forward (t = S·log2 e); the gradients ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -63,13 +64,22 @@ def backward_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.
     return BackwardConfig(block, block, block_d, num_warps=num_warps)
 
 
+def training_block_config(cfg: BlockConfig) -> BlockConfig:
+    """The forward's config for a call that saves the row statistics: ``cfg`` with half the query rows (at least
+    16) for tiles of 4096+ fp32 elements, where keeping the row max and lse live to the end spilled a few bytes on
+    sm_80/sm_90 (static check; 8 warps instead spilled other tiles)."""
+    if cfg.block_m > 16 and cfg.block_m * max(cfg.block_n, cfg.block_d) >= 4096:
+        return dataclasses.replace(cfg, block_m=cfg.block_m // 2)
+    return cfg
+
+
 def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
                            config: BlockConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """(out, (out, stats)): the forward (``config``, default :func:`~.triton_tar.block_config`), saving per query
-    row the unbiased row max and the log-sum-exp of S' (log2 units) in ``stats``, a (2, batch·heads, Lq) fp32
-    tensor."""
+    """(out, (out, stats)): the forward (``config``, default :func:`training_block_config` of
+    :func:`~.triton_tar.block_config`), saving per query row the unbiased row max and the log-sum-exp of S' (log2
+    units) in ``stats``, a (2, batch·heads, Lq) fp32 tensor."""
     batch, len_q, heads, head_dim = q.shape
-    cfg = config or block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype)
+    cfg = config or training_block_config(block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype))
     stats = torch.empty((2, batch * heads, len_q), dtype=torch.float32, device=q.device)
     return (out := forward(q, k, v, params, config=cfg, stats=stats)), (out, stats)
 
@@ -303,4 +313,4 @@ if triton is not None:
                  dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-__all__ = ["BackwardConfig", "backward", "backward_block_config", "forward_with_residuals"]
+__all__ = ["BackwardConfig", "backward", "backward_block_config", "forward_with_residuals", "training_block_config"]

@@ -60,7 +60,7 @@ import torch
 
 from ..backends import triton_tar, triton_tar_backward
 from ..backends.triton_tar import BlockConfig, block_config
-from ..backends.triton_tar_backward import backward_block_config
+from ..backends.triton_tar_backward import backward_block_config, training_block_config
 from ..contract import MODES, make_params
 
 ARCHS: tuple[int, ...] = (80, 90)
@@ -149,9 +149,10 @@ def reachable_backward_configs() -> list[tuple[object, str, str]]:
 
 
 def reachable_training_forward_configs() -> list[tuple[BlockConfig, str, str]]:
-    """Every distinct (BlockConfig, mode, dtype) the forward of a training call runs with: the inference configs
-    of the dtypes the fused backward takes (it also saves the row statistics)."""
-    return [item for item in reachable_configs() if item[2] in BACKWARD_DTYPES]
+    """Every distinct (BlockConfig, mode, dtype) the forward of a training call runs with (it also saves the row
+    statistics): ``training_block_config`` of the inference configs, for the dtypes the fused backward takes."""
+    return [(training_block_config(cfg), mode, dtype) for cfg, mode, dtype in reachable_configs()
+            if dtype in BACKWARD_DTYPES]
 
 
 def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list[Spec]:

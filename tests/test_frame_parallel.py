@@ -1,0 +1,117 @@
+"""Frame parallelism over torch.distributed (gloo, CPU): torchrun with 2 and 3 processes against the single-process
+output, and the single-process API (world of 1, errors before any collective)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from vstar_kernels.distributed import disable_frame_parallel, enable_frame_parallel, split_sizes
+from vstar_kernels.distributed.layout import TIMEOUT_ENV, timeout
+
+WORKER = Path(__file__).with_name("frame_parallel_worker.py")
+
+
+def _torchrun(nproc: int, *args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(WORKER), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+
+
+def _reports(proc: subprocess.CompletedProcess) -> list[dict]:
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.mark.parametrize(("nproc", "args"), [
+    (2, ("--frames", "7", "--size", "16", "16")),                  # odd frames, even positions
+    (3, ("--frames", "11", "--size", "10", "10", "--tar")),        # TAR on; 100 and 25 positions over 3 ranks
+    (3, ("--frames", "5", "--size", "2", "4")),                    # 1x2 positions < 3 ranks: replicated level
+    (2, ("--frames", "1", "--size", "8", "8")),                    # fewer frames than ranks: whole UNet per rank
+])
+def test_unet3d_frame_parallel_equals_one_process(nproc, args):
+    proc = _torchrun(nproc, *args)
+    reports = _reports(proc)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(r["rank"] for r in reports) == list(range(nproc))
+    for r in reports:
+        assert r["world"] == nproc
+        assert r["max_abs_diff"] <= 1e-4 * max(1.0, r["scale"]), r
+        assert r["repeat_equal"] and r["restored"], r
+
+
+def test_a_failing_rank_fails_the_run_instead_of_hanging():
+    proc = _torchrun(2, "--frames", "6", "--size", "8", "8", "--fail-rank", "1", timeout_s=180)
+    assert proc.returncode != 0
+    assert "rank fails" in proc.stdout + proc.stderr
+
+
+def test_split_sizes_are_contiguous_and_as_even_as_possible():
+    assert split_sizes(7, 2) == [4, 3]
+    assert split_sizes(11, 3) == [4, 4, 3]
+    assert split_sizes(2, 3) == [1, 1, 0]
+    for n in range(0, 40):
+        for world in range(1, 6):
+            sizes = split_sizes(n, world)
+            assert sum(sizes) == n and max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_timeout_is_validated(monkeypatch):
+    monkeypatch.setenv(TIMEOUT_ENV, "12.5")
+    assert timeout().total_seconds() == 12.5
+    for bad in ("0", "-3", "inf", "nan", "soon"):
+        monkeypatch.setenv(TIMEOUT_ENV, bad)
+        with pytest.raises(ValueError, match=TIMEOUT_ENV):
+            timeout()
+
+
+def test_without_a_process_group_or_torchrun_a_clear_error(monkeypatch):
+    from vstar_kernels.diffusers.tiny import tiny_unet3d
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    with pytest.raises(RuntimeError, match="torchrun"):
+        enable_frame_parallel(tiny_unet3d())
+
+
+def test_unsupported_model_and_bad_group_are_refused():
+    from vstar_kernels.diffusers.tiny import tiny_svd_unet, tiny_unet3d
+
+    with pytest.raises(TypeError, match="UNet3DConditionModel"):
+        enable_frame_parallel(tiny_svd_unet())
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        enable_frame_parallel(tiny_unet3d(), group="world")
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_world_of_one_is_a_no_op_and_disable_restores(world_of_one):
+    from vstar_kernels.diffusers.tiny import tiny_unet3d
+
+    unet = tiny_unet3d()
+    sample, ehs = torch.randn(1, 4, 5, 8, 8), torch.randn(1, 3, 32)
+    with torch.no_grad():
+        ref = unet(sample, 10, ehs).sample
+        state = enable_frame_parallel(unet)
+        assert (state.rg.rank, state.rg.world) == (0, 1)
+        assert type(unet).__name__ == "FrameParallelUNet3D"
+        assert torch.equal(unet(sample, 10, ehs).sample, ref)
+        assert disable_frame_parallel(unet) and not disable_frame_parallel(unet)
+    assert type(unet).__name__ == "UNet3DConditionModel"
+    assert all(type(m).__module__.startswith(("diffusers", "torch")) for m in unet.modules())
