@@ -1,8 +1,8 @@
 """One rank of a frame-parallel check, launched by tests/test_frame_parallel.py under torchrun (gloo, CPU).
 
-Every rank builds the same tiny released-layout UNet and inputs, computes the single-process output itself, then the
-frame-parallel output, and prints one JSON line: the largest difference and what it checked. Exit status 1 on any
-mismatch.
+Every rank builds the same tiny released-layout UNet (or pipeline) and inputs, computes the single-process output
+itself, then the frame-parallel output, and writes ``rank<r>.json`` into ``--report-dir``: the largest difference
+and what it checked. Exit status 1 on any mismatch.
 """
 
 from __future__ import annotations
@@ -15,22 +15,30 @@ import torch
 import torch.distributed as dist
 
 from vstar_kernels import apply_tar, remove_tar
-from vstar_kernels.diffusers.tiny import tiny_unet3d
+from vstar_kernels.diffusers.tiny import tiny_animatediff_unet, tiny_unet3d
 from vstar_kernels.distributed import disable_frame_parallel, enable_frame_parallel
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--family", choices=("unet3d", "animatediff"), default="unet3d")
     parser.add_argument("--frames", type=int, required=True)
     parser.add_argument("--size", type=int, nargs=2, default=(16, 16), help="latent height and width")
     parser.add_argument("--tar", action="store_true")
+    parser.add_argument("--pipeline", action="store_true", help="run the family's pipeline (CFG, VAE decode)")
+    parser.add_argument("--report-dir", required=True)
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises inside the UNet")
     args = parser.parse_args()
+    if args.pipeline:
+        return run_pipeline(args)
     torch.manual_seed(0)
-    unet = tiny_unet3d((32, 64))
+    unet = tiny_unet3d((32, 64)) if args.family == "unet3d" else tiny_animatediff_unet("animatediff")[0]
+    original = type(unet)
     gen = torch.Generator().manual_seed(1)
     sample = torch.randn(2, 4, args.frames, *args.size, generator=gen)  # CFG batch of 2
     ehs = torch.randn(2, 7, 32, generator=gen)
+    if args.family == "animatediff":  # AnimateDiff pipelines pass the prompt once per frame
+        ehs = ehs.repeat_interleave(args.frames, dim=0)
     if args.tar:
         apply_tar(unet, "64D1_32D8", timesteps="all")
     processors = dict(unet.attn_processors)
@@ -47,15 +55,48 @@ def main() -> int:
     diff = (out - ref).abs().max().item()
     report = dict(rank=state.rg.rank, world=state.rg.world, frames=args.frames, max_abs_diff=diff,
                   scale=ref.abs().max().item(), repeat_equal=torch.equal(out, again),
-                  restored=type(unet).__name__ == "UNet3DConditionModel" and torch.equal(after, ref)
+                  restored=type(unet) is original and torch.equal(after, ref)
                   and dict(unet.attn_processors) == processors
                   and all(torch.equal(v, state_before[k]) for k, v in unet.state_dict().items()))
     if args.tar:
         remove_tar(unet)
-    print(json.dumps(report), flush=True)
+    write_report(args, report)
     dist.destroy_process_group()
     ok = diff <= 1e-4 * max(1.0, report["scale"]) and report["repeat_equal"] and report["restored"]
     return 0 if ok else 1
+
+
+def write_report(args, report: dict) -> None:
+    with open(f"{args.report_dir}/rank{report['rank']}.json", "w") as f:
+        json.dump(report, f)
+
+
+def run_pipeline(args) -> int:
+    """The family's tiny offline pipeline end to end (2 DDIM steps with CFG, VAE decode), single-process output vs
+    frame-parallel output, on every rank."""
+    from vstar_kernels.diffusers.tiny import animatediff_pipeline, text_to_video_pipeline
+
+    if args.family == "unet3d":
+        pipe = text_to_video_pipeline()
+    else:
+        unet, adapter = tiny_animatediff_unet("animatediff")
+        pipe = animatediff_pipeline(unet, adapter)
+    if args.tar:
+        apply_tar(pipe, "64D1_32D8")
+    kwargs = dict(num_inference_steps=2, num_frames=args.frames, height=8 * args.size[0], width=8 * args.size[1],
+                  output_type="pt", guidance_scale=7.5)
+    with torch.no_grad():
+        ref = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames
+        state = enable_frame_parallel(pipe)
+        out = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames
+        vae_switched = type(pipe.vae).__name__ == "FrameParallelAutoencoderKL"
+        disable_frame_parallel(pipe)
+    report = dict(rank=state.rg.rank, world=state.rg.world, frames=args.frames, shape=list(out.shape),
+                  max_abs_diff=(out - ref).abs().max().item(), scale=ref.abs().max().item(), repeat_equal=True,
+                  restored=type(pipe.vae).__name__ == "AutoencoderKL" and vae_switched)
+    write_report(args, report)
+    dist.destroy_process_group()
+    return 0 if report["max_abs_diff"] <= 1e-4 * max(1.0, report["scale"]) and report["restored"] else 1
 
 
 if __name__ == "__main__":

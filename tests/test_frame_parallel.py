@@ -19,26 +19,29 @@ from vstar_kernels.distributed.layout import TIMEOUT_ENV, timeout
 WORKER = Path(__file__).with_name("frame_parallel_worker.py")
 
 
-def _torchrun(nproc: int, *args: str, timeout_s: float = 240) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, *args: str, report_dir: Path, timeout_s: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(WORKER), *args]
+           str(WORKER), "--report-dir", str(report_dir), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
 
 
-def _reports(proc: subprocess.CompletedProcess) -> list[dict]:
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+def _reports(report_dir: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(report_dir.glob("rank*.json"))]
 
 
 @pytest.mark.parametrize(("nproc", "args"), [
-    (2, ("--frames", "7", "--size", "16", "16")),                  # odd frames, even positions
+    (2, ("--frames", "7", "--size", "16", "16")),                  # UNet3D: odd frames, even positions
     (3, ("--frames", "11", "--size", "10", "10", "--tar")),        # TAR on; 100 and 25 positions over 3 ranks
     (3, ("--frames", "5", "--size", "2", "4")),                    # 1x2 positions < 3 ranks: replicated level
     (2, ("--frames", "1", "--size", "8", "8")),                    # fewer frames than ranks: whole UNet per rank
+    (3, ("--family", "animatediff", "--frames", "37", "--size", "16", "16", "--tar")),  # past the 32 positions
+    (2, ("--pipeline", "--frames", "9", "--size", "2", "2", "--tar")),  # TextToVideoSD: CFG batch, VAE split
+    (3, ("--pipeline", "--family", "animatediff", "--frames", "10", "--size", "4", "4", "--tar")),
 ])
-def test_unet3d_frame_parallel_equals_one_process(nproc, args):
-    proc = _torchrun(nproc, *args)
-    reports = _reports(proc)
+def test_frame_parallel_equals_one_process(nproc, args, tmp_path):
+    proc = _torchrun(nproc, *args, report_dir=tmp_path)
+    reports = _reports(tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(r["rank"] for r in reports) == list(range(nproc))
     for r in reports:
@@ -47,10 +50,11 @@ def test_unet3d_frame_parallel_equals_one_process(nproc, args):
         assert r["repeat_equal"] and r["restored"], r
 
 
-def test_a_failing_rank_fails_the_run_instead_of_hanging():
-    proc = _torchrun(2, "--frames", "6", "--size", "8", "8", "--fail-rank", "1", timeout_s=180)
+def test_a_failing_rank_fails_the_run_instead_of_hanging(tmp_path):
+    proc = _torchrun(2, "--frames", "6", "--size", "8", "8", "--fail-rank", "1", report_dir=tmp_path, timeout_s=180)
     assert proc.returncode != 0
     assert "rank fails" in proc.stdout + proc.stderr
+    assert not list(tmp_path.glob("rank*.json"))  # no rank finished as if nothing happened
 
 
 def test_split_sizes_are_contiguous_and_as_even_as_possible():

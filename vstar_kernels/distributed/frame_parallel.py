@@ -16,13 +16,16 @@ objects, parameters and state_dict); ``disable_frame_parallel`` switches them ba
 from __future__ import annotations
 
 import contextvars
+import inspect
 from dataclasses import dataclass
 
 import torch
-from diffusers import UNet3DConditionModel
+from diffusers import AutoencoderKL, UNet3DConditionModel, UNetMotionModel
+from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel, TransformerTemporalModelOutput
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
+from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
 from torch import nn
 
 from .layout import (
@@ -111,53 +114,109 @@ def _run_temporal(module_forward, hidden_states: torch.Tensor, num_frames: int, 
     return positions_to_frames(out, call.frame_sizes, height, width, rg)
 
 
+def _temporal_forward(base: type, module: nn.Module, args: tuple, kwargs: dict):
+    """``base.forward`` of a temporal module, called with diffusers' own (positional or keyword) arguments, run
+    through :func:`_run_temporal`; the result has the type ``base.forward`` returns for those arguments."""
+    bound = inspect.signature(base.forward).bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    return_dict = bound.arguments.get("return_dict")
+    if return_dict is not None:
+        bound.arguments["return_dict"] = False
+
+    def own(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+        bound.arguments["hidden_states"], bound.arguments["num_frames"] = x, num_frames
+        out = base.forward(*bound.args, **bound.kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    out = _run_temporal(own, bound.arguments["hidden_states"], bound.arguments["num_frames"])
+    if return_dict is None:
+        return out
+    return TransformerTemporalModelOutput(sample=out) if return_dict else (out,)
+
+
 class FrameParallelTransformerTemporal(TransformerTemporalModel):
-    """TransformerTemporalModel (UNet3D's temporal attention) run on every frame and a share of positions."""
+    """TransformerTemporalModel (UNet3D's and I2VGen-XL's temporal attention), frame-parallel."""
 
-    def forward(self, hidden_states, encoder_hidden_states=None, timestep=None, class_labels=None, num_frames=1,
-                cross_attention_kwargs=None, return_dict=True):
-        def own(x, num_frames):
-            return TransformerTemporalModel.forward(self, x, encoder_hidden_states, timestep, class_labels,
-                                                    num_frames, cross_attention_kwargs, return_dict=False)[0]
-
-        out = _run_temporal(own, hidden_states, num_frames)
-        return TransformerTemporalModelOutput(sample=out) if return_dict else (out,)
+    def forward(self, *args, **kwargs):
+        return _temporal_forward(TransformerTemporalModel, self, args, kwargs)
 
 
 class FrameParallelTemporalConv(TemporalConvLayer):
-    """TemporalConvLayer (UNet3D's temporal convolutions) run on every frame and a share of positions."""
+    """TemporalConvLayer (UNet3D's temporal convolutions), frame-parallel."""
 
-    def forward(self, hidden_states, num_frames=1):
-        return _run_temporal(lambda x, num_frames: TemporalConvLayer.forward(self, x, num_frames), hidden_states,
-                             num_frames)
+    def forward(self, *args, **kwargs):
+        return _temporal_forward(TemporalConvLayer, self, args, kwargs)
+
+
+class FrameParallelMotionTransformer(AnimateDiffTransformer3D):
+    """AnimateDiffTransformer3D (AnimateDiff's motion module), frame-parallel."""
+
+    def forward(self, *args, **kwargs):
+        return _temporal_forward(AnimateDiffTransformer3D, self, args, kwargs)
+
+
+def _unet_forward(base: type, output: type, module: nn.Module, sample: torch.Tensor, timestep,
+                  encoder_hidden_states: torch.Tensor, args: tuple, kwargs: dict, return_dict: bool):
+    """``base.forward`` on this rank's frames of ``sample`` (frames on dim 2) and of a per-frame
+    ``encoder_hidden_states`` (batch·frames rows, as AnimateDiff passes it), gathered back into the full output."""
+    state: FrameParallelState | None = getattr(module, _STATE_ATTR, None)
+    frames = sample.shape[2]
+    if state is None or state.rg.world == 1 or frames < state.rg.world or _CALL.get() is not None:
+        return base.forward(module, sample, timestep, encoder_hidden_states, *args, return_dict=return_dict,
+                            **kwargs)
+    _check_call(sample, args, kwargs, state.rg)
+    sizes = split_sizes(frames, state.rg.world)
+    start, here = sum(sizes[:state.rg.rank]), sizes[state.rg.rank]
+    batch = sample.shape[0]
+    if encoder_hidden_states is not None and encoder_hidden_states.shape[0] == batch * frames and frames > 1:
+        rows = encoder_hidden_states.reshape(batch, frames, *encoder_hidden_states.shape[1:])
+        encoder_hidden_states = rows[:, start:start + here].flatten(0, 1)
+    token = _CALL.set(_Call(state.rg, sizes))
+    try:
+        local = base.forward(module, sample[:, :, start:start + here], timestep, encoder_hidden_states, *args,
+                             return_dict=False, **kwargs)[0]
+    finally:
+        _CALL.reset(token)
+    out = gather_frames(local, sizes, 2, state.rg)
+    return output(sample=out) if return_dict else (out,)
 
 
 class FrameParallelUNet3D(UNet3DConditionModel):
     """UNet3DConditionModel whose forward splits the frames over the ranks and gathers the output."""
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+        return _unet_forward(UNet3DConditionModel, UNet3DConditionOutput, self, sample, timestep,
+                             encoder_hidden_states, args, kwargs, return_dict)
+
+
+class FrameParallelUNetMotion(UNetMotionModel):
+    """UNetMotionModel (AnimateDiff, PIA, SparseCtrl's UNet) whose forward splits the frames over the ranks."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
+        return _unet_forward(UNetMotionModel, UNetMotionOutput, self, sample, timestep, encoder_hidden_states, args,
+                             kwargs, return_dict)
+
+
+class FrameParallelAutoencoderKL(AutoencoderKL):
+    """AutoencoderKL whose ``decode`` of a batch of frame latents decodes this rank's share and gathers the rest."""
+
+    def decode(self, z, return_dict=True, generator=None):
         state: FrameParallelState | None = getattr(self, _STATE_ATTR, None)
-        frames = sample.shape[2]
-        if state is None or state.rg.world == 1 or frames < state.rg.world or _CALL.get() is not None:
-            return UNet3DConditionModel.forward(self, sample, timestep, encoder_hidden_states, *args,
-                                                return_dict=return_dict, **kwargs)
-        _check_call(sample, args, kwargs, state.rg)
-        sizes = split_sizes(frames, state.rg.world)
+        if state is None or state.rg.world == 1 or z.shape[0] < state.rg.world:
+            return AutoencoderKL.decode(self, z, return_dict=return_dict, generator=generator)
+        state.rg.check_device(z.device)
+        sizes = split_sizes(z.shape[0], state.rg.world)
         start = sum(sizes[:state.rg.rank])
-        token = _CALL.set(_Call(state.rg, sizes))
-        try:
-            local = UNet3DConditionModel.forward(self, sample[:, :, start:start + sizes[state.rg.rank]], timestep,
-                                                 encoder_hidden_states, *args, return_dict=False, **kwargs)[0]
-        finally:
-            _CALL.reset(token)
-        out = gather_frames(local, sizes, 2, state.rg)
-        return UNet3DConditionOutput(sample=out) if return_dict else (out,)
+        local = AutoencoderKL.decode(self, z[start:start + sizes[state.rg.rank]], return_dict=False)[0]
+        out = gather_frames(local, sizes, 0, state.rg)
+        return DecoderOutput(sample=out) if return_dict else (out,)
 
 
 # diffusers class -> its frame-parallel subclass
-UNET_CLASSES: dict[type, type] = {UNet3DConditionModel: FrameParallelUNet3D}
+UNET_CLASSES: dict[type, type] = {UNet3DConditionModel: FrameParallelUNet3D, UNetMotionModel: FrameParallelUNetMotion}
 TEMPORAL_CLASSES: dict[type, type] = {TransformerTemporalModel: FrameParallelTransformerTemporal,
-                                      TemporalConvLayer: FrameParallelTemporalConv}
+                                      TemporalConvLayer: FrameParallelTemporalConv,
+                                      AnimateDiffTransformer3D: FrameParallelMotionTransformer}
 
 
 def _check_call(sample: torch.Tensor, args: tuple, kwargs: dict, rg: RankGroup) -> None:
@@ -165,7 +224,9 @@ def _check_call(sample: torch.Tensor, args: tuple, kwargs: dict, rg: RankGroup) 
     rg.check_device(sample.device)
     extra = [name for name in ("down_block_additional_residuals", "mid_block_additional_residual")
              if kwargs.get(name) is not None]
-    if extra or len(args) > 4:
+    if len(args) > 4:  # beyond (class_labels/timestep_cond, ..., cross_attention_kwargs): residuals by position
+        extra.append("positional arguments past cross_attention_kwargs")
+    if extra:
         raise NotImplementedError("frame parallelism does not split ControlNet residuals yet "
                                   f"({', '.join(extra) or 'positional residuals'}); disable_frame_parallel first")
 
@@ -173,11 +234,13 @@ def _check_call(sample: torch.Tensor, args: tuple, kwargs: dict, rg: RankGroup) 
 # ---------------------------------------------------------------------------------------------- public API
 def enable_frame_parallel(model, group=None) -> FrameParallelState:
     """Split every forward of ``model``'s UNet (a UNet or a pipeline with ``.unet``) by frames over ``group``
-    (default: the default process group, initialised from torchrun's environment if needed).
+    (default: the default process group, initialised from torchrun's environment if needed). For a pipeline, its
+    AutoencoderKL also decodes each rank's share of the frames and gathers them.
 
-    Supported: UNet3DConditionModel (ModelScope / zeroscope). Composes with ``apply_tar``. A world of 1 is a
-    no-op. Raises TypeError for other models and a clear error for a bad group or a device the group's backend
-    cannot move, before any collective. Returns the state (its ``rg`` names rank and world)."""
+    Supported: UNet3DConditionModel (ModelScope / zeroscope) and UNetMotionModel (AnimateDiff). Composes with
+    ``apply_tar`` and frame positions. A world of 1 is a no-op. Raises TypeError for other models and a clear error
+    for a bad group or a device the group's backend cannot move, before any collective. Returns the state (its
+    ``rg`` names rank and world)."""
     from ..diffusers.components import unet_of
 
     unet = unet_of(model)
@@ -199,21 +262,28 @@ def enable_frame_parallel(model, group=None) -> FrameParallelState:
         target.__class__ = UNET_CLASSES.get(cls) or TEMPORAL_CLASSES.get(cls) or SplitGroupNorm
     state = FrameParallelState(rg, switched)
     object.__setattr__(unet, _STATE_ATTR, state)
+    vae = getattr(model, "vae", None)
+    if vae is not None and type(vae) is AutoencoderKL:  # a pipeline: frames decode per rank
+        vae.__class__ = FrameParallelAutoencoderKL
+        object.__setattr__(vae, _STATE_ATTR, FrameParallelState(rg, {"": AutoencoderKL}))
     return state
 
 
 def disable_frame_parallel(model) -> bool:
-    """Undo :func:`enable_frame_parallel`: every switched module gets its class back. False if it was not on."""
+    """Undo :func:`enable_frame_parallel` on a UNet or a pipeline (its UNet and VAE): every switched module gets
+    its class back. False if it was not on."""
     from ..diffusers.components import unet_of
 
-    unet = unet_of(model)
-    state: FrameParallelState | None = getattr(unet, _STATE_ATTR, None)
-    if state is None:
-        return False
-    for name, cls in state.switched.items():
-        unet.get_submodule(name).__class__ = cls
-    object.__delattr__(unet, _STATE_ATTR)
-    return True
+    found = False
+    for module in (unet_of(model), getattr(model, "vae", None)):
+        state: FrameParallelState | None = getattr(module, _STATE_ATTR, None)
+        if state is None:
+            continue
+        for name, cls in state.switched.items():
+            module.get_submodule(name).__class__ = cls
+        object.__delattr__(module, _STATE_ATTR)
+        found = True
+    return found
 
 
 def frame_parallel_state(model) -> FrameParallelState | None:
