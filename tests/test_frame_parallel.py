@@ -119,3 +119,15 @@ def test_world_of_one_is_a_no_op_and_disable_restores(world_of_one):
         assert disable_frame_parallel(unet) and not disable_frame_parallel(unet)
     assert type(unet).__name__ == "UNet3DConditionModel"
     assert all(type(m).__module__.startswith(("diffusers", "torch")) for m in unet.modules())
+
+
+def test_torchrun_demo_writes_the_video_once_on_rank_0(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "vstar_kernels.cli", "demo", "--frames", "13", "--steps", "1", "--size", "16", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1 and (tmp_path / "video.gif").is_file()
+    assert not (tmp_path / "attention.png").exists()
+    assert "rank 0: peak memory" in proc.stdout and "rank 1: peak memory" in proc.stdout
+    assert proc.stdout.count("vstar-kernels demo: 13 frames") == 1

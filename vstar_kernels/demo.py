@@ -9,6 +9,11 @@ maps of one denoising call with and without TAR on the same noisy latents, gener
 progress bar per step; with ``--synopsis`` each frame is conditioned on its interpolated state), and writes
 ``video.gif`` (``video.mp4`` too when imageio is installed) and
 ``attention.png``. It prints the backend, peak memory and time.
+
+Under ``torchrun --nproc-per-node P`` (``WORLD_SIZE`` > 1) the pipeline runs frame-parallel
+(:func:`vstar_kernels.distributed.enable_frame_parallel`: each rank computes its share of the frames; NCCL on CUDA,
+gloo on CPU); rank 0 prints and writes the video once, every rank reports its own peak memory, and the attention
+figure is skipped (its maps are recorded in one process).
 """
 
 from __future__ import annotations
@@ -178,37 +183,57 @@ def run_demo(args: argparse.Namespace) -> int:
     if not hasattr(pipe, "unet"):
         raise DemoError(f"--model {args.model}: the pipeline has no UNet")
     tar_kwargs = {"sigma": args.sigma} if args.sigma is not None else {"preset": args.preset}
-    maps = _attention_maps(pipe, args, tar_kwargs, device)
-    figure = plot_temporal_attention(
-        maps, out / "attention.png",
-        title=f"temporal attention at the noisiest step, {args.frames} frames (mean over TAR layers, heads, positions)")
+    figure = None
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        maps = _attention_maps(pipe, args, tar_kwargs, device)
+        figure = plot_temporal_attention(
+            maps, out / "attention.png", title=f"temporal attention at the noisiest step, {args.frames} frames "
+                                               "(mean over TAR layers, heads, positions)")
 
     handle = apply_tar(pipe, **tar_kwargs)
+    rank, world = 0, 1
+    if figure is None:
+        from .distributed import enable_frame_parallel
+
+        state = enable_frame_parallel(pipe)
+        rank, world = state.rg.rank, state.rg.world
+    say = print if rank == 0 else _quiet
     layer = pipe.unet.get_submodule(next(iter(handle.layers)))
     backend = backend_for(device, pipe.unet.dtype, layer.inner_dim // layer.heads)
-    print(f"vstar-kernels demo: {args.frames} frames, {args.size}x{args.size}, {args.steps} steps, "
+    say(f"vstar-kernels demo: {args.frames} frames, {args.size}x{args.size}, {args.steps} steps, "
           f"{handle.num_layers} TAR layers ({args.preset if args.sigma is None else f'sigma={args.sigma}'}), "
           f"backend {backend} on {device.type}", flush=True)
     if handle.position_tables:
         rows = sorted(set(handle.position_tables.values()))
         fit = "within them" if args.frames <= max(rows) else f"positions={handle.positions!r} beyond them"
-        print(f"frame positions: {len(handle.position_tables)} motion tables of {'/'.join(map(str, rows))} rows, "
+        say(f"frame positions: {len(handle.position_tables)} motion tables of {'/'.join(map(str, rows))} rows, "
               f"{args.frames} frames: {fit}", flush=True)
     prompt = args.prompt
     if args.synopsis:
         _apply_synopsis(pipe, args.synopsis, args.frames, device)
         prompt = args.synopsis[0]  # its conditional embedding is replaced per frame; the negative one is kept
-        print(f"synopsis: {len(args.synopsis)} states over {args.frames} frames: " + " -> ".join(args.synopsis))
+        say(f"synopsis: {len(args.synopsis)} states over {args.frames} frames: " + " -> ".join(args.synopsis))
     generator = torch.Generator().manual_seed(args.seed)
     frames = pipe(prompt, num_frames=args.frames, num_inference_steps=args.steps, height=args.size,
                   width=args.size, generator=generator, output_type="pt").frames[0]
-    written = _write_video(frames, out)
+    written = _write_video(frames, out) if rank == 0 else []
     elapsed = time.perf_counter() - start
-    for path in [*written, figure]:
-        print(f"wrote {path}")
-    print(f"peak memory {_peak_mib(device):.0f} MiB ({'CUDA allocator' if device.type == 'cuda' else 'process RSS'}),"
-          f" time {elapsed:.1f} s, backend {backend}")
+    for path in [*written, *([figure] if figure else [])]:
+        say(f"wrote {path}")
+    if world > 1:
+        say(f"frame parallel over {world} ranks: attention.png skipped (maps are recorded in one process)")
+    print(f"{f'rank {rank}: ' if world > 1 else ''}peak memory {_peak_mib(device):.0f} MiB "
+          f"({'CUDA allocator' if device.type == 'cuda' else 'process RSS'}), time {elapsed:.1f} s, "
+          f"backend {backend}", flush=True)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
     return 0
+
+
+def _quiet(*args, **kwargs) -> None:
+    """print() for ranks other than 0."""
 
 
 def main(argv: list[str] | None = None) -> int:
