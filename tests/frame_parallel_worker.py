@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 
 from vstar_kernels import apply_tar, remove_tar
-from vstar_kernels.diffusers.tiny import tiny_animatediff_unet, tiny_unet3d
+from vstar_kernels.diffusers.tiny import tiny_animatediff_unet, tiny_i2vgen_unet, tiny_unet3d
 from vstar_kernels.distributed import disable_frame_parallel, enable_frame_parallel
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--family", choices=("unet3d", "animatediff"), default="unet3d")
+    parser.add_argument("--family", choices=("unet3d", "animatediff", "i2vgen"), default="unet3d")
     parser.add_argument("--frames", type=int, required=True)
     parser.add_argument("--size", type=int, nargs=2, default=(16, 16), help="latent height and width")
     parser.add_argument("--tar", action="store_true")
@@ -32,26 +32,21 @@ def main() -> int:
     if args.pipeline:
         return run_pipeline(args)
     torch.manual_seed(0)
-    unet = tiny_unet3d((32, 64)) if args.family == "unet3d" else tiny_animatediff_unet("animatediff")[0]
+    unet, call = build(args)
     original = type(unet)
-    gen = torch.Generator().manual_seed(1)
-    sample = torch.randn(2, 4, args.frames, *args.size, generator=gen)  # CFG batch of 2
-    ehs = torch.randn(2, 7, 32, generator=gen)
-    if args.family == "animatediff":  # AnimateDiff pipelines pass the prompt once per frame
-        ehs = ehs.repeat_interleave(args.frames, dim=0)
     if args.tar:
         apply_tar(unet, "64D1_32D8", timesteps="all")
     processors = dict(unet.attn_processors)
     state_before = {k: v.clone() for k, v in unet.state_dict().items()}
     with torch.no_grad():
-        ref = unet(sample, 500, ehs).sample
+        ref = call().sample
         state = enable_frame_parallel(unet)
         if args.fail_rank == state.rg.rank:
             unet.conv_in.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("rank fails")))
-        out = unet(sample, 500, ehs).sample
-        again = unet(sample, 500, ehs, return_dict=False)[0]
+        out = call().sample
+        again = call(return_dict=False)[0]
         disable_frame_parallel(unet)
-        after = unet(sample, 500, ehs).sample
+        after = call().sample
     diff = (out - ref).abs().max().item()
     report = dict(rank=state.rg.rank, world=state.rg.world, frames=args.frames, max_abs_diff=diff,
                   scale=ref.abs().max().item(), repeat_equal=torch.equal(out, again),
@@ -64,6 +59,24 @@ def main() -> int:
     dist.destroy_process_group()
     ok = diff <= 1e-4 * max(1.0, report["scale"]) and report["repeat_equal"] and report["restored"]
     return 0 if ok else 1
+
+
+def build(args):
+    """(unet, call): the family's tiny released-layout UNet and a call on fixed inputs (a CFG batch of 2)."""
+    gen = torch.Generator().manual_seed(1)
+    sample = torch.randn(2, 4, args.frames, *args.size, generator=gen)
+    ehs = torch.randn(2, 7, 32, generator=gen)
+    if args.family == "unet3d":
+        unet = tiny_unet3d((32, 64))
+        return unet, lambda **kw: unet(sample, 500, ehs, **kw)
+    if args.family == "animatediff":  # AnimateDiff pipelines pass the prompt once per frame
+        unet = tiny_animatediff_unet("animatediff")[0]
+        return unet, lambda **kw: unet(sample, 500, ehs.repeat_interleave(args.frames, dim=0), **kw)
+    unet = tiny_i2vgen_unet((32, 64))
+    image = torch.randn(2, 4, args.frames, *args.size, generator=gen)
+    image_embeddings = torch.randn(2, 32, generator=gen)
+    return unet, lambda **kw: unet(sample, 500, torch.tensor([16, 16]), image, image_embeddings=image_embeddings,
+                                   encoder_hidden_states=ehs, **kw)
 
 
 def write_report(args, report: dict) -> None:

@@ -36,6 +36,7 @@ def _reports(report_dir: Path) -> list[dict]:
     (3, ("--frames", "5", "--size", "2", "4")),                    # 1x2 positions < 3 ranks: replicated level
     (2, ("--frames", "1", "--size", "8", "8")),                    # fewer frames than ranks: whole UNet per rank
     (3, ("--family", "animatediff", "--frames", "37", "--size", "16", "16", "--tar")),  # past the 32 positions
+    (3, ("--family", "i2vgen", "--frames", "11", "--size", "8", "8", "--tar")),  # first-frame context, fps
     (2, ("--pipeline", "--frames", "9", "--size", "2", "2", "--tar")),  # TextToVideoSD: CFG batch, VAE split
     (3, ("--pipeline", "--family", "animatediff", "--frames", "10", "--size", "4", "4", "--tar")),
 ])
@@ -90,7 +91,7 @@ def test_without_a_process_group_or_torchrun_a_clear_error(monkeypatch):
 def test_unsupported_model_and_bad_group_are_refused():
     from vstar_kernels.diffusers.tiny import tiny_svd_unet, tiny_unet3d
 
-    with pytest.raises(TypeError, match="UNet3DConditionModel"):
+    with pytest.raises(TypeError, match="UNet3DConditionModel, UNetMotionModel, I2VGenXLUNet"):
         enable_frame_parallel(tiny_svd_unet())
     with pytest.raises(TypeError, match="ProcessGroup"):
         enable_frame_parallel(tiny_unet3d(), group="world")

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import contextvars
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, UNet3DConditionModel, UNetMotionModel
+from diffusers import AutoencoderKL, I2VGenXLUNet, UNet3DConditionModel, UNetMotionModel
 from diffusers.models.autoencoders.vae import DecoderOutput
 from diffusers.models.resnet import TemporalConvLayer
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel, TransformerTemporalModelOutput
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
+from diffusers.models.unets.unet_i2vgen_xl import I2VGenXLTransformerTemporalEncoder
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
 from torch import nn
 
@@ -155,46 +157,98 @@ class FrameParallelMotionTransformer(AnimateDiffTransformer3D):
         return _temporal_forward(AnimateDiffTransformer3D, self, args, kwargs)
 
 
-def _unet_forward(base: type, output: type, module: nn.Module, sample: torch.Tensor, timestep,
-                  encoder_hidden_states: torch.Tensor, args: tuple, kwargs: dict, return_dict: bool):
-    """``base.forward`` on this rank's frames of ``sample`` (frames on dim 2) and of a per-frame
-    ``encoder_hidden_states`` (batch·frames rows, as AnimateDiff passes it), gathered back into the full output."""
+def _split_frames(module: nn.Module, sample: torch.Tensor, output: type, return_dict: bool, kwargs: dict,
+                  whole: Callable[[], object], local: Callable[[int, int], torch.Tensor]):
+    """The UNet call on this rank's frames (``local(start, count)``, frames on dim 2 of ``sample``), gathered into
+    the full output; ``whole()`` when frame parallelism is off for this call (world 1, fewer frames than ranks)."""
     state: FrameParallelState | None = getattr(module, _STATE_ATTR, None)
     frames = sample.shape[2]
     if state is None or state.rg.world == 1 or frames < state.rg.world or _CALL.get() is not None:
-        return base.forward(module, sample, timestep, encoder_hidden_states, *args, return_dict=return_dict,
-                            **kwargs)
-    _check_call(sample, args, kwargs, state.rg)
+        return whole()
+    _check_call(sample, kwargs, state.rg)
     sizes = split_sizes(frames, state.rg.world)
-    start, here = sum(sizes[:state.rg.rank]), sizes[state.rg.rank]
-    batch = sample.shape[0]
-    if encoder_hidden_states is not None and encoder_hidden_states.shape[0] == batch * frames and frames > 1:
-        rows = encoder_hidden_states.reshape(batch, frames, *encoder_hidden_states.shape[1:])
-        encoder_hidden_states = rows[:, start:start + here].flatten(0, 1)
     token = _CALL.set(_Call(state.rg, sizes))
     try:
-        local = base.forward(module, sample[:, :, start:start + here], timestep, encoder_hidden_states, *args,
-                             return_dict=False, **kwargs)[0]
+        out = local(sum(sizes[:state.rg.rank]), sizes[state.rg.rank])
     finally:
         _CALL.reset(token)
-    out = gather_frames(local, sizes, 2, state.rg)
+    out = gather_frames(out, sizes, 2, state.rg)
     return output(sample=out) if return_dict else (out,)
+
+
+def _frame_rows(t: torch.Tensor | None, batch: int, frames: int, start: int, count: int) -> torch.Tensor | None:
+    """This rank's rows of a per-frame tensor of batch·frames rows (as AnimateDiff passes the prompt); else ``t``."""
+    if t is None or frames == 1 or t.shape[0] != batch * frames:
+        return t
+    return t.reshape(batch, frames, *t.shape[1:])[:, start:start + count].flatten(0, 1)
 
 
 class FrameParallelUNet3D(UNet3DConditionModel):
     """UNet3DConditionModel whose forward splits the frames over the ranks and gathers the output."""
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
-        return _unet_forward(UNet3DConditionModel, UNet3DConditionOutput, self, sample, timestep,
-                             encoder_hidden_states, args, kwargs, return_dict)
+        _check_positional(args)
+        return _split_frames(
+            self, sample, UNet3DConditionOutput, return_dict, kwargs,
+            lambda: UNet3DConditionModel.forward(self, sample, timestep, encoder_hidden_states, *args,
+                                                 return_dict=return_dict, **kwargs),
+            lambda start, n: UNet3DConditionModel.forward(self, sample[:, :, start:start + n], timestep,
+                                                          encoder_hidden_states, *args, return_dict=False,
+                                                          **kwargs)[0])
 
 
 class FrameParallelUNetMotion(UNetMotionModel):
-    """UNetMotionModel (AnimateDiff, PIA, SparseCtrl's UNet) whose forward splits the frames over the ranks."""
+    """UNetMotionModel (AnimateDiff, PIA, SparseCtrl's UNet) whose forward splits the frames over the ranks; the
+    prompt rows, one per frame, are split with them."""
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
-        return _unet_forward(UNetMotionModel, UNetMotionOutput, self, sample, timestep, encoder_hidden_states, args,
-                             kwargs, return_dict)
+        _check_positional(args)
+        batch, frames = sample.shape[0], sample.shape[2]
+        return _split_frames(
+            self, sample, UNetMotionOutput, return_dict, kwargs,
+            lambda: UNetMotionModel.forward(self, sample, timestep, encoder_hidden_states, *args,
+                                            return_dict=return_dict, **kwargs),
+            lambda start, n: UNetMotionModel.forward(
+                self, sample[:, :, start:start + n], timestep,
+                _frame_rows(encoder_hidden_states, batch, frames, start, n), *args, return_dict=False, **kwargs)[0])
+
+
+class FrameParallelTemporalEncoder(I2VGenXLTransformerTemporalEncoder):
+    """I2VGen-XL's temporal encoder of the image latents ((batch·H·W, F, C) tokens, at the input resolution): every
+    frame gathered, run replicated, this rank's frames kept."""
+
+    def forward(self, hidden_states):
+        call = _CALL.get()
+        if call is None or hidden_states.shape[1] != call.frame_sizes[call.rg.rank]:
+            return I2VGenXLTransformerTemporalEncoder.forward(self, hidden_states)
+        out = I2VGenXLTransformerTemporalEncoder.forward(self, gather_frames(hidden_states, call.frame_sizes, 1,
+                                                                             call.rg))
+        start = sum(call.frame_sizes[:call.rg.rank])
+        return out[:, start:start + call.frame_sizes[call.rg.rank]]
+
+
+class FrameParallelI2VGenXLUNet(I2VGenXLUNet):
+    """I2VGenXLUNet whose forward splits the frames of ``sample`` and ``image_latents`` over the ranks; the image
+    context still comes from the first frame of the full ``image_latents``."""
+
+    def forward(self, sample, timestep, fps, image_latents, *args, return_dict=True, **kwargs):
+        _check_positional(args, limit=4)
+
+        def local(start: int, n: int) -> torch.Tensor:
+            first = image_latents[:, :, :1].permute(0, 2, 1, 3, 4).flatten(0, 1)  # what the context embedding takes
+            hook = self.image_latents_context_embedding.register_forward_pre_hook(lambda _m, _a: (first,))
+            try:
+                return I2VGenXLUNet.forward(self, sample[:, :, start:start + n], timestep, fps,
+                                            image_latents[:, :, start:start + n], *args, return_dict=False,
+                                            **kwargs)[0]
+            finally:
+                hook.remove()
+
+        return _split_frames(
+            self, sample, UNet3DConditionOutput, return_dict, kwargs,
+            lambda: I2VGenXLUNet.forward(self, sample, timestep, fps, image_latents, *args, return_dict=return_dict,
+                                         **kwargs),
+            local)
 
 
 class FrameParallelAutoencoderKL(AutoencoderKL):
@@ -213,22 +267,29 @@ class FrameParallelAutoencoderKL(AutoencoderKL):
 
 
 # diffusers class -> its frame-parallel subclass
-UNET_CLASSES: dict[type, type] = {UNet3DConditionModel: FrameParallelUNet3D, UNetMotionModel: FrameParallelUNetMotion}
+UNET_CLASSES: dict[type, type] = {UNet3DConditionModel: FrameParallelUNet3D, UNetMotionModel: FrameParallelUNetMotion,
+                                  I2VGenXLUNet: FrameParallelI2VGenXLUNet}
 TEMPORAL_CLASSES: dict[type, type] = {TransformerTemporalModel: FrameParallelTransformerTemporal,
                                       TemporalConvLayer: FrameParallelTemporalConv,
-                                      AnimateDiffTransformer3D: FrameParallelMotionTransformer}
+                                      AnimateDiffTransformer3D: FrameParallelMotionTransformer,
+                                      I2VGenXLTransformerTemporalEncoder: FrameParallelTemporalEncoder}
 
 
-def _check_call(sample: torch.Tensor, args: tuple, kwargs: dict, rg: RankGroup) -> None:
+def _check_positional(args: tuple, limit: int = 4) -> None:
+    """NotImplementedError for positional arguments past ``cross_attention_kwargs`` (ControlNet residuals)."""
+    if len(args) > limit:
+        raise NotImplementedError("frame parallelism does not split ControlNet residuals yet (positional "
+                                  "arguments past cross_attention_kwargs); disable_frame_parallel first")
+
+
+def _check_call(sample: torch.Tensor, kwargs: dict, rg: RankGroup) -> None:
     """Refuse, before any collective, what the split cannot carry."""
     rg.check_device(sample.device)
     extra = [name for name in ("down_block_additional_residuals", "mid_block_additional_residual")
              if kwargs.get(name) is not None]
-    if len(args) > 4:  # beyond (class_labels/timestep_cond, ..., cross_attention_kwargs): residuals by position
-        extra.append("positional arguments past cross_attention_kwargs")
     if extra:
-        raise NotImplementedError("frame parallelism does not split ControlNet residuals yet "
-                                  f"({', '.join(extra) or 'positional residuals'}); disable_frame_parallel first")
+        raise NotImplementedError(f"frame parallelism does not split ControlNet residuals yet ({', '.join(extra)}); "
+                                  "disable_frame_parallel first")
 
 
 # ---------------------------------------------------------------------------------------------- public API
@@ -237,10 +298,10 @@ def enable_frame_parallel(model, group=None) -> FrameParallelState:
     (default: the default process group, initialised from torchrun's environment if needed). For a pipeline, its
     AutoencoderKL also decodes each rank's share of the frames and gathers them.
 
-    Supported: UNet3DConditionModel (ModelScope / zeroscope) and UNetMotionModel (AnimateDiff). Composes with
-    ``apply_tar`` and frame positions. A world of 1 is a no-op. Raises TypeError for other models and a clear error
-    for a bad group or a device the group's backend cannot move, before any collective. Returns the state (its
-    ``rg`` names rank and world)."""
+    Supported: UNet3DConditionModel (ModelScope / zeroscope), UNetMotionModel (AnimateDiff) and I2VGenXLUNet
+    (not yet SVD's UNetSpatioTemporalConditionModel). Composes with ``apply_tar`` and frame positions. A world of 1
+    is a no-op. Raises TypeError for other models and a clear error for a bad group or a device the group's backend
+    cannot move, before any collective. Returns the state (its ``rg`` names rank and world)."""
     from ..diffusers.components import unet_of
 
     unet = unet_of(model)
