@@ -3,6 +3,7 @@
 
     python -m bench.frame_parallel [--model unet3d] [--frames 64 128 256] [--world 1 2 4] [--latent 32]
                                    [--out bench/results]
+    python -m bench.frame_parallel --nccl-model   # the communication model of the full-size UNet3D, 2-8 GPUs
 
 Each cell is one ``torchrun --standalone --nproc-per-node P`` run of this module's child: every rank builds the same
 UNet as ``bench.e2e`` (TAR on, preset 64D1_32D8), enables frame parallelism and measures its own forward (peak
@@ -26,6 +27,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed
 
 from vstar_kernels.bench.measure import peak_in_process
 
@@ -61,6 +63,7 @@ def _child(payload: dict) -> None:
     report = {"rank": state.rg.rank, "peak_mib": round(peak, 1), "seconds": round(time.perf_counter() - start, 2),
               "temporal_bytes": sum(temporal_bytes), "output_bytes": x.nbytes}
     Path(payload["report_dir"], f"rank{state.rg.rank}.json").write_text(json.dumps(report))
+    torch.distributed.destroy_process_group()
 
 
 def run_cell(model: str, frames: int, world: int, latent: int, timeout: float = 1800) -> dict:
@@ -76,14 +79,50 @@ def run_cell(model: str, frames: int, world: int, latent: int, timeout: float = 
             return {"status": f"error: timeout after {timeout:.0f} s"}
         reports = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
         if proc.returncode != 0 or len(reports) != world:
-            tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-            return {"status": f"error: {tail[:200]}"}
+            errors = [line for line in proc.stderr.splitlines()
+                      if ("Error" in line or "terminate" in line) and "ChildFailedError" not in line]
+            return {"status": "error: " + (errors or [f"exit status {proc.returncode}"])[-1][:300]}
     return {"status": "ok", "reports": reports}
 
 
 def communication_model(temporal_bytes: int, output_bytes: int, world: int) -> tuple[int, int]:
     """Bytes on the wire per UNet forward, summed over ranks: (layout switches, output gather)."""
     return 2 * temporal_bytes * (world - 1) // world, output_bytes * (world - 1)
+
+
+def full_size_temporal_bytes_per_frame(latent: int = 64, batch: int = 2) -> int:
+    """Bytes every temporal module of the full-size ModelScope-layout UNet3DConditionModel (diffusers' default
+    config: 320/640/1280/1280 channels) takes in per frame, fp16, a CFG batch of 2, 512x512 pixels (64x64 latents):
+    from one forward on the meta device (no memory, no weights)."""
+    from diffusers import UNet3DConditionModel
+
+    from vstar_kernels.distributed.frame_parallel import TEMPORAL_CLASSES
+
+    frames, recorded = 8, []
+    with torch.device("meta"):
+        unet = UNet3DConditionModel().half()
+    for module in unet.modules():
+        if type(module) in TEMPORAL_CLASSES:
+            module.register_forward_pre_hook(lambda _m, args, kwargs: recorded.append(
+                (args[0] if args else kwargs["hidden_states"]).nbytes), with_kwargs=True)
+    x = torch.empty(batch, 4, frames, latent, latent, device="meta", dtype=torch.float16)
+    with torch.no_grad():
+        unet(x, 500, torch.empty(batch, 77, 1024, device="meta", dtype=torch.float16))
+    return sum(recorded) // frames
+
+
+def nccl_model(frames_list=(256, 512, 1024), worlds=(2, 4, 8), bandwidths_gbs=(150.0, 300.0)) -> list[str]:
+    """A model, not a measurement: all-to-all bytes each rank sends per UNet call (2 switches per temporal module,
+    (P - 1) / P of its share leaves it) and the seconds they take at assumed per-GPU all-to-all bandwidths."""
+    per_frame = full_size_temporal_bytes_per_frame()
+    lines = [f"full-size UNet3D, fp16, CFG batch 2, 512x512: temporal inputs {per_frame / 2**20:.1f} MiB per frame",
+             "frames  P  GiB sent per rank per UNet call  " + "  ".join(f"s at {b:.0f} GB/s" for b in bandwidths_gbs)]
+    for frames in frames_list:
+        for world in worlds:
+            sent = 2 * per_frame * frames * (world - 1) / world / world
+            lines.append(f"{frames:>6} {world:>2} {sent / 2**30:>31.2f}  "
+                         + "  ".join(f"{sent / (b * 1e9):>14.3f}" for b in bandwidths_gbs))
+    return lines
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -119,9 +158,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--world", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--latent", type=int, default=32)
     parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--nccl-model", action="store_true",
+                        help="print the communication model of the full-size UNet3D on 2-8 GPUs and exit")
     args = parser.parse_args(argv)
     if args.child:
         _child(json.loads(args.child))
+        return 0
+    if args.nccl_model:
+        print("\n".join(nccl_model()))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

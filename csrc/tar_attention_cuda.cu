@@ -78,6 +78,18 @@ __device__ __forceinline__ float row_dot(const float* a, const float* b, int64_t
   return dot;
 }
 
+// Two tiles of rows start..start+kTileN (K and V, or Q and dO) into shared memory, between block barriers.
+template <typename T, int DPL>
+__device__ __forceinline__ void load_tile_pair(float* a, const T* a_base, TensorStrides a_strides, float* b,
+                                               const T* b_base, TensorStrides b_strides, int64_t start, int64_t len,
+                                               int64_t head_dim) {
+  using S = TileShape<DPL>;
+  __syncthreads();
+  load_tile<T, DPL>(a, S::kKStride, a_base, a_strides.frame, a_strides.dim, start, len, head_dim);
+  load_tile<T, DPL>(b, S::kKStride, b_base, b_strides.frame, b_strides.dim, start, len, head_dim);
+  __syncthreads();
+}
+
 // Logit (exp2 domain) of this lane's key in the current tile; -inf past the end of the row.
 template <int DPL>
 __device__ __forceinline__ float lane_logit(const float* q_row, const float* k_tile, int lane, bool valid,
@@ -122,10 +134,7 @@ __device__ void online_row_softmax(const TARParams& p, const float* q_row, float
 #pragma unroll
   for (int s = 0; s < DPL; ++s) acc[s] = 0.f;
   for (int64_t j0 = 0; j0 < p.len_k; j0 += S::kTileN) {
-    __syncthreads();
-    load_tile<T, DPL>(k_tile, S::kKStride, kb, p.k.frame, p.k.dim, j0, p.len_k, p.head_dim);
-    load_tile<T, DPL>(v_tile, S::kKStride, vb, p.v.frame, p.v.dim, j0, p.len_k, p.head_dim);
-    __syncthreads();
+    load_tile_pair<T, DPL>(k_tile, kb, p.k, v_tile, vb, p.v, j0, p.len_k, p.head_dim);
     const int64_t j = j0 + lane;
     const bool valid = lane < S::kTileN && j < p.len_k;
     float t = lane_logit<DPL>(q_row, k_tile, lane, valid, qk_log2_scale, p.head_dim);
@@ -266,10 +275,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 #pragma unroll
     for (int s = 0; s < DPL; ++s) dq_acc[s] = tie_acc[s] = 0.f;
     for (int64_t j0 = 0; j0 < p.len_k; j0 += S::kTileN) {
-      __syncthreads();
-      load_tile<T, DPL>(k_tile, S::kKStride, kb, p.k.frame, p.k.dim, j0, p.len_k, p.head_dim);
-      load_tile<T, DPL>(v_tile, S::kKStride, vb, p.v.frame, p.v.dim, j0, p.len_k, p.head_dim);
-      __syncthreads();
+      load_tile_pair<T, DPL>(k_tile, kb, p.k, v_tile, vb, p.v, j0, p.len_k, p.head_dim);
       const int64_t j = j0 + lane;
       const bool valid = lane < S::kTileN && j < p.len_k;
       float ds = 0.f;
@@ -355,9 +361,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     for (int s = 0; s < DPL; ++s) dk_acc[s] = dv_acc[s] = 0.f;
 
     for (int64_t i0 = 0; i0 < p.len_q; i0 += S::kTileN) {
-      __syncthreads();
-      load_tile<T, DPL>(q_tile, S::kKStride, qb, p.q.frame, p.q.dim, i0, p.len_q, p.head_dim);
-      load_tile<T, DPL>(do_tile, S::kKStride, gb, g.grad_out.frame, g.grad_out.dim, i0, p.len_q, p.head_dim);
+      load_tile_pair<T, DPL>(q_tile, qb, p.q, do_tile, gb, g.grad_out, i0, p.len_q, p.head_dim);
       if (threadIdx.x < S::kTileN && i0 + threadIdx.x < p.len_q) {
         const int64_t row = bh * p.len_q + i0 + threadIdx.x;
         tile_stats[threadIdx.x] = {stat_plane(planes, 0, p)[row], stat_plane(planes, 1, p)[row],

@@ -25,6 +25,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, required=True)
     parser.add_argument("--size", type=int, nargs=2, default=(16, 16), help="latent height and width")
     parser.add_argument("--tar", action="store_true")
+    parser.add_argument("--batch", type=int, default=2, help="UNet batch (2: a CFG pair)")
     parser.add_argument("--pipeline", action="store_true", help="run the family's pipeline (CFG, VAE decode)")
     parser.add_argument("--report-dir", required=True)
     parser.add_argument("--fail-rank", type=int, default=-1, help="this rank raises inside the UNet")
@@ -62,10 +63,10 @@ def main() -> int:
 
 
 def build(args):
-    """(unet, call): the family's tiny released-layout UNet and a call on fixed inputs (a CFG batch of 2)."""
+    """(unet, call): the family's tiny released-layout UNet and a call on fixed inputs (``--batch``)."""
     gen = torch.Generator().manual_seed(1)
-    sample = torch.randn(2, 4, args.frames, *args.size, generator=gen)
-    ehs = torch.randn(2, 7, 32, generator=gen)
+    sample = torch.randn(args.batch, 4, args.frames, *args.size, generator=gen)
+    ehs = torch.randn(args.batch, 7, 32, generator=gen)
     if args.family == "unet3d":
         unet = tiny_unet3d((32, 64))
         return unet, lambda **kw: unet(sample, 500, ehs, **kw)
@@ -73,9 +74,10 @@ def build(args):
         unet = tiny_animatediff_unet("animatediff")[0]
         return unet, lambda **kw: unet(sample, 500, ehs.repeat_interleave(args.frames, dim=0), **kw)
     unet = tiny_i2vgen_unet((32, 64))
-    image = torch.randn(2, 4, args.frames, *args.size, generator=gen)
-    image_embeddings = torch.randn(2, 32, generator=gen)
-    return unet, lambda **kw: unet(sample, 500, torch.tensor([16, 16]), image, image_embeddings=image_embeddings,
+    image = torch.randn(args.batch, 4, args.frames, *args.size, generator=gen)
+    image_embeddings = torch.randn(args.batch, 32, generator=gen)
+    fps = torch.tensor([16] * args.batch)
+    return unet, lambda **kw: unet(sample, 500, fps, image, image_embeddings=image_embeddings,
                                    encoder_hidden_states=ehs, **kw)
 
 

@@ -32,6 +32,7 @@ def _reports(report_dir: Path) -> list[dict]:
 
 @pytest.mark.parametrize(("nproc", "args"), [
     (2, ("--frames", "7", "--size", "16", "16")),                  # UNet3D: odd frames, even positions
+    (3, ("--frames", "8", "--size", "6", "6", "--batch", "1")),    # one sample: received shares used in place
     (3, ("--frames", "11", "--size", "10", "10", "--tar")),        # TAR on; 100 and 25 positions over 3 ranks
     (3, ("--frames", "5", "--size", "2", "4")),                    # 1x2 positions < 3 ranks: replicated level
     (2, ("--frames", "1", "--size", "8", "8")),                    # fewer frames than ranks: whole UNet per rank

@@ -69,26 +69,39 @@ class FrameParallelState:
 
 # ------------------------------------------------------------------------------------------------ GroupNorm
 class SplitGroupNorm(nn.GroupNorm):
-    """nn.GroupNorm whose statistics, inside a temporal module in the position layout, are reduced over the group:
-    per (sample, group) the sum and then the sum of squared deviations (two all-reduces, the same numbers as one
-    process's two-pass mean and biased variance). Elsewhere it is nn.GroupNorm."""
+    """nn.GroupNorm whose statistics, inside a temporal module in the position layout, are reduced over the group;
+    elsewhere it is nn.GroupNorm.
+
+    Per (sample, group) each rank takes its count, mean and variance with ``torch.var_mean`` (no temporary copy of
+    its share), one all-reduce sums n, n·mean and n·(var + mean²) in float64, and the normalisation and the affine
+    transform are one fused ``x · a + b`` per (sample, channel): the output is the only tensor as large as the
+    input."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rg = _NORM_GROUP.get()
         if rg is None:
             return super().forward(x)
-        batch = x.shape[0]
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        grouped = x.reshape(batch, self.num_groups, -1).to(acc)
-        sums = torch.stack([grouped.sum(-1), torch.full_like(grouped[..., 0], grouped.shape[-1])])
-        total, count = all_reduce_sum(sums, rg)
-        mean = (total / count).unsqueeze(-1)
-        var = all_reduce_sum(((grouped - mean) ** 2).sum(-1), rg) / count
-        normed = ((grouped - mean) * torch.rsqrt(var.unsqueeze(-1) + self.eps)).reshape(x.shape).to(x.dtype)
+        batch, channels = x.shape[:2]
+        grouped = x.reshape(batch, self.num_groups, -1)
+        count = grouped.shape[-1]
+        if count:
+            var, mean = torch.var_mean(grouped, dim=-1, correction=0)
+        else:  # this rank holds no element of these groups
+            var = mean = x.new_zeros(batch, self.num_groups)
+        var, mean = var.double(), mean.double()
+        moments = all_reduce_sum(torch.stack([torch.full_like(mean, count), count * mean,
+                                              count * (var + mean * mean)]), rg)
+        total = moments[0]
+        mean = moments[1] / total
+        rstd = torch.rsqrt((moments[2] / total - mean * mean).clamp_min(0) + self.eps)
+        per_channel = channels // self.num_groups  # (batch, groups) -> (batch, channels)
+        scale = rstd.repeat_interleave(per_channel, dim=1)
+        shift = -(mean * rstd).repeat_interleave(per_channel, dim=1)
         if self.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            normed = normed * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return normed
+            weight = self.weight.double()
+            scale, shift = scale * weight, shift * weight + self.bias.double()
+        shape = (batch, channels) + (1,) * (x.dim() - 2)
+        return torch.addcmul(shift.to(x.dtype).reshape(shape), x, scale.to(x.dtype).reshape(shape))
 
 
 # --------------------------------------------------------------------------------------- temporal modules

@@ -8,6 +8,7 @@ switch is a single ``torch.distributed.all_to_all`` (NCCL on GPUs, gloo on CPUs)
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 from dataclasses import dataclass
@@ -62,7 +63,8 @@ class RankGroup:
 
 def resolve_group(group: object | None, device: torch.device) -> RankGroup:
     """``group``, or the default process group (initialised from torchrun's environment when it is not yet, with
-    the backend for ``device`` and :func:`timeout`), checked against ``device``. Clear errors, no collective."""
+    the backend for ``device`` and :func:`timeout`, and destroyed at exit), checked against ``device``. Clear
+    errors, no collective."""
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this build of torch")
     if group is None and not dist.is_initialized():
@@ -74,6 +76,7 @@ def resolve_group(group: object | None, device: torch.device) -> RankGroup:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout())
+        atexit.register(_destroy_if_initialised)  # ours to close: a gloo group left open aborts at exit
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     if group is not None and dist.get_rank(group) < 0:
@@ -85,23 +88,30 @@ def resolve_group(group: object | None, device: torch.device) -> RankGroup:
     return rank_group
 
 
+def _destroy_if_initialised() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _exchange(send: list[torch.Tensor], recv_shapes: list[tuple[int, ...]], like: torch.Tensor,
-              rg: RankGroup) -> list[torch.Tensor]:
+              rg: RankGroup) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Send ``send[r]`` to rank r and receive a ``recv_shapes[r]`` tensor from each: one ``all_to_all_single`` of
-    flat buffers with split sizes (gloo's list all-to-all needs equal shapes; shares may be uneven)."""
+    flat buffers with split sizes (gloo's list all-to-all needs equal shapes; shares may be uneven). Returns the
+    flat receive buffer and its parts, in rank order, as views of it."""
     flat_in = torch.cat([t.reshape(-1) for t in send])
     counts = [math.prod(shape) for shape in recv_shapes]
     flat_out = torch.empty(sum(counts), dtype=like.dtype, device=like.device)
     dist.all_to_all_single(flat_out, flat_in, output_split_sizes=counts,
                            input_split_sizes=[t.numel() for t in send], group=rg.group)
-    return [part.view(shape) for part, shape in zip(flat_out.split(counts), recv_shapes, strict=True)]
+    del flat_in
+    return flat_out, [part.view(shape) for part, shape in zip(flat_out.split(counts), recv_shapes, strict=True)]
 
 
 def gather_frames(x: torch.Tensor, frame_sizes: list[int], dim: int, rg: RankGroup) -> torch.Tensor:
     """Every rank's share of frames along ``dim`` (this rank's is ``x``), concatenated in rank order on every
     rank (uneven shares allowed)."""
     shapes = [(*x.shape[:dim], size, *x.shape[dim + 1:]) for size in frame_sizes]
-    return torch.cat(_exchange([x] * rg.world, shapes, x, rg), dim=dim)
+    return torch.cat(_exchange([x] * rg.world, shapes, x, rg)[1], dim=dim)
 
 
 def frames_to_positions(x: torch.Tensor, frame_sizes: list[int], rg: RankGroup) -> torch.Tensor:
@@ -114,8 +124,10 @@ def frames_to_positions(x: torch.Tensor, frame_sizes: list[int], rg: RankGroup) 
     pos = split_sizes(height * width, rg.world)
     starts = [sum(pos[:r]) for r in range(rg.world)]
     send = [grid[..., s:s + n] for s, n in zip(starts, pos, strict=True)]
-    recv = _exchange(send, [(batch, f, channels, pos[rg.rank]) for f in frame_sizes], x, rg)
-    return torch.cat(recv, dim=1).reshape(batch * sum(frame_sizes), channels, 1, pos[rg.rank])
+    flat, recv = _exchange(send, [(batch, f, channels, pos[rg.rank]) for f in frame_sizes], x, rg)
+    # one sample: the received shares already lie frame after frame (no copy); else they interleave per sample
+    merged = flat if batch == 1 else torch.cat(recv, dim=1)
+    return merged.reshape(batch * sum(frame_sizes), channels, 1, pos[rg.rank])
 
 
 def positions_to_frames(y: torch.Tensor, frame_sizes: list[int], height: int, width: int,
@@ -128,7 +140,7 @@ def positions_to_frames(y: torch.Tensor, frame_sizes: list[int], height: int, wi
     send = [grid[:, s:s + n] for s, n in zip(starts, frame_sizes, strict=True)]
     pos = split_sizes(height * width, rg.world)
     here = frame_sizes[rg.rank]
-    recv = _exchange(send, [(batch, here, channels, p) for p in pos], y, rg)
+    _flat, recv = _exchange(send, [(batch, here, channels, p) for p in pos], y, rg)
     return torch.cat(recv, dim=3).reshape(batch * here, channels, height, width)
 
 
