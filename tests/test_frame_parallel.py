@@ -133,3 +133,43 @@ def test_torchrun_demo_writes_the_video_once_on_rank_0(tmp_path):
     assert not (tmp_path / "attention.png").exists()
     assert "rank 0: peak memory" in proc.stdout and "rank 1: peak memory" in proc.stdout
     assert proc.stdout.count("vstar-kernels demo: 13 frames") == 1
+
+
+def test_bench_frame_parallel_smoke(tmp_path):
+    """The benchmark end to end on a tiny case: a row per world size, memory per rank, the communication model."""
+    import csv
+
+    from bench.frame_parallel import communication_model, main
+
+    assert main(["--frames", "6", "--world", "1", "2", "--latent", "8", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "frame_parallel.csv").open()))
+    assert [(r["world"], r["status"]) for r in rows] == [("1", "ok"), ("2", "ok")]
+    assert all(float(r["peak_mib_max_rank"]) > 0 for r in rows)
+    temporal = int(rows[0]["temporal_bytes"])
+    assert temporal > 0 and int(rows[1]["alltoall_bytes_model"]) == temporal  # 2 switches x (P - 1) / P at P = 2
+    assert (tmp_path / "frame_parallel_cpu.png").stat().st_size > 0
+    assert communication_model(1000, 10, 4) == (1500, 30)
+
+
+def test_split_group_norm_equals_group_norm_on_one_rank(world_of_one):
+    """The moments path (var_mean, float64 all-reduce, fused x * a + b) against nn.GroupNorm, fp32 and fp16."""
+    from vstar_kernels.distributed.frame_parallel import _NORM_GROUP, SplitGroupNorm
+    from vstar_kernels.distributed.layout import resolve_group
+
+    rg = resolve_group(None, torch.device("cpu"))
+    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+        ref = torch.nn.GroupNorm(4, 8, eps=1e-6)
+        torch.nn.init.normal_(ref.weight)
+        torch.nn.init.normal_(ref.bias)
+        x = (torch.randn(2, 8, 5, 1, 7) * 3 + 10).to(dtype)  # an offset: the one-pass variance must hold up
+        split = SplitGroupNorm(4, 8, eps=1e-6)
+        split.load_state_dict(ref.state_dict())
+        split, ref = split.to(dtype), ref.to(dtype)
+        token = _NORM_GROUP.set(rg)
+        try:
+            out = split(x)
+        finally:
+            _NORM_GROUP.reset(token)
+        expected = torch.nn.functional.group_norm(x.float(), 4, ref.weight.float(), ref.bias.float(), 1e-6)
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
