@@ -15,13 +15,13 @@ import torch
 import torch.distributed as dist
 
 from vstar_kernels import apply_tar, remove_tar
-from vstar_kernels.diffusers.tiny import tiny_animatediff_unet, tiny_i2vgen_unet, tiny_unet3d
+from vstar_kernels.diffusers.tiny import tiny_animatediff_unet, tiny_i2vgen_unet, tiny_svd_unet, tiny_unet3d
 from vstar_kernels.distributed import disable_frame_parallel, enable_frame_parallel
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--family", choices=("unet3d", "animatediff", "i2vgen"), default="unet3d")
+    parser.add_argument("--family", choices=("unet3d", "animatediff", "i2vgen", "svd"), default="unet3d")
     parser.add_argument("--frames", type=int, required=True)
     parser.add_argument("--size", type=int, nargs=2, default=(16, 16), help="latent height and width")
     parser.add_argument("--tar", action="store_true")
@@ -73,6 +73,12 @@ def build(args):
     if args.family == "animatediff":  # AnimateDiff pipelines pass the prompt once per frame
         unet = tiny_animatediff_unet("animatediff")[0]
         return unet, lambda **kw: unet(sample, 500, ehs.repeat_interleave(args.frames, dim=0), **kw)
+    if args.family == "svd":  # frames on dim 1, 8 input channels, image embedding per sample
+        unet = tiny_svd_unet((32, 64))
+        video = torch.randn(args.batch, args.frames, 8, *args.size, generator=gen)
+        context = torch.randn(args.batch, 1, 32, generator=gen)
+        time_ids = torch.tensor([[6.0, 127.0, 0.02]] * args.batch)
+        return unet, lambda **kw: unet(video, 500, context, time_ids, **kw)
     unet = tiny_i2vgen_unet((32, 64))
     image = torch.randn(args.batch, 4, args.frames, *args.size, generator=gen)
     image_embeddings = torch.randn(args.batch, 32, generator=gen)
@@ -89,26 +95,30 @@ def write_report(args, report: dict) -> None:
 def run_pipeline(args) -> int:
     """The family's tiny offline pipeline end to end (2 DDIM steps with CFG, VAE decode), single-process output vs
     frame-parallel output, on every rank."""
-    from vstar_kernels.diffusers.tiny import animatediff_pipeline, text_to_video_pipeline
+    from vstar_kernels.diffusers.tiny import animatediff_pipeline, svd_pipeline, text_to_video_pipeline
 
+    kwargs = dict(num_inference_steps=2, num_frames=args.frames, height=8 * args.size[0], width=8 * args.size[1],
+                  output_type="pt")
     if args.family == "unet3d":
-        pipe = text_to_video_pipeline()
-    else:
+        pipe, prompt = text_to_video_pipeline(), "a cat"
+    elif args.family == "animatediff":
         unet, adapter = tiny_animatediff_unet("animatediff")
-        pipe = animatediff_pipeline(unet, adapter)
+        pipe, prompt = animatediff_pipeline(unet, adapter), "a cat"
+    else:  # SVD: an image in, its temporal VAE decoder (chunks of decode_chunk_size frames) not split
+        pipe, prompt = svd_pipeline(tiny_svd_unet((32, 64))), torch.rand(1, 3, kwargs["height"], kwargs["width"])
+        kwargs["decode_chunk_size"] = 4
     if args.tar:
         apply_tar(pipe, "64D1_32D8")
-    kwargs = dict(num_inference_steps=2, num_frames=args.frames, height=8 * args.size[0], width=8 * args.size[1],
-                  output_type="pt", guidance_scale=7.5)
+    vae_class = type(pipe.vae)
     with torch.no_grad():
-        ref = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames
+        ref = pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs).frames
         state = enable_frame_parallel(pipe)
-        out = pipe("a cat", generator=torch.Generator().manual_seed(0), **kwargs).frames
-        vae_switched = type(pipe.vae).__name__ == "FrameParallelAutoencoderKL"
+        out = pipe(prompt, generator=torch.Generator().manual_seed(0), **kwargs).frames
+        vae_switched = type(pipe.vae).__name__ == "FrameParallelAutoencoderKL" or args.family == "svd"
         disable_frame_parallel(pipe)
     report = dict(rank=state.rg.rank, world=state.rg.world, frames=args.frames, shape=list(out.shape),
                   max_abs_diff=(out - ref).abs().max().item(), scale=ref.abs().max().item(), repeat_equal=True,
-                  restored=type(pipe.vae).__name__ == "AutoencoderKL" and vae_switched)
+                  restored=type(pipe.vae) is vae_class and vae_switched)
     write_report(args, report)
     dist.destroy_process_group()
     return 0 if report["max_abs_diff"] <= 1e-4 * max(1.0, report["scale"]) and report["restored"] else 1

@@ -38,9 +38,12 @@ def _reports(report_dir: Path) -> list[dict]:
     (2, ("--frames", "1", "--size", "8", "8")),                    # fewer frames than ranks: whole UNet per rank
     (3, ("--family", "animatediff", "--frames", "37", "--size", "16", "16", "--tar")),  # past the 32 positions
     (3, ("--family", "i2vgen", "--frames", "11", "--size", "8", "8", "--tar")),  # first-frame context, fps
+    (3, ("--family", "svd", "--frames", "11", "--size", "10", "10", "--tar")),   # frames on dim 1, frame index
+    (3, ("--family", "svd", "--frames", "7", "--size", "2", "4", "--batch", "1")),  # a replicated level
     (2, ("--pipeline", "--frames", "9", "--size", "2", "2", "--tar")),  # TextToVideoSD: CFG batch, VAE split
     (3, ("--pipeline", "--family", "animatediff", "--frames", "10", "--size", "4", "4", "--tar")),
-])
+    (2, ("--pipeline", "--family", "svd", "--frames", "9", "--size", "4", "4", "--tar")),  # image in, EDM steps
+], ids=lambda v: str(v) if isinstance(v, int) else "-".join(a.lstrip("-") for a in v))
 def test_frame_parallel_equals_one_process(nproc, args, tmp_path):
     proc = _torchrun(nproc, *args, report_dir=tmp_path)
     reports = _reports(tmp_path)
@@ -90,10 +93,10 @@ def test_without_a_process_group_or_torchrun_a_clear_error(monkeypatch):
 
 
 def test_unsupported_model_and_bad_group_are_refused():
-    from vstar_kernels.diffusers.tiny import tiny_svd_unet, tiny_unet3d
+    from vstar_kernels.diffusers.tiny import tiny_unet2d, tiny_unet3d
 
     with pytest.raises(TypeError, match="UNet3DConditionModel, UNetMotionModel, I2VGenXLUNet"):
-        enable_frame_parallel(tiny_svd_unet())
+        enable_frame_parallel(tiny_unet2d())  # an image UNet: no frames to split
     with pytest.raises(TypeError, match="ProcessGroup"):
         enable_frame_parallel(tiny_unet3d(), group="world")
 

@@ -21,13 +21,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, I2VGenXLUNet, UNet3DConditionModel, UNetMotionModel
+from diffusers import (
+    AutoencoderKL,
+    I2VGenXLUNet,
+    UNet3DConditionModel,
+    UNetMotionModel,
+    UNetSpatioTemporalConditionModel,
+)
+from diffusers.models.attention import TemporalBasicTransformerBlock
 from diffusers.models.autoencoders.vae import DecoderOutput
-from diffusers.models.resnet import TemporalConvLayer
-from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel, TransformerTemporalModelOutput
+from diffusers.models.resnet import TemporalConvLayer, TemporalResnetBlock
+from diffusers.models.transformers.transformer_temporal import (
+    TransformerSpatioTemporalModel,
+    TransformerTemporalModel,
+    TransformerTemporalModelOutput,
+)
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
 from diffusers.models.unets.unet_i2vgen_xl import I2VGenXLTransformerTemporalEncoder
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, UNetMotionOutput
+from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 from torch import nn
 
 from .layout import (
@@ -171,11 +183,12 @@ class FrameParallelMotionTransformer(AnimateDiffTransformer3D):
 
 
 def _split_frames(module: nn.Module, sample: torch.Tensor, output: type, return_dict: bool, kwargs: dict,
-                  whole: Callable[[], object], local: Callable[[int, int], torch.Tensor]):
-    """The UNet call on this rank's frames (``local(start, count)``, frames on dim 2 of ``sample``), gathered into
-    the full output; ``whole()`` when frame parallelism is off for this call (world 1, fewer frames than ranks)."""
+                  whole: Callable[[], object], local: Callable[[int, int], torch.Tensor], frames_dim: int = 2):
+    """The UNet call on this rank's frames (``local(start, count)``, frames on ``frames_dim`` of ``sample`` and of
+    the output), gathered into the full output; ``whole()`` when frame parallelism is off for this call (world 1,
+    fewer frames than ranks)."""
     state: FrameParallelState | None = getattr(module, _STATE_ATTR, None)
-    frames = sample.shape[2]
+    frames = sample.shape[frames_dim]
     if state is None or state.rg.world == 1 or frames < state.rg.world or _CALL.get() is not None:
         return whole()
     _check_call(sample, kwargs, state.rg)
@@ -185,7 +198,7 @@ def _split_frames(module: nn.Module, sample: torch.Tensor, output: type, return_
         out = local(sum(sizes[:state.rg.rank]), sizes[state.rg.rank])
     finally:
         _CALL.reset(token)
-    out = gather_frames(out, sizes, 2, state.rg)
+    out = gather_frames(out, sizes, frames_dim, state.rg)
     return output(sample=out) if return_dict else (out,)
 
 
@@ -264,6 +277,79 @@ class FrameParallelI2VGenXLUNet(I2VGenXLUNet):
             local)
 
 
+class FrameParallelTemporalBlock(TemporalBasicTransformerBlock):
+    """SVD's temporal transformer block ((batch·F, H·W, C) tokens and one context row per (sample, position)),
+    frame-parallel: every frame and this rank's positions (the context rows of those positions)."""
+
+    def forward(self, hidden_states, num_frames, encoder_hidden_states=None):
+        call = _CALL.get()
+        if call is None or num_frames != call.frame_sizes[call.rg.rank]:
+            return TemporalBasicTransformerBlock.forward(self, hidden_states, num_frames, encoder_hidden_states)
+        positions, rg = hidden_states.shape[1], call.rg
+        batch = hidden_states.shape[0] // num_frames
+        shares = split_sizes(positions, rg.world)
+
+        def own(x: torch.Tensor, num_frames: int) -> torch.Tensor:  # x: (batch·F, C, 1, P) -> same
+            context = encoder_hidden_states
+            if context is not None and x.shape[-1] != positions:  # this rank's positions' context rows
+                start = sum(shares[:rg.rank])
+                context = context.reshape(batch, positions, *context.shape[1:])[:, start:start + x.shape[-1]]
+                context = context.flatten(0, 1)
+            tokens = TemporalBasicTransformerBlock.forward(self, x.flatten(2).transpose(1, 2), num_frames, context)
+            return tokens.transpose(1, 2).unsqueeze(2)
+
+        image = hidden_states.transpose(1, 2).unsqueeze(2)  # (batch·F_rank, C, 1, H·W)
+        return _run_temporal(own, image, num_frames).flatten(2).transpose(1, 2)
+
+
+class FrameParallelTemporalResnet(TemporalResnetBlock):
+    """SVD's temporal ResNet block ((batch, C, F, H, W) with a per-frame time embedding), frame-parallel."""
+
+    def forward(self, input_tensor, temb):
+        call = _CALL.get()
+        frames_here = input_tensor.shape[2]
+        if call is None or frames_here != call.frame_sizes[call.rg.rank]:
+            return TemporalResnetBlock.forward(self, input_tensor, temb)
+        batch = input_tensor.shape[0]
+        temb_all = None if temb is None else gather_frames(temb, call.frame_sizes, 1, call.rg)
+
+        def own(x: torch.Tensor, num_frames: int) -> torch.Tensor:  # (batch·F, C, h, w) -> same
+            video = x.reshape(batch, num_frames, *x.shape[1:]).transpose(1, 2)
+            return TemporalResnetBlock.forward(self, video, temb_all).transpose(1, 2).flatten(0, 1)
+
+        out = _run_temporal(own, input_tensor.transpose(1, 2).flatten(0, 1), frames_here)
+        return out.reshape(batch, frames_here, *out.shape[1:]).transpose(1, 2)
+
+
+class FrameParallelSpatioTemporal(TransformerSpatioTemporalModel):
+    """SVD's spatio-temporal transformer: its frame-index embedding counts from this rank's first frame."""
+
+    def forward(self, *args, **kwargs):
+        call = _CALL.get()
+        if call is None:
+            return TransformerSpatioTemporalModel.forward(self, *args, **kwargs)
+        first = sum(call.frame_sizes[:call.rg.rank])
+        hook = self.time_proj.register_forward_pre_hook(lambda _m, inputs: (inputs[0] + first,))
+        try:
+            return TransformerSpatioTemporalModel.forward(self, *args, **kwargs)
+        finally:
+            hook.remove()
+
+
+class FrameParallelUNetSpatioTemporal(UNetSpatioTemporalConditionModel):
+    """UNetSpatioTemporalConditionModel (Stable Video Diffusion; frames on dim 1) split over the ranks."""
+
+    def forward(self, sample, timestep, encoder_hidden_states, added_time_ids, return_dict=True):
+        return _split_frames(
+            self, sample, UNetSpatioTemporalConditionOutput, return_dict, {},
+            lambda: UNetSpatioTemporalConditionModel.forward(self, sample, timestep, encoder_hidden_states,
+                                                             added_time_ids, return_dict=return_dict),
+            lambda start, n: UNetSpatioTemporalConditionModel.forward(
+                self, sample[:, start:start + n], timestep, encoder_hidden_states, added_time_ids,
+                return_dict=False)[0],
+            frames_dim=1)
+
+
 class FrameParallelAutoencoderKL(AutoencoderKL):
     """AutoencoderKL whose ``decode`` of a batch of frame latents decodes this rank's share and gathers the rest."""
 
@@ -281,11 +367,16 @@ class FrameParallelAutoencoderKL(AutoencoderKL):
 
 # diffusers class -> its frame-parallel subclass
 UNET_CLASSES: dict[type, type] = {UNet3DConditionModel: FrameParallelUNet3D, UNetMotionModel: FrameParallelUNetMotion,
-                                  I2VGenXLUNet: FrameParallelI2VGenXLUNet}
+                                  I2VGenXLUNet: FrameParallelI2VGenXLUNet,
+                                  UNetSpatioTemporalConditionModel: FrameParallelUNetSpatioTemporal}
 TEMPORAL_CLASSES: dict[type, type] = {TransformerTemporalModel: FrameParallelTransformerTemporal,
                                       TemporalConvLayer: FrameParallelTemporalConv,
                                       AnimateDiffTransformer3D: FrameParallelMotionTransformer,
-                                      I2VGenXLTransformerTemporalEncoder: FrameParallelTemporalEncoder}
+                                      I2VGenXLTransformerTemporalEncoder: FrameParallelTemporalEncoder,
+                                      TemporalBasicTransformerBlock: FrameParallelTemporalBlock,
+                                      TemporalResnetBlock: FrameParallelTemporalResnet}
+# switched without their GroupNorms (those normalise single frames)
+FRAME_INDEX_CLASSES: dict[type, type] = {TransformerSpatioTemporalModel: FrameParallelSpatioTemporal}
 
 
 def _check_positional(args: tuple, limit: int = 4) -> None:
@@ -311,10 +402,10 @@ def enable_frame_parallel(model, group=None) -> FrameParallelState:
     (default: the default process group, initialised from torchrun's environment if needed). For a pipeline, its
     AutoencoderKL also decodes each rank's share of the frames and gathers them.
 
-    Supported: UNet3DConditionModel (ModelScope / zeroscope), UNetMotionModel (AnimateDiff) and I2VGenXLUNet
-    (not yet SVD's UNetSpatioTemporalConditionModel). Composes with ``apply_tar`` and frame positions. A world of 1
-    is a no-op. Raises TypeError for other models and a clear error for a bad group or a device the group's backend
-    cannot move, before any collective. Returns the state (its ``rg`` names rank and world)."""
+    Supported: UNet3DConditionModel (ModelScope / zeroscope), UNetMotionModel (AnimateDiff), I2VGenXLUNet and
+    UNetSpatioTemporalConditionModel (Stable Video Diffusion). Composes with ``apply_tar`` and frame positions. A
+    world of 1 is a no-op. Raises TypeError for other models and a clear error for a bad group or a device the
+    group's backend cannot move, before any collective. Returns the state (its ``rg`` names rank and world)."""
     from ..diffusers.components import unet_of
 
     unet = unet_of(model)
@@ -326,6 +417,8 @@ def enable_frame_parallel(model, group=None) -> FrameParallelState:
     disable_frame_parallel(unet)
     switched: dict[str, type] = {"": type(unet)}
     for name, module in unet.named_modules():
+        if type(module) in FRAME_INDEX_CLASSES:
+            switched[name] = type(module)
         if type(module) in TEMPORAL_CLASSES:
             switched[name] = type(module)
             for sub_name, sub in module.named_modules():
@@ -333,7 +426,8 @@ def enable_frame_parallel(model, group=None) -> FrameParallelState:
                     switched[f"{name}.{sub_name}"] = nn.GroupNorm
     for name, cls in switched.items():
         target = unet.get_submodule(name)
-        target.__class__ = UNET_CLASSES.get(cls) or TEMPORAL_CLASSES.get(cls) or SplitGroupNorm
+        target.__class__ = (UNET_CLASSES.get(cls) or TEMPORAL_CLASSES.get(cls) or FRAME_INDEX_CLASSES.get(cls)
+                            or SplitGroupNorm)
     state = FrameParallelState(rg, switched)
     object.__setattr__(unet, _STATE_ATTR, state)
     vae = getattr(model, "vae", None)

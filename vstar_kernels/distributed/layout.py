@@ -114,34 +114,50 @@ def gather_frames(x: torch.Tensor, frame_sizes: list[int], dim: int, rg: RankGro
     return torch.cat(_exchange([x] * rg.world, shapes, x, rg)[1], dim=dim)
 
 
+def _starts(sizes: list[int]) -> list[int]:
+    return [sum(sizes[:r]) for r in range(len(sizes))]
+
+
+def _with(shape: tuple[int, ...], dim: int, size: int) -> tuple[int, ...]:
+    return (*shape[:dim], size, *shape[dim + 1:])
+
+
+def grid_to_positions(grid: torch.Tensor, pos_dim: int, frame_sizes: list[int], rg: RankGroup) -> torch.Tensor:
+    """(batch, F_rank, ...) with the positions on ``pos_dim`` (2 or 3) -> (batch, F, ...) with this rank's share
+    of the positions there: one all-to-all."""
+    pos = split_sizes(grid.shape[pos_dim], rg.world)
+    send = [grid.narrow(pos_dim, s, n) for s, n in zip(_starts(pos), pos, strict=True)]
+    mine = _with(grid.shape, pos_dim, pos[rg.rank])
+    flat, recv = _exchange(send, [_with(mine, 1, f) for f in frame_sizes], grid, rg)
+    # one sample: the received shares already lie frame after frame (no copy); else they interleave per sample
+    return flat.view(_with(mine, 1, sum(frame_sizes))) if grid.shape[0] == 1 else torch.cat(recv, dim=1)
+
+
+def grid_to_frames(grid: torch.Tensor, pos_dim: int, positions: int, frame_sizes: list[int],
+                   rg: RankGroup) -> torch.Tensor:
+    """The inverse of :func:`grid_to_positions`: (batch, F, ...) with this rank's positions on ``pos_dim`` ->
+    (batch, F_rank, ...) with all ``positions`` there."""
+    send = [grid[:, s:s + n] for s, n in zip(_starts(frame_sizes), frame_sizes, strict=True)]
+    here = _with(grid.shape, 1, frame_sizes[rg.rank])
+    _flat, recv = _exchange(send, [_with(here, pos_dim, p) for p in split_sizes(positions, rg.world)], grid, rg)
+    return torch.cat(recv, dim=pos_dim)
+
+
 def frames_to_positions(x: torch.Tensor, frame_sizes: list[int], rg: RankGroup) -> torch.Tensor:
     """(batch·F_rank, C, H, W) of this rank's frames -> (batch·F, C, 1, P_rank): every frame, this rank's share
     of the H·W positions, laid out as a 1 x P_rank image (per-position modules see the same numbers)."""
-    frames_here = frame_sizes[rg.rank]
     channels, height, width = x.shape[1:]
-    batch = x.shape[0] // frames_here
-    grid = x.reshape(batch, frames_here, channels, height * width)
-    pos = split_sizes(height * width, rg.world)
-    starts = [sum(pos[:r]) for r in range(rg.world)]
-    send = [grid[..., s:s + n] for s, n in zip(starts, pos, strict=True)]
-    flat, recv = _exchange(send, [(batch, f, channels, pos[rg.rank]) for f in frame_sizes], x, rg)
-    # one sample: the received shares already lie frame after frame (no copy); else they interleave per sample
-    merged = flat if batch == 1 else torch.cat(recv, dim=1)
-    return merged.reshape(batch * sum(frame_sizes), channels, 1, pos[rg.rank])
+    batch = x.shape[0] // frame_sizes[rg.rank]
+    grid = grid_to_positions(x.reshape(batch, -1, channels, height * width), 3, frame_sizes, rg)
+    return grid.reshape(batch * sum(frame_sizes), channels, 1, grid.shape[-1])
 
 
 def positions_to_frames(y: torch.Tensor, frame_sizes: list[int], height: int, width: int,
                         rg: RankGroup) -> torch.Tensor:
     """The inverse of :func:`frames_to_positions`: (batch·F, C, 1, P_rank) -> (batch·F_rank, C, H, W)."""
-    frames = sum(frame_sizes)
-    batch, channels = y.shape[0] // frames, y.shape[1]
-    grid = y.reshape(batch, frames, channels, y.shape[-1])
-    starts = [sum(frame_sizes[:r]) for r in range(rg.world)]
-    send = [grid[:, s:s + n] for s, n in zip(starts, frame_sizes, strict=True)]
-    pos = split_sizes(height * width, rg.world)
-    here = frame_sizes[rg.rank]
-    _flat, recv = _exchange(send, [(batch, here, channels, p) for p in pos], y, rg)
-    return torch.cat(recv, dim=3).reshape(batch * here, channels, height, width)
+    batch, channels = y.shape[0] // sum(frame_sizes), y.shape[1]
+    grid = grid_to_frames(y.reshape(batch, -1, channels, y.shape[-1]), 3, height * width, frame_sizes, rg)
+    return grid.reshape(batch * frame_sizes[rg.rank], channels, height, width)
 
 
 def all_reduce_sum(t: torch.Tensor, rg: RankGroup) -> torch.Tensor:
