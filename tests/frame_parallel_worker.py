@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from vstar_kernels import apply_tar, remove_tar
+from vstar_kernels.diffusers import apply_synopsis
 from vstar_kernels.diffusers.tiny import tiny_animatediff_unet, tiny_i2vgen_unet, tiny_svd_unet, tiny_unet3d
 from vstar_kernels.distributed import disable_frame_parallel, enable_frame_parallel
 
@@ -25,6 +26,7 @@ def main() -> int:
     parser.add_argument("--frames", type=int, required=True)
     parser.add_argument("--size", type=int, nargs=2, default=(16, 16), help="latent height and width")
     parser.add_argument("--tar", action="store_true")
+    parser.add_argument("--synopsis", action="store_true", help="per-frame text conditioning (apply_synopsis)")
     parser.add_argument("--batch", type=int, default=2, help="UNet batch (2: a CFG pair)")
     parser.add_argument("--pipeline", action="store_true", help="run the family's pipeline (CFG, VAE decode)")
     parser.add_argument("--report-dir", required=True)
@@ -37,6 +39,8 @@ def main() -> int:
     original = type(unet)
     if args.tar:
         apply_tar(unet, "64D1_32D8", timesteps="all")
+    if args.synopsis:  # a different embedding per frame: each rank must condition its frames on theirs
+        apply_synopsis(unet, torch.randn(args.frames, 7, 32, generator=torch.Generator().manual_seed(2)))
     processors = dict(unet.attn_processors)
     state_before = {k: v.clone() for k, v in unet.state_dict().items()}
     with torch.no_grad():

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..distributed.context import frame_window
 from .components import remove_pre_hook, restore_processors, unet_of
 from .discovery import temporal_container_paths
 
@@ -35,7 +36,11 @@ class SynopsisCrossAttnProcessor:
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
         if encoder_hidden_states is not None:
-            encoder_hidden_states = per_frame_context(encoder_hidden_states, self.frame_embeds)
+            frame_embeds = self.frame_embeds
+            window = frame_window()  # frame parallelism: this rank holds frames start..start+count
+            if window is not None:
+                frame_embeds = frame_embeds[window[0]:window[0] + window[1]]
+            encoder_hidden_states = per_frame_context(encoder_hidden_states, frame_embeds)
         return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
 

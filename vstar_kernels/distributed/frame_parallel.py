@@ -42,6 +42,7 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, U
 from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 from torch import nn
 
+from .context import CALL, FrameCall
 from .layout import (
     RankGroup,
     all_reduce_sum,
@@ -55,19 +56,6 @@ from .layout import (
 _STATE_ATTR = "_vstar_frame_parallel"
 
 
-@dataclass(frozen=True)
-class _Call:
-    """The frame split of the UNet call in progress on this rank."""
-
-    rg: RankGroup
-    frame_sizes: list[int]
-
-    @property
-    def frames(self) -> int:
-        return sum(self.frame_sizes)
-
-
-_CALL: contextvars.ContextVar[_Call | None] = contextvars.ContextVar("vstar_frame_parallel_call", default=None)
 _NORM_GROUP: contextvars.ContextVar[RankGroup | None] = contextvars.ContextVar("vstar_split_norm", default=None)
 
 
@@ -120,8 +108,8 @@ class SplitGroupNorm(nn.GroupNorm):
 def _run_temporal(module_forward, hidden_states: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
     """Run a temporal module's own forward on (batch·F_rank, C, H, W) in the position layout (or replicated) and
     return this rank's frames; ``module_forward(x, num_frames=...)`` returns a tensor."""
-    call = _CALL.get()
-    if call is None or num_frames != call.frame_sizes[call.rg.rank]:
+    call = CALL.get()
+    if call is None or num_frames != call.count:
         return module_forward(hidden_states, num_frames=num_frames, **kwargs)
     rg = call.rg
     height, width = hidden_states.shape[-2:]
@@ -130,7 +118,7 @@ def _run_temporal(module_forward, hidden_states: torch.Tensor, num_frames: int, 
         full = gather_frames(hidden_states.reshape(batch, num_frames, *hidden_states.shape[1:]), call.frame_sizes,
                              1, rg)
         out = module_forward(full.flatten(0, 1), num_frames=call.frames, **kwargs)
-        start = sum(call.frame_sizes[:rg.rank])
+        start = call.start
         return out.reshape(batch, call.frames, *out.shape[1:])[:, start:start + num_frames].flatten(0, 1)
     positions = frames_to_positions(hidden_states, call.frame_sizes, rg)
     token = _NORM_GROUP.set(rg)
@@ -189,15 +177,15 @@ def _split_frames(module: nn.Module, sample: torch.Tensor, output: type, return_
     fewer frames than ranks)."""
     state: FrameParallelState | None = getattr(module, _STATE_ATTR, None)
     frames = sample.shape[frames_dim]
-    if state is None or state.rg.world == 1 or frames < state.rg.world or _CALL.get() is not None:
+    if state is None or state.rg.world == 1 or frames < state.rg.world or CALL.get() is not None:
         return whole()
     _check_call(sample, kwargs, state.rg)
     sizes = split_sizes(frames, state.rg.world)
-    token = _CALL.set(_Call(state.rg, sizes))
+    token = CALL.set(FrameCall(state.rg, sizes))
     try:
         out = local(sum(sizes[:state.rg.rank]), sizes[state.rg.rank])
     finally:
-        _CALL.reset(token)
+        CALL.reset(token)
     out = gather_frames(out, sizes, frames_dim, state.rg)
     return output(sample=out) if return_dict else (out,)
 
@@ -244,13 +232,13 @@ class FrameParallelTemporalEncoder(I2VGenXLTransformerTemporalEncoder):
     frame gathered, run replicated, this rank's frames kept."""
 
     def forward(self, hidden_states):
-        call = _CALL.get()
-        if call is None or hidden_states.shape[1] != call.frame_sizes[call.rg.rank]:
+        call = CALL.get()
+        if call is None or hidden_states.shape[1] != call.count:
             return I2VGenXLTransformerTemporalEncoder.forward(self, hidden_states)
         out = I2VGenXLTransformerTemporalEncoder.forward(self, gather_frames(hidden_states, call.frame_sizes, 1,
                                                                              call.rg))
-        start = sum(call.frame_sizes[:call.rg.rank])
-        return out[:, start:start + call.frame_sizes[call.rg.rank]]
+        start = call.start
+        return out[:, start:start + call.count]
 
 
 class FrameParallelI2VGenXLUNet(I2VGenXLUNet):
@@ -282,8 +270,8 @@ class FrameParallelTemporalBlock(TemporalBasicTransformerBlock):
     frame-parallel: every frame and this rank's positions (the context rows of those positions)."""
 
     def forward(self, hidden_states, num_frames, encoder_hidden_states=None):
-        call = _CALL.get()
-        if call is None or num_frames != call.frame_sizes[call.rg.rank]:
+        call = CALL.get()
+        if call is None or num_frames != call.count:
             return TemporalBasicTransformerBlock.forward(self, hidden_states, num_frames, encoder_hidden_states)
         positions, rg = hidden_states.shape[1], call.rg
         batch = hidden_states.shape[0] // num_frames
@@ -306,9 +294,9 @@ class FrameParallelTemporalResnet(TemporalResnetBlock):
     """SVD's temporal ResNet block ((batch, C, F, H, W) with a per-frame time embedding), frame-parallel."""
 
     def forward(self, input_tensor, temb):
-        call = _CALL.get()
+        call = CALL.get()
         frames_here = input_tensor.shape[2]
-        if call is None or frames_here != call.frame_sizes[call.rg.rank]:
+        if call is None or frames_here != call.count:
             return TemporalResnetBlock.forward(self, input_tensor, temb)
         batch = input_tensor.shape[0]
         temb_all = None if temb is None else gather_frames(temb, call.frame_sizes, 1, call.rg)
@@ -325,10 +313,10 @@ class FrameParallelSpatioTemporal(TransformerSpatioTemporalModel):
     """SVD's spatio-temporal transformer: its frame-index embedding counts from this rank's first frame."""
 
     def forward(self, *args, **kwargs):
-        call = _CALL.get()
+        call = CALL.get()
         if call is None:
             return TransformerSpatioTemporalModel.forward(self, *args, **kwargs)
-        first = sum(call.frame_sizes[:call.rg.rank])
+        first = call.start
         hook = self.time_proj.register_forward_pre_hook(lambda _m, inputs: (inputs[0] + first,))
         try:
             return TransformerSpatioTemporalModel.forward(self, *args, **kwargs)
