@@ -38,7 +38,9 @@ def _reports(report_dir: Path) -> list[dict]:
     (2, ("--frames", "1", "--size", "8", "8")),                    # fewer frames than ranks: whole UNet per rank
     (3, ("--family", "animatediff", "--frames", "37", "--size", "16", "16", "--tar")),  # past the 32 positions
     (2, ("--frames", "12", "--size", "8", "8", "--synopsis", "--tar")),  # per-frame prompts, CFG: rows line up
+    (2, ("--family", "animatediff", "--frames", "9", "--size", "8", "8")),
     (3, ("--family", "i2vgen", "--frames", "11", "--size", "8", "8", "--tar")),  # first-frame context, fps
+    (2, ("--family", "i2vgen", "--frames", "6", "--size", "8", "8")),
     (3, ("--family", "svd", "--frames", "11", "--size", "10", "10", "--tar")),   # frames on dim 1, frame index
     (3, ("--family", "svd", "--frames", "7", "--size", "2", "4", "--batch", "1")),  # a replicated level
     (2, ("--pipeline", "--frames", "9", "--size", "2", "2", "--tar")),  # TextToVideoSD: CFG batch, VAE split
