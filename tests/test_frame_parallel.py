@@ -158,16 +158,17 @@ def test_bench_frame_parallel_smoke(tmp_path):
 
 
 def test_split_group_norm_equals_group_norm_on_one_rank(world_of_one):
-    """The moments path (var_mean, float64 all-reduce, fused x * a + b) against nn.GroupNorm, fp32 and fp16."""
+    """The moments path (var_mean, float64 all-reduce, fused x * a + b) against group_norm in fp32, with the
+    precision-aware criterion: at most twice the error of torch's own GroupNorm in the input dtype, plus an ulp."""
     from vstar_kernels.distributed.frame_parallel import _NORM_GROUP, SplitGroupNorm
     from vstar_kernels.distributed.layout import resolve_group
 
     rg = resolve_group(None, torch.device("cpu"))
-    for dtype, tol in ((torch.float32, 1e-5), (torch.float16, 2e-3)):
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.float16):
         ref = torch.nn.GroupNorm(4, 8, eps=1e-6)
-        torch.nn.init.normal_(ref.weight)
-        torch.nn.init.normal_(ref.bias)
-        x = (torch.randn(2, 8, 5, 1, 7) * 3 + 10).to(dtype)  # an offset: the one-pass variance must hold up
+        ref.weight.data, ref.bias.data = torch.randn(8, generator=gen), torch.randn(8, generator=gen)
+        x = (torch.randn(2, 8, 5, 1, 7, generator=gen) * 3 + 10).to(dtype)  # offset: one-pass variance must hold
         split = SplitGroupNorm(4, 8, eps=1e-6)
         split.load_state_dict(ref.state_dict())
         split, ref = split.to(dtype), ref.to(dtype)
@@ -176,6 +177,9 @@ def test_split_group_norm_equals_group_norm_on_one_rank(world_of_one):
             out = split(x)
         finally:
             _NORM_GROUP.reset(token)
-        expected = torch.nn.functional.group_norm(x.float(), 4, ref.weight.float(), ref.bias.float(), 1e-6)
+        expected = torch.nn.functional.group_norm(x.double(), 4, ref.weight.double(), ref.bias.double(), 1e-6)
         assert out.dtype == dtype
-        torch.testing.assert_close(out.float(), expected, rtol=tol, atol=tol)
+        err = (out.double() - expected).abs().max().item()
+        torch_err = (ref(x).double() - expected).abs().max().item()
+        ulp = torch.finfo(dtype).eps * expected.abs().max().item()
+        assert err <= 2 * torch_err + ulp, (dtype, err, torch_err)

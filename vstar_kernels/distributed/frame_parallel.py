@@ -74,8 +74,8 @@ class SplitGroupNorm(nn.GroupNorm):
 
     Per (sample, group) each rank takes its count, mean and variance with ``torch.var_mean`` (no temporary copy of
     its share), one all-reduce sums n, n·mean and n·(var + mean²) in float64, and the normalisation and the affine
-    transform are one fused ``x · a + b`` per (sample, channel): the output is the only tensor as large as the
-    input."""
+    transform are one fused ``x · a + b`` per (sample, channel) in at least fp32: for fp32 inputs the output is the
+    only tensor as large as the input (half inputs add one fp32 temporary)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rg = _NORM_GROUP.get()
@@ -101,7 +101,8 @@ class SplitGroupNorm(nn.GroupNorm):
             weight = self.weight.double()
             scale, shift = scale * weight, shift * weight + self.bias.double()
         shape = (batch, channels) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.to(x.dtype).reshape(shape), x, scale.to(x.dtype).reshape(shape))
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # half inputs: x·a + b cancels in fp32
+        return torch.addcmul(shift.to(acc).reshape(shape), x.to(acc), scale.to(acc).reshape(shape)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------- temporal modules
