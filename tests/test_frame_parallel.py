@@ -183,3 +183,29 @@ def test_split_group_norm_equals_group_norm_on_one_rank(world_of_one):
         torch_err = (ref(x).double() - expected).abs().max().item()
         ulp = torch.finfo(dtype).eps * expected.abs().max().item()
         assert err <= 2 * torch_err + ulp, (dtype, err, torch_err)
+
+
+def test_a_frame_parallel_model_copies_compiles_and_refuses_pickling_clearly(world_of_one):
+    """deepcopy keeps it frame-parallel on the same group; .to() and torch.compile(fullgraph=True) give the same
+    output; pickling raises a TypeError that says what to do (a process group cannot be pickled)."""
+    import copy
+    import pickle
+
+    from vstar_kernels.diffusers.tiny import tiny_unet3d
+    from vstar_kernels.distributed import frame_parallel_state
+
+    unet = tiny_unet3d()
+    enable_frame_parallel(unet)
+    sample, ehs = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 3, 32)
+    with torch.no_grad():
+        ref = unet(sample, 10, ehs).sample
+        twin = copy.deepcopy(unet)
+        assert frame_parallel_state(twin).rg.group is frame_parallel_state(unet).rg.group
+        assert torch.equal(twin(sample, 10, ehs).sample, ref)
+        assert torch.equal(unet.to(torch.float64).to(torch.float32)(sample, 10, ehs).sample, ref)
+        compiled = torch.compile(unet, fullgraph=True)
+        torch.testing.assert_close(compiled(sample, 10, ehs).sample, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(TypeError, match="disable_frame_parallel"):
+        pickle.dumps(unet)
+    assert disable_frame_parallel(twin) and disable_frame_parallel(unet)
+    assert len(pickle.dumps(unet)) > 0

@@ -15,7 +15,6 @@ objects, parameters and state_dict); ``disable_frame_parallel`` switches them ba
 
 from __future__ import annotations
 
-import contextvars
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D, U
 from diffusers.models.unets.unet_spatio_temporal_condition import UNetSpatioTemporalConditionOutput
 from torch import nn
 
-from .context import CALL, FrameCall
+from .context import CALL, FrameCall, Scoped
 from .layout import (
     RankGroup,
     all_reduce_sum,
@@ -56,7 +55,7 @@ from .layout import (
 _STATE_ATTR = "_vstar_frame_parallel"
 
 
-_NORM_GROUP: contextvars.ContextVar[RankGroup | None] = contextvars.ContextVar("vstar_split_norm", default=None)
+_NORM_GROUP: Scoped[RankGroup] = Scoped()  # set while a temporal module runs in the position layout
 
 
 @dataclass
@@ -65,6 +64,14 @@ class FrameParallelState:
 
     rg: RankGroup
     switched: dict[str, type]
+
+    def __deepcopy__(self, memo: dict) -> FrameParallelState:
+        """A copied model stays frame-parallel on the same group (a process group is a handle, not data)."""
+        return FrameParallelState(self.rg, dict(self.switched))
+
+    def __reduce__(self):
+        raise TypeError("a frame-parallel model holds a torch.distributed process group, which cannot be pickled: "
+                        "disable_frame_parallel(model) before pickling and enable it again after loading")
 
 
 # ------------------------------------------------------------------------------------------------ GroupNorm
@@ -106,25 +113,25 @@ class SplitGroupNorm(nn.GroupNorm):
 
 
 # --------------------------------------------------------------------------------------- temporal modules
-def _run_temporal(module_forward, hidden_states: torch.Tensor, num_frames: int, **kwargs) -> torch.Tensor:
+def _run_temporal(module_forward, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
     """Run a temporal module's own forward on (batch·F_rank, C, H, W) in the position layout (or replicated) and
     return this rank's frames; ``module_forward(x, num_frames=...)`` returns a tensor."""
     call = CALL.get()
     if call is None or num_frames != call.count:
-        return module_forward(hidden_states, num_frames=num_frames, **kwargs)
+        return module_forward(hidden_states, num_frames=num_frames)
     rg = call.rg
     height, width = hidden_states.shape[-2:]
     if height * width < rg.world:  # too few positions to split: every frame here, run whole, keep ours
         batch = hidden_states.shape[0] // num_frames
         full = gather_frames(hidden_states.reshape(batch, num_frames, *hidden_states.shape[1:]), call.frame_sizes,
                              1, rg)
-        out = module_forward(full.flatten(0, 1), num_frames=call.frames, **kwargs)
+        out = module_forward(full.flatten(0, 1), num_frames=call.frames)
         start = call.start
         return out.reshape(batch, call.frames, *out.shape[1:])[:, start:start + num_frames].flatten(0, 1)
     positions = frames_to_positions(hidden_states, call.frame_sizes, rg)
     token = _NORM_GROUP.set(rg)
     try:
-        out = module_forward(positions, num_frames=call.frames, **kwargs)
+        out = module_forward(positions, num_frames=call.frames)
     finally:
         _NORM_GROUP.reset(token)
     return positions_to_frames(out, call.frame_sizes, height, width, rg)
