@@ -69,12 +69,22 @@ TARParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.scale = static_cast<float>(scale);
   p.gauss_log2_coeff = tar_gauss_log2_coeff(sigma);
   p.strength = static_cast<float>(strength);
-  p.offset_delta = static_cast<double>(q_offset - k_offset);  // exact: both within 2^53
+  p.offset_delta = q_offset - k_offset;  // exact: both within 2^53
   p.relative = mode == "relative";
   return p;
 }
 
 #ifdef VSTAR_WITH_CUDA
+// The CUDA kernels' limits (tar_attention.h), checked before any launch with a message naming the argument.
+void check_cuda_limits(const TARParams& p, const char* op) {
+  TORCH_CHECK(p.head_dim <= kMaxCudaHeadDim, op, " (CUDA): head_dim must be <= ", kMaxCudaHeadDim, ", got ",
+              p.head_dim);
+  TORCH_CHECK(p.len_q <= kMaxCudaFrames && p.len_k <= kMaxCudaFrames, op, " (CUDA): frame counts must be <= 2^30 ",
+              "(int32 frame distances), got ", p.len_q, " and ", p.len_k);
+  TORCH_CHECK(p.offset_delta >= -kMaxCudaOffsetDelta && p.offset_delta <= kMaxCudaOffsetDelta, op,
+              " (CUDA): |q_offset - k_offset| must be <= 2^30 (int32 frame distances), got ", p.offset_delta);
+}
+
 // The CUDA kernels' element type of a checked (float32, float16 or bfloat16) tensor.
 DType cuda_dtype(const at::Tensor& t) {
   return t.scalar_type() == at::kFloat ? DType::kFloat32 : t.scalar_type() == at::kHalf ? DType::kFloat16
@@ -97,8 +107,7 @@ at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
   }
 #ifdef VSTAR_WITH_CUDA
   TORCH_CHECK(q.is_cuda(), "tar_attention: unsupported device ", q.device());
-  TORCH_CHECK(p.head_dim <= kMaxCudaHeadDim, "tar_attention (CUDA): head_dim must be <= ", kMaxCudaHeadDim, ", got ",
-              p.head_dim);
+  check_cuda_limits(p, "tar_attention");
   const c10::cuda::CUDAGuard guard(q.device());
   const int err = tar_attention_cuda_launch(p, cuda_dtype(q), q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                                             out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
@@ -132,8 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
   }
 #ifdef VSTAR_WITH_CUDA
   TORCH_CHECK(q.is_cuda(), "tar_attention_backward: unsupported device ", q.device());
-  TORCH_CHECK(p.head_dim <= kMaxCudaHeadDim, "tar_attention_backward (CUDA): head_dim must be <= ", kMaxCudaHeadDim,
-              ", got ", p.head_dim);
+  check_cuda_limits(p, "tar_attention_backward");
   const c10::cuda::CUDAGuard guard(q.device());
   const TARGradStrides g{strides_of(grad_out), strides_of(dq), strides_of(dk), strides_of(dv)};
   at::Tensor workspace = at::empty({kBackwardStatsPerRow, p.batch * p.heads, p.len_q}, q.options().dtype(at::kFloat));

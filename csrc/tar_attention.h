@@ -37,7 +37,7 @@ struct TARParams {
   float scale = 1.f;            // logit scale (natural units), head_dim ** -0.5 by default
   float gauss_log2_coeff = 0.f; // log2(e) / (2 sigma^2): G = exp2(-(gi - gj)^2 * gauss_log2_coeff)
   float strength = 0.f;         // 0: plain softmax attention
-  double offset_delta = 0.0;    // q_offset - k_offset (double: exact for offsets up to 2^53)
+  int64_t offset_delta = 0;     // q_offset - k_offset (exact: both within 2^53)
   bool relative = true;         // mode "relative" (VSTAR) or "absolute"
 };
 
@@ -51,10 +51,10 @@ inline float tar_gauss_log2_coeff(double sigma) {
   return static_cast<float>(coeff < kGaussLog2CoeffMax ? coeff : kGaussLog2CoeffMax);
 }
 
-// G_ij for frame distance dist = gi - gj.
-TAR_HOST_DEVICE float tar_gaussian(double dist, float gauss_log2_coeff) {
-  const float d2 = static_cast<float>(dist * dist);
-  return exp2f(-d2 * gauss_log2_coeff);
+// G_ij for the frame distance dist = gi - gj = offset_delta + i - j, computed exactly in integers and rounded to
+// float once by the caller (the Triton kernel does the same, in the same order).
+TAR_HOST_DEVICE float tar_gaussian(float dist, float gauss_log2_coeff) {
+  return exp2f(-(dist * dist) * gauss_log2_coeff);
 }
 
 // The multiplier of G_ij added to a logit row: t'_ij = t_ij + tar_bias_coeff(p, row_max, unit) * G_ij.
@@ -70,8 +70,11 @@ TAR_HOST_DEVICE bool tar_has_bias(const TARParams& p) { return p.strength != 0.f
 // ---- CUDA fallback entry point (tar_attention_cuda.cu); raw pointers, no ATen.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
-// Launches on `stream` (a cudaStream_t); returns 0 or a cudaError_t value. Supports head_dim <= kMaxCudaHeadDim.
+// Launches on `stream` (a cudaStream_t); returns 0 or a cudaError_t value (cudaErrorInvalidConfiguration beyond
+// these limits). Frame distances are int32 in the CUDA kernels: frame counts and |offset_delta| are at most 2^30.
 constexpr int64_t kMaxCudaHeadDim = 256;
+constexpr int64_t kMaxCudaFrames = int64_t{1} << 30;
+constexpr int64_t kMaxCudaOffsetDelta = int64_t{1} << 30;
 int tar_attention_cuda_launch(const TARParams& p, DType dtype, const void* q, const void* k, const void* v,
                               void* o, void* stream);
 

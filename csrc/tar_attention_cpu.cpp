@@ -124,8 +124,8 @@ inline float exp_sum(float* s, float max, int64_t n) {
 std::vector<float> gaussian_table(const TARParams& p, int64_t cols) {
   std::vector<float> table(cols > 0 ? p.len_q - 1 + cols : 0, 0.f);
   for (int64_t t = 0; t < static_cast<int64_t>(table.size()); ++t) {
-    const double dist = p.offset_delta + static_cast<double>(p.len_q - 1 - t);
-    table[t] = tar_gaussian(dist, p.gauss_log2_coeff);
+    const int64_t dist = p.offset_delta + (p.len_q - 1 - t);
+    table[t] = tar_gaussian(static_cast<float>(dist), p.gauss_log2_coeff);
   }
   return table;
 }

@@ -1,13 +1,16 @@
 // vstar-kernels: the CUDA fallback of TAR temporal attention, for GPUs where Triton is unavailable.
 //
-// No ATen here: raw pointers, element strides, the caller's stream. Grid: x = batch * heads (up to 2^31 - 1),
-// y = blocks of kWarps query frames (grid-strided, so any frame count). One warp owns one query row:
+// No ATen here: raw pointers, element strides, the caller's stream. Grid: one axis, slice-major and grid-strided:
+// work item w is block w % blocks (kWarps query frames) of the (batch, head) slice w / blocks, so the blocks of one
+// slice run back to back and read its K and V from L2 after the first. One warp owns one query row:
 //   logits   lane j of the warp computes <q, k_j> for key j of a shared-memory tile (kTileN keys, fp32);
 //   softmax  online, in the exp2 domain (logits scaled by scale * log2 e);
 //   P V      lane c owns channels c, c + 32, ... of the output row.
 // Relative mode first sweeps K for the unbiased row max (tar_bias_coeff needs it), then runs the online softmax.
 // The backward (tar_bwd_query_kernel, tar_bwd_key_kernel, below) reuses those passes and the same logit function.
 // The Gaussian and the bias come from tar_attention.h, the one C++ definition. Correctness first: no tensor cores.
+// No FP64 anywhere: frame distances are int32 (frames and |offset_delta| <= 2^30, checked by the launcher), rounded
+// to float once (`nvcc_check` compiles with -Xptxas --warn-on-double-precision-use and fails on a warning).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -115,9 +118,25 @@ __device__ float unbiased_row_max(const TARParams& p, const float* q_row, float*
   return warp_max(row_max);
 }
 
-// The biased exp2-domain logit t' = t + coeff * G_ij of query row i (row_dist = offset_delta + i) and key j.
-__device__ __forceinline__ float biased_logit(const TARParams& p, float t, float coeff, double row_dist, int64_t j) {
-  return t + coeff * tar_gaussian(row_dist - static_cast<double>(j), p.gauss_log2_coeff);
+// gi - k_offset = offset_delta + i of query row i, int32 (the launcher checked the limits).
+__device__ __forceinline__ int32_t row_position(const TARParams& p, int64_t i) {
+  return static_cast<int32_t>(p.offset_delta + i);
+}
+
+// G_ij of query row position row_pos (row_position) and key j: the distance is exact int32, rounded once.
+__device__ __forceinline__ float gaussian_at(const TARParams& p, int32_t row_pos, int64_t j) {
+  return tar_gaussian(static_cast<float>(row_pos - static_cast<int32_t>(j)), p.gauss_log2_coeff);
+}
+
+// The biased exp2-domain logit t' = t + coeff * G_ij of query row position row_pos and key j.
+__device__ __forceinline__ float biased_logit(const TARParams& p, float t, float coeff, int32_t row_pos, int64_t j) {
+  return t + coeff * gaussian_at(p, row_pos, j);
+}
+
+// One (batch, head) slice of a (batch, frames, heads, head_dim) tensor.
+template <typename T>
+__device__ __forceinline__ T* slice_base(T* t, const TensorStrides& s, const TARParams& p, int64_t bh) {
+  return t + (bh / p.heads) * s.batch + (bh % p.heads) * s.head;
 }
 
 // The online softmax of one query row over every key tile: running max m and sum l (exp2 domain) and the
@@ -128,7 +147,7 @@ __device__ void online_row_softmax(const TARParams& p, const float* q_row, float
                                    float& m, float& l, float (&acc)[DPL]) {
   using S = TileShape<DPL>;
   const float qk_log2_scale = p.scale * kLog2e;
-  const double row_dist = p.offset_delta + static_cast<double>(i);
+  const int32_t row_pos = row_position(p, i);
   m = -INFINITY;
   l = 0.f;
 #pragma unroll
@@ -138,7 +157,7 @@ __device__ void online_row_softmax(const TARParams& p, const float* q_row, float
     const int64_t j = j0 + lane;
     const bool valid = lane < S::kTileN && j < p.len_k;
     float t = lane_logit<DPL>(q_row, k_tile, lane, valid, qk_log2_scale, p.head_dim);
-    if (valid && has_bias) t = biased_logit(p, t, coeff, row_dist, j);
+    if (valid && has_bias) t = biased_logit(p, t, coeff, row_pos, j);
     const float m_new = fmaxf(m, warp_max(t));
     const float alpha = exp2f(m - m_new);
     const float pj = valid ? exp2f(t - m_new) : 0.f;
@@ -175,15 +194,15 @@ __global__ void __launch_bounds__(kThreads, 4)
   __shared__ float q_rows[kWarps][S::kDim];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
-  const T* qb = q + b * p.q.batch + h * p.q.head;
-  const T* kb = k + b * p.k.batch + h * p.k.head;
-  const T* vb = v + b * p.v.batch + h * p.v.head;
-  T* ob = o + b * p.o.batch + h * p.o.head;
   const int64_t num_row_blocks = (p.len_q + kWarps - 1) / kWarps;
   const bool has_bias = tar_has_bias(p);
 
-  for (int64_t rb = blockIdx.y; rb < num_row_blocks; rb += gridDim.y) {
+  for (int64_t w = blockIdx.x; w < p.batch * p.heads * num_row_blocks; w += gridDim.x) {
+    const int64_t bh = w / num_row_blocks, rb = w % num_row_blocks;
+    const T* qb = slice_base(q, p.q, p, bh);
+    const T* kb = slice_base(k, p.k, p, bh);
+    const T* vb = slice_base(v, p.v, p, bh);
+    T* ob = slice_base(o, p.o, p, bh);
     const int64_t i = rb * kWarps + warp;
     const bool row_valid = i < p.len_q;
     load_row<T, DPL>(q_rows[warp], qb, p.q.frame, p.q.dim, i, row_valid, p.head_dim, lane);
@@ -237,17 +256,17 @@ __global__ void __launch_bounds__(kThreads, 4)
   __shared__ float do_rows[kWarps][S::kDim];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
-  const T* qb = q + b * p.q.batch + h * p.q.head;
-  const T* kb = k + b * p.k.batch + h * p.k.head;
-  const T* vb = v + b * p.v.batch + h * p.v.head;
-  const T* gb = grad_out + b * g.grad_out.batch + h * g.grad_out.head;
-  T* dqb = dq + b * g.dq.batch + h * g.dq.head;
   const float qk_log2_scale = p.scale * kLog2e;
   const int64_t num_row_blocks = (p.len_q + kWarps - 1) / kWarps;
   const bool has_bias = tar_has_bias(p);
 
-  for (int64_t rb = blockIdx.y; rb < num_row_blocks; rb += gridDim.y) {
+  for (int64_t w = blockIdx.x; w < p.batch * p.heads * num_row_blocks; w += gridDim.x) {
+    const int64_t bh = w / num_row_blocks, rb = w % num_row_blocks;
+    const T* qb = slice_base(q, p.q, p, bh);
+    const T* kb = slice_base(k, p.k, p, bh);
+    const T* vb = slice_base(v, p.v, p, bh);
+    const T* gb = slice_base(grad_out, g.grad_out, p, bh);
+    T* dqb = slice_base(dq, g.dq, p, bh);
     const int64_t i = rb * kWarps + warp;
     const bool row_valid = i < p.len_q;
     load_row<T, DPL>(q_rows[warp], qb, p.q.frame, p.q.dim, i, row_valid, p.head_dim, lane);
@@ -270,7 +289,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     delta = warp_sum(delta);
 
     // dS' per key, its coupling to the row max, and dQ
-    const double row_dist = p.offset_delta + static_cast<double>(i);
+    const int32_t row_pos = row_position(p, i);
     float coupling = 0.f, ties = 0.f, dq_acc[DPL], tie_acc[DPL];
 #pragma unroll
     for (int s = 0; s < DPL; ++s) dq_acc[s] = tie_acc[s] = 0.f;
@@ -282,12 +301,12 @@ __global__ void __launch_bounds__(kThreads, 4)
       bool tie = false;
       if (valid) {
         const float t = lane_logit<DPL>(q_rows[warp], k_tile, lane, true, qk_log2_scale, p.head_dim);
-        const float tb = has_bias ? biased_logit(p, t, coeff, row_dist, j) : t;
+        const float tb = has_bias ? biased_logit(p, t, coeff, row_pos, j) : t;
         const float pj = exp2f(tb - lse);
         const float dp = row_dot(do_rows[warp], v_tile + lane * S::kKStride, p.head_dim);
         ds = pj * (dp - delta);
         if (kRelative) {
-          coupling = fmaf(ds, tar_gaussian(row_dist - static_cast<double>(j), p.gauss_log2_coeff), coupling);
+          coupling = fmaf(ds, gaussian_at(p, row_pos, j), coupling);
           tie = t == row_max;
           ties += tie ? 1.f : 0.f;
         }
@@ -338,19 +357,19 @@ __global__ void __launch_bounds__(kThreads, 4)
   __shared__ RowStats tile_stats[S::kTileN];
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int64_t bh = blockIdx.x, b = bh / p.heads, h = bh % p.heads;
-  const T* qb = q + b * p.q.batch + h * p.q.head;
-  const T* kb = k + b * p.k.batch + h * p.k.head;
-  const T* vb = v + b * p.v.batch + h * p.v.head;
-  const T* gb = grad_out + b * g.grad_out.batch + h * g.grad_out.head;
-  T* dkb = dk + b * g.dk.batch + h * g.dk.head;
-  T* dvb = dv + b * g.dv.batch + h * g.dv.head;
   const float qk_log2_scale = p.scale * kLog2e;
   const int64_t num_col_blocks = (p.len_k + kWarps - 1) / kWarps;
   const bool has_bias = tar_has_bias(p);
   float* const planes = const_cast<float*>(stats);
 
-  for (int64_t cb = blockIdx.y; cb < num_col_blocks; cb += gridDim.y) {
+  for (int64_t w = blockIdx.x; w < p.batch * p.heads * num_col_blocks; w += gridDim.x) {
+    const int64_t bh = w / num_col_blocks, cb = w % num_col_blocks;
+    const T* qb = slice_base(q, p.q, p, bh);
+    const T* kb = slice_base(k, p.k, p, bh);
+    const T* vb = slice_base(v, p.v, p, bh);
+    const T* gb = slice_base(grad_out, g.grad_out, p, bh);
+    T* dkb = slice_base(dk, g.dk, p, bh);
+    T* dvb = slice_base(dv, g.dv, p, bh);
     const int64_t j = cb * kWarps + warp;
     const bool col_valid = j < p.len_k;
     load_row<T, DPL>(k_rows[warp], kb, p.k.frame, p.k.dim, j, col_valid, p.head_dim, lane);
@@ -375,7 +394,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         const RowStats st = tile_stats[lane];
         const float t = row_dot(q_tile + lane * S::kKStride, k_rows[warp], p.head_dim) * qk_log2_scale;
         const float coeff = has_bias ? tar_bias_coeff(p, st.row_max, kLog2e) : 0.f;
-        const float tb = has_bias ? biased_logit(p, t, coeff, p.offset_delta + static_cast<double>(i), j) : t;
+        const float tb = has_bias ? biased_logit(p, t, coeff, row_position(p, i), j) : t;
         pij = exp2f(tb - st.lse);
         const float dp = row_dot(do_tile + lane * S::kKStride, v_rows[warp], p.head_dim);
         ds = pij * (dp - st.delta);
@@ -429,14 +448,16 @@ cudaError_t dispatch(DType dtype, int64_t head_dim, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-// Grid: x = batch * heads, y = blocks of kWarps rows (grid-strided beyond 65,535).
+// Grid: one axis of batch * heads * ceil(rows / kWarps) work items, slice-major; grid-strided beyond 2^31 - 1.
 dim3 grid_for(const TARParams& p, int64_t rows) {
-  const int64_t blocks = (rows + kWarps - 1) / kWarps;
-  return dim3(static_cast<unsigned>(p.batch * p.heads), static_cast<unsigned>(blocks < 65535 ? blocks : 65535));
+  const int64_t items = p.batch * p.heads * ((rows + kWarps - 1) / kWarps);
+  return dim3(static_cast<unsigned>(items < INT32_MAX ? items : INT32_MAX));
 }
 
+// The limits of tar_attention.h: frame distances offset_delta + i - j and frame indices must fit int32.
 bool launchable(const TARParams& p) {
-  return p.head_dim >= 1 && p.head_dim <= kMaxCudaHeadDim && p.batch * p.heads <= INT32_MAX;
+  return p.head_dim >= 1 && p.head_dim <= kMaxCudaHeadDim && p.len_q <= kMaxCudaFrames && p.len_k <= kMaxCudaFrames &&
+         p.offset_delta >= -kMaxCudaOffsetDelta && p.offset_delta <= kMaxCudaOffsetDelta;
 }
 
 }  // namespace

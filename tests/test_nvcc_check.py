@@ -1,4 +1,4 @@
-"""The CUDA fallback compiles for sm_80 and sm_90 without spills (nvcc, no GPU needed)."""
+"""The CUDA fallback compiles for sm_75..sm_90 with torch's nvcc flags, without spills or FP64 (nvcc, no GPU)."""
 
 from __future__ import annotations
 
@@ -30,15 +30,25 @@ def test_parser_names_the_backward_kernels():
         "bwd dq fp32 head_dim<=64 relative", "bwd dk/dv fp16 head_dim<=256 absolute/plain"]
 
 
+def test_double_precision_warnings_are_found():
+    log = SPILLING_LOG + "ptxas /tmp/x.ptx, line 389; warning : Program is doing double precision computations.\n"
+    assert nvcc_check.double_precision_warnings(SPILLING_LOG) == []
+    assert len(nvcc_check.double_precision_warnings(log)) == 1
+
+
+def test_compiles_with_torchs_nvcc_flags():
+    assert "-D__CUDA_NO_HALF_CONVERSIONS__" in nvcc_check.nvcc_flags()
+
+
 @pytest.mark.skipif(nvcc_check.find_nvcc() is None, reason="nvcc not found (.ci/run runs this check regardless)")
-def test_cuda_kernels_compile_for_sm80_and_sm90_without_spills():
+def test_cuda_kernels_compile_for_every_arch_without_spills_or_fp64():
     res = subprocess.run([sys.executable, "-m", "vstar_kernels.nvcc_check"], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
     rows = [line for line in res.stdout.splitlines() if line.startswith("sm_")]
-    assert {line.split()[0] for line in rows} == {"sm_80", "sm_90"}
+    assert {line.split()[0] for line in rows} == {"sm_75", "sm_80", "sm_86", "sm_89", "sm_90"}
     # arch x dtype x head-dim bucket x (relative, absolute) x (forward, backward dq, backward dk/dv)
-    assert len(rows) == 2 * 3 * 4 * 2 * 3
+    assert len(rows) == 5 * 3 * 4 * 2 * 3
     kinds = {" ".join(line.split()[1:-7]) for line in rows}
     assert kinds == {"fwd", "bwd dq", "bwd dk/dv"}
-    assert "0 with spills" in res.stdout
+    assert "0 with spills, 0 double-precision warnings" in res.stdout
     assert "bindings.cpp with -DVSTAR_WITH_CUDA: compiles" in res.stdout

@@ -33,6 +33,7 @@ BACKWARD_OP_NAME = "vstar_kernels::tar_attention_backward"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = None  # any head_dim on the CPU
 MAX_CUDA_HEAD_DIM = 256  # csrc/tar_attention.h kMaxCudaHeadDim
+MAX_CUDA_OFFSET_DELTA = 2**30  # csrc/tar_attention.h kMaxCudaOffsetDelta
 
 _lock = threading.Lock()
 _status: dict[str, str | None] = {}  # "error": why the extension cannot load (None: loaded); absent: not tried
@@ -200,6 +201,9 @@ def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
         return f"dtype {spec.dtype} is not supported (float16, bfloat16, float32)"
     if spec.device.type == "cuda" and spec.head_dim > MAX_CUDA_HEAD_DIM:
         return f"head_dim {spec.head_dim} exceeds the CUDA kernel's maximum of {MAX_CUDA_HEAD_DIM}"
+    if spec.device.type == "cuda" and abs(params.offset_delta) > MAX_CUDA_OFFSET_DELTA:
+        return (f"|q_offset - k_offset| = {abs(params.offset_delta)} exceeds the CUDA kernel's 2**30 (int32 frame "
+                "distances)")
     return None
 
 

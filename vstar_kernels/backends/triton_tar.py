@@ -4,8 +4,16 @@ Reads top-down: availability, the launcher, the block configuration (a plain fun
 the kernel. The kernel computes the Gaussian band inline in the exp2 domain; it never materialises a score
 tensor beyond one (BLOCK_M, BLOCK_N) tile in registers.
 
-- grid = (batch * heads, cdiv(Lq, BLOCK_M)): batch*heads on axis 0 (limit 2**31 - 1, not 65,535); the base
-  offsets of a (batch, head) are computed in int64.
+- grid = (batch·heads·cdiv(Lq, BLOCK_M),), one axis, slice-major: program p runs query block p % m_blocks of
+  (batch, head) p // m_blocks, so the query blocks of one (batch, head) launch back to back and read its K and V
+  from L2 after the first (axis 0 holds 2**31 - 1 programs; the base offsets of a (batch, head) are int64, the
+  offsets inside one are int32, checked by the launcher).
+- 16-byte vectors: when every row of q, k, v and the output starts 16-byte aligned (unit channel stride, the other
+  strides and head_dim multiples of 16 bytes; :func:`vector_width`), the launcher passes ``ALIGN`` = elements per
+  16 bytes and the kernel declares its strides multiples of it, so head_dim 40 loads 128-bit vectors, not 16-bit
+  scalars.
+- the frame distance gi - gj = offset_delta + i - j is exact int32 arithmetic, rounded once to fp32 (|offset_delta|
+  <= 2**30 and frames <= 2**30, checked), the same rule as the CUDA fallback.
 - relative mode needs max_j S_ij of the unbiased logits before the bias. When the whole key row fits one tile
   (Lk <= BLOCK_N) it is taken from that tile in registers; otherwise a first pass over K computes it and a
   second pass runs the online softmax ("two-pass").
@@ -19,6 +27,7 @@ tests exercise it on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -43,7 +52,12 @@ MAX_HEAD_DIM = 256
 # The interpreter is chosen when the kernel is decorated, so it is read once, at import, like Triton does.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_CAPABILITY = (8, 0)  # the architectures the static check compiles for: sm_80 and sm_90
+MIN_CAPABILITY = (8, 0)
+# Frame distances offset_delta + i - j are int32 in the kernels (Triton and CUDA alike).
+MAX_OFFSET_DELTA = 2**30
+MAX_FRAMES = 2**30
+MAX_PROGRAMS = 2**31 - 1  # grid axis 0
+_INT32_LIMIT = 2**31  # the architectures the static check compiles for: sm_80 and sm_90
 
 
 # ----------------------------------------------------------------------------------------------- availability
@@ -76,6 +90,9 @@ def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
         return f"head_dim {spec.head_dim} exceeds the Triton kernel's maximum of {MAX_HEAD_DIM}"
     if spec.batch_heads >= 2**31:
         return f"batch*heads = {spec.batch_heads} exceeds the grid limit 2**31 - 1"
+    if abs(params.offset_delta) > MAX_OFFSET_DELTA:
+        return (f"|q_offset - k_offset| = {abs(params.offset_delta)} exceeds 2**30: the kernel's frame distances are "
+                "int32")
     return None
 
 
@@ -98,7 +115,7 @@ class BlockConfig:
     block_d: int
     two_pass: bool
     num_warps: int
-    num_stages: int = 2
+    num_stages: int = 1
 
 
 def next_pow2(n: int) -> int:
@@ -107,7 +124,9 @@ def next_pow2(n: int) -> int:
 
 # Largest key tile kept whole (single pass) per head_dim bucket. fp32 dots run in IEEE precision on the FMA
 # units with both operand tiles in registers, so fp32 tiles are smaller (checked spill-free by static_check).
-_SINGLE_TILE_LIMIT = {32: 256, 64: 256, 128: 128, 256: 64}
+# head_dim 128: 64, not 128 keys: a 128-key tile took 170-210 registers and 40-80 KB of shared memory, 4-8 resident
+# warps per SM (``static_check --realistic`` requires 12).
+_SINGLE_TILE_LIMIT = {32: 256, 64: 256, 128: 64, 256: 64}
 _SINGLE_TILE_LIMIT_FP32 = {32: 128, 64: 32, 128: 16, 256: 16}
 # head_dim is padded to a power of two of at least 32 (16-wide tiles spill on sm_80 for no gain)
 MIN_BLOCK_D = 32
@@ -129,6 +148,9 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
     accumulator stay within a register budget. The choice never depends on Lq, so the set of specialisations is
     small (dtype x head_dim bucket x key tile x mode) and ``python -m vstar_kernels.checks.static_check`` compiles
     all of them. ``len_q`` is accepted for overrides that want it.
+
+    One pipeline stage: the key loop of temporal attention is one to a few tiles long, and a second stage doubled
+    the shared memory, which left sm_86/sm_89 (100 KB per SM) with 8 resident warps per SM.
     """
     del len_q
     fp32 = dtype == torch.float32
@@ -139,8 +161,8 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
     budget = _TILE_ELEMENTS_FP32 if fp32 else _TILE_ELEMENTS
     block_m = max(16, min(64, block_n, budget // block_n, budget // block_d))
     tile = block_m * max(block_n, block_d)
-    if fp32:
-        num_warps = 2 if tile <= 1024 else 4 if tile <= 2048 else 8
+    if fp32:  # head_dim 256: 16 warps, where 8 spilled on sm_80 (ptxas kept 64 registers) and 4 left 8 warps/SM
+        num_warps = 2 if tile <= 1024 else 4 if tile <= 2048 else 8 if block_d < 256 else 16
     else:  # half precision: 8 warps only for the widest rows, where 4 would spill
         num_warps = 8 if max(block_n, block_d) == 256 else 4 if tile > 1024 else 2
     return BlockConfig(block_m, block_n, block_d, two_pass=(mode == "relative" and not fits), num_warps=num_warps)
@@ -183,11 +205,13 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, c
     if stats is not None and (stats.shape != (2, batch * heads, len_q) or stats.dtype != torch.float32
                               or not stats.is_contiguous()):
         raise ValueError(f"stats must be a contiguous float32 (2, {batch * heads}, {len_q}) tensor")
-    grid = (batch * heads, triton.cdiv(len_q, cfg.block_m))
-    if q.device.type == "cuda":
-        with torch.cuda.device(q.device):
-            _launch(grid, q, k, v, out, params, cfg, stats)
-    else:
+    check_launch_limits(len_q, k.shape[1], batch * heads, cfg.block_m, params)
+    q, k, v = (t if in_slice_offsets_fit(t) else t.contiguous() for t in (q, k, v))
+    if not all(in_slice_offsets_fit(t) for t in (q, k, v)):
+        raise ValueError("one (batch, head) slice spans 2**31 elements or more even when contiguous: the kernel's "
+                         "in-slice offsets are int32; split the frames")
+    grid = (batch * heads * triton.cdiv(len_q, cfg.block_m),)
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _launch(grid, q, k, v, out, params, cfg, stats)
     return out
 
@@ -199,14 +223,46 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
         q, k, v, out, out if stats is None else stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q.shape[2], q.shape[1], k.shape[1], q.shape[3],
-        float(params.offset_delta), params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
+        params.offset_delta, params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
         RELATIVE=relative,
         TWO_PASS=relative and cfg.two_pass,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SAVE_STATS=stats is not None,
+        ALIGN=vector_width(q.shape[3], q, k, v, out),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+
+
+# ------------------------------------------------------------------------------------------- launch limits
+def vector_width(head_dim: int, *tensors: torch.Tensor) -> int:
+    """Elements per 16-byte vector when every (batch, frame, head) row of every tensor starts 16-byte aligned and is
+    contiguous (data pointer 16-byte aligned, unit channel stride, every other stride and head_dim a multiple of 16
+    bytes), else 1. The kernels declare their strides multiples of it (``ALIGN``), which lets the compiler emit
+    128-bit loads and stores for head dims like 40 that are not a power of two."""
+    width = 16 // tensors[0].element_size()
+    aligned = head_dim % width == 0 and all(
+        t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s % width == 0 for s in t.stride()[:3]) for t in tensors)
+    return width if aligned else 1
+
+
+def in_slice_offsets_fit(t: torch.Tensor) -> bool:
+    """Whether every element offset inside one (batch, head) slice of ``t`` fits int32 (the kernels' in-slice
+    arithmetic); the base offset of a slice is int64."""
+    _, frames, _, dim = t.shape
+    return (frames - 1) * abs(t.stride(1)) + (dim - 1) * abs(t.stride(3)) < _INT32_LIMIT
+
+
+def check_launch_limits(len_q: int, len_k: int, slices: int, rows_per_program: int, params: TARParams) -> None:
+    """ValueError, before any launch, for a call beyond the kernels' integer limits: frame counts and the offset
+    difference (int32 frame distances) and the program count of the one-axis grid."""
+    if max(len_q, len_k) > MAX_FRAMES or abs(params.offset_delta) > MAX_OFFSET_DELTA:
+        raise ValueError(f"frame counts ({len_q}, {len_k}) and |q_offset - k_offset| "
+                         f"({abs(params.offset_delta)}) must be <= 2**30: frame distances are int32")
+    programs = slices * -(-len_q // rows_per_program)
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"batch·heads·ceil(Lq / {rows_per_program}) = {programs} programs exceed the grid limit "
+                         f"2**31 - 1; split the batch")
 
 
 # --------------------------------------------------------------------------------------------------- kernel
@@ -214,20 +270,56 @@ if triton is not None:
 
     @triton.jit
     def scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
-                     DOT_PRECISION: tl.constexpr):
+                     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
         """Logits of one key tile in log2 units, -inf past Lk: ``<q, k_j> * scale * log2(e)``."""
         mask_n = cols < len_k
-        kt = tl.load(k_base + offs_d[:, None] * stride_kd + cols[None, :] * stride_kn,
+        kt = tl.load(k_base + offs_d[:, None] * stride_kd + strided(cols, stride_kn, ALIGN)[None, :],
                      mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_log2_scale
         return tl.where(mask_n[None, :], s, float("-inf"))
 
     @triton.jit
+    def slice_program(len_rows, BLOCK: tl.constexpr):
+        """(slice, block) of this program on the one-axis, slice-major grid: the blocks of one (batch, head) slice
+        are consecutive programs, so they run together and share that slice's K and V in L2. The slice index is
+        int64 (it multiplies the batch and head strides)."""
+        pid = tl.program_id(0)
+        blocks = tl.cdiv(len_rows, BLOCK)
+        return (pid // blocks).to(tl.int64), pid % blocks
+
+    @triton.jit
+    def strided(index, stride, ALIGN: tl.constexpr):
+        """index * stride (a scalar, or a 1-D tensor of row offsets), declared a multiple of ALIGN: the launcher
+        checked the strides (:func:`vector_width`). The product is computed here because a hint on a value passed
+        in (a function argument) is dropped by the compiler."""
+        offset = index * stride
+        if ALIGN > 1:
+            offset = tl.multiple_of(offset, ALIGN)
+        return offset
+
+    @triton.jit
+    def slice_offset(b, h, stride_b, stride_h, ALIGN: tl.constexpr):
+        """Element offset (int64) of the (batch b, head h) slice, a multiple of ALIGN."""
+        offset = b * stride_b + h * stride_h
+        if ALIGN > 1:
+            offset = tl.multiple_of(offset, ALIGN)
+        return offset
+
+    @triton.jit
+    def channel_mask(offs_d, head_dim, ALIGN: tl.constexpr):
+        """offs_d < head_dim, constant over runs of ALIGN channels (head_dim is a multiple of ALIGN)."""
+        mask = offs_d < head_dim
+        if ALIGN > 1:
+            mask = tl.max_constancy(mask, ALIGN)
+        return mask
+
+    @triton.jit
     def tar_bias_tile(s, row_pos, cols, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE: tl.constexpr):
         """ΔA inline on one tile of log2 logits: (S', G) with G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) =
         exp2(-(gi - gj)^2 * gauss_log2_coeff) and S' = S + strength·m·G (relative, m the unbiased row max in log2
-        units) or S + strength·log2(e)·G (absolute). The one Triton statement of the TAR bias."""
-        dist = row_pos[:, None] - cols.to(tl.float32)[None, :]
+        units) or S + strength·log2(e)·G (absolute). ``row_pos`` = offset_delta + i (int32), so gi - gj is exact
+        integer arithmetic rounded once to fp32. The one Triton statement of the TAR bias."""
+        dist = (row_pos[:, None] - cols[None, :]).to(tl.float32)
         gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
         if RELATIVE:  # noqa: SIM108 - a constexpr branch of the kernel
             biased = s + (bias_log2_scale * row_max)[:, None] * gauss
@@ -237,12 +329,13 @@ if triton is not None:
 
     @triton.jit
     def unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         ALIGN: tl.constexpr):
         """max_j of the unbiased log2 logits of each query row, over every key tile (relative mode's first pass)."""
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
             s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, start_n + offs_n, len_k, qk_log2_scale,
-                            DOT_PRECISION)
+                            DOT_PRECISION, ALIGN)
             row_max = tl.maximum(row_max, tl.max(s, 1))
         return row_max
 
@@ -250,7 +343,8 @@ if triton is not None:
     def online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k,
                        row_pos, row_max, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
                        RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       ALIGN: tl.constexpr):
         """The TAR softmax over every key tile, online: (running max m, sum l, unnormalised P·V, the unbiased row max),
         all in log2 units. Relative mode takes ``row_max`` from a first pass (TWO_PASS) or from the single tile that
         holds the row, and returns the one it used."""
@@ -260,7 +354,7 @@ if triton is not None:
         for start_n in range(0, len_k, BLOCK_N):
             cols = start_n + offs_n
             s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
-                            DOT_PRECISION)
+                            DOT_PRECISION, ALIGN)
             if RELATIVE:  # noqa: SIM102 - nested constexpr branches, as Triton evaluates them
                 if not TWO_PASS:
                     row_max = tl.max(s, 1)  # the whole key row is in this tile
@@ -269,13 +363,13 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            vt = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            vt = tl.load(v_base + strided(cols, stride_vn, ALIGN)[:, None] + offs_d[None, :] * stride_vd,
                          mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
             m_i = m_new
         return m_i, l_i, acc, row_max
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["offset_delta"])
     def _tar_attention_fwd(
         Q, K, V, O,  # noqa: E741 - the kernel names its tensors like the math does
         STATS,  # (2, batch·heads, Lq) fp32 when SAVE_STATS, else unused
@@ -284,7 +378,7 @@ if triton is not None:
         stride_vb, stride_vn, stride_vh, stride_vd,
         stride_ob, stride_om, stride_oh, stride_od,
         num_heads, len_q, len_k, head_dim,
-        offset_delta,      # float: q_offset - k_offset
+        offset_delta,      # int: q_offset - k_offset, |.| <= 2**30
         qk_log2_scale,     # scale * log2(e)
         gauss_log2_coeff,  # log2(e) / (2 sigma^2)
         bias_log2_scale,   # strength (relative) or strength * log2(e) (absolute)
@@ -295,42 +389,42 @@ if triton is not None:
         BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         SAVE_STATS: tl.constexpr,
+        ALIGN: tl.constexpr,  # every row starts 16-byte aligned: strides are multiples of ALIGN elements
     ):
-        pid_bh = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1)
+        pid_bh, pid_m = slice_program(len_q, BLOCK_M)
         b = pid_bh // num_heads
         h = pid_bh % num_heads
-        q_base = Q + b * stride_qb + h * stride_qh
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        o_base = O + b * stride_ob + h * stride_oh
+        q_base = Q + slice_offset(b, h, stride_qb, stride_qh, ALIGN)
+        k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
+        v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
+        o_base = O + slice_offset(b, h, stride_ob, stride_oh, ALIGN)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < len_q
-        mask_d = offs_d < head_dim
-        q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        mask_d = channel_mask(offs_d, head_dim, ALIGN)
+        q = tl.load(q_base + strided(offs_m, stride_qm, ALIGN)[:, None] + offs_d[None, :] * stride_qd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        # gi - k_offset per query row, in frames; gi - gj = row_pos - j (float32: exact below 2**24)
-        row_pos = offs_m.to(tl.float32) + offset_delta
+        row_pos = offs_m + offset_delta  # gi - k_offset per query row, in frames (int32)
 
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         if TWO_PASS:  # pass 1: the row max of the unbiased logits over every key tile
             row_max = unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
-                                       BLOCK_M, BLOCK_N, DOT_PRECISION)
+                                       BLOCK_M, BLOCK_N, DOT_PRECISION, ALIGN)
         m_i, l_i, acc, row_max = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n,
                                                 offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
                                                 gauss_log2_coeff, bias_log2_scale, RELATIVE, TWO_PASS, BLOCK_M,
-                                                BLOCK_N, BLOCK_D, DOT_PRECISION)
+                                                BLOCK_N, BLOCK_D, DOT_PRECISION, ALIGN)
 
         out = acc / l_i[:, None]
-        tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+        tl.store(o_base + strided(offs_m, stride_om, ALIGN)[:, None] + offs_d[None, :] * stride_od,
                  out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
         if SAVE_STATS:  # for the backward: the unbiased row max and the log-sum-exp of S' (log2 units)
             rows = STATS + pid_bh * len_q + offs_m
             tl.store(rows, row_max, mask=mask_m)
-            tl.store(rows + len_q * tl.num_programs(0), m_i + tl.log2(l_i), mask=mask_m)
+            slices = (tl.num_programs(0) // tl.cdiv(len_q, BLOCK_M)).to(tl.int64)
+            tl.store(rows + slices * len_q, m_i + tl.log2(l_i), mask=mask_m)
 
 
 def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -29,12 +29,19 @@ from .triton_tar import (
     MIN_BLOCK_D,
     BlockConfig,
     block_config,
+    channel_mask,
+    check_launch_limits,
     forward,
+    in_slice_offsets_fit,
     next_pow2,
     scores_tile,
+    slice_offset,
+    slice_program,
+    strided,
     tar_bias_tile,
     tl,
     triton,
+    vector_width,
 )
 
 _STATS = 5  # forward's row max, log-sum-exp, D, tie share, the backward tiles' row max (ties)
@@ -100,18 +107,22 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     out, fwd_stats = residuals or forward_with_residuals(q, k, v, params)[1]
+    check_launch_limits(len_q, len_k, batch * heads, min(cfg.block_m, cfg.block_n), params)
+    q, k, v, grad_out = (t if in_slice_offsets_fit(t) else t.contiguous() for t in (q, k, v, grad_out))
     stats = torch.empty((_STATS, batch * heads, len_q), dtype=torch.float32, device=q.device)
     relative = params.relative and params.strength != 0.0
     common = dict(
         strides=(*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()),
-        scalars=(heads, len_q, len_k, head_dim, float(params.offset_delta), params.qk_log2_scale,
+        scalars=(heads, len_q, len_k, head_dim, params.offset_delta, params.qk_log2_scale,
                  params.gauss_log2_coeff, params.bias_log2_scale, params.strength),
         meta=dict(RELATIVE=relative, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
-                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", num_warps=cfg.num_warps,
+                  DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+                  ALIGN=vector_width(head_dim, q, k, v, grad_out, out, dq, dk, dv), num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages),
     )
-    grid_q = (batch * heads, triton.cdiv(len_q, cfg.block_m))
-    grid_k = (batch * heads, triton.cdiv(len_k, cfg.block_n))
+    # one axis, slice-major (see triton_tar): the blocks of one (batch, head) slice are consecutive programs
+    grid_q = (batch * heads * triton.cdiv(len_q, cfg.block_m),)
+    grid_k = (batch * heads * triton.cdiv(len_k, cfg.block_n),)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _tar_bwd_prep[grid_q](q, k, v, grad_out, out, fwd_stats, stats, *common["strides"], *out.stride(),
                               *common["scalars"], **common["meta"])
@@ -125,16 +136,21 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
 if triton is not None:
 
     @triton.jit
-    def _load_tile(base, stride_m, stride_d, offs_m, offs_d, mask):
+    def _load_tile(base, stride_m, stride_d, offs_m, offs_d, mask, ALIGN: tl.constexpr):
         """A (rows, BLOCK_D) tile of one (batch, head) slice, zero outside ``mask``."""
-        return tl.load(base + offs_m[:, None] * stride_m + offs_d[None, :] * stride_d, mask=mask, other=0.0)
+        return tl.load(base + strided(offs_m, stride_m, ALIGN)[:, None] + offs_d[None, :] * stride_d, mask=mask,
+                       other=0.0)
 
     @triton.jit
-    def _load_stats(STATS, pid_bh, len_q, offs_m, mask_m):
+    def _stat_plane(len_q, BLOCK: tl.constexpr):
+        """Elements per statistic, batch·heads·Lq (int64), from the one-axis grid of blocks of BLOCK rows."""
+        return (tl.num_programs(0) // tl.cdiv(len_q, BLOCK)).to(tl.int64) * len_q
+
+    @triton.jit
+    def _load_stats(STATS, pid_bh, len_q, offs_m, mask_m, plane):
         """The prep kernel's per-row numbers: the forward's row max and log-sum-exp (for P), D, the tie share, and
         the row max of the backward's tiles (for finding the tied keys)."""
         rows = STATS + pid_bh * len_q + offs_m
-        plane = len_q * tl.num_programs(0)
         return (tl.load(rows, mask=mask_m, other=0.0), tl.load(rows + plane, mask=mask_m, other=0.0),
                 tl.load(rows + 2 * plane, mask=mask_m, other=0.0), tl.load(rows + 3 * plane, mask=mask_m, other=0.0),
                 tl.load(rows + 4 * plane, mask=mask_m, other=0.0))
@@ -142,18 +158,19 @@ if triton is not None:
     @triton.jit
     def _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d, cols, len_k,
                     row_pos, row_max, lse, delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                    RELATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                    RELATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
         """For one (query, key) tile: the unbiased log2 logits s, G, P = exp2(S' − lse) and dS' = P ∘ (dP − D)."""
-        s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale, DOT_PRECISION)
+        s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale, DOT_PRECISION,
+                        ALIGN)
         biased, gauss = tar_bias_tile(s, row_pos, cols, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE)
         p = tl.exp2(biased - lse[:, None])
-        vt = tl.load(v_base + offs_d[:, None] * stride_vd + cols[None, :] * stride_vn,
+        vt = tl.load(v_base + offs_d[:, None] * stride_vd + strided(cols, stride_vn, ALIGN)[None, :],
                      mask=mask_d[:, None] & (cols < len_k)[None, :], other=0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta_row[:, None])
         return s, gauss, p, ds
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["offset_delta"])
     def _tar_bwd_prep(
         Q, K, V, DO, O, FWD_STATS, STATS,  # noqa: E741 - named like the math
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -164,41 +181,45 @@ if triton is not None:
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
         RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
-        pid_bh = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1)
+        pid_bh, pid_m = slice_program(len_q, BLOCK_M)
+        plane = _stat_plane(len_q, BLOCK_M)
         b = pid_bh // num_heads
         h = pid_bh % num_heads
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < len_q
-        mask_d = offs_d < head_dim
+        mask_d = channel_mask(offs_d, head_dim, ALIGN)
         tile_mask = mask_m[:, None] & mask_d[None, :]
-        do = _load_tile(DO + b * stride_gb + h * stride_gh, stride_gm, stride_gd, offs_m, offs_d, tile_mask)
-        out = _load_tile(O + b * stride_ob + h * stride_oh, stride_om, stride_od, offs_m, offs_d, tile_mask)
+        do = _load_tile(DO + slice_offset(b, h, stride_gb, stride_gh, ALIGN), stride_gm,
+                        stride_gd, offs_m, offs_d, tile_mask, ALIGN)
+        out = _load_tile(O + slice_offset(b, h, stride_ob, stride_oh, ALIGN), stride_om,
+                         stride_od, offs_m, offs_d, tile_mask, ALIGN)
         delta_row = tl.sum(do.to(tl.float32) * out.to(tl.float32), 1)
         saved = FWD_STATS + pid_bh * len_q + offs_m
         row_max = tl.load(saved, mask=mask_m, other=0.0)
-        lse = tl.load(saved + len_q * tl.num_programs(0), mask=mask_m, other=0.0)
+        lse = tl.load(saved + plane, mask=mask_m, other=0.0)
 
         share = tl.zeros([BLOCK_M], dtype=tl.float32)
         tile_max = row_max  # absolute mode: unused
         if RELATIVE:  # the row max's gradient: strength * rowsum(dS' * G), split over the tied argmax keys
-            q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
-            k_base = K + b * stride_kb + h * stride_kh
-            v_base = V + b * stride_vb + h * stride_vh
-            row_pos = offs_m.to(tl.float32) + offset_delta
+            q = _load_tile(Q + slice_offset(b, h, stride_qb, stride_qh, ALIGN),
+                           stride_qm, stride_qd, offs_m, offs_d, tile_mask, ALIGN)
+            k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
+            v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
+            row_pos = offs_m + offset_delta
             coupling = tl.zeros([BLOCK_M], dtype=tl.float32)
             # the row max as this tile shape computes it, and how many keys reach it (online)
             tile_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             ties = tl.zeros([BLOCK_M], dtype=tl.float32)
             for start_n in range(0, len_k, BLOCK_N):
-                s, gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
+                s, gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd,
+                                               stride_vn, stride_vd,
                                                offs_d, mask_d, start_n + offs_n, len_k, row_pos, row_max, lse,
                                                delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                                               RELATIVE, DOT_PRECISION)
+                                               RELATIVE, DOT_PRECISION, ALIGN)
                 coupling += tl.sum(ds * gauss, 1)
                 block_max = tl.max(s, 1)
                 block_ties = tl.sum((s == block_max[:, None]).to(tl.float32), 1)
@@ -208,14 +229,13 @@ if triton is not None:
                 tile_max = new_max
             share = strength * coupling / tl.maximum(ties, 1.0)
         rows = STATS + pid_bh * len_q + offs_m
-        plane = len_q * tl.num_programs(0)  # elements per statistic: batch·heads·Lq
         tl.store(rows, row_max, mask=mask_m)
         tl.store(rows + plane, lse, mask=mask_m)
         tl.store(rows + 2 * plane, delta_row, mask=mask_m)
         tl.store(rows + 3 * plane, share, mask=mask_m)
         tl.store(rows + 4 * plane, tile_max, mask=mask_m)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["offset_delta"])
     def _tar_bwd_dq(
         Q, K, V, DO, STATS, DQ,
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -226,40 +246,44 @@ if triton is not None:
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength, scale,
         RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
-        pid_bh = tl.program_id(0).to(tl.int64)
-        pid_m = tl.program_id(1)
+        pid_bh, pid_m = slice_program(len_q, BLOCK_M)
         b = pid_bh // num_heads
         h = pid_bh % num_heads
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
+        k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
+        v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < len_q
-        mask_d = offs_d < head_dim
+        mask_d = channel_mask(offs_d, head_dim, ALIGN)
         tile_mask = mask_m[:, None] & mask_d[None, :]
-        q = _load_tile(Q + b * stride_qb + h * stride_qh, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
-        do = _load_tile(DO + b * stride_gb + h * stride_gh, stride_gm, stride_gd, offs_m, offs_d, tile_mask)
-        row_pos = offs_m.to(tl.float32) + offset_delta
-        row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m)
+        q = _load_tile(Q + slice_offset(b, h, stride_qb, stride_qh, ALIGN), stride_qm,
+                       stride_qd, offs_m, offs_d, tile_mask, ALIGN)
+        do = _load_tile(DO + slice_offset(b, h, stride_gb, stride_gh, ALIGN), stride_gm,
+                        stride_gd, offs_m, offs_d, tile_mask, ALIGN)
+        row_pos = offs_m + offset_delta
+        row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m,
+                                                               _stat_plane(len_q, BLOCK_M))
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
             cols = start_n + offs_n
             s, _gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                             offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
-                                            qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION)
+                                            qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION,
+                                            ALIGN)
             if RELATIVE:
                 ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
-            kb = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            kb = tl.load(k_base + strided(cols, stride_kn, ALIGN)[:, None] + offs_d[None, :] * stride_kd,
                          mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
             dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PRECISION)
-        tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        tl.store(DQ + slice_offset(b, h, stride_dqb, stride_dqh, ALIGN)
+                 + strided(offs_m, stride_dqm, ALIGN)[:, None] + offs_d[None, :] * stride_dqd,
                  (dq * scale).to(DQ.dtype.element_ty), mask=tile_mask)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["offset_delta"])
     def _tar_bwd_dkdv(
         Q, K, V, DO, STATS, DK, DV,
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -271,20 +295,20 @@ if triton is not None:
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength, scale,
         RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
-        pid_bh = tl.program_id(0).to(tl.int64)
-        pid_n = tl.program_id(1)
+        pid_bh, pid_n = slice_program(len_k, BLOCK_N)
+        plane = (tl.num_programs(0) // tl.cdiv(len_k, BLOCK_N)).to(tl.int64) * len_q
         b = pid_bh // num_heads
         h = pid_bh % num_heads
-        q_base = Q + b * stride_qb + h * stride_qh
-        k_base = K + b * stride_kb + h * stride_kh
-        v_base = V + b * stride_vb + h * stride_vh
-        do_base = DO + b * stride_gb + h * stride_gh
+        q_base = Q + slice_offset(b, h, stride_qb, stride_qh, ALIGN)
+        k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
+        v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
+        do_base = DO + slice_offset(b, h, stride_gb, stride_gh, ALIGN)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < head_dim
+        mask_d = channel_mask(offs_d, head_dim, ALIGN)
         mask_n = cols < len_k
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -293,13 +317,14 @@ if triton is not None:
             offs_m = start_m + offs_m0
             mask_m = offs_m < len_q
             tile_mask = mask_m[:, None] & mask_d[None, :]
-            q = _load_tile(q_base, stride_qm, stride_qd, offs_m, offs_d, tile_mask)
-            do = _load_tile(do_base, stride_gm, stride_gd, offs_m, offs_d, tile_mask)
-            row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m)
-            row_pos = offs_m.to(tl.float32) + offset_delta
+            q = _load_tile(q_base, stride_qm, stride_qd, offs_m, offs_d, tile_mask, ALIGN)
+            do = _load_tile(do_base, stride_gm, stride_gd, offs_m, offs_d, tile_mask, ALIGN)
+            row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m, plane)
+            row_pos = offs_m + offset_delta
             s, _gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                            offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
-                                           qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION)
+                                           qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION,
+                                           ALIGN)
             if RELATIVE:
                 ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
             p = tl.where(mask_m[:, None], p, 0.0)
@@ -307,9 +332,11 @@ if triton is not None:
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
         out_mask = mask_n[:, None] & mask_d[None, :]
-        tl.store(DK + b * stride_dkb + h * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        tl.store(DK + slice_offset(b, h, stride_dkb, stride_dkh, ALIGN)
+                 + strided(cols, stride_dkn, ALIGN)[:, None] + offs_d[None, :] * stride_dkd,
                  (dk * scale).to(DK.dtype.element_ty), mask=out_mask)
-        tl.store(DV + b * stride_dvb + h * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+        tl.store(DV + slice_offset(b, h, stride_dvb, stride_dvh, ALIGN)
+                 + strided(cols, stride_dvn, ALIGN)[:, None] + offs_d[None, :] * stride_dvd,
                  dv.to(DV.dtype.element_ty), mask=out_mask)
 
 

@@ -1,10 +1,13 @@
 """Static check of the CUDA fallback without a GPU: ``python -m vstar_kernels.checks.nvcc_check``.
 
 Compiles ``csrc/tar_attention_cuda.cu`` (no ATen inside, so no CUDA build of torch is needed) with ``nvcc`` for
-each architecture with ``-Xptxas -v`` and prints registers, shared memory and spills per kernel (forward and the
-two backward kernels). Then it syntax-checks ``csrc/bindings.cpp`` as the CUDA build compiles it
+each architecture (sm_75, the oldest the fallback serves, to sm_90) with torch's own nvcc flags
+(``torch.utils.cpp_extension.COMMON_NVCC_FLAGS``: no implicit half conversions) and ``-Xptxas -v
+--warn-on-double-precision-use``, and prints registers, shared memory and spills per kernel (forward and the two
+backward kernels). Any double-precision instruction fails the check: FP64 runs at 1/32-1/64 rate on the consumer
+GPUs the fallback is for. Then it syntax-checks ``csrc/bindings.cpp`` as the CUDA build compiles it
 (``-DVSTAR_WITH_CUDA``), against this torch's headers: the CUDA dispatch of both ops is type-checked without a CUDA
-build of torch. Exit status 1 on a compile error or any spill; 2 when nvcc is not found.
+build of torch. Exit status 1 on a compile error, any spill or any FP64 use; 2 when nvcc is not found.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from pathlib import Path
 
 from ..backends.extension_build import source_dir
 
-ARCHS = (80, 90)
+ARCHS = (75, 80, 86, 89, 90)
+_DOUBLE = re.compile(r"double[- ]precision", re.IGNORECASE)
 _ENTRY = re.compile(r"Compiling entry function '(?P<name>[^']+)' for 'sm_(?P<arch>\d+)'")
 _SPILL = re.compile(r"(?P<stack>\d+) bytes stack frame, (?P<stores>\d+) bytes spill stores, (?P<loads>\d+) bytes spill")
 _USAGE = re.compile(r"Used (?P<regs>\d+) registers.*?(?P<smem>\d+) bytes smem")
@@ -79,13 +83,26 @@ def parse_ptxas(log: str) -> list[KernelUsage]:
     return rows
 
 
+def nvcc_flags() -> list[str]:
+    """The flags torch's extension builder gives nvcc (no implicit half/bfloat16 conversions or operators)."""
+    from torch.utils.cpp_extension import COMMON_NVCC_FLAGS
+
+    return list(COMMON_NVCC_FLAGS)
+
+
+def double_precision_warnings(log: str) -> list[str]:
+    """The ptxas lines reporting double-precision use (``--warn-on-double-precision-use``)."""
+    return [line.strip() for line in log.splitlines() if _DOUBLE.search(line)]
+
+
 def compile_cuda(nvcc: str, archs: tuple[int, ...] = ARCHS) -> tuple[int, str, list[KernelUsage]]:
-    """Compile the .cu for ``archs``; (return code, compiler log, usage rows)."""
+    """Compile the .cu for ``archs`` as torch's extension builder would; (return code, compiler log, usage rows)."""
     src = source_dir()
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [nvcc, "-c", str(src / "tar_attention_cuda.cu"), "-o", str(Path(tmp) / "tar_attention_cuda.o"),
-               "-std=c++17", "-O3", f"-I{src}", "-Xptxas", "-v", *gencode]
+               "-std=c++17", "-O3", *nvcc_flags(), f"-I{src}", "-Xptxas", "-v",
+               "-Xptxas", "--warn-on-double-precision-use", *gencode]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     log = proc.stdout + proc.stderr
     return proc.returncode, log, parse_ptxas(log)
@@ -113,7 +130,8 @@ def check_cuda_bindings(nvcc: str) -> tuple[int, str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="SM versions (default 80 90)")
+    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
+                        help=f"SM versions (default {' '.join(map(str, ARCHS))})")
     args = parser.parse_args(argv)
     nvcc = find_nvcc()
     if nvcc is None:
@@ -132,14 +150,18 @@ def main(argv: list[str] | None = None) -> int:
     if not rows:
         print("no kernels found in the ptxas output", file=sys.stderr)
         return 1
-    print(f"{len(rows)} kernels, max {max(r.registers for r in rows)} registers, {len(spilled)} with spills")
+    doubles = double_precision_warnings(log)
+    print(f"{len(rows)} kernels, max {max(r.registers for r in rows)} registers, {len(spilled)} with spills, "
+          f"{len(doubles)} double-precision warnings")
+    for line in doubles:
+        print(f"FP64: {line}", file=sys.stderr)
     code, log = check_cuda_bindings(nvcc)
     if code != 0:
         print(log, file=sys.stderr)
         print("bindings.cpp with -DVSTAR_WITH_CUDA does not compile", file=sys.stderr)
         return 1
     print("bindings.cpp with -DVSTAR_WITH_CUDA: compiles")
-    return 1 if spilled else 0
+    return 1 if spilled or doubles else 0
 
 
 if __name__ == "__main__":

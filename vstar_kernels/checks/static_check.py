@@ -188,6 +188,55 @@ def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list
     return sorted(specs, key=_spec_key)
 
 
+# ---------------------------------------------------------------------------------------------- realistic calls
+# (heads, head_dim) of the temporal attention layers of released models: AnimateDiff's motion modules on SD 1.5
+# (320/640/1280 channels, 8 heads) and ModelScope/zeroscope's UNet3D temporal transformers (head_dim 64).
+REALISTIC_MODELS: dict[str, tuple[tuple[int, int], ...]] = {
+    "animatediff": ((8, 40), (8, 80), (8, 160)),
+    "modelscope": ((5, 64), (10, 64), (20, 64)),
+}
+REALISTIC_FRAMES: tuple[int, ...] = (14, 16, 24, 25, 64, 128, 256)
+# How q, k, v reach the op: views of separate to_q/to_k/to_v outputs (the processor), or of one fused QKV output.
+LAYOUTS: tuple[str, ...] = ("projection", "fused_qkv")
+REALISTIC_ARCHS: tuple[int, ...] = (80, 86, 89, 90)
+REALISTIC = "realistic"  # the value_class of a Spec enumerated from realistic calls
+
+
+def realistic_tensors(layout: str, frames: int, heads: int, head_dim: int, dtype: torch.dtype,
+                      batch: int = 2) -> tuple[torch.Tensor, ...]:
+    """(q, k, v, out) as a real call has them, storage-free (meta): (batch·H·W, frames, heads, head_dim) views of a
+    (batch·H·W, frames, channels) projection, or of one (…, 3·channels) fused QKV projection; the output is the
+    contiguous tensor the launcher allocates."""
+    channels = heads * head_dim
+    if layout == "projection":
+        q, k, v = (torch.empty((batch, frames, channels), dtype=dtype, device="meta").unflatten(-1, (heads, head_dim))
+                   for _ in range(3))
+    elif layout == "fused_qkv":
+        qkv = torch.empty((batch, frames, 3 * channels), dtype=dtype, device="meta")
+        q, k, v = (qkv[..., i * channels:(i + 1) * channels].unflatten(-1, (heads, head_dim)) for i in range(3))
+    else:
+        raise ValueError(f"unknown layout {layout!r}; one of {LAYOUTS}")
+    return q, k, v, torch.empty((batch, frames, heads, head_dim), dtype=dtype, device="meta")
+
+
+def realistic_specialisations() -> dict[Spec, list[str]]:
+    """The forward compiles that the realistic calls trigger (REALISTIC_MODELS x REALISTIC_FRAMES x LAYOUTS x DTYPES x
+    modes, each with its ``block_config`` and the flags ``_launch`` passes for those very tensors), each mapped to the
+    calls (labels) that trigger it. Deterministic order."""
+    found: dict[Spec, list[str]] = {}
+    with _recording_kernels() as calls:
+        for model, shapes in REALISTIC_MODELS.items():
+            for (heads, head_dim), frames, layout, dtype, mode in itertools.product(
+                    shapes, REALISTIC_FRAMES, LAYOUTS, DTYPES, MODES):
+                q, k, v, out = realistic_tensors(layout, frames, heads, head_dim, DTYPES[dtype])
+                params = make_params(head_dim, sigma=2.0, strength=1.0, mode=mode)
+                config = block_config(frames, frames, head_dim, mode, DTYPES[dtype])
+                triton_tar._launch((1,), q, k, v, out, params, config)
+                spec = _spec_from_call(dtype, REALISTIC, *calls.pop())
+                found.setdefault(spec, []).append(f"{model} {heads}x{head_dim} F={frames} {layout} {dtype} {mode}")
+    return dict(sorted(found.items(), key=lambda item: _spec_key(item[0])))
+
+
 def specialise_value(value: object) -> tuple[str, int | None, bool]:
     """How triton 3.x specialises one non-constexpr argument: (type, constexpr value or None, divisible by 16).
 
@@ -213,7 +262,7 @@ def _config_key(config: BlockConfig) -> tuple[int, ...]:
 
 
 def _spec_key(spec: Spec) -> tuple[object, ...]:
-    return (list(KERNELS).index(spec.kernel), list(VALUE_CLASSES).index(spec.value_class),
+    return (list(KERNELS).index(spec.kernel), [*VALUE_CLASSES, REALISTIC].index(spec.value_class),
             list(DTYPES).index(spec.dtype), _config_key(spec.config), spec.variant, spec.constexprs)
 
 
@@ -257,11 +306,14 @@ def _spec_from_call(dtype: str, value_class: str, kernel: str, args: tuple[objec
                     kwargs: dict[str, object]) -> Spec:
     """Turn one recorded launch of ``kernel`` into a Spec."""
     names = _kernel_arg_names(kernel)
+    unspecialised = set(getattr(getattr(KERNELS[kernel], kernel), "do_not_specialize", ()))
     kwargs = dict(kwargs)
     num_warps, num_stages = kwargs.pop("num_warps"), kwargs.pop("num_stages")
     signature, specialised, divisible = [], [], []
     for name, value in zip(names, args, strict=False):
         ty, const, div = specialise_value(value)
+        if name in unspecialised:  # @triton.jit(do_not_specialize=...): typed only, no value hints
+            ty, const, div = ("i32" if -(2**31) <= value < 2**31 else "i64"), None, False
         signature.append((name, ty))
         if const is not None:
             specialised.append((name, const))
@@ -277,6 +329,58 @@ def _spec_from_call(dtype: str, value_class: str, kernel: str, args: tuple[objec
 
 # ------------------------------------------------------------------------------------------------ compiling
 @dataclass(frozen=True)
+class SMLimits:
+    """Per-SM limits of one architecture (CUDA occupancy calculator)."""
+
+    max_warps: int
+    max_blocks: int
+    shared: int  # bytes of shared memory per SM available to blocks
+    registers: int = 65536
+    register_unit: int = 256  # registers are allocated per warp in units of this many
+    reserved_shared: int = 1024  # the runtime's shared memory per block
+
+
+SM_LIMITS: dict[int, SMLimits] = {
+    75: SMLimits(32, 16, 65_536), 80: SMLimits(64, 32, 167_936), 86: SMLimits(48, 16, 102_400),
+    89: SMLimits(48, 24, 102_400), 90: SMLimits(64, 32, 233_472),
+}
+MIN_WARPS_PER_SM = 12  # below this an SM cannot hide the latency of a memory-bound kernel
+
+
+def warps_per_sm(registers: int, shared: int, warps: int, arch: int) -> int:
+    """Resident warps per SM of a kernel using ``registers`` per thread, ``shared`` bytes per block and ``warps``
+    per block: the minimum over the register file, shared memory, the warp slots and the block slots."""
+    lim = SM_LIMITS[arch]
+    regs_per_warp = -(-max(registers, 1) * 32 // lim.register_unit) * lim.register_unit
+    by_registers = (lim.registers // regs_per_warp) // warps
+    by_shared = lim.shared // (shared + lim.reserved_shared)
+    blocks = min(lim.max_blocks, by_registers, by_shared, lim.max_warps // warps)
+    return blocks * warps
+
+
+@dataclass(frozen=True)
+class SassProfile:
+    """Counts of the SASS instructions the check judges (``cuobjdump -sass`` of the cubin)."""
+
+    narrow_global: int  # 8/16-bit global loads and stores (LDG/STG .U16, .S16, .U8, .S8)
+    wide_global: int  # 128-bit global loads and stores (LDG.E.128, LDGSTS.*.128, STG.E.128)
+    mma: int  # tensor-core instructions: HMMA (mma.sync) and HGMMA (wgmma)
+    local: int  # LDL/STL: local memory
+
+
+_NARROW = re.compile(r"\b(?:LDG|STG)(?:\.E)?(?:\.\w+)*?\.(?:U16|S16|U8|S8)\b")
+_WIDE = re.compile(r"\b(?:LDG|STG|LDGSTS)(?:\.\w+)*?\.128\b")
+_MMA = re.compile(r"\b(?:HMMA|HGMMA)\b")
+_LOCAL = re.compile(r"\b(?:LDL|STL)\b")
+
+
+def sass_profile(sass: str) -> SassProfile:
+    """Count the judged instructions in SASS text."""
+    return SassProfile(len(_NARROW.findall(sass)), len(_WIDE.findall(sass)), len(_MMA.findall(sass)),
+                       len(_LOCAL.findall(sass)))
+
+
+@dataclass(frozen=True)
 class Usage:
     """Resources of one compiled kernel (bytes unless named otherwise)."""
 
@@ -288,6 +392,8 @@ class Usage:
     spill_stores: int
     spill_loads: int
     ptxas_registers: int  # from the ptxas -v re-run; must equal ``registers``
+    sass: SassProfile | None = None
+    warps_per_sm: int = 0  # resident warps per SM (:func:`warps_per_sm`)
 
 
 @dataclass(frozen=True)
@@ -319,6 +425,23 @@ class Row:
             out.append(f"needs {u.dynamic_shared} B shared memory > {limit} B per block on sm_{self.arch}")
         if u.ptxas_registers != u.registers:
             out.append(f"ptxas -v re-run reports {u.ptxas_registers} registers, cubin {u.registers}")
+        if u.sass is not None:
+            out += self._sass_problems(u.sass, u.warps_per_sm)
+        return out
+
+    def _sass_problems(self, sass: SassProfile, warps: int) -> list[str]:
+        """The SASS rules: 16-bit global accesses where every row is 16-byte aligned (the launcher passed ALIGN > 1),
+        local memory, no tensor-core instruction in an fp16/bf16 kernel; and, for realistic calls (the shapes the
+        tiles are tuned for), fewer than MIN_WARPS_PER_SM resident warps per SM."""
+        out = []
+        if sass.narrow_global and dict(self.spec.constexprs).get("ALIGN", 1) > 1:
+            out.append(f"{sass.narrow_global} 16-bit global loads/stores although rows are 16-byte aligned")
+        if sass.local:
+            out.append(f"{sass.local} local-memory instructions (LDL/STL)")
+        if self.spec.dtype in ("fp16", "bf16") and not sass.mma:
+            out.append("no HMMA/HGMMA instruction in a half-precision kernel")
+        if self.spec.value_class == REALISTIC and warps < MIN_WARPS_PER_SM:
+            out.append(f"{warps} resident warps per SM < {MIN_WARPS_PER_SM}")
         return out
 
 
@@ -359,13 +482,18 @@ def _first_line(text: str) -> str:
 
 
 def _usage(compiled, arch: int, workdir: Path, kernel: str = FORWARD_KERNEL) -> Usage:
+    from triton import knobs
+
     cubin = workdir / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     res = _cubin_resources(cubin, kernel)
     regs, stores, loads = _ptxas_spills(compiled.asm["ptx"], arch, bool(compiled.metadata.enable_fp_fusion), workdir)
+    sass = sass_profile(_run_tool([knobs.nvidia.cuobjdump.path, "-sass", str(cubin)]))
+    shared = res["SHARED"] + int(compiled.metadata.shared)
     return Usage(registers=res["REG"], shared=res["SHARED"], dynamic_shared=int(compiled.metadata.shared),
                  local=res["LOCAL"], stack=res.get("STACK", 0), spill_stores=stores, spill_loads=loads,
-                 ptxas_registers=regs)
+                 ptxas_registers=regs, sass=sass,
+                 warps_per_sm=warps_per_sm(res["REG"], shared, int(compiled.metadata.num_warps), arch))
 
 
 def _run_tool(cmd: list[str]) -> str:
@@ -436,16 +564,19 @@ def run_all(specs: Sequence[Spec], archs: Sequence[int], jobs: int, cache_dir: s
 
 # --------------------------------------------------------------------------------------------------- report
 # shared: static shared memory in the cubin; dyn_shared: triton's metadata.shared (requested at launch).
+# ld128 / ld16: 128-bit and 16-bit global loads+stores in the SASS; mma: HMMA/HGMMA count; warps/SM: occupancy.
 COLUMNS: tuple[str, ...] = ("arch", "dtype", "ints", "variant", "BLOCK_M", "BLOCK_N", "BLOCK_D", "warps", "regs",
-                            "shared", "dyn_shared", "local", "stack", "spill_st", "spill_ld", "status")
+                            "shared", "dyn_shared", "local", "stack", "spill_st", "spill_ld", "ld128", "ld16", "mma",
+                            "warps/SM", "status")
 
 
 def row_cells(row: Row) -> list[str]:
     """The table cells of ``row``, in COLUMNS order."""
     cfg, u = row.spec.config, row.usage
-    numbers = ["-"] * 7 if u is None else [
+    numbers = ["-"] * 11 if u is None else [
         str(v) for v in (u.registers, u.shared, u.dynamic_shared, u.local, u.stack, u.spill_stores, u.spill_loads)
-    ]
+    ] + ([str(u.sass.wide_global), str(u.sass.narrow_global), str(u.sass.mma)] if u.sass else ["-"] * 3) + [
+        str(u.warps_per_sm)]
     status = "ok" if not row.problems() else ("ERROR" if u is None else "FAIL")
     spec = row.spec
     return [f"sm_{row.arch}", spec.dtype, spec.value_class, spec.variant,
@@ -507,12 +638,15 @@ def toolchain_problem() -> str | None:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m vstar_kernels.checks.static_check",
                                      description=__doc__.split("\n")[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_LIMIT),
-                        help="compute capabilities to compile for (default: 80 90)")
+    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(SHARED_LIMIT),
+                        help="compute capabilities to compile for (default: 80 90; with --realistic 80 86 89 90)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all CPUs)")
     parser.add_argument("--csv", metavar="PATH", help="also write the table to PATH as CSV")
     parser.add_argument("--value-classes", nargs="+", default=["plain"], choices=list(VALUE_CLASSES),
                         help="representative argument values (see the module docstring); default: plain")
+    parser.add_argument("--realistic", action="store_true",
+                        help="check the compiles of realistic calls instead (AnimateDiff / ModelScope head shapes, "
+                             "projection and fused-QKV layouts; default archs 80 86 89 90)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="triton cache to compile into (reruns hit it); default: a temporary directory, removed "
                              "afterwards (the full run writes ~0.5 GB)")
@@ -530,8 +664,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"static_check: cannot run: {problem}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    specs = reachable_specialisations(list(dict.fromkeys(args.value_classes)))
-    archs = list(dict.fromkeys(args.arch))
+    if args.realistic:
+        calls = realistic_specialisations()
+        specs = list(calls)
+        print(f"{sum(map(len, calls.values()))} realistic calls -> {len(specs)} distinct compiles")
+    else:
+        specs = reachable_specialisations(list(dict.fromkeys(args.value_classes)))
+    archs = list(dict.fromkeys(args.arch or (REALISTIC_ARCHS if args.realistic else ARCHS)))
     print(f"{len(specs)} specialisations x {len(archs)} arch(s) = {len(specs) * len(archs)} compiles, "
           f"{args.jobs} job(s)", flush=True)
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="vstar_static_cache_")
