@@ -6,6 +6,7 @@ The suite runs under TRITON_INTERPRET=1 (conftest.py), where the kernel is an in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -153,3 +154,94 @@ def test_every_specialisation_compiles_without_spills() -> None:
         pytest.skip(f"static check cannot run here: {proc.stderr.strip()}")
     failing = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
     assert proc.returncode == 0, "\n".join(failing) or proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------------ realistic calls
+@pytest.fixture(scope="module")
+def realistic() -> dict[static_check.Spec, list[str]]:
+    return static_check.realistic_specialisations()
+
+
+def test_realistic_calls_are_all_enumerated(realistic: dict[static_check.Spec, list[str]]) -> None:
+    labels = [label for calls in realistic.values() for label in calls]
+    shapes = sum(len(s) for s in static_check.REALISTIC_MODELS.values())
+    assert len(labels) == len(set(labels)) == (shapes * len(static_check.REALISTIC_FRAMES) * len(static_check.LAYOUTS)
+                                               * len(static_check.DTYPES) * 2)
+    assert {spec.value_class for spec in realistic} == {static_check.REALISTIC}
+    assert any("animatediff 8x40 F=25 fused_qkv fp16 relative" in calls for calls in realistic.values())
+
+
+def test_realistic_layouts_are_16_byte_aligned(realistic: dict[static_check.Spec, list[str]]) -> None:
+    """Every realistic call passes ALIGN = elements per 16 bytes: its rows start 16-byte aligned, so the SASS rule
+    against 16-bit global accesses applies to all of them."""
+    for spec in realistic:
+        assert dict(spec.constexprs)["ALIGN"] == (4 if spec.dtype == "fp32" else 8), spec
+
+
+def test_realistic_tensors_have_the_strides_of_real_calls() -> None:
+    q, k, v, out = static_check.realistic_tensors("fused_qkv", 25, 8, 40, torch.float16)
+    assert q.stride() == k.stride() == v.stride() == (25 * 960, 960, 40, 1)
+    assert k.data_ptr() - q.data_ptr() == 320 * 2 and out.is_contiguous()
+    q, k, _, _ = static_check.realistic_tensors("projection", 16, 5, 64, torch.float32)
+    assert q.stride() == k.stride() == (16 * 320, 320, 64, 1)
+
+
+def test_sass_profile_counts_the_judged_instructions() -> None:
+    sass = """
+        /*0100*/ LDG.E.U16 R4, desc[UR4][R2.64] ;
+        /*0110*/ STG.E.U16 desc[UR4][R6.64], R9 ;
+        /*0120*/ LDG.E.128 R8, desc[UR4][R2.64] ;
+        /*0130*/ LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0140*/ STG.E.128 desc[UR4][R6.64], R8 ;
+        /*0150*/ LDG.E.64 R10, desc[UR4][R2.64] ;
+        /*0160*/ HMMA.16816.F32 R12, R4, R8, R12 ;
+        /*0170*/ HGMMA.64x64x16.F32 R24, gdesc[UR4], R24 ;
+        /*0180*/ LDS.U16 R1, [R2] ;
+        /*0190*/ STL [R1], R2 ;
+    """
+    expected = static_check.SassProfile(narrow_global=2, wide_global=3, mma=2, local=1, wgmma=1)
+    assert static_check.sass_profile(sass) == expected
+
+
+@pytest.mark.parametrize(("regs", "shared", "warps", "arch", "expected"), [
+    (64, 0, 2, 80, 32),  # block slots: 32 blocks x 2 warps
+    (255, 0, 4, 80, 8),  # registers: 256 x 32 per warp -> 8 warps
+    (134, 45056, 4, 86, 8),  # shared: 100 KB / 46 KB -> 2 blocks
+    (134, 45056, 4, 80, 12),  # registers: 136 x 32 = 4352 per warp -> 15 warps -> 3 blocks
+    (64, 33856, 16, 86, 32),  # warp slots: 48 / 16 -> 3 blocks, shared -> 2 blocks
+])
+def test_occupancy_model(regs: int, shared: int, warps: int, arch: int, expected: int) -> None:
+    assert static_check.warps_per_sm(regs, shared, warps, arch) == expected
+
+
+def test_sass_rules(realistic: dict[static_check.Spec, list[str]]) -> None:
+    spec = next(s for s in realistic if s.dtype == "fp16")
+    good = static_check.SassProfile(narrow_global=0, wide_global=4, mma=8, local=0)
+    usage = static_check.Usage(100, 0, 1024, 0, 0, 0, 0, 100, good, 16)
+
+    def problems(warps: int = 16, spec: static_check.Spec = spec, **sass: int) -> list[str]:
+        changed = dataclasses.replace(usage, sass=dataclasses.replace(good, **sass), warps_per_sm=warps)
+        return static_check.Row(80, spec, changed).problems()
+
+    assert problems() == []
+    assert "16-bit" in problems(narrow_global=2)[0]
+    assert "local" in problems(local=1)[0]
+    assert "HMMA" in problems(mma=0)[0]
+    assert "warps per SM" in problems(warps=8)[0]
+    plain = next(s for s in static_check.reachable_specialisations() if s.dtype == "fp16")
+    assert problems(warps=8, spec=plain) == []  # occupancy is judged on realistic calls only
+
+
+@pytest.mark.slow
+def test_every_realistic_call_compiles_to_vectorised_tensor_core_code() -> None:
+    """``static_check --realistic``: sm_80/86/89/90, 128-bit loads where rows are aligned, HMMA/HGMMA for half
+    precision, no local memory, >= 12 resident warps per SM (about 5 min on 2 cores)."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "vstar_kernels.static_check", "--realistic"], cwd=REPO, env=env,
+                          capture_output=True, text=True, check=False)
+    if proc.returncode == 2:
+        pytest.skip(f"static check cannot run here: {proc.stderr.strip()}")
+    failing = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
+    assert proc.returncode == 0, "\n".join(failing) or proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "realistic calls ->" in proc.stdout

@@ -1,7 +1,7 @@
 """Static resource check of every Triton specialisation the launcher can choose, without a GPU.
 
 Run ``python -m vstar_kernels.checks.static_check [--arch 80 90] [--jobs N] [--csv PATH] [--value-classes plain aligned]
-[--cache-dir DIR]``.
+[--cache-dir DIR] [--realistic]``.
 
 1. :func:`reachable_specialisations` enumerates the compiles :func:`~vstar_kernels.backends.triton_tar.forward`
    can trigger: every :class:`BlockConfig` that ``block_config`` returns over a grid of frame counts, head dims and
@@ -13,8 +13,18 @@ Run ``python -m vstar_kernels.checks.static_check [--arch 80 90] [--jobs N] [--c
 3. Registers, shared and local memory come from the cubin (bundled ``cuobjdump --dump-resource-usage``); spill
    stores/loads from re-running the ptxas triton used, with triton's flags, ``-v`` on the PTX. Triton's dynamic
    shared memory (``metadata.shared``) is compared with the per-block limit of the arch, as the launcher does.
-4. A table is printed; the exit status is 1 if any compile fails, spills, uses local memory or needs more shared
-   memory than the arch allows (the rows are listed), 2 if the check cannot run at all, else 0.
+4. The SASS (``cuobjdump -sass``) is profiled: 16-bit and 128-bit global loads/stores, HMMA/HGMMA, LDL/STL; and
+   the resident warps per SM follow from registers, shared memory and warps (:func:`warps_per_sm`).
+5. A table is printed; the exit status is 1 if any compile fails, spills, uses local memory, needs more shared
+   memory than the arch allows, makes 16-bit global accesses although the launcher passed ``ALIGN`` > 1 (every row
+   16-byte aligned), or is a half-precision kernel without a tensor-core instruction (the rows are listed); 2 if the
+   check cannot run at all, else 0.
+
+``--realistic`` checks, instead, the compiles that real calls trigger (:func:`realistic_specialisations`):
+AnimateDiff's 8 heads x {40, 80, 160} and ModelScope's {5, 10, 20} x 64, F in {14, 16, 24, 25, 64, 128, 256}, q/k/v
+as views of separate projections or of one fused QKV projection, fp16/bf16/fp32, both modes, on sm_80/86/89/90, with
+the tensors' own strides and alignment (no representative value class). There it also fails a row with fewer than
+MIN_WARPS_PER_SM resident warps per SM.
 
 Runtime-argument specialisation. Triton also specialises non-constexpr arguments on their values: an int equal
 to 1 becomes the constexpr 1, an int (or pointer address) divisible by 16 gets a ``tt.divisibility = 16`` hint.
@@ -366,6 +376,7 @@ class SassProfile:
     wide_global: int  # 128-bit global loads and stores (LDG.E.128, LDGSTS.*.128, STG.E.128)
     mma: int  # tensor-core instructions: HMMA (mma.sync) and HGMMA (wgmma)
     local: int  # LDL/STL: local memory
+    wgmma: int = 0  # of ``mma``, the sm_90 warpgroup instructions (HGMMA)
 
 
 _NARROW = re.compile(r"\b(?:LDG|STG)(?:\.E)?(?:\.\w+)*?\.(?:U16|S16|U8|S8)\b")
@@ -377,7 +388,7 @@ _LOCAL = re.compile(r"\b(?:LDL|STL)\b")
 def sass_profile(sass: str) -> SassProfile:
     """Count the judged instructions in SASS text."""
     return SassProfile(len(_NARROW.findall(sass)), len(_WIDE.findall(sass)), len(_MMA.findall(sass)),
-                       len(_LOCAL.findall(sass)))
+                       len(_LOCAL.findall(sass)), len(re.findall(r"\bHGMMA\b", sass)))
 
 
 @dataclass(frozen=True)
@@ -564,19 +575,20 @@ def run_all(specs: Sequence[Spec], archs: Sequence[int], jobs: int, cache_dir: s
 
 # --------------------------------------------------------------------------------------------------- report
 # shared: static shared memory in the cubin; dyn_shared: triton's metadata.shared (requested at launch).
-# ld128 / ld16: 128-bit and 16-bit global loads+stores in the SASS; mma: HMMA/HGMMA count; warps/SM: occupancy.
+# ld128 / ld16: 128-bit and 16-bit global loads+stores in the SASS; mma: HMMA + HGMMA count, wgmma: HGMMA alone;
+# warps/SM: occupancy.
 COLUMNS: tuple[str, ...] = ("arch", "dtype", "ints", "variant", "BLOCK_M", "BLOCK_N", "BLOCK_D", "warps", "regs",
                             "shared", "dyn_shared", "local", "stack", "spill_st", "spill_ld", "ld128", "ld16", "mma",
-                            "warps/SM", "status")
+                            "wgmma", "warps/SM", "status")
 
 
 def row_cells(row: Row) -> list[str]:
     """The table cells of ``row``, in COLUMNS order."""
     cfg, u = row.spec.config, row.usage
-    numbers = ["-"] * 11 if u is None else [
-        str(v) for v in (u.registers, u.shared, u.dynamic_shared, u.local, u.stack, u.spill_stores, u.spill_loads)
-    ] + ([str(u.sass.wide_global), str(u.sass.narrow_global), str(u.sass.mma)] if u.sass else ["-"] * 3) + [
-        str(u.warps_per_sm)]
+    sass = [u.sass.wide_global, u.sass.narrow_global, u.sass.mma, u.sass.wgmma] if u and u.sass else ["-"] * 4
+    numbers = ["-"] * 12 if u is None else [
+        str(v) for v in (u.registers, u.shared, u.dynamic_shared, u.local, u.stack, u.spill_stores, u.spill_loads,
+                         *sass, u.warps_per_sm)]
     status = "ok" if not row.problems() else ("ERROR" if u is None else "FAIL")
     spec = row.spec
     return [f"sm_{row.arch}", spec.dtype, spec.value_class, spec.variant,
