@@ -162,8 +162,9 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
     block_m = max(16, min(64, block_n, budget // block_n, budget // block_d))
     tile = block_m * max(block_n, block_d)
     two_pass = mode == "relative" and not fits
-    if fp32:  # head_dim 256: 16 warps, where 8 spilled on sm_80 (ptxas kept 64 registers) and 4 left 8 warps/SM
-        num_warps = 2 if tile <= 1024 else 4 if tile <= 2048 else 8 if block_d < 256 else 16
+    if fp32:  # 8 warps for 128-key tiles (4 spilled 150+ B); head_dim 256: 16 warps, where 8 spilled on sm_80
+        # (ptxas kept 64 registers) and 4 left 8 warps per SM
+        num_warps = 2 if tile <= 1024 else 4 if tile <= 2048 and block_n < 128 else 8 if block_d < 256 else 16
     else:  # half precision: 8 warps for the widest rows, and for one-pass 32 x 64 x 128 tiles where 4 spilled on
         # sm_90 (two-pass keeps 4: with 8 its two sweeps took 140+ registers, 8 warps per SM)
         wide = max(block_n, block_d) == 256 or (block_d == 128 and block_m * block_n >= 2048 and not two_pass)

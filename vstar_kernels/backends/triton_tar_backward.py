@@ -74,10 +74,12 @@ def backward_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.
 def training_block_config(cfg: BlockConfig) -> BlockConfig:
     """The forward's config for a call that saves the row statistics: ``cfg`` with half the query rows (at least
     16) for tiles of 4096+ fp32 elements, where keeping the row max and lse live to the end spilled a few bytes on
-    sm_80/sm_90 (static check; 8 warps instead spilled other tiles)."""
-    if cfg.block_m > 16 and cfg.block_m * max(cfg.block_n, cfg.block_d) >= 4096:
-        return dataclasses.replace(cfg, block_m=cfg.block_m // 2)
-    return cfg
+    sm_80/sm_90; at least 4 warps (2 spilled on sm_90: ptxas kept 80 registers), and 8 for two-pass head_dim-128
+    tiles (4 spilled at 128 registers). Every config this returns is compiled by the static check."""
+    halve = cfg.block_m > 16 and cfg.block_m * max(cfg.block_n, cfg.block_d) >= 4096
+    block_m = cfg.block_m // 2 if halve else cfg.block_m
+    num_warps = 8 if cfg.two_pass and cfg.block_d == 128 else max(cfg.num_warps, 4)
+    return dataclasses.replace(cfg, block_m=block_m, num_warps=num_warps)
 
 
 def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,

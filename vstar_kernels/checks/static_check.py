@@ -445,11 +445,13 @@ class Row:
         local memory, no tensor-core instruction in an fp16/bf16 kernel; and, for realistic calls (the shapes the
         tiles are tuned for), fewer than MIN_WARPS_PER_SM resident warps per SM."""
         out = []
-        if sass.narrow_global and dict(self.spec.constexprs).get("ALIGN", 1) > 1:
+        flags = dict(self.spec.constexprs)
+        if sass.narrow_global and flags.get("ALIGN", 1) > 1:
             out.append(f"{sass.narrow_global} 16-bit global loads/stores although rows are 16-byte aligned")
         if sass.local:
             out.append(f"{sass.local} local-memory instructions (LDL/STL)")
-        if self.spec.dtype in ("fp16", "bf16") and not sass.mma:
+        dotless = self.spec.kernel == "_tar_bwd_prep" and not flags["RELATIVE"]  # D = rowsum(dO * O): no dot
+        if self.spec.dtype in ("fp16", "bf16") and not sass.mma and not dotless:
             out.append("no HMMA/HGMMA instruction in a half-precision kernel")
         if self.spec.value_class == REALISTIC and warps < MIN_WARPS_PER_SM:
             out.append(f"{warps} resident warps per SM < {MIN_WARPS_PER_SM}")

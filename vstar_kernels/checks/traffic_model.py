@@ -1,7 +1,7 @@
 """HBM traffic model of the GPU forward kernels: bytes moved per call, from the launch configuration alone.
 
-Run ``python -m vstar_kernels.checks.traffic_model [--gpu H100] [--order slice-major|block-major]`` for the table in
-README.md. No GPU is needed: this is a model, and its figures are marked as such wherever they are shown.
+Run ``python -m vstar_kernels.checks.traffic_model [--gpu H100|A100] [--mode relative|absolute] [--markdown]`` for
+the table in README.md. No GPU is needed: this is a model, and its figures are marked as such wherever they are shown.
 
 What it models. A call is ``slices`` = batch·heads independent (batch, head) slices of Lq query and Lk key frames.
 The launcher cuts each slice into programs (Triton: ``block_config``'s BLOCK_M query rows, one program each; CUDA
@@ -26,9 +26,10 @@ suite holds the ratio of both kernels at <= 1.25 for every realistic call with L
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -211,36 +212,43 @@ TABLE_HEAD_DIMS: tuple[int, ...] = (40, 64, 80, 160)
 TABLE_FRAMES: tuple[int, ...] = (16, 24, 64, 128, 256)
 
 
-def table(gpu: GPUModel, order: str, dtype: torch.dtype = torch.float16, mode: str = "relative",
-          backends: Sequence[str] = BACKENDS) -> list[list[str]]:
-    """Rows (backend, head_dim, frames, minimum MB, modelled MB, ratio, fraction of HBM peak) for README.md."""
+def table(gpu: GPUModel, dtype: torch.dtype = torch.float16, mode: str = "relative") -> list[list[str]]:
+    """Rows (head_dim, frames, minimum MB, then per backend the modelled ratio and fraction of HBM peak, then the
+    Triton ratio in the block-major order of before issue 15) at REALISTIC_SLICES for README.md."""
     out = []
-    for backend in backends:
-        for head_dim in TABLE_HEAD_DIMS:
-            for frames in TABLE_FRAMES:
-                call = CallShape(REALISTIC_SLICES, frames, frames, head_dim, dtype, mode)
-                t = model_call(call, backend, gpu, order)
-                out.append([backend, str(head_dim), str(frames), f"{t.minimum / 1e6:.0f}", f"{t.modelled / 1e6:.0f}",
-                            f"{t.ratio:.2f}", f"{t.hbm_peak_fraction(gpu):.0%}"])
+    for head_dim, frames in itertools.product(TABLE_HEAD_DIMS, TABLE_FRAMES):
+        call = CallShape(REALISTIC_SLICES, frames, frames, head_dim, dtype, mode)
+        row = [str(head_dim), str(frames), f"{call.minimum_bytes() / 1e6:.0f}"]
+        for backend in BACKENDS:
+            t = model_call(call, backend, gpu)
+            row += [f"{t.ratio:.2f}", f"{t.hbm_peak_fraction(gpu):.0%}"]
+        row.append(f"{model_call(call, 'triton', gpu, order='block-major').ratio:.2f}")
+        out.append(row)
     return out
+
+
+HEADER = ("head_dim", "frames", "min MB", "triton ratio", "triton HBM peak", "cuda ratio", "cuda HBM peak",
+          "triton ratio, block-major (before)")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vstar_kernels.checks.traffic_model",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", choices=sorted(GPUS), default="H100")
-    parser.add_argument("--order", choices=ORDERS, default="slice-major")
     parser.add_argument("--mode", choices=("relative", "absolute"), default="relative")
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table (README.md)")
     args = parser.parse_args(argv)
     gpu = GPUS[args.gpu]
-    print(f"MODEL (not a measurement): {gpu.name}, {args.order} launch order, fp16, {args.mode} mode, "
-          f"batch·heads = {REALISTIC_SLICES}")
-    header = ["backend", "head_dim", "frames", "min MB", "model MB", "ratio", "HBM peak"]
-    rows = [header, *table(gpu, args.order, mode=args.mode)]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    for r in rows:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
-    worst = max(float(r[5]) for r in rows[1:])
+    print(f"MODEL (not a measurement): {gpu.name}, fp16, {args.mode} mode, batch·heads = {REALISTIC_SLICES}, "
+          "slice-major launch order unless marked")
+    rows = [list(HEADER), *table(gpu, mode=args.mode)]
+    if args.markdown:
+        print("\n".join("| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(HEADER), *rows[1:]]))
+    else:
+        widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+        for r in rows:
+            print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
+    worst = max(max(float(r[3]), float(r[5])) for r in rows[1:])
     print(f"worst ratio {worst:.2f}")
     return 0
 
