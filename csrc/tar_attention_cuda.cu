@@ -240,6 +240,19 @@ struct RowStats {
   float row_max, lse, delta, share;
 };
 
+// q, k, v and the incoming gradient of the (batch, head) slice bh: what both backward kernels read.
+template <typename T>
+struct BackwardSlice {
+  const T *q, *k, *v, *grad_out;
+};
+
+template <typename T>
+__device__ __forceinline__ BackwardSlice<T> backward_slice(const TARParams& p, const TARGradStrides& g, const T* q,
+                                                           const T* k, const T* v, const T* grad_out, int64_t bh) {
+  return {slice_base(q, p.q, p, bh), slice_base(k, p.k, p, bh), slice_base(v, p.v, p, bh),
+          slice_base(grad_out, g.grad_out, p, bh)};
+}
+
 __device__ __forceinline__ float* stat_plane(float* stats, int stat, const TARParams& p) {
   return stats + static_cast<int64_t>(stat) * p.batch * p.heads * p.len_q;
 }
@@ -262,10 +275,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 
   for (int64_t w = blockIdx.x; w < p.batch * p.heads * num_row_blocks; w += gridDim.x) {
     const int64_t bh = w / num_row_blocks, rb = w % num_row_blocks;
-    const T* qb = slice_base(q, p.q, p, bh);
-    const T* kb = slice_base(k, p.k, p, bh);
-    const T* vb = slice_base(v, p.v, p, bh);
-    const T* gb = slice_base(grad_out, g.grad_out, p, bh);
+    const auto [qb, kb, vb, gb] = backward_slice(p, g, q, k, v, grad_out, bh);
     T* dqb = slice_base(dq, g.dq, p, bh);
     const int64_t i = rb * kWarps + warp;
     const bool row_valid = i < p.len_q;
@@ -364,10 +374,7 @@ __global__ void __launch_bounds__(kThreads, 4)
 
   for (int64_t w = blockIdx.x; w < p.batch * p.heads * num_col_blocks; w += gridDim.x) {
     const int64_t bh = w / num_col_blocks, cb = w % num_col_blocks;
-    const T* qb = slice_base(q, p.q, p, bh);
-    const T* kb = slice_base(k, p.k, p, bh);
-    const T* vb = slice_base(v, p.v, p, bh);
-    const T* gb = slice_base(grad_out, g.grad_out, p, bh);
+    const auto [qb, kb, vb, gb] = backward_slice(p, g, q, k, v, grad_out, bh);
     T* dkb = slice_base(dk, g.dk, p, bh);
     T* dvb = slice_base(dv, g.dv, p, bh);
     const int64_t j = cb * kWarps + warp;

@@ -52,12 +52,12 @@ MAX_HEAD_DIM = 256
 # The interpreter is chosen when the kernel is decorated, so it is read once, at import, like Triton does.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MIN_CAPABILITY = (8, 0)
+MIN_CAPABILITY = (8, 0)  # the architectures the static check compiles for: sm_80 and later
 # Frame distances offset_delta + i - j are int32 in the kernels (Triton and CUDA alike).
 MAX_OFFSET_DELTA = 2**30
 MAX_FRAMES = 2**30
 MAX_PROGRAMS = 2**31 - 1  # grid axis 0
-_INT32_LIMIT = 2**31  # the architectures the static check compiles for: sm_80 and sm_90
+_INT32_LIMIT = 2**31  # offsets inside one (batch, head) slice are int32
 
 
 # ----------------------------------------------------------------------------------------------- availability

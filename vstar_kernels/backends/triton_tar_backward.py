@@ -109,7 +109,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     out, fwd_stats = residuals or forward_with_residuals(q, k, v, params)[1]
-    check_launch_limits(len_q, len_k, batch * heads, min(cfg.block_m, cfg.block_n), params)
+    check_launch_limits(len_q, len_k, batch * heads, cfg.block_m, params)  # grid_q
+    check_launch_limits(len_k, len_q, batch * heads, cfg.block_n, params)  # grid_k
     q, k, v, grad_out = (t if in_slice_offsets_fit(t) else t.contiguous() for t in (q, k, v, grad_out))
     stats = torch.empty((_STATS, batch * heads, len_q), dtype=torch.float32, device=q.device)
     relative = params.relative and params.strength != 0.0
