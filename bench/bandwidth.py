@@ -46,8 +46,9 @@ def median_ms(fn, repeats: int) -> float:
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> float:
-    """GB/s of a device-to-device copy moving ``nbytes`` (read + write), the practical HBM peak."""
-    src = torch.empty(nbytes // 4, dtype=torch.uint8, device="cuda")
+    """GB/s of a device-to-device copy moving ``nbytes`` in all (half read, half written), the practical HBM
+    peak."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     return 2 * src.numel() / median_ms(lambda: dst.copy_(src), repeats) / 1e6
 

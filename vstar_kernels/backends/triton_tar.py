@@ -210,10 +210,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, c
                               or not stats.is_contiguous()):
         raise ValueError(f"stats must be a contiguous float32 (2, {batch * heads}, {len_q}) tensor")
     check_launch_limits(len_q, k.shape[1], batch * heads, cfg.block_m, params)
-    q, k, v = (t if in_slice_offsets_fit(t) else t.contiguous() for t in (q, k, v))
-    if not all(in_slice_offsets_fit(t) for t in (q, k, v)):
-        raise ValueError("one (batch, head) slice spans 2**31 elements or more even when contiguous: the kernel's "
-                         "in-slice offsets are int32; split the frames")
+    q, k, v = int32_slices(q, k, v)
     grid = (batch * heads * triton.cdiv(len_q, cfg.block_m),)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _launch(grid, q, k, v, out, params, cfg, stats)
@@ -257,6 +254,16 @@ def in_slice_offsets_fit(t: torch.Tensor) -> bool:
     return (frames - 1) * abs(t.stride(1)) + (dim - 1) * abs(t.stride(3)) < _INT32_LIMIT
 
 
+def int32_slices(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``tensors``, each as is when :func:`in_slice_offsets_fit`, else a contiguous copy (a layout whose frame stride
+    is huge, e.g. frames outermost); ValueError when a contiguous slice still spans 2**31 elements."""
+    out = tuple(t if in_slice_offsets_fit(t) else t.contiguous() for t in tensors)
+    if not all(in_slice_offsets_fit(t) for t in out):
+        raise ValueError("one (batch, head) slice spans 2**31 elements or more even when contiguous: the kernels' "
+                         "in-slice offsets are int32; split the frames")
+    return out
+
+
 def check_launch_limits(len_q: int, len_k: int, slices: int, rows_per_program: int, params: TARParams) -> None:
     """ValueError, before any launch, for a call beyond the kernels' integer limits: frame counts and the offset
     difference (int32 frame distances) and the program count of the one-axis grid."""
@@ -290,6 +297,11 @@ if triton is not None:
         pid = tl.program_id(0)
         blocks = tl.cdiv(len_rows, BLOCK)
         return (pid // blocks).to(tl.int64), pid % blocks
+
+    @triton.jit
+    def grid_slices(len_rows, BLOCK: tl.constexpr):
+        """batch·heads (int64), from the size of the one-axis grid of blocks of BLOCK rows (:func:`slice_program`)."""
+        return (tl.num_programs(0) // tl.cdiv(len_rows, BLOCK)).to(tl.int64)
 
     @triton.jit
     def strided(index, stride, ALIGN: tl.constexpr):
@@ -427,8 +439,7 @@ if triton is not None:
         if SAVE_STATS:  # for the backward: the unbiased row max and the log-sum-exp of S' (log2 units)
             rows = STATS + pid_bh * len_q + offs_m
             tl.store(rows, row_max, mask=mask_m)
-            slices = (tl.num_programs(0) // tl.cdiv(len_q, BLOCK_M)).to(tl.int64)
-            tl.store(rows + slices * len_q, m_i + tl.log2(l_i), mask=mask_m)
+            tl.store(rows + grid_slices(len_q, BLOCK_M) * len_q, m_i + tl.log2(l_i), mask=mask_m)
 
 
 def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -32,7 +32,8 @@ from .triton_tar import (
     channel_mask,
     check_launch_limits,
     forward,
-    in_slice_offsets_fit,
+    grid_slices,
+    int32_slices,
     next_pow2,
     scores_tile,
     slice_offset,
@@ -111,7 +112,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     out, fwd_stats = residuals or forward_with_residuals(q, k, v, params)[1]
     check_launch_limits(len_q, len_k, batch * heads, cfg.block_m, params)  # grid_q
     check_launch_limits(len_k, len_q, batch * heads, cfg.block_n, params)  # grid_k
-    q, k, v, grad_out = (t if in_slice_offsets_fit(t) else t.contiguous() for t in (q, k, v, grad_out))
+    q, k, v, grad_out = int32_slices(q, k, v, grad_out)
     stats = torch.empty((_STATS, batch * heads, len_q), dtype=torch.float32, device=q.device)
     relative = params.relative and params.strength != 0.0
     common = dict(
@@ -143,11 +144,6 @@ if triton is not None:
         """A (rows, BLOCK_D) tile of one (batch, head) slice, zero outside ``mask``."""
         return tl.load(base + strided(offs_m, stride_m, ALIGN)[:, None] + offs_d[None, :] * stride_d, mask=mask,
                        other=0.0)
-
-    @triton.jit
-    def _stat_plane(len_q, BLOCK: tl.constexpr):
-        """Elements per statistic, batch·heads·Lq (int64), from the one-axis grid of blocks of BLOCK rows."""
-        return (tl.num_programs(0) // tl.cdiv(len_q, BLOCK)).to(tl.int64) * len_q
 
     @triton.jit
     def _load_stats(STATS, pid_bh, len_q, offs_m, mask_m, plane):
@@ -187,7 +183,7 @@ if triton is not None:
         DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid_bh, pid_m = slice_program(len_q, BLOCK_M)
-        plane = _stat_plane(len_q, BLOCK_M)
+        plane = grid_slices(len_q, BLOCK_M) * len_q  # elements per statistic
         b = pid_bh // num_heads
         h = pid_bh % num_heads
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -268,7 +264,7 @@ if triton is not None:
                         stride_gd, offs_m, offs_d, tile_mask, ALIGN)
         row_pos = offs_m + offset_delta
         row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m,
-                                                               _stat_plane(len_q, BLOCK_M))
+                                                               grid_slices(len_q, BLOCK_M) * len_q)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
@@ -301,7 +297,7 @@ if triton is not None:
         DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid_bh, pid_n = slice_program(len_k, BLOCK_N)
-        plane = (tl.num_programs(0) // tl.cdiv(len_k, BLOCK_N)).to(tl.int64) * len_q
+        plane = grid_slices(len_k, BLOCK_N) * len_q
         b = pid_bh // num_heads
         h = pid_bh % num_heads
         q_base = Q + slice_offset(b, h, stride_qb, stride_qh, ALIGN)
