@@ -8,7 +8,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <algorithm>
 #include <limits>
+#include <optional>
 #include <string_view>
 #include <tuple>
 
@@ -54,9 +56,41 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               "tar_attention: q_offset and k_offset must be within +-2^53, got ", q_offset, " and ", k_offset);
 }
 
+// The token layout (contract.TokenFrames): counts in range, the video span inside both sequences.
+void check_layout(const at::Tensor& q, const at::Tensor& k, int64_t tokens_per_frame, int64_t video_start,
+                  std::optional<int64_t> video_tokens) {
+  constexpr int64_t kMaxTokens = int64_t{1} << 53;
+  TORCH_CHECK(tokens_per_frame >= 1 && tokens_per_frame <= kMaxTokens,
+              "tar_attention: tokens_per_frame must be in [1, 2^53], got ", tokens_per_frame);
+  TORCH_CHECK(video_start >= 0 && video_start <= kMaxTokens, "tar_attention: video_start must be in [0, 2^53], got ",
+              video_start);
+  TORCH_CHECK(!video_tokens || (*video_tokens >= 0 && *video_tokens <= kMaxTokens),
+              "tar_attention: video_tokens must be in [0, 2^53], got ", video_tokens.value_or(0));
+  const int64_t shortest = std::min(q.size(1), k.size(1));
+  const bool temporal = tokens_per_frame == 1 && video_start == 0 && !video_tokens;
+  TORCH_CHECK(temporal || shortest == 0 || video_start + video_tokens.value_or(0) <= shortest,
+              "tar_attention: the video tokens (video_start ", video_start, ", video_tokens ", video_tokens.value_or(0),
+              ") must lie inside both q (", q.size(1), " tokens) and k (", k.size(1), " tokens)");
+}
+
+// Clip a checked layout to the sequences (every field then <= the longer length, so int32 wherever lengths are).
+void set_layout(TARParams& p, int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
+  p.framed = !(tokens_per_frame == 1 && video_start == 0 && !video_tokens);
+  const int64_t longest = std::max<int64_t>({p.len_q, p.len_k, 1});
+  p.tokens_per_frame = std::min(tokens_per_frame, longest);
+  p.video_start = std::min(video_start, longest);
+  const auto end = [&](int64_t len) {
+    const int64_t stop = video_tokens ? std::min(len, p.video_start + *video_tokens) : len;
+    return std::max(p.video_start, stop);
+  };
+  p.video_end_q = end(p.len_q);
+  p.video_end_k = end(p.len_k);
+}
+
 // The kernels' parameters of checked inputs (the output strides are set by the caller that owns the output).
 TARParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
-                      std::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
+                      std::string_view mode, double scale, int64_t q_offset, int64_t k_offset,
+                      int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
   TARParams p;
   p.batch = q.size(0);
   p.len_q = q.size(1);
@@ -71,6 +105,7 @@ TARParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.strength = static_cast<float>(strength);
   p.offset_delta = q_offset - k_offset;  // exact: both within 2^53
   p.relative = mode == "relative";
+  set_layout(p, tokens_per_frame, video_start, video_tokens);
   return p;
 }
 
@@ -93,12 +128,15 @@ DType cuda_dtype(const at::Tensor& t) {
 #endif
 
 at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
-                         double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
+                         double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset,
+                         int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
   const std::string_view mode_sv(mode.data(), mode.size());
   check_inputs(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
+  check_layout(q, k, tokens_per_frame, video_start, video_tokens);
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
   if (out.numel() == 0) return out;
-  TARParams p = make_params(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
+  TARParams p = make_params(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset, tokens_per_frame, video_start,
+                            video_tokens);
   p.o = strides_of(out);
 
   if (q.is_cpu()) {
@@ -120,9 +158,11 @@ at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Ten
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
-    double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
+    double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset,
+    int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
   const std::string_view mode_sv(mode.data(), mode.size());
   check_inputs(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
+  check_layout(q, k, tokens_per_frame, video_start, video_tokens);
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == q.size(0) && grad_out.size(1) == q.size(1) &&
                   grad_out.size(2) == q.size(2) && grad_out.size(3) == v.size(3),
               "tar_attention_backward: grad_out must be shaped like the output ", q.sizes(), ", got ",
@@ -134,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  const TARParams p = make_params(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
+  const TARParams p = make_params(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset, tokens_per_frame,
+                                  video_start, video_tokens);
   if (q.is_cpu()) {
     tar_attention_backward_cpu(p, grad_out, q, k, v, dq, dk, dv);
     return {dq, dk, dv};
@@ -163,10 +204,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
 TORCH_LIBRARY(vstar_kernels, m) {
   m.def(
       "tar_attention(Tensor q, Tensor k, Tensor v, float sigma, float strength=1.0, str mode='relative', "
-      "float scale=1.0, int q_offset=0, int k_offset=0) -> Tensor");
+      "float scale=1.0, int q_offset=0, int k_offset=0, int tokens_per_frame=1, int video_start=0, "
+      "int? video_tokens=None) -> Tensor");
   m.def(
       "tar_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, float sigma, float strength=1.0, "
-      "str mode='relative', float scale=1.0, int q_offset=0, int k_offset=0) -> (Tensor, Tensor, Tensor)");
+      "str mode='relative', float scale=1.0, int q_offset=0, int k_offset=0, int tokens_per_frame=1, "
+      "int video_start=0, int? video_tokens=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vstar_kernels, CPU, m) {

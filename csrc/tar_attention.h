@@ -4,7 +4,8 @@
 // ATen) and the bindings. The op contract (vstar_kernels/contract.py, ../shared/DESIGN.md §2), per (batch, head):
 //
 //     S_ij  = scale * <q_i, k_j>
-//     G_ij  = exp(-(gi - gj)^2 / (2 sigma^2)),     gi - gj = offset_delta + i - j
+//     G_ij  = exp(-(gi - gj)^2 / (2 sigma^2)),     gi - gj = offset_delta + frame(i) - frame(j)
+//             (0 when token i or j has no frame; by default frame(t) = t, see tar_token_frame)
 //     S'_ij = S_ij + strength * max_j' S_ij' * G_ij       (relative, VSTAR Eq. 3)
 //     S'_ij = S_ij + strength * G_ij                      (absolute)
 //     out_i = sum_j softmax_j(S'_ij) v_j
@@ -39,7 +40,29 @@ struct TARParams {
   float strength = 0.f;         // 0: plain softmax attention
   int64_t offset_delta = 0;     // q_offset - k_offset (exact: both within 2^53)
   bool relative = true;         // mode "relative" (VSTAR) or "absolute"
+  // Token layout (contract.TokenFrames, clipped to the sequences by the bindings): token t of q (of k) has frame
+  // (t - video_start) / tokens_per_frame when video_start <= t < video_end_q (video_end_k), else none. Unused when
+  // !framed: then token t is frame t (temporal attention).
+  bool framed = false;
+  int64_t tokens_per_frame = 1, video_start = 0, video_end_q = 0, video_end_k = 0;
 };
+
+// Local frame index (before the offsets) of token t of a sequence whose tokens [video_start, video_end) have
+// frames, or -1 when t has none. I is int64_t on the host, int32_t in the CUDA kernels (every value < 2^30 there).
+template <typename I>
+TAR_HOST_DEVICE I tar_token_frame(I t, I tokens_per_frame, I video_start, I video_end) {
+  return t >= video_start && t < video_end ? (t - video_start) / tokens_per_frame : I(-1);
+}
+
+// Frame of query token i / key token j of a call (t itself unless the layout is framed).
+template <typename I>
+TAR_HOST_DEVICE I tar_query_frame(const TARParams& p, I i) {
+  return p.framed ? tar_token_frame<I>(i, I(p.tokens_per_frame), I(p.video_start), I(p.video_end_q)) : i;
+}
+template <typename I>
+TAR_HOST_DEVICE I tar_key_frame(const TARParams& p, I j) {
+  return p.framed ? tar_token_frame<I>(j, I(p.tokens_per_frame), I(p.video_start), I(p.video_end_k)) : j;
+}
 
 // The coefficient saturates here: exp2(-2048 d^2) is exactly 0 for every |d| >= 1 (1 at d = 0), so a tiny sigma
 // gives the diagonal-only band instead of an overflow to inf (0 * inf = NaN on the diagonal).

@@ -8,7 +8,7 @@
 //          while it sits in L1;
 //   out    = P V with the same micro-kernel shape, scaled by 1 / rowsum and written in the input dtype.
 // The only score buffer is one BM x Lk strip per thread; no Lq x Lk tensor exists. The Gaussian is a table over
-// the Lq + Lk - 1 frame distances, computed once per call with tar_gaussian().
+// the frame distances, computed once per call with tar_gaussian() (GaussianRows).
 #include "tar_attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -120,15 +120,52 @@ inline float exp_sum(float* s, float max, int64_t n) {
   return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
 }
 
-// Gaussian row table: row i reads table[(len_q - 1 - i) + j] = G(gi - gj) for j in [0, cols); empty for cols 0.
-std::vector<float> gaussian_table(const TARParams& p, int64_t cols) {
-  std::vector<float> table(cols > 0 ? p.len_q - 1 + cols : 0, 0.f);
-  for (int64_t t = 0; t < static_cast<int64_t>(table.size()); ++t) {
-    const int64_t dist = p.offset_delta + (p.len_q - 1 - t);
-    table[t] = tar_gaussian(static_cast<float>(dist), p.gauss_log2_coeff);
+// The band row G(fi - fj) of each query token over `cols` key columns (0 where the query or the key token has no
+// frame, and past Lk). The Gaussian is a table over the frame distances, computed once per call with tar_gaussian().
+// Temporal layout (token = frame): row i is a slice of the table. Framed layout (tokens_per_frame > 1, text tokens):
+// row() writes it into the caller's per-thread buffer, once per run of rows sharing a frame.
+class GaussianRows {
+ public:
+  GaussianRows(const TARParams& p, int64_t cols) : framed_(p.framed), cols_(cols) {
+    if (cols == 0) return;
+    q_frames_ = p.framed ? frame_count(p.video_end_q, p) : p.len_q;
+    const int64_t k_frames = p.framed ? frame_count(p.video_end_k, p) : cols;
+    table_.assign(q_frames_ > 0 ? q_frames_ - 1 + std::max<int64_t>(k_frames, 1) : 0, 0.f);
+    for (int64_t t = 0; t < static_cast<int64_t>(table_.size()); ++t) {
+      const int64_t dist = p.offset_delta + (q_frames_ - 1 - t);
+      table_[t] = tar_gaussian(static_cast<float>(dist), p.gauss_log2_coeff);
+    }
+    if (p.framed) {
+      key_frames_.resize(cols);
+      for (int64_t j = 0; j < cols; ++j) key_frames_[j] = j < p.len_k ? tar_key_frame<int64_t>(p, j) : -1;
+    }
   }
-  return table;
-}
+
+  // Query token i's row; `scratch` (cols floats, one per thread) and `cached` (the frame it holds, start with
+  // kNoRow) carry it between calls of one thread.
+  const float* row(const TARParams& p, int64_t i, float* scratch, int64_t& cached) const {
+    if (!framed_) return table_.data() + (q_frames_ - 1 - i);
+    const int64_t fi = tar_query_frame<int64_t>(p, i);
+    if (fi != cached) {
+      const float* t = fi >= 0 ? table_.data() + (q_frames_ - 1 - fi) : nullptr;
+      for (int64_t j = 0; j < cols_; ++j) scratch[j] = t != nullptr && key_frames_[j] >= 0 ? t[key_frames_[j]] : 0.f;
+      cached = fi;
+    }
+    return scratch;
+  }
+
+  static constexpr int64_t kNoRow = std::numeric_limits<int64_t>::min();
+
+ private:
+  static int64_t frame_count(int64_t video_end, const TARParams& p) {
+    return video_end > p.video_start ? (video_end - p.video_start - 1) / p.tokens_per_frame + 1 : 0;
+  }
+
+  bool framed_;
+  int64_t cols_, q_frames_ = 0;
+  std::vector<float> table_;
+  std::vector<int64_t> key_frames_;
+};
 
 template <typename scalar_t>
 struct Strided {  // one (batch, head) slice of a (batch, frames, heads, head_dim) tensor
@@ -163,16 +200,17 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
   const int64_t num_qb = (lq + bm - 1) / bm;
   const bool has_bias = tar_has_bias(p);
 
-  const std::vector<float> gauss = gaussian_table(p, has_bias ? lk_pad : 0);
+  const GaussianRows gauss(p, has_bias ? lk_pad : 0);
 
   at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> scratch(new float[d * ld_k + lk * ld_v + bm * d + bm * ld_k + bm * ld_v]);
+    std::unique_ptr<float[]> scratch(new float[d * ld_k + lk * ld_v + bm * d + bm * ld_k + bm * ld_v + lk_pad]);
     float* kt = scratch.get();     // d x lk_pad, row stride ld_k
     float* vp = kt + d * ld_k;     // lk x d_pad, row stride ld_v
     float* qp = vp + lk * ld_v;    // bm x d
     float* s = qp + bm * d;        // bm x lk_pad, row stride ld_k
     float* acc = s + bm * ld_k;    // bm x d_pad, row stride ld_v
-    int64_t packed_bh = -1;
+    float* band = acc + bm * ld_v;  // lk_pad: the band row of a framed layout
+    int64_t packed_bh = -1, band_frame = GaussianRows::kNoRow;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / num_qb, m0 = (task % num_qb) * bm;
       const int64_t b = bh / p.heads, h = bh % p.heads;
@@ -198,7 +236,7 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
       for (int64_t r = 0; r < mb; ++r) {
         float* row = s + r * ld_k;
         std::fill(row + lk, row + lk_pad, -std::numeric_limits<float>::infinity());
-        const float* gauss_row = has_bias ? gauss.data() + (lq - 1 - (m0 + r)) : nullptr;
+        const float* gauss_row = has_bias ? gauss.row(p, m0 + r, band, band_frame) : nullptr;
         float max;
         if (!has_bias) {
           max = row_max(row, lk_pad);
@@ -235,12 +273,12 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
   const int64_t ld_k = skewed_stride(lk_pad), ld_d = skewed_stride(d_pad);
   const int64_t bm = std::min<int64_t>(std::clamp<int64_t>(kStripFloats / lk_pad / kRows * kRows, kRows, 64), lq);
   const bool has_bias = tar_has_bias(p);
-  const std::vector<float> gauss = gaussian_table(p, has_bias ? lk_pad : 0);
+  const GaussianRows gauss(p, has_bias ? lk_pad : 0);
   const float minus_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     const int64_t floats = 2 * d * ld_k + lk * ld_d + 2 * bm * ld_d + 3 * bm * ld_k + lk * bm + 2 * lk * ld_d +
-                           bm * ld_d;
+                           bm * ld_d + lk_pad;
     std::unique_ptr<float[]> scratch(new float[floats]);
     float* kt = scratch.get();      // d x lk_pad: K^T
     float* vt = kt + d * ld_k;      // d x lk_pad: V^T
@@ -254,6 +292,8 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
     float* dk_acc = tr + lk * bm;   // lk x d_pad
     float* dv_acc = dk_acc + lk * ld_d;
     float* dq_acc = dv_acc + lk * ld_d;  // bm x d_pad
+    float* band = dq_acc + bm * ld_d;    // lk_pad: the band row of a framed layout
+    int64_t band_frame = GaussianRows::kNoRow;
 
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
@@ -284,7 +324,7 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
           float* row = s + r * ld_k;
           float* drow = ds + r * ld_k;
           std::fill(row + lk, row + lk_pad, minus_inf);
-          const float* gauss_row = has_bias ? gauss.data() + (lq - 1 - (m0 + r)) : nullptr;
+          const float* gauss_row = has_bias ? gauss.row(p, m0 + r, band, band_frame) : nullptr;
           const float unbiased_max = row_max(row, lk_pad);
           float max = unbiased_max;
           if (has_bias) {

@@ -118,19 +118,27 @@ __device__ float unbiased_row_max(const TARParams& p, const float* q_row, float*
   return warp_max(row_max);
 }
 
-// gi - k_offset = offset_delta + i of query row i, int32 (the launcher checked the limits).
-__device__ __forceinline__ int32_t row_position(const TARParams& p, int64_t i) {
-  return static_cast<int32_t>(p.offset_delta + i);
+// Query row i's frame: gi - k_offset = offset_delta + frame(i), int32 (the launcher checked the limits), and whether
+// the token has a frame at all (text tokens of a framed layout do not).
+struct RowFrame {
+  int32_t pos;
+  bool framed;
+};
+__device__ __forceinline__ RowFrame row_position(const TARParams& p, int64_t i) {
+  const int32_t f = tar_query_frame<int32_t>(p, static_cast<int32_t>(i));
+  return {static_cast<int32_t>(p.offset_delta) + f, f >= 0};
 }
 
-// G_ij of query row position row_pos (row_position) and key j: the distance is exact int32, rounded once.
-__device__ __forceinline__ float gaussian_at(const TARParams& p, int32_t row_pos, int64_t j) {
-  return tar_gaussian(static_cast<float>(row_pos - static_cast<int32_t>(j)), p.gauss_log2_coeff);
+// G_ij of query row `row` (row_position) and key j: the frame distance is exact int32, rounded once; 0 when either
+// token has no frame.
+__device__ __forceinline__ float gaussian_at(const TARParams& p, RowFrame row, int64_t j) {
+  const int32_t fj = tar_key_frame<int32_t>(p, static_cast<int32_t>(j));
+  return row.framed && fj >= 0 ? tar_gaussian(static_cast<float>(row.pos - fj), p.gauss_log2_coeff) : 0.f;
 }
 
-// The biased exp2-domain logit t' = t + coeff * G_ij of query row position row_pos and key j.
-__device__ __forceinline__ float biased_logit(const TARParams& p, float t, float coeff, int32_t row_pos, int64_t j) {
-  return t + coeff * gaussian_at(p, row_pos, j);
+// The biased exp2-domain logit t' = t + coeff * G_ij of query row `row` and key j.
+__device__ __forceinline__ float biased_logit(const TARParams& p, float t, float coeff, RowFrame row, int64_t j) {
+  return t + coeff * gaussian_at(p, row, j);
 }
 
 // One (batch, head) slice of a (batch, frames, heads, head_dim) tensor.
@@ -147,7 +155,7 @@ __device__ void online_row_softmax(const TARParams& p, const float* q_row, float
                                    float& m, float& l, float (&acc)[DPL]) {
   using S = TileShape<DPL>;
   const float qk_log2_scale = p.scale * kLog2e;
-  const int32_t row_pos = row_position(p, i);
+  const RowFrame row_pos = row_position(p, i);
   m = -INFINITY;
   l = 0.f;
 #pragma unroll
@@ -299,7 +307,7 @@ __global__ void __launch_bounds__(kThreads, 4)
     delta = warp_sum(delta);
 
     // dS' per key, its coupling to the row max, and dQ
-    const int32_t row_pos = row_position(p, i);
+    const RowFrame row_pos = row_position(p, i);
     float coupling = 0.f, ties = 0.f, dq_acc[DPL], tie_acc[DPL];
 #pragma unroll
     for (int s = 0; s < DPL; ++s) dq_acc[s] = tie_acc[s] = 0.f;

@@ -1,13 +1,21 @@
 """The op contract shared by every backend: argument validation and the scalar parameters.
 
-``tar_attention(q, k, v, *, sigma, strength, mode, scale, q_offset, k_offset)`` takes tensors of shape
-(batch, frames, heads, head_dim) with any strides and computes, per (batch, head),
+``tar_attention(q, k, v, *, sigma, strength, mode, scale, q_offset, k_offset, tokens_per_frame, video_start,
+video_tokens)`` takes tensors of shape (batch, tokens, heads, head_dim) with any strides and computes, per (batch,
+head),
 
     S_ij  = scale * <q_i, k_j>
-    G_ij  = exp(-(gi - gj)^2 / (2 sigma^2)),   gi = q_offset + i,  gj = k_offset + j
-    S'_ij = S_ij + strength * max_j' S_ij' * G_ij      (mode "relative", VSTAR Eq. 3)
+    G_ij  = exp(-(gi - gj)^2 / (2 sigma^2))  when tokens i and j both have a frame, else 0
+    S'_ij = S_ij + strength * max_j' S_ij' * G_ij      (mode "relative", VSTAR Eq. 3; the max runs over all keys)
     S'_ij = S_ij + strength * G_ij                     (mode "absolute")
     out_i = sum_j softmax_j(S'_ij) v_j
+
+The token layout (:class:`TokenFrames`) maps a token to its frame. Token t of a sequence has a frame when
+``video_start <= t < video_start + video_tokens`` (``video_tokens=None``: to the end of the sequence); its global
+frame index is ``offset + (t - video_start) // tokens_per_frame``, with ``q_offset`` for query tokens and
+``k_offset`` for keys. The default (1 token per frame, from token 0 to the end) is temporal attention: token = frame.
+A video transformer's row-major (frame, height, width) patch sequence has ``tokens_per_frame = h * w``; text tokens
+joined before it (CogVideoX) or after it (HunyuanVideo) have no frame, so their rows and columns get no bias.
 
 This module holds no formula of its own beyond the host-side constants a kernel needs: the Gaussian and the
 bias are defined in :mod:`vstar_kernels.reference` (Python), the Triton kernel and ``csrc/tar_attention.h``.
@@ -32,6 +40,7 @@ LOG2E = 1.4426950408889634  # log2(e): kernels work in the exp2 domain
 GAUSS_LOG2_COEFF_MAX = 2048.0
 FLOAT32_MAX = 3.4028234663852886e38  # strength must fit the kernels' float32 accumulation
 MAX_OFFSET = 2**53  # frame indices stay exact in float64 up to here
+MAX_TOKENS = 2**53  # token counts of the layout, exact in float64 like the offsets
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -51,10 +60,23 @@ class TARParams:
     scale: float
     q_offset: int
     k_offset: int
+    tokens_per_frame: int = 1
+    video_start: int = 0
+    video_tokens: int | None = None
 
     @property
     def relative(self) -> bool:
         return self.mode == "relative"
+
+    @property
+    def layout(self) -> TokenFrames:
+        """How tokens map to frames (:class:`TokenFrames`)."""
+        return TokenFrames(self.tokens_per_frame, self.video_start, self.video_tokens)
+
+    @property
+    def framed(self) -> bool:
+        """True unless every token is its own frame (temporal attention): the kernels' layout-aware path."""
+        return not self.layout.is_temporal
 
     @property
     def offset_delta(self) -> int:
@@ -73,6 +95,48 @@ class TARParams:
     @property
     def bias_log2_scale(self) -> float:
         return self.strength if self.relative else self.strength * LOG2E
+
+
+@dataclass(frozen=True)
+class TokenFrames:
+    """Token → frame map of one sequence: token t has frame ``(t - video_start) // tokens_per_frame`` when
+    ``video_start <= t < video_start + video_tokens`` (``video_tokens=None``: to the end), else none.
+
+    Frame indices here are local (0 for the first video frame); a call adds ``q_offset`` / ``k_offset``.
+    """
+
+    tokens_per_frame: int = 1
+    video_start: int = 0
+    video_tokens: int | None = None
+
+    @property
+    def is_temporal(self) -> bool:
+        """Every token is its own frame: the layout of temporal attention (and of every call before it existed)."""
+        return self.tokens_per_frame == 1 and self.video_start == 0 and self.video_tokens is None
+
+    def video_end(self, length: int) -> int:
+        """One past the last token with a frame in a sequence of ``length`` tokens."""
+        end = length if self.video_tokens is None else self.video_start + self.video_tokens
+        return max(self.video_start, min(length, end))
+
+    def kernel_args(self, len_q: int, len_k: int) -> tuple[int, int, int, int]:
+        """(tokens_per_frame, video_start, video_end_q, video_end_k) for the kernels, every number within the
+        sequence lengths (so int32 wherever the lengths are): tokens_per_frame is clipped to the longest sequence,
+        which changes no frame index."""
+        longest = max(len_q, len_k, 1)
+        return (min(self.tokens_per_frame, longest), min(self.video_start, longest),
+                self.video_end(len_q), self.video_end(len_k))
+
+    def frames(self, length: int, offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
+        """(length,) int64 global frame index ``offset + (t - video_start) // tokens_per_frame`` of each token t;
+        meaningful only where :meth:`framed_mask` is True."""
+        t = torch.arange(length, dtype=torch.int64, device=device)
+        return torch.div(t - self.video_start, self.tokens_per_frame, rounding_mode="floor") + offset
+
+    def framed_mask(self, length: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """(length,) bool: which tokens have a frame."""
+        t = torch.arange(length, dtype=torch.int64, device=device)
+        return (t >= self.video_start) & (t < self.video_end(length))
 
 
 def _real(name: str, value: object) -> float:
@@ -95,6 +159,15 @@ def _integer(name: str, value: object) -> int:
     return out
 
 
+def _count(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer token count, got {type(value).__name__}")
+    out = int(value)
+    if not minimum <= out <= MAX_TOKENS:
+        raise ValueError(f"{name} must be in [{minimum}, 2^53], got {out}")
+    return out
+
+
 def make_params(
     head_dim: int,
     *,
@@ -104,6 +177,9 @@ def make_params(
     scale: float | None = None,
     q_offset: int = 0,
     k_offset: int = 0,
+    tokens_per_frame: int = 1,
+    video_start: int = 0,
+    video_tokens: int | None = None,
 ) -> TARParams:
     """Validate the scalar arguments and resolve defaults (``scale = head_dim ** -0.5``)."""
     sigma_f = _real("sigma", sigma)
@@ -127,7 +203,23 @@ def make_params(
         scale=scale_f,
         q_offset=_integer("q_offset", q_offset),
         k_offset=_integer("k_offset", k_offset),
+        tokens_per_frame=_count("tokens_per_frame", tokens_per_frame, 1),
+        video_start=_count("video_start", video_start, 0),
+        video_tokens=None if video_tokens is None else _count("video_tokens", video_tokens, 0),
     )
+
+
+def validate_layout(params: TARParams, len_q: int, len_k: int) -> None:
+    """The token layout must lie inside both sequences: ``video_start`` (plus ``video_tokens`` when given) at most
+    the shorter of Lq and Lk, so a misplaced text span fails instead of silently biasing nothing."""
+    shortest = min(len_q, len_k)
+    if shortest == 0 or params.layout.is_temporal:
+        return
+    end = params.video_start + (params.video_tokens or 0)
+    if end > shortest:
+        what = "video_start" if params.video_tokens is None else "video_start + video_tokens"
+        raise ValueError(f"{what} = {end} lies beyond the sequence (Lq = {len_q}, Lk = {len_k}): the video tokens "
+                         "must be inside both q and k")
 
 
 def validate_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -7,7 +7,7 @@ import os
 import torch
 
 from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, Backend, InputSpec
-from .contract import TARParams, make_params, validate_tensors
+from .contract import TARParams, make_params, validate_layout, validate_tensors
 
 BACKEND_ENV = "VSTAR_KERNELS_BACKEND"
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
@@ -25,8 +25,15 @@ def tar_attention(
     q_offset: int = 0,
     k_offset: int = 0,
     backend: str = "auto",
+    tokens_per_frame: int = 1,
+    video_start: int = 0,
+    video_tokens: int | None = None,
 ) -> torch.Tensor:
     """Temporal attention with VSTAR's Temporal Attention Regularization, fused where a kernel exists.
+
+    By default every token is one frame (a UNet's temporal attention). For a video transformer's 3D attention,
+    ``tokens_per_frame``, ``video_start`` and ``video_tokens`` say which tokens belong to which (latent) frame; the band
+    then acts on frame distance, and tokens outside the video span (text) get no bias (:mod:`vstar_kernels.contract`).
 
     Args:
         q: (batch, Lq, heads, head_dim), any strides (e.g. a view of diffusers' ``to_q`` output).
@@ -38,6 +45,10 @@ def tar_attention(
         q_offset, k_offset: global index of the first query / key frame (chunked or distributed frames).
         backend: "auto", "triton", "extension" or "torch"; the environment variable ``VSTAR_KERNELS_BACKEND``
             overrides it.
+        tokens_per_frame: consecutive video tokens per frame (a transformer's patches per latent frame), >= 1.
+        video_start: index of the first token with a frame in q and in k (CogVideoX: its text length), >= 0.
+        video_tokens: how many tokens from ``video_start`` have a frame; None: all the rest (HunyuanVideo, whose text
+            follows the video, passes its video token count).
 
     Returns:
         (batch, Lq, heads, head_dim) in the input dtype, laid out so that ``.reshape(batch, Lq, heads * head_dim)``
@@ -49,8 +60,10 @@ def tar_attention(
         RuntimeError: an explicitly requested backend cannot run these inputs (the message says why).
     """
     validate_tensors(q, k, v)
-    params = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale,
-                         q_offset=q_offset, k_offset=k_offset)
+    params = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
+                         k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
+                         video_tokens=video_tokens)
+    validate_layout(params, q.shape[1], k.shape[1])
     impl = select_backend(q, params, backend)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _TARAttentionFunction.apply(q, k, v, params, impl.NAME)

@@ -2,7 +2,7 @@
 
 This is the definition every backend is tested against (see :mod:`vstar_kernels.contract` for the formula).
 It materialises the (batch, heads, Lq, Lk) score tensor, so use it for tests and small inputs only; the
-memory-bounded fallback (:mod:`vstar_kernels.backends.torch_tar`) reuses :func:`gaussian_delta`,
+memory-bounded fallback (:mod:`vstar_kernels.backends.torch_tar`) reuses :func:`band_rows`,
 :func:`apply_tar_bias` and its gradient :func:`tar_bias_backward` chunk by chunk. The reference is differentiable by
 autograd (the definition of the gradients too).
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import make_params, validate_tensors
+from .contract import TARParams, make_params, validate_layout, validate_tensors
 
 
 def gaussian_delta(
@@ -21,24 +21,42 @@ def gaussian_delta(
     sigma: float,
     q_offset: int = 0,
     k_offset: int = 0,
+    tokens_per_frame: int = 1,
+    video_start: int = 0,
+    video_tokens: int | None = None,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
-    """The TAR band ΔA: an (lq, lk) matrix ``exp(-(gi - gj)^2 / (2 sigma^2))``.
+    """The TAR band ΔA: an (lq, lk) matrix ``exp(-(gi - gj)^2 / (2 sigma^2))`` between tokens that have a frame, 0
+    where the query or the key token has none.
 
-    ``gi = q_offset + i`` and ``gj = k_offset + j`` are global frame indices, so the diagonal of the
-    default square matrix is 1. Computed in float64 and cast to ``dtype``; any sigma > 0 is exact (a tiny sigma
-    gives the identity band).
+    ``gi`` and ``gj`` are global frame indices (:class:`~vstar_kernels.contract.TokenFrames`: by default token i is
+    frame ``q_offset + i``), so the diagonal of the default square matrix is 1. Computed in float64 and cast to
+    ``dtype``; any sigma > 0 is exact (a tiny sigma gives the identity band).
     """
-    params = make_params(1, sigma=sigma, q_offset=q_offset, k_offset=k_offset)
+    params = make_params(1, sigma=sigma, q_offset=q_offset, k_offset=k_offset, tokens_per_frame=tokens_per_frame,
+                         video_start=video_start, video_tokens=video_tokens)
     lk = lq if lk is None else lk
     if lq < 0 or lk < 0:
         raise ValueError(f"lq and lk must be >= 0, got {lq} and {lk}")
-    i = torch.arange(lq, dtype=torch.float64, device=device)
-    j = torch.arange(lk, dtype=torch.float64, device=device)
-    dist = (i[:, None] - j[None, :]) + float(params.offset_delta)  # offsets subtracted as integers: exact
+    return band_rows(params, range(lq), lk, dtype=dtype, device=device)
+
+
+def band_rows(params: TARParams, rows: range, lk: int, *, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> torch.Tensor:
+    """Rows ``rows`` (a range of query tokens) of the band ΔA of ``params`` against ``lk`` keys: what
+    :func:`gaussian_delta` returns, a block of query rows at a time (the torch backend's chunks)."""
+    layout = params.layout
+    lq = rows.stop
+    q_frames = layout.frames(lq, device=device)[rows.start:].to(torch.float64)
+    k_frames = layout.frames(lk, device=device).to(torch.float64)
+    dist = (q_frames[:, None] - k_frames[None, :]) + float(params.offset_delta)  # integers in float64: exact
     # (dist / sigma)^2 rather than dist^2 / sigma^2: no 0/0 when sigma^2 underflows; the diagonal stays exactly 1
-    return torch.exp(-0.5 * (dist / params.sigma) ** 2).to(dtype)
+    band = torch.exp(-0.5 * (dist / params.sigma) ** 2)
+    if not layout.is_temporal:  # tokens without a frame (text) get no bias in their rows and columns
+        framed = layout.framed_mask(lq, device=device)[rows.start:, None] & layout.framed_mask(lk, device=device)
+        band = band * framed
+    return band.to(dtype)
 
 
 def apply_tar_bias(scores: torch.Tensor, delta: torch.Tensor, *, strength: float, mode: str) -> torch.Tensor:
@@ -78,6 +96,9 @@ def tar_attention_probs(
     scale: float | None = None,
     q_offset: int = 0,
     k_offset: int = 0,
+    tokens_per_frame: int = 1,
+    video_start: int = 0,
+    video_tokens: int | None = None,
     attn_mask: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
@@ -87,8 +108,10 @@ def tar_attention_probs(
     ``attn_mask`` (broadcastable to (batch, heads, Lq, Lk); boolean True = attend, or additive float) is applied
     before the bias, so the relative row max runs over attended keys only.
     """
-    p = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale,
-                    q_offset=q_offset, k_offset=k_offset)
+    p = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
+                    k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
+                    video_tokens=video_tokens)
+    validate_layout(p, q.shape[1], k.shape[1])
     compute_dtype = compute_dtype or q.dtype
     qh, kh = (t.transpose(1, 2).to(compute_dtype) for t in (q, k))  # (batch, heads, frames, dim)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * p.scale
@@ -97,8 +120,7 @@ def tar_attention_probs(
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.to(compute_dtype)
-    delta = gaussian_delta(q.shape[1], k.shape[1], sigma=p.sigma, q_offset=p.q_offset,
-                           k_offset=p.k_offset, dtype=compute_dtype, device=q.device)
+    delta = band_rows(p, range(q.shape[1]), k.shape[1], dtype=compute_dtype, device=q.device)
     scores = apply_tar_bias(scores, delta, strength=p.strength, mode=p.mode)
     return torch.softmax(scores, dim=-1)
 
@@ -114,10 +136,14 @@ def tar_attention_reference(
     scale: float | None = None,
     q_offset: int = 0,
     k_offset: int = 0,
+    tokens_per_frame: int = 1,
+    video_start: int = 0,
+    video_tokens: int | None = None,
     attn_mask: torch.Tensor | None = None,
     upcast: bool = True,
 ) -> torch.Tensor:
-    """TAR attention, materialised. Inputs and output are (batch, frames, heads, head_dim).
+    """TAR attention, materialised. Inputs and output are (batch, tokens, heads, head_dim); the token layout
+    arguments are those of :func:`~vstar_kernels.ops.tar_attention`.
 
     Args:
         upcast: compute in float32 when the inputs are float16/bfloat16 (float64 inputs compute in float64).
@@ -130,6 +156,7 @@ def tar_attention_reference(
     validate_tensors(q, k, v)
     compute_dtype = torch.float32 if (upcast and q.dtype in (torch.float16, torch.bfloat16)) else q.dtype
     probs = tar_attention_probs(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
-                                k_offset=k_offset, attn_mask=attn_mask, compute_dtype=compute_dtype)
+                                k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
+                                video_tokens=video_tokens, attn_mask=attn_mask, compute_dtype=compute_dtype)
     out = torch.matmul(probs, v.transpose(1, 2).to(compute_dtype))
     return out.transpose(1, 2).contiguous().to(q.dtype)

@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from ..contract import FLOAT32_MAX, MAX_OFFSET, TARParams, validate_tensors
+from ..contract import FLOAT32_MAX, MAX_OFFSET, MAX_TOKENS, TARParams, validate_layout, validate_tensors
 from . import extension_build as build
 from .base import InputSpec
 
@@ -87,27 +87,31 @@ def _register_fake_once() -> None:
         return
 
     @torch.library.register_fake(OP_NAME)
-    def _fake(q, k, v, sigma, strength=1.0, mode="relative", scale=1.0, q_offset=0, k_offset=0):
-        _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset)
+    def _fake(q, k, v, sigma, strength=1.0, mode="relative", scale=1.0, q_offset=0, k_offset=0, tokens_per_frame=1,
+              video_start=0, video_tokens=None):
+        _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset, tokens_per_frame,
+                               video_start, video_tokens)
         return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3]))
 
     @torch.library.register_fake(BACKWARD_OP_NAME)
-    def _fake_backward(grad_out, q, k, v, sigma, strength=1.0, mode="relative", scale=1.0, q_offset=0, k_offset=0):
-        _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset)
+    def _fake_backward(grad_out, q, k, v, sigma, strength=1.0, mode="relative", scale=1.0, q_offset=0, k_offset=0,
+                       tokens_per_frame=1, video_start=0, video_tokens=None):
+        _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset, tokens_per_frame,
+                               video_start, video_tokens)
         if grad_out.shape != (*q.shape[:3], v.shape[3]) or grad_out.dtype != q.dtype:
             raise RuntimeError("tar_attention_backward: grad_out must be shaped like the output and match q's dtype")
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
     def _setup_context(ctx, inputs, output):
-        q, k, v, sigma, strength, mode, scale, q_offset, k_offset = inputs
+        q, k, v, *scalars = inputs
         ctx.save_for_backward(q, k, v)
-        ctx.params = TARParams(sigma, strength, mode, scale, q_offset, k_offset)
+        ctx.params = TARParams(*scalars)
 
     def _backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
         dq, dk, dv = backward(q, k, v, grad_out, ctx.params)
         needs = ctx.needs_input_grad
-        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, *(None,) * 6)
+        return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, *(None,) * 9)
 
     # the op called directly (torch.ops.vstar_kernels.tar_attention) is differentiable too
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
@@ -115,7 +119,8 @@ def _register_fake_once() -> None:
     _fake_registered = True
 
 
-def _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset) -> None:
+def _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset, tokens_per_frame=1,
+                           video_start=0, video_tokens=None) -> None:
     """The real kernel's TORCH_CHECKs (csrc/bindings.cpp), for the fake kernel: shapes, dtypes and scalars. Scalars
     that are symbolic under torch.compile are left to the real kernel."""
     validate_tensors(q, k, v)
@@ -130,10 +135,19 @@ def _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_of
         (scale, lambda x: math.isfinite(x) and x > 0, "scale must be > 0 and finite"),
         (q_offset, lambda x: abs(x) <= MAX_OFFSET, "q_offset must be within +-2^53"),
         (k_offset, lambda x: abs(x) <= MAX_OFFSET, "k_offset must be within +-2^53"),
+        (tokens_per_frame, lambda x: 1 <= x <= MAX_TOKENS, "tokens_per_frame must be in [1, 2^53]"),
+        (video_start, lambda x: 0 <= x <= MAX_TOKENS, "video_start must be in [0, 2^53]"),
+        (video_tokens, lambda x: 0 <= x <= MAX_TOKENS, "video_tokens must be in [0, 2^53]"),
     )
     for value, ok, message in checks:
         if isinstance(value, int | float) and not ok(value):
             raise RuntimeError(f"tar_attention: {message}, got {value}")
+    layout = (tokens_per_frame, video_start, video_tokens)
+    if all(isinstance(x, int | None) for x in layout):
+        try:
+            validate_layout(TARParams(1.0, 0.0, "absolute", 1.0, 0, 0, *layout), q.shape[1], k.shape[1])
+        except ValueError as exc:
+            raise RuntimeError(f"tar_attention: {exc}") from None
 
 
 def _error_tail(exc: BaseException, lines: int = 25) -> str:
@@ -218,7 +232,11 @@ def note_fallback(reason: str) -> None:
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams) -> torch.Tensor:
     return torch.ops.vstar_kernels.tar_attention(q, k, v, params.sigma, params.strength, params.mode, params.scale,
-                                                 params.q_offset, params.k_offset)
+                                                 params.q_offset, params.k_offset, *_layout_args(params))
+
+
+def _layout_args(params: TARParams) -> tuple[int, int, int | None]:
+    return params.tokens_per_frame, params.video_start, params.video_tokens
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
@@ -227,4 +245,5 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     recomputed per (batch, head) and query block (at::vec, at::parallel_for). CUDA: two kernels in the .cu, one
     warp per query row (dQ and four fp32 statistics per row) and one warp per key (dK, dV)."""
     return torch.ops.vstar_kernels.tar_attention_backward(grad_out, q, k, v, params.sigma, params.strength,
-                                                          params.mode, params.scale, params.q_offset, params.k_offset)
+                                                          params.mode, params.scale, params.q_offset, params.k_offset,
+                                                          *_layout_args(params))

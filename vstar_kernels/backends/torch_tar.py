@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import TARParams
-from ..reference import apply_tar_bias, gaussian_delta, tar_bias_backward
+from ..reference import apply_tar_bias, band_rows, tar_bias_backward
 from .base import InputSpec
 
 NAME = "torch"
@@ -74,16 +74,17 @@ def forward(
     memory_budget: int | None = None,
 ) -> torch.Tensor:
     """TAR attention on (batch, frames, heads, head_dim) inputs; output contiguous (batch, Lq, heads, dim)."""
-    if params.strength == 0.0 or (not params.relative and q.dtype in (torch.float32, torch.float64)):
+    budget = memory_budget or memory_budget_bytes()
+    if params.strength == 0.0 or (not params.relative and q.dtype in (torch.float32, torch.float64)
+                                  and q.shape[1] * k.shape[1] * q.element_size() <= budget):
         return _forward_sdpa(q, k, v, params)
-    return _forward_chunked(q, k, v, params, memory_budget or memory_budget_bytes())
+    return _forward_chunked(q, k, v, params, budget)
 
 
 def _forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams) -> torch.Tensor:
     bias = None
     if params.strength != 0.0:
-        delta = gaussian_delta(q.shape[1], k.shape[1], sigma=params.sigma, q_offset=params.q_offset,
-                               k_offset=params.k_offset, dtype=torch.float64, device=q.device)
+        delta = band_rows(params, range(q.shape[1]), k.shape[1], dtype=torch.float64, device=q.device)
         bias = (params.strength * delta).to(q.dtype)[None, None]  # float32/float64 only: exact enough
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=params.scale
@@ -111,8 +112,6 @@ def _forward_chunked(
     len_k = k.shape[1]
     compute = _compute_dtype(q.dtype)
     b_chunk, q_chunk = chunk_plan(batch, len_q, heads, len_k, compute, budget)
-    delta = gaussian_delta(len_q, len_k, sigma=params.sigma, q_offset=params.q_offset,
-                           k_offset=params.k_offset, dtype=compute, device=q.device)
     out = torch.empty((batch, len_q, heads, dim), dtype=q.dtype, device=q.device)
     for b0 in range(0, batch, b_chunk):
         bs = slice(b0, b0 + b_chunk)
@@ -122,7 +121,8 @@ def _forward_chunked(
             qs = slice(i0, i0 + q_chunk)
             qh = q[bs, qs].transpose(1, 2).to(compute)
             scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale)
-            scores = apply_tar_bias(scores, delta[qs], strength=params.strength, mode=params.mode)
+            delta = band_rows(params, range(qs.start, min(qs.stop, len_q)), len_k, dtype=compute, device=q.device)
+            scores = apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode)
             probs = torch.softmax(scores, dim=-1)
             del scores
             out[bs, qs] = torch.matmul(probs, vh).transpose(1, 2)
@@ -151,8 +151,6 @@ def backward(
     compute = _compute_dtype(q.dtype)
     b_chunk, q_chunk = chunk_plan(batch, len_q, heads, len_k, compute, memory_budget or memory_budget_bytes(),
                                   copies=_LIVE_SCORE_COPIES_BACKWARD)
-    delta = gaussian_delta(len_q, len_k, sigma=params.sigma, q_offset=params.q_offset,
-                           k_offset=params.k_offset, dtype=compute, device=q.device)
     dq = torch.empty((batch, len_q, heads, dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((batch, len_k, heads, dim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, len_k, heads, v.shape[3]), dtype=v.dtype, device=v.device)
@@ -167,11 +165,12 @@ def backward(
             qh = q[bs, qs].transpose(1, 2).to(compute)
             doh = grad_out[bs, qs].transpose(1, 2).to(compute)
             scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale)
-            probs = torch.softmax(apply_tar_bias(scores, delta[qs], strength=params.strength, mode=params.mode), -1)
+            delta = band_rows(params, range(qs.start, min(qs.stop, len_q)), len_k, dtype=compute, device=q.device)
+            probs = torch.softmax(apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode), -1)
             dprobs = torch.matmul(doh, vh.transpose(-1, -2))
             grad_biased = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
             del dprobs
-            grad_scores = tar_bias_backward(grad_biased, scores, delta[qs], strength=params.strength,
+            grad_scores = tar_bias_backward(grad_biased, scores, delta, strength=params.strength,
                                             mode=params.mode).mul_(params.scale)
             del grad_biased, scores
             dq[bs, qs] = torch.matmul(grad_scores, kh).transpose(1, 2)

@@ -12,8 +12,12 @@ tensor beyond one (BLOCK_M, BLOCK_N) tile in registers.
   strides and head_dim multiples of 16 bytes; :func:`vector_width`), the launcher passes ``ALIGN`` = elements per
   16 bytes and the kernel declares its strides multiples of it, so head_dim 40 loads 128-bit vectors, not 16-bit
   scalars.
-- the frame distance gi - gj = offset_delta + i - j is exact int32 arithmetic, rounded once to fp32 (|offset_delta|
-  <= 2**30 and frames <= 2**30, checked), the same rule as the CUDA fallback.
+- the frame distance gi - gj = offset_delta + frame(i) - frame(j) is exact int32 arithmetic, rounded once to fp32
+  (|offset_delta| <= 2**30 and tokens <= 2**30, checked), the same rule as the CUDA fallback. A framed token layout
+  (``FRAMED``: a video transformer's patches, text tokens without a frame) maps tokens to frames per row and per
+  column vector (:func:`token_frames`), never per element; a key tile whose band is exactly zero for every row of
+  the query block (all frame distances far beyond sigma, or no framed token) skips the bias and its exp2
+  (:func:`band_reaches`).
 - relative mode needs max_j S_ij of the unbiased logits before the bias. When the whole key row fits one tile
   (Lk <= BLOCK_N) it is taken from that tile in registers; otherwise a first pass over K computes it and a
   second pass runs the online softmax ("two-pass").
@@ -58,6 +62,12 @@ MAX_OFFSET_DELTA = 2**30
 MAX_FRAMES = 2**30
 MAX_PROGRAMS = 2**31 - 1  # grid axis 0
 _INT32_LIMIT = 2**31  # offsets inside one (batch, head) slice are int32
+NO_FRAME = -(2**31)  # the int32 position of a token without a frame (positions lie in [-2**30, 2**31))
+# exp2(-x) is exactly 0 in fp32 for x >= 150 (2^-150 rounds to zero); a tile whose smallest exponent reaches this
+# bound (with margin for the fp32 rounding of d^2 * coeff) adds an exactly zero bias, so it is skipped
+BAND_ZERO_EXPONENT = 152.0
+# runtime integers that must not multiply the compiled variants (Triton specialises ints equal to 1 or divisible by 16)
+NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start", "video_end_q", "video_end_k"]
 
 
 # ----------------------------------------------------------------------------------------------- availability
@@ -225,7 +235,9 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q.shape[2], q.shape[1], k.shape[1], q.shape[3],
         params.offset_delta, params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
+        *params.layout.kernel_args(q.shape[1], k.shape[1]),
         RELATIVE=relative,
+        FRAMED=params.framed and params.strength != 0.0,
         TWO_PASS=relative and cfg.two_pass,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -268,7 +280,7 @@ def check_launch_limits(len_q: int, len_k: int, slices: int, rows_per_program: i
     """ValueError, before any launch, for a call beyond the kernels' integer limits: frame counts and the offset
     difference (int32 frame distances) and the program count of the one-axis grid."""
     if max(len_q, len_k) > MAX_FRAMES or abs(params.offset_delta) > MAX_OFFSET_DELTA:
-        raise ValueError(f"frame counts ({len_q}, {len_k}) and |q_offset - k_offset| "
+        raise ValueError(f"token counts ({len_q}, {len_k}) and |q_offset - k_offset| "
                          f"({abs(params.offset_delta)}) must be <= 2**30: frame distances are int32")
     programs = slices * -(-len_q // rows_per_program)
     if programs > MAX_PROGRAMS:
@@ -330,13 +342,41 @@ if triton is not None:
         return mask
 
     @triton.jit
-    def tar_bias_tile(s, row_pos, cols, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE: tl.constexpr):
+    def token_frames(tokens, offset, tokens_per_frame, video_start, video_end, FRAMED: tl.constexpr):
+        """offset + frame index of each token (int32): the token itself in the temporal layout; in a framed one
+        (tokens_per_frame, the video span [video_start, video_end)) its frame, NO_FRAME for tokens outside the
+        span (text). One division per row or column vector, not per element."""
+        if FRAMED:
+            framed = (tokens >= video_start) & (tokens < video_end)
+            pos = tl.where(framed, (tokens - video_start) // tokens_per_frame + offset, -2147483648)  # NO_FRAME
+        else:
+            pos = tokens + offset
+        return pos
+
+    @triton.jit
+    def band_reaches(row_lo, row_hi, col_pos, gauss_log2_coeff):
+        """Whether the band is nonzero anywhere on a tile: query positions span [row_lo, row_hi] (fp32, +inf/-inf
+        when the block has no framed row), key positions ``col_pos`` (NO_FRAME for text). False when even the
+        closest pair of frames is so far apart that exp2(-d^2 * coeff) is exactly zero in fp32."""
+        framed = col_pos != -2147483648
+        pos = col_pos.to(tl.float32)
+        col_lo = tl.min(tl.where(framed, pos, float("inf")), 0)
+        col_hi = tl.max(tl.where(framed, pos, float("-inf")), 0)
+        gap = tl.maximum(tl.maximum(col_lo - row_hi, row_lo - col_hi), 0.0)  # +inf when either side has no frame
+        return gap * gap * gauss_log2_coeff < 152.0  # BAND_ZERO_EXPONENT
+
+    @triton.jit
+    def tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE: tl.constexpr,
+                      FRAMED: tl.constexpr):
         """ΔA inline on one tile of log2 logits: (S', G) with G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) =
         exp2(-(gi - gj)^2 * gauss_log2_coeff) and S' = S + strength·m·G (relative, m the unbiased row max in log2
-        units) or S + strength·log2(e)·G (absolute). ``row_pos`` = offset_delta + i (int32), so gi - gj is exact
-        integer arithmetic rounded once to fp32. The one Triton statement of the TAR bias."""
-        dist = (row_pos[:, None] - cols[None, :]).to(tl.float32)
+        units) or S + strength·log2(e)·G (absolute). ``row_pos`` and ``col_pos`` are int32 frame positions
+        (:func:`token_frames`), so gi - gj is exact integer arithmetic rounded once to fp32; G is 0 where either
+        token has no frame (FRAMED). The one Triton statement of the TAR bias."""
+        dist = (row_pos[:, None] - col_pos[None, :]).to(tl.float32)
         gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
+        if FRAMED:
+            gauss = tl.where((row_pos != -2147483648)[:, None] & (col_pos != -2147483648)[None, :], gauss, 0.0)
         if RELATIVE:  # noqa: SIM108 - a constexpr branch of the kernel
             biased = s + (bias_log2_scale * row_max)[:, None] * gauss
         else:
@@ -358,15 +398,19 @@ if triton is not None:
     @triton.jit
     def online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k,
                        row_pos, row_max, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                       RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, BLOCK_M: tl.constexpr,
+                       tokens_per_frame, video_start, video_end_k,
+                       RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        ALIGN: tl.constexpr):
         """The TAR softmax over every key tile, online: (running max m, sum l, unnormalised P·V, the unbiased row max),
         all in log2 units. Relative mode takes ``row_max`` from a first pass (TWO_PASS) or from the single tile that
-        holds the row, and returns the one it used."""
+        holds the row, and returns the one it used. FRAMED: tiles the band cannot reach skip the bias."""
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        row_framed = row_pos != -2147483648  # NO_FRAME
+        row_lo = tl.min(tl.where(row_framed, row_pos.to(tl.float32), float("inf")), 0)
+        row_hi = tl.max(tl.where(row_framed, row_pos.to(tl.float32), float("-inf")), 0)
         for start_n in range(0, len_k, BLOCK_N):
             cols = start_n + offs_n
             s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
@@ -374,7 +418,14 @@ if triton is not None:
             if RELATIVE:  # noqa: SIM102 - nested constexpr branches, as Triton evaluates them
                 if not TWO_PASS:
                     row_max = tl.max(s, 1)  # the whole key row is in this tile
-            s, _gauss = tar_bias_tile(s, row_pos, cols, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE)
+            col_pos = token_frames(cols, 0, tokens_per_frame, video_start, video_end_k, FRAMED)
+            if FRAMED:
+                if band_reaches(row_lo, row_hi, col_pos, gauss_log2_coeff):
+                    s, _gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale,
+                                              RELATIVE, FRAMED)
+            else:
+                s, _gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE,
+                                          FRAMED)
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
@@ -385,7 +436,7 @@ if triton is not None:
             m_i = m_new
         return m_i, l_i, acc, row_max
 
-    @triton.jit(do_not_specialize=["offset_delta"])
+    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _tar_attention_fwd(
         Q, K, V, O,  # noqa: E741 - the kernel names its tensors like the math does
         STATS,  # (2, batch·heads, Lq) fp32 when SAVE_STATS, else unused
@@ -398,7 +449,9 @@ if triton is not None:
         qk_log2_scale,     # scale * log2(e)
         gauss_log2_coeff,  # log2(e) / (2 sigma^2)
         bias_log2_scale,   # strength (relative) or strength * log2(e) (absolute)
+        tokens_per_frame, video_start, video_end_q, video_end_k,  # the token layout (TokenFrames.kernel_args)
         RELATIVE: tl.constexpr,
+        FRAMED: tl.constexpr,  # False: token = frame (temporal attention), the layout arguments are unused
         TWO_PASS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -422,7 +475,8 @@ if triton is not None:
         mask_d = channel_mask(offs_d, head_dim, ALIGN)
         q = tl.load(q_base + strided(offs_m, stride_qm, ALIGN)[:, None] + offs_d[None, :] * stride_qd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        row_pos = offs_m + offset_delta  # gi - k_offset per query row, in frames (int32)
+        # gi - k_offset per query row, in frames (int32; NO_FRAME for text rows)
+        row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start, video_end_q, FRAMED)
 
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         if TWO_PASS:  # pass 1: the row max of the unbiased logits over every key tile
@@ -430,8 +484,9 @@ if triton is not None:
                                        BLOCK_M, BLOCK_N, DOT_PRECISION, ALIGN)
         m_i, l_i, acc, row_max = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n,
                                                 offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
-                                                gauss_log2_coeff, bias_log2_scale, RELATIVE, TWO_PASS, BLOCK_M,
-                                                BLOCK_N, BLOCK_D, DOT_PRECISION, ALIGN)
+                                                gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start,
+                                                video_end_k, RELATIVE, TWO_PASS, FRAMED, BLOCK_M, BLOCK_N, BLOCK_D,
+                                                DOT_PRECISION, ALIGN)
 
         out = acc / l_i[:, None]
         tl.store(o_base + strided(offs_m, stride_om, ALIGN)[:, None] + offs_d[None, :] * stride_od,

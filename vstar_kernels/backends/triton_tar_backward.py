@@ -27,6 +27,7 @@ import torch
 from ..contract import TARParams
 from .triton_tar import (
     MIN_BLOCK_D,
+    NOT_SPECIALIZED,
     BlockConfig,
     block_config,
     channel_mask,
@@ -41,6 +42,7 @@ from .triton_tar import (
     strided,
     tar_bias_tile,
     tl,
+    token_frames,
     triton,
     vector_width,
 )
@@ -118,8 +120,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     common = dict(
         strides=(*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()),
         scalars=(heads, len_q, len_k, head_dim, params.offset_delta, params.qk_log2_scale,
-                 params.gauss_log2_coeff, params.bias_log2_scale, params.strength),
-        meta=dict(RELATIVE=relative, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                 params.gauss_log2_coeff, params.bias_log2_scale, params.strength,
+                 *params.layout.kernel_args(len_q, len_k)),
+        meta=dict(RELATIVE=relative, FRAMED=params.framed and params.strength != 0.0, BLOCK_M=cfg.block_m,
+                  BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   ALIGN=vector_width(head_dim, q, k, v, grad_out, out, dq, dk, dv), num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages),
@@ -157,11 +161,14 @@ if triton is not None:
     @triton.jit
     def _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d, cols, len_k,
                     row_pos, row_max, lse, delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                    RELATIVE: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+                    tokens_per_frame, video_start, video_end_k,
+                    RELATIVE: tl.constexpr, FRAMED: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
         """For one (query, key) tile: the unbiased log2 logits s, G, P = exp2(S' − lse) and dS' = P ∘ (dP − D)."""
         s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale, DOT_PRECISION,
                         ALIGN)
-        biased, gauss = tar_bias_tile(s, row_pos, cols, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE)
+        col_pos = token_frames(cols, 0, tokens_per_frame, video_start, video_end_k, FRAMED)
+        biased, gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE,
+                                      FRAMED)
         p = tl.exp2(biased - lse[:, None])
         vt = tl.load(v_base + offs_d[:, None] * stride_vd + strided(cols, stride_vn, ALIGN)[None, :],
                      mask=mask_d[:, None] & (cols < len_k)[None, :], other=0.0)
@@ -169,7 +176,7 @@ if triton is not None:
         ds = p * (dp - delta_row[:, None])
         return s, gauss, p, ds
 
-    @triton.jit(do_not_specialize=["offset_delta"])
+    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _tar_bwd_prep(
         Q, K, V, DO, O, FWD_STATS, STATS,  # noqa: E741 - named like the math
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -179,8 +186,9 @@ if triton is not None:
         stride_ob, stride_om, stride_oh, stride_od,
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
-        RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+        tokens_per_frame, video_start, video_end_q, video_end_k,
+        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid_bh, pid_m = slice_program(len_q, BLOCK_M)
         plane = grid_slices(len_q, BLOCK_M) * len_q  # elements per statistic
@@ -208,7 +216,7 @@ if triton is not None:
                            stride_qm, stride_qd, offs_m, offs_d, tile_mask, ALIGN)
             k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
             v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
-            row_pos = offs_m + offset_delta
+            row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start, video_end_q, FRAMED)
             coupling = tl.zeros([BLOCK_M], dtype=tl.float32)
             # the row max as this tile shape computes it, and how many keys reach it (online)
             tile_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -218,7 +226,8 @@ if triton is not None:
                                                stride_vn, stride_vd,
                                                offs_d, mask_d, start_n + offs_n, len_k, row_pos, row_max, lse,
                                                delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                                               RELATIVE, DOT_PRECISION, ALIGN)
+                                               tokens_per_frame, video_start, video_end_k, RELATIVE, FRAMED,
+                                               DOT_PRECISION, ALIGN)
                 coupling += tl.sum(ds * gauss, 1)
                 block_max = tl.max(s, 1)
                 block_ties = tl.sum((s == block_max[:, None]).to(tl.float32), 1)
@@ -234,7 +243,7 @@ if triton is not None:
         tl.store(rows + 3 * plane, share, mask=mask_m)
         tl.store(rows + 4 * plane, tile_max, mask=mask_m)
 
-    @triton.jit(do_not_specialize=["offset_delta"])
+    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _tar_bwd_dq(
         Q, K, V, DO, STATS, DQ,
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -243,9 +252,10 @@ if triton is not None:
         stride_gb, stride_gm, stride_gh, stride_gd,
         stride_dqb, stride_dqm, stride_dqh, stride_dqd,
         num_heads, len_q, len_k, head_dim,
-        offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength, scale,
-        RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+        offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
+        tokens_per_frame, video_start, video_end_q, video_end_k, scale,
+        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid_bh, pid_m = slice_program(len_q, BLOCK_M)
         b = pid_bh // num_heads
@@ -262,7 +272,7 @@ if triton is not None:
                        stride_qd, offs_m, offs_d, tile_mask, ALIGN)
         do = _load_tile(DO + slice_offset(b, h, stride_gb, stride_gh, ALIGN), stride_gm,
                         stride_gd, offs_m, offs_d, tile_mask, ALIGN)
-        row_pos = offs_m + offset_delta
+        row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start, video_end_q, FRAMED)
         row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m,
                                                                grid_slices(len_q, BLOCK_M) * len_q)
 
@@ -271,8 +281,8 @@ if triton is not None:
             cols = start_n + offs_n
             s, _gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                             offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
-                                            qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION,
-                                            ALIGN)
+                                            qk_log2_scale, gauss_log2_coeff, bias_log2_scale, tokens_per_frame,
+                                            video_start, video_end_k, RELATIVE, FRAMED, DOT_PRECISION, ALIGN)
             if RELATIVE:
                 ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
             kb = tl.load(k_base + strided(cols, stride_kn, ALIGN)[:, None] + offs_d[None, :] * stride_kd,
@@ -282,7 +292,7 @@ if triton is not None:
                  + strided(offs_m, stride_dqm, ALIGN)[:, None] + offs_d[None, :] * stride_dqd,
                  (dq * scale).to(DQ.dtype.element_ty), mask=tile_mask)
 
-    @triton.jit(do_not_specialize=["offset_delta"])
+    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _tar_bwd_dkdv(
         Q, K, V, DO, STATS, DK, DV,
         stride_qb, stride_qm, stride_qh, stride_qd,
@@ -292,9 +302,10 @@ if triton is not None:
         stride_dkb, stride_dkn, stride_dkh, stride_dkd,
         stride_dvb, stride_dvn, stride_dvh, stride_dvd,
         num_heads, len_q, len_k, head_dim,
-        offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength, scale,
-        RELATIVE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
+        offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
+        tokens_per_frame, video_start, video_end_q, video_end_k, scale,
+        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid_bh, pid_n = slice_program(len_k, BLOCK_N)
         plane = grid_slices(len_k, BLOCK_N) * len_q
@@ -319,11 +330,11 @@ if triton is not None:
             q = _load_tile(q_base, stride_qm, stride_qd, offs_m, offs_d, tile_mask, ALIGN)
             do = _load_tile(do_base, stride_gm, stride_gd, offs_m, offs_d, tile_mask, ALIGN)
             row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m, plane)
-            row_pos = offs_m + offset_delta
+            row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start, video_end_q, FRAMED)
             s, _gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                            offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
-                                           qk_log2_scale, gauss_log2_coeff, bias_log2_scale, RELATIVE, DOT_PRECISION,
-                                           ALIGN)
+                                           qk_log2_scale, gauss_log2_coeff, bias_log2_scale, tokens_per_frame,
+                                           video_start, video_end_k, RELATIVE, FRAMED, DOT_PRECISION, ALIGN)
             if RELATIVE:
                 ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
             p = tl.where(mask_m[:, None], p, 0.0)
