@@ -1,4 +1,4 @@
-// vstar-kernels: the CPU kernel's entry point (tar_attention_cpu.cpp), called by bindings.cpp after validation.
+// vstar-kernels: the CPU kernels' entry points (tar_attention_cpu*.cpp), called by bindings.cpp after validation.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -11,6 +11,12 @@ namespace vstar {
 // fp32/fp16/bf16 inputs, fp32 accumulation.
 void tar_attention_cpu(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        at::Tensor& out);
+
+// The long-row kernel (tar_attention_cpu_long.cpp): flash tiles over key groups, for rows of 1024+ keys with no bias
+// or a framed layout (a video transformer's frames); tar_attention_cpu() sends those calls there.
+bool tar_attention_cpu_long_applies(const TARParams& p);
+void tar_attention_cpu_long(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            at::Tensor& out);
 
 // dq, dk, dv (shaped like q, k, v; any strides) of TAR attention for the output gradient grad_out, recomputing the
 // scores per (batch, head) and query block: never an Lq x Lk tensor. Row-max ties share its gradient evenly.

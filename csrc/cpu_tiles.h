@@ -1,0 +1,199 @@
+// vstar-kernels: the CPU kernels' building blocks (fp32 tiles, at::vec), shared by the whole-row kernel
+// (tar_attention_cpu.cpp: temporal attention, the backward) and the long-row kernel (tar_attention_cpu_long.cpp:
+// video transformers' 3D attention). Internal to the CPU sources: everything here is inline.
+#pragma once
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "tar_attention.h"
+
+namespace vstar {
+namespace cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kVec = Vec::size();
+constexpr int kRows = 6;          // micro-kernel rows
+constexpr int kColVecs = 2;       // micro-kernel columns, in vectors
+constexpr int64_t kStripFloats = 1 << 15;  // target size of one thread's score strip (128 KiB)
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Row stride of a packed fp32 buffer with `cols` columns: strides that are multiples of 256 bytes map the rows a
+// micro-kernel walks onto a few L1 sets (K^T at 256 frames thrashed), so they are skewed by one 32-byte vector.
+inline int64_t skewed_stride(int64_t cols) { return cols % 64 == 0 ? cols + 8 : cols; }
+
+// C[r, 0:ncols] (+)= sum_c A[r, c] * B[c, 0:ncols] for RB rows; A rows are `lda` apart, B rows `ldb` apart.
+// ncols is a multiple of kVec; columns are processed kColVecs vectors at a time, then one vector at a time.
+// Accumulate: add to C instead of overwriting it (the backward's dK and dV sums over query blocks).
+template <int RB, bool Accumulate = false>
+void micro_gemm(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t inner,
+                int64_t ncols) {
+  int64_t j = 0;
+  for (; j + kColVecs * kVec <= ncols; j += kColVecs * kVec) {
+    Vec acc[RB][kColVecs];
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < kColVecs; ++v) acc[r][v] = Accumulate ? Vec::loadu(c + r * ldc + j + v * kVec) : Vec(0.f);
+    for (int64_t x = 0; x < inner; ++x) {
+      Vec bv[kColVecs];
+      for (int v = 0; v < kColVecs; ++v) bv[v] = Vec::loadu(b + x * ldb + j + v * kVec);
+      for (int r = 0; r < RB; ++r) {
+        const Vec av(a[r * lda + x]);
+        for (int v = 0; v < kColVecs; ++v) acc[r][v] = at::vec::fmadd(av, bv[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < kColVecs; ++v) acc[r][v].store(c + r * ldc + j + v * kVec);
+  }
+  for (; j < ncols; j += kVec) {
+    Vec acc[RB];
+    for (int r = 0; r < RB; ++r) acc[r] = Accumulate ? Vec::loadu(c + r * ldc + j) : Vec(0.f);
+    for (int64_t x = 0; x < inner; ++x) {
+      const Vec bv = Vec::loadu(b + x * ldb + j);
+      for (int r = 0; r < RB; ++r) acc[r] = at::vec::fmadd(Vec(a[r * lda + x]), bv, acc[r]);
+    }
+    for (int r = 0; r < RB; ++r) acc[r].store(c + r * ldc + j);
+  }
+}
+
+// C (m x ncols) (+)= A (m x inner) B (inner x ncols), rows blocked by kRows.
+template <bool Accumulate = false>
+void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc, int64_t m,
+               int64_t inner, int64_t ncols) {
+  int64_t r = 0;
+  for (; r + kRows <= m; r += kRows)
+    micro_gemm<kRows, Accumulate>(a + r * lda, lda, b, ldb, c + r * ldc, ldc, inner, ncols);
+  const float* ar = a + r * lda;
+  float* cr = c + r * ldc;
+  switch (m - r) {
+    case 5: micro_gemm<5, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 4: micro_gemm<4, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 3: micro_gemm<3, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 2: micro_gemm<2, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    case 1: micro_gemm<1, Accumulate>(ar, lda, b, ldb, cr, ldc, inner, ncols); break;
+    default: break;
+  }
+}
+
+inline float row_max(const float* s, int64_t n) {  // n is a multiple of kVec
+  Vec m(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += kVec) m = at::vec::maximum(m, Vec::loadu(s + j));
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, m);
+}
+
+// s += coeff * g over the row, returning the new row max.
+inline float add_bias_max(float* s, const float* g, float coeff, int64_t n) {
+  const Vec cv(coeff);
+  Vec m(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < n; j += kVec) {
+    const Vec x = at::vec::fmadd(cv, Vec::loadu(g + j), Vec::loadu(s + j));
+    x.store(s + j);
+    m = at::vec::maximum(m, x);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, m);
+}
+
+// s = exp(s - max), returning the row sum.
+inline float exp_sum(float* s, float max, int64_t n) {
+  const Vec mv(max);
+  Vec sum(0.f);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const Vec e = (Vec::loadu(s + j) - mv).exp_u20();
+    e.store(s + j);
+    sum = sum + e;
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
+}
+
+// The band row G(fi - fj) of each query token over `cols` key columns (0 where the query or the key token has no
+// frame, and past Lk). The Gaussian is a table over the frame distances, computed once per call with tar_gaussian().
+// Temporal layout (token = frame): row i is a slice of the table. Framed layout (tokens_per_frame > 1, text tokens):
+// row() writes it into the caller's per-thread buffer, once per run of rows sharing a frame.
+class GaussianRows {
+ public:
+  GaussianRows(const TARParams& p, int64_t cols) : framed_(p.framed), cols_(cols) {
+    if (cols == 0) return;
+    q_frames_ = p.framed ? frame_count(p.video_end_q, p) : p.len_q;
+    const int64_t k_frames = p.framed ? frame_count(p.video_end_k, p) : cols;
+    table_.assign(q_frames_ > 0 ? q_frames_ - 1 + std::max<int64_t>(k_frames, 1) : 0, 0.f);
+    for (int64_t t = 0; t < static_cast<int64_t>(table_.size()); ++t) {
+      const int64_t dist = p.offset_delta + (q_frames_ - 1 - t);
+      table_[t] = tar_gaussian(static_cast<float>(dist), p.gauss_log2_coeff);
+    }
+    if (p.framed) {
+      key_frames_.resize(cols);
+      for (int64_t j = 0; j < cols; ++j) key_frames_[j] = j < p.len_k ? tar_key_frame<int64_t>(p, j) : -1;
+    }
+  }
+
+  // Query token i's row; `scratch` (cols floats, one per thread) and `cached` (the frame it holds, start with
+  // kNoRow) carry it between calls of one thread.
+  const float* row(const TARParams& p, int64_t i, float* scratch, int64_t& cached) const {
+    if (!framed_) return table_.data() + (q_frames_ - 1 - i);
+    const int64_t fi = tar_query_frame<int64_t>(p, i);
+    if (fi != cached) {
+      const float* t = fi >= 0 ? table_.data() + (q_frames_ - 1 - fi) : nullptr;
+      for (int64_t j = 0; j < cols_; ++j) scratch[j] = t != nullptr && key_frames_[j] >= 0 ? t[key_frames_[j]] : 0.f;
+      cached = fi;
+    }
+    return scratch;
+  }
+
+  static constexpr int64_t kNoRow = std::numeric_limits<int64_t>::min();
+
+ private:
+  static int64_t frame_count(int64_t video_end, const TARParams& p) {
+    return video_end > p.video_start ? (video_end - p.video_start - 1) / p.tokens_per_frame + 1 : 0;
+  }
+
+  bool framed_;
+  int64_t cols_, q_frames_ = 0;
+  std::vector<float> table_;
+  std::vector<int64_t> key_frames_;
+};
+
+template <typename scalar_t>
+struct Strided {  // one (batch, head) slice of a (batch, frames, heads, head_dim) tensor
+  const scalar_t* base;
+  int64_t frame, dim;
+  float at(int64_t f, int64_t c) const { return static_cast<float>(base[f * frame + c * dim]); }
+};
+
+// dst[0:n:stride] = scalar_t(src[0:n] * mul).
+template <typename scalar_t>
+inline void store_row(const float* src, int64_t n, float mul, scalar_t* dst, int64_t stride) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (stride == 1) {
+      const Vec mv(mul);
+      int64_t c = 0;
+      for (; c + kVec <= n; c += kVec) (Vec::loadu(src + c) * mv).store(dst + c);
+      for (; c < n; ++c) dst[c] = src[c] * mul;
+      return;
+    }
+  }
+  for (int64_t c = 0; c < n; ++c) dst[c * stride] = static_cast<scalar_t>(src[c] * mul);
+}
+
+// Calls fn(scalar_t{}) for the kernels' input dtypes.
+template <typename Fn>
+inline void dispatch_input_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(c10::Half{}); break;
+    case at::kBFloat16: fn(c10::BFloat16{}); break;
+    default: TORCH_CHECK(false, "vstar_kernels::", op, " (CPU): unsupported dtype ", dtype);
+  }
+}
+
+}  // namespace cpu
+}  // namespace vstar

@@ -1,0 +1,193 @@
+// vstar-kernels: TAR attention on the CPU for long rows (a video transformer's 3D attention, L of 10^3-10^5).
+//
+// The band of a framed layout depends on the (query frame, key frame) pair only, so the bias is constant over the
+// keys of one frame. Keys are grouped by the band they get (KeyGroups: group 0 = keys without a frame, or every key
+// when there is no bias; group 1 + f = the keys of frame f) and the kernel runs flash tiles, one online softmax per
+// (query row, key group), on the *unbiased* logits:
+//     M_g = max_{j in g} S_ij,   l_g = sum_{j in g} exp(S_ij - M_g),   acc_g = sum_{j in g} exp(S_ij - M_g) v_j.
+// After the last key the row max of relative mode is exact (m = max_g M_g, over every key), and with the bias of
+// each group b_g = coeff(m) * G(fi - f_g) (tar_attention.h; 0 for group 0 and for rows without a frame)
+//     out_i = sum_g exp(M_g + b_g - M*) acc_g / sum_g exp(M_g + b_g - M*) l_g,   M* = max_g (M_g + b_g),
+// which is softmax(S + b) V exactly (exp(S - M_g) exp(M_g + b_g - M*) = exp(S + b_g - M*)). One pass over K and V
+// in both modes (relative mode needs no second sweep for its row max), and the Gaussian costs one exp2 per
+// (row, group) instead of one per logit: a band that is zero almost everywhere (small sigma) costs nothing.
+// Memory per thread: K^T and V of one (batch, head) packed in fp32, one BM x BN score tile, and BM x d accumulators
+// per key group; never an Lq x Lk tensor.
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "cpu_tiles.h"
+#include "tar_attention_cpu.h"
+
+namespace vstar {
+namespace {
+
+using namespace cpu;  // NOLINT: the tiles of this kernel family
+
+constexpr int64_t kLongRowKeys = 1024;  // from here on a row is long: flash tiles beat the whole-row strip
+constexpr int64_t kMaxKeyGroups = 512;  // accumulators per query row (frames + 1); beyond, the strip kernel runs
+constexpr int64_t kBlockM = 192;        // query rows per task (a multiple of the micro-kernel's 6): K and V
+                                        // stream from L3 once per 192 rows (48 rows ran 1.3x SDPA at L = 8192)
+constexpr int64_t kBlockN = 256;        // keys per score tile (512 measured no faster)
+constexpr int64_t kAccFloats = 1 << 22; // the group accumulators' budget per thread (16 MiB): fewer rows per task
+                                        // when there are many key groups
+
+// Keys grouped by the band they get: group 0 holds the keys without a frame (every key when the call has no
+// bias), group 1 + f the keys of frame f (frames of tokens_per_frame consecutive tokens from video_start).
+class KeyGroups {
+ public:
+  explicit KeyGroups(const TARParams& p)
+      : biased_(tar_has_bias(p)), start_(p.video_start), end_(p.video_end_k), per_frame_(p.tokens_per_frame),
+        len_(p.len_k) {}
+
+  int64_t count() const {
+    return biased_ && end_ > start_ ? 1 + (end_ - start_ - 1) / per_frame_ + 1 : 1;
+  }
+  int64_t of(int64_t j) const {
+    return biased_ && j >= start_ && j < end_ ? 1 + (j - start_) / per_frame_ : 0;
+  }
+  // One past the last key of the run of same-group keys that starts at j, at most `width` keys.
+  int64_t run_end(int64_t j, int64_t width) const {
+    int64_t stop = len_;
+    if (biased_) {
+      if (j < start_) stop = start_;
+      else if (j < end_) stop = std::min(end_, start_ + ((j - start_) / per_frame_ + 1) * per_frame_);
+    }
+    return std::min({stop, j + width, len_});
+  }
+
+ private:
+  bool biased_;
+  int64_t start_, end_, per_frame_, len_;
+};
+
+template <typename scalar_t>
+void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                                 scalar_t* o) {
+  const int64_t lq = p.len_q, lk = p.len_k, d = p.head_dim;
+  const int64_t d_pad = round_up(d, kVec);
+  // K^T rows hold kVec spare zero columns: a tile starting mid-vector reads up to kVec - 1 columns past Lk
+  const int64_t ld_k = skewed_stride(round_up(lk + kVec, kVec)), ld_v = skewed_stride(d_pad);
+  const int64_t ld_s = skewed_stride(round_up(kBlockN, kVec));
+  const KeyGroups groups(p);
+  const int64_t num_groups = groups.count();
+  const int64_t block_m = std::clamp<int64_t>(kAccFloats / (num_groups * d_pad) / kRows * kRows, kRows, kBlockM);
+  const int64_t bm = std::min(block_m, lq);
+  const int64_t num_qb = (lq + bm - 1) / bm;
+  const bool has_bias = tar_has_bias(p);
+  const float minus_inf = -std::numeric_limits<float>::infinity();
+
+  at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
+    const int64_t stats = num_groups * bm;
+    std::unique_ptr<float[]> scratch(
+        new float[d * ld_k + lk * ld_v + bm * d + bm * ld_s + stats * ld_v + 2 * stats + num_groups]);
+    float* kt = scratch.get();          // d x (lk + kVec), row stride ld_k
+    float* vp = kt + d * ld_k;          // lk x d_pad, row stride ld_v
+    float* qp = vp + lk * ld_v;         // bm x d: scale * Q of the block
+    float* s = qp + bm * d;             // bm x kBlockN score tile, row stride ld_s
+    float* acc = s + bm * ld_s;         // per group: bm x d_pad, row stride ld_v
+    float* run_max = acc + stats * ld_v;  // per group: bm running maxima M_g
+    float* run_sum = run_max + stats;     // per group: bm sums l_g
+    float* weight = run_sum + stats;      // num_groups: one row's exp(M_g + b_g - M*)
+    int64_t packed_bh = -1;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / num_qb, m0 = (task % num_qb) * bm;
+      const int64_t b = bh / p.heads, h = bh % p.heads;
+      const int64_t mb = std::min(bm, lq - m0);
+      if (bh != packed_bh) {
+        const Strided<scalar_t> ks{k + b * p.k.batch + h * p.k.head, p.k.frame, p.k.dim};
+        const Strided<scalar_t> vs{v + b * p.v.batch + h * p.v.head, p.v.frame, p.v.dim};
+        std::fill(kt, kt + d * ld_k, 0.f);
+        std::fill(vp, vp + lk * ld_v, 0.f);
+        for (int64_t j = 0; j < lk; ++j)
+          for (int64_t c = 0; c < d; ++c) {
+            kt[c * ld_k + j] = ks.at(j, c);
+            vp[j * ld_v + c] = vs.at(j, c);
+          }
+        packed_bh = bh;
+      }
+      const Strided<scalar_t> qs{q + b * p.q.batch + h * p.q.head, p.q.frame, p.q.dim};
+      for (int64_t r = 0; r < mb; ++r)
+        for (int64_t c = 0; c < d; ++c) qp[r * d + c] = qs.at(m0 + r, c) * p.scale;
+      std::fill(acc, acc + stats * ld_v, 0.f);
+      std::fill(run_max, run_max + stats, minus_inf);
+      std::fill(run_sum, run_sum + stats, 0.f);
+
+      // one online softmax per (row, key group) over the unbiased logits
+      for (int64_t j0 = 0; j0 < lk;) {
+        const int64_t j1 = groups.run_end(j0, kBlockN), g = groups.of(j0);
+        const int64_t n = j1 - j0, n_pad = round_up(n, kVec);
+        gemm_rows(qp, d, kt + j0, ld_k, s, ld_s, mb, d, n_pad);
+        float* acc_g = acc + g * bm * ld_v;
+        for (int64_t r = 0; r < mb; ++r) {
+          float* row = s + r * ld_s;
+          std::fill(row + n, row + n_pad, minus_inf);
+          float& m = run_max[g * bm + r];
+          const float m_new = std::max(m, row_max(row, n_pad));
+          const float rescale = std::exp(m - m_new);  // 0 for the group's first tile
+          run_sum[g * bm + r] = run_sum[g * bm + r] * rescale + exp_sum(row, m_new, n_pad);
+          if (rescale != 1.f)
+            for (int64_t c = 0; c < d_pad; ++c) acc_g[r * ld_v + c] *= rescale;
+          m = m_new;
+        }
+        gemm_rows<true>(s, ld_s, vp + j0 * ld_v, ld_v, acc_g, ld_v, mb, n, d_pad);
+        j0 = j1;
+      }
+
+      // the bias per (row, group), now that the row max is known; then the groups merged
+      scalar_t* orow = o + b * p.o.batch + h * p.o.head + m0 * p.o.frame;
+      for (int64_t r = 0; r < mb; ++r) {
+        float row_max_all = minus_inf;
+        for (int64_t g = 0; g < num_groups; ++g) row_max_all = std::max(row_max_all, run_max[g * bm + r]);
+        const int64_t fi = has_bias ? tar_query_frame<int64_t>(p, m0 + r) : -1;
+        const float coeff = tar_bias_coeff(p, row_max_all, 1.f);
+        float top = minus_inf;
+        for (int64_t g = 0; g < num_groups; ++g) {
+          const float m = run_max[g * bm + r];
+          float biased = m;
+          if (g > 0 && fi >= 0 && m != minus_inf)
+            biased += coeff * tar_gaussian(static_cast<float>(p.offset_delta + fi - (g - 1)), p.gauss_log2_coeff);
+          weight[g] = biased;
+          top = std::max(top, biased);
+        }
+        float total = 0.f;
+        for (int64_t g = 0; g < num_groups; ++g) {
+          weight[g] = run_max[g * bm + r] == minus_inf ? 0.f : std::exp(weight[g] - top);
+          total += weight[g] * run_sum[g * bm + r];
+        }
+        float* out_row = acc + r * ld_v;  // group 0's row, overwritten with the merged row
+        for (int64_t c = 0; c < d_pad; ++c) out_row[c] *= weight[0];
+        for (int64_t g = 1; g < num_groups; ++g) {
+          if (weight[g] == 0.f) continue;
+          const float* acc_row = acc + (g * bm + r) * ld_v;
+          for (int64_t c = 0; c < d_pad; ++c) out_row[c] += weight[g] * acc_row[c];
+        }
+        store_row(out_row, d, 1.f / total, orow + r * p.o.frame, p.o.dim);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+bool tar_attention_cpu_long_applies(const TARParams& p) {
+  if (p.len_k < kLongRowKeys) return false;
+  if (!tar_has_bias(p)) return true;  // plain attention: one key group
+  return p.framed && KeyGroups(p).count() <= kMaxKeyGroups;
+}
+
+void tar_attention_cpu_long(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            at::Tensor& out) {
+  cpu::dispatch_input_dtype(q.scalar_type(), "tar_attention", [&](auto tag) {
+    using scalar_t = decltype(tag);
+    tar_attention_cpu_long_impl<scalar_t>(p, q.const_data_ptr<scalar_t>(), k.const_data_ptr<scalar_t>(),
+                                          v.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>());
+  });
+}
+
+}  // namespace vstar
