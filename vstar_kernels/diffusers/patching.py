@@ -8,7 +8,7 @@ it computes the step window as a tensor and the processors branch with ``torch.c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +27,7 @@ from .positions import (
     set_frame_positions,
 )
 from .processor import TARAttnProcessor, TARSwitch
+from .video_transformers import SPECS, is_video_transformer_like, video_transformers_of
 
 _STATE_ATTR = "_vstar_tar_state"
 
@@ -46,7 +47,10 @@ class TARGate:
         self.scheduler = scheduler
 
     def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        self.update(kwargs.get("timestep", args[1] if len(args) > 1 else None))
+
+    def update(self, t: object) -> None:
+        """Switch TAR for the call's timestep ``t`` (a number or tensor; its first element; None: on)."""
         if t is not None:
             t = torch.as_tensor(t)
         schedule = getattr(self.scheduler, "timesteps", None)
@@ -98,8 +102,17 @@ def apply_tar(
     backend: str = "auto",
     processor: type[TARAttnProcessor] = TARAttnProcessor,
     positions: str = DEFAULT_POSITION_MODE,
-) -> TARHandle:
-    """Patch TAR into ``model`` (a diffusers video UNet, or a pipeline with ``.unet``); returns a handle.
+    blocks: Sequence[int] | None = None,
+):
+    """Patch TAR into ``model``; returns a handle.
+
+    ``model`` is a diffusers video UNet or a pipeline with ``.unet`` (:class:`TARHandle`), or a video diffusion
+    transformer (``WanTransformer3DModel``, ``CogVideoXTransformer3DModel``, ``LTXVideoTransformer3DModel``,
+    ``HunyuanVideoTransformer3DModel``) or a pipeline holding one or two (``transformer``, ``transformer_2``), which
+    gets the band over latent-frame distance on every chosen block's 3D self-attention
+    (:class:`~vstar_kernels.diffusers.dit_patching.DiTTARHandle`; an extension beyond the paper). A transformer takes
+    ``sigma`` (latent frames, required), ``strength``, ``mode``, ``blocks``, ``timesteps`` and ``backend``; ``preset``,
+    ``levels``, ``processor`` and ``positions`` are UNet arguments and raise ValueError there.
 
     Args:
         preset: an official preset ("64D1_32D8", ...; see PRESETS) or a ``{level: sigma}`` mapping; default
@@ -114,6 +127,8 @@ def apply_tar(
         backend: passed to ``tar_attention``.
         processor: the processor class installed; ``MaterialisedTARProcessor`` reproduces the official method's
             memory use (benchmarks).
+        blocks: video transformers only: indices of the blocks to patch, in forward order (HunyuanVideo: its
+            double-stream blocks, then its single-stream blocks); default all.
         positions: how frame-position tables (AnimateDiff's 32-row motion tables) serve calls with more frames
             than they hold: "interpolate" (default: stretch the stored table), "extrapolate" (continue diffusers'
             sinusoid; only for tables that are that sinusoid) or "keep" (diffusers' limit, with a clear error).
@@ -123,6 +138,18 @@ def apply_tar(
     are never patched. Raises ValueError for a model without temporal attention or a level it does not have,
     and for a positions mode its tables cannot serve; nothing is changed then. ``remove_tar`` undoes all of it.
     """
+    transformers = video_transformers_of(model)
+    if transformers:
+        from .dit_patching import apply_transformer_tar, check_transformer_arguments
+
+        check_transformer_arguments(sigma, preset=preset, levels=levels, positions=positions)
+        if processor is not TARAttnProcessor:
+            raise ValueError("processor= applies to video UNets; a video transformer keeps its own processor code")
+        return apply_transformer_tar(model, transformers, sigma=sigma, strength=strength, mode=mode, blocks=blocks,
+                                     timesteps=timesteps, backend=backend)
+    if blocks is not None:
+        raise ValueError("blocks= selects a video transformer's blocks; a UNet takes levels= (or a preset)")
+    _check_unet(model)
     unet = unet_of(model)
     mapping = resolve_levels(preset, sigma, levels)
     window = resolve_window(timesteps)
@@ -169,6 +196,11 @@ def remove_tar(model: nn.Module) -> bool:
     ``TARAttnProcessor()`` re-created from it without arguments (what ``load_ip_adapter`` does), which gets the
     original back too.
     """
+    transformers = video_transformers_of(model)
+    if transformers:
+        from .dit_patching import remove_transformer_tar
+
+        return any([remove_transformer_tar(transformer) for transformer in transformers.values()])
     unet = unet_of(model)
     handle: TARHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
     if handle is None:
@@ -186,6 +218,19 @@ def remove_tar(model: nn.Module) -> bool:
     return True
 
 
-def tar_state(model: nn.Module) -> TARHandle | None:
-    """The handle of the TAR application in force on ``model``, or None."""
+def tar_state(model: nn.Module):
+    """The handle of the TAR application in force on ``model`` (a UNet's :class:`TARHandle`, a video transformer's
+    ``DiTTARHandle``; for a pipeline, that of its first transformer), or None."""
+    transformers = video_transformers_of(model)
+    if transformers:
+        from .dit_patching import transformer_tar_state
+
+        return transformer_tar_state(next(iter(transformers.values())))
     return unet_of(model).__dict__.get(_STATE_ATTR)
+
+
+def _check_unet(model: object) -> None:
+    """ValueError for a transformer class TAR does not know, naming the ones it does."""
+    if getattr(model, "unet", None) is None and is_video_transformer_like(model):
+        raise ValueError(f"{type(model).__name__} is not a video model TAR supports: video UNets, or the transformers "
+                         f"{', '.join(sorted(SPECS))}")

@@ -225,3 +225,95 @@ def i2vgen_pipeline(unet):
     return I2VGenXLPipeline(vae=tiny_vae(), text_encoder=tiny_text_encoder(len(tokenizer)), tokenizer=tokenizer,
                             image_encoder=tiny_image_encoder(), feature_extractor=tiny_feature_extractor(), unet=unet,
                             scheduler=DDIMScheduler())
+
+
+# ------------------------------------------------------------------------------------------ video transformers
+# Each builder keeps the released model's structure (patch sizes, QK norm, RoPE tables and axes, text length, block
+# kinds) and narrows only widths, heads and depth. Released configs: Wan2.1-T2V-1.3B, CogVideoX-5b, LTX-Video 0.9,
+# HunyuanVideo.
+def tiny_wan_transformer(num_layers: int = 2):
+    """Wan 2.1 T2V: patch (1, 2, 2), rms_norm_across_heads, RoPE table of 1024 positions; 2 heads x 24 (released:
+    12 x 128 for 1.3B)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=16,
+                                 out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=num_layers,
+                                 cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
+                                 rope_max_seq_len=1024)
+
+
+def tiny_cogvideox_transformer(num_layers: int = 2):
+    """CogVideoX-5b: patch 2 per frame, text (226 tokens) first, RoPE on the video part; 2 heads x 16 (released: 48 x
+    64)."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    return CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+                                       time_embed_dim=32, text_embed_dim=32, num_layers=num_layers, patch_size=2,
+                                       sample_width=90, sample_height=60, sample_frames=49,
+                                       temporal_compression_ratio=4, max_text_seq_length=226,
+                                       use_rotary_positional_embeddings=True)
+
+
+def cogvideox_rotary_embedding(model, frames: int, height: int, width: int):
+    """CogVideoX's 3D RoPE for a latent of ``frames`` x ``height`` x ``width`` (what its pipeline computes)."""
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    p = model.config.patch_size
+    grid_h, grid_w = height // p, width // p
+    base_h, base_w = model.config.sample_height // p, model.config.sample_width // p
+    return get_3d_rotary_pos_embed(embed_dim=model.config.attention_head_dim,
+                                   crops_coords=((0, 0), (grid_h, grid_w)) if grid_h <= base_h else None,
+                                   grid_size=(grid_h, grid_w), temporal_size=frames, grid_type="slice",
+                                   max_size=(base_h, base_w))
+
+
+def tiny_ltx_transformer(num_layers: int = 2):
+    """LTX-Video 0.9: patch 1 x 1 (the VAE patchifies), rms_norm_across_heads, cross-attention to the caption; 2
+    heads x 16 (released: 32 x 64, 128 latent channels)."""
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return LTXVideoTransformer3DModel(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1,
+                                      num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                                      num_layers=num_layers, qk_norm="rms_norm_across_heads", caption_channels=32)
+
+
+def tiny_hunyuan_transformer(num_layers: int = 1, num_single_layers: int = 1):
+    """HunyuanVideo: patch 2 (1 in time), double- then single-stream blocks with the text last, RoPE axes split like
+    the released (16, 56, 56) of 128; 2 heads x 32 (released: 24 x 128, 20 + 40 blocks)."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32,
+                                          num_layers=num_layers, num_single_layers=num_single_layers,
+                                          num_refiner_layers=1, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+                                          text_embed_dim=32, pooled_projection_dim=8, rope_axes_dim=(4, 14, 14))
+
+
+def tiny_t5_tokenizer(vocab_size: int = 64):
+    """A word-level tokenizer standing in for Wan's UMT5 tokenizer: pad 0, eos 1, unknown 2."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def wan_pipeline(transformer=None):
+    """WanPipeline with a tiny UMT5 encoder, Wan VAE and ``transformer`` (default :func:`tiny_wan_transformer`)."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(0)
+    tokenizer = tiny_t5_tokenizer()
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                               relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+    vae = AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                       transformer=transformer if transformer is not None else tiny_wan_transformer())

@@ -1,0 +1,167 @@
+"""apply_tar / remove_tar for video diffusion transformers (Wan, CogVideoX, LTX-Video, HunyuanVideo).
+
+TAR on a DiT is an extension beyond the paper (which evaluated UNets): the Gaussian band acts on *latent-frame*
+distance inside the 3D self-attention of every chosen block, text tokens unbiased. As for UNets, everything a run
+needs lives on the transformer: the processors, one forward pre-hook (:class:`DiTGate`: the step window and the
+frame geometry of each call) and the handle, so deep copies, pickling and ``.to()`` carry it.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..contract import MODES, make_params
+from ..ops import requested_backend
+from ..presets import StepWindow, resolve_window
+from .components import remove_pre_hook, restore_processors
+from .dit_processor import PROCESSORS, DiTState, DiTTARProcessor
+from .patching import TARGate
+from .video_transformers import VideoTransformerSpec, bind_forward, find_self_attention, select_blocks, spec_of
+
+STATE_ATTR = "_vstar_tar_state"  # the same attribute as on UNets: one TAR application per model
+
+
+class DiTGate(TARGate):
+    """The transformer's forward pre-hook: reads each call's frame geometry (input shape and patch size) into the
+    shared :class:`DiTState` and switches TAR by the call's timestep (the largest, for per-token timesteps such as
+    Wan 2.2 TI2V's, whose conditioning frame is at 0)."""
+
+    def __init__(self, window: StepWindow, state: DiTState, spec: VideoTransformerSpec,
+                 scheduler: object | None = None) -> None:
+        super().__init__(window, state.switch, scheduler)
+        self.state = state
+        self.spec = spec
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        bound = bind_forward(module, args, kwargs)
+        self.state.geometry = self.spec.geometry(module, bound)
+        t = bound.get("timestep")
+        self.update(None if t is None else t.amax() if hasattr(t, "amax") and t.numel() > 1 else t)
+
+    def __deepcopy__(self, memo: dict) -> DiTGate:
+        return DiTGate(copy.deepcopy(self.window, memo), copy.deepcopy(self.state, memo), self.spec, self.scheduler)
+
+
+@dataclass
+class _ModelPatch:
+    """What one apply_tar changed on one transformer."""
+
+    originals: dict[str, object]
+    installed: dict[str, DiTTARProcessor]
+    gate: DiTGate
+    state: DiTState
+
+
+@dataclass
+class DiTTARHandle:
+    """What one ``apply_tar`` on a video transformer (or a pipeline's transformers) patched: ``layers`` maps module
+    path (prefixed by the pipeline attribute, e.g. ``transformer_2.blocks.3.attn1``) -> sigma in latent frames."""
+
+    layers: dict[str, float]
+    sigma: float
+    strength: float
+    mode: str
+    window: StepWindow
+    blocks: tuple[int, ...] | None
+    _patches: dict[str, _ModelPatch] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def state(self, prefix: str | None = None) -> DiTState:
+        """The shared state (step switch, last geometry) of the transformer at pipeline attribute ``prefix``
+        ("transformer", "transformer_2"; "" for a bare transformer; default: the first one patched)."""
+        return self._patches[next(iter(self._patches)) if prefix is None else prefix].state
+
+
+_UNET_ONLY = {"preset": None, "levels": None, "positions": "interpolate"}
+
+
+def check_transformer_arguments(sigma: float | None, **unet_only: object) -> None:
+    """ValueError for the UNet-only arguments of apply_tar (presets name UNet levels) and a missing sigma."""
+    for name, value in unet_only.items():
+        if name == "processor":
+            continue
+        if value != _UNET_ONLY[name]:
+            raise ValueError(f"{name}= applies to video UNets; a video transformer takes sigma= (in latent frames), "
+                             "strength=, mode=, blocks= and timesteps=")
+    if sigma is None:
+        raise ValueError("apply_tar on a video transformer needs sigma= (the band's width in latent frames; the "
+                         "paper's presets name UNet levels and do not apply)")
+
+
+def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, sigma: float, strength: float,
+                          mode: str, blocks: object, timesteps: object, backend: str) -> DiTTARHandle:
+    """Patch TAR into each transformer of ``transformers`` (pipeline attribute -> model). Validates everything
+    before changing anything; applying again replaces the previous application."""
+    params = make_params(1, sigma=sigma, strength=strength, mode=mode)  # the op's own rules, at the door
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    window = resolve_window(timesteps)
+    requested_backend(backend)
+    plans = {}
+    for prefix, transformer in transformers.items():
+        spec = spec_of(transformer)
+        chosen = select_blocks(find_self_attention(transformer, spec), blocks)
+        processor_cls = PROCESSORS[spec.class_name]
+        for layer in chosen:
+            _check_signature(processor_cls, layer.module.processor, layer.name)
+        plans[prefix] = (transformer, spec, chosen, processor_cls)
+
+    first_chosen = next(iter(plans.values()))[2]
+    handle = DiTTARHandle(layers={}, sigma=params.sigma, strength=params.strength, mode=mode, window=window,
+                          blocks=None if blocks is None else tuple(layer.block for layer in first_chosen))
+    scheduler = getattr(model, "scheduler", None) if not isinstance(model, nn.Module) else None
+    for prefix, (transformer, spec, chosen, processor_cls) in plans.items():
+        remove_transformer_tar(transformer)
+        state = DiTState()
+        patch = _ModelPatch({}, {}, DiTGate(window, state, spec, scheduler), state)
+        for layer in chosen:
+            installed = processor_cls(layer.module.processor, sigma=params.sigma, strength=params.strength,
+                                      mode=mode, backend=backend, text=spec.text, state=state)
+            patch.originals[layer.name] = layer.module.processor
+            patch.installed[layer.name] = installed
+            handle.layers[f"{prefix}.{layer.name}" if prefix else layer.name] = params.sigma
+            layer.module.set_processor(installed)
+        transformer.register_forward_pre_hook(patch.gate, with_kwargs=True)
+        handle._patches[prefix] = patch
+        setattr(transformer, STATE_ATTR, (handle, prefix))
+    return handle
+
+
+def _check_signature(processor_cls: type[DiTTARProcessor], original: object, name: str) -> None:
+    """TypeError when the TAR processor would not take the original's arguments (diffusers drops keyword arguments a
+    processor does not name, e.g. ``image_rotary_emb``): a processor of another class than the model's default."""
+    if isinstance(original, DiTTARProcessor):
+        original = original.original
+    ours = list(inspect.signature(processor_cls.__call__).parameters)[1:]
+    theirs = list(inspect.signature(type(original).__call__).parameters)[1:]
+    if ours != theirs:
+        raise TypeError(f"{name}: its processor {type(original).__name__} takes {theirs}, TAR's "
+                        f"{processor_cls.__name__} takes {ours}; set the model's default processor before apply_tar")
+
+
+def remove_transformer_tar(transformer: nn.Module) -> bool:
+    """Restore the processors and remove the hook of the TAR application on ``transformer``; False if none."""
+    entry = transformer.__dict__.pop(STATE_ATTR, None)
+    if entry is None:
+        return False
+    handle, prefix = entry
+    patch = handle._patches[prefix]
+
+    def still_ours(name: str, current: object) -> bool:
+        return current is patch.installed[name]
+
+    restore_processors(transformer, patch.originals, still_ours)
+    remove_pre_hook(transformer, patch.gate)
+    return True
+
+
+def transformer_tar_state(transformer: nn.Module) -> DiTTARHandle | None:
+    entry = transformer.__dict__.get(STATE_ATTR)
+    return None if entry is None else entry[0]

@@ -1,0 +1,262 @@
+"""TAR processors for video transformers: the model's own processor, with its attention call routed to the op.
+
+A video transformer's processor does much before attention (fused or separate projections, QK RMSNorm, RoPE on the
+video part only, text concatenation) and all of it must stay exactly as the model's authors wrote it. So TAR does
+not re-implement any processor: :class:`DiTTARProcessor` runs the *original* processor's ``__call__`` bytecode with
+one change in its globals: the name it calls attention through (``dispatch_attention_fn`` for Wan, LTX-Video and
+HunyuanVideo, ``F.scaled_dot_product_attention`` for CogVideoX) resolves to :meth:`DiTTARProcessor._dispatch` /
+:meth:`DiTTARProcessor._sdpa`. Those call :func:`vstar_kernels.tar_attention` with the token layout of the current
+forward (:class:`DiTState`, set by the transformer's pre-hook): ``tokens_per_frame`` patches per latent frame, text
+tokens without a frame. With TAR off (outside the step window) they call the original attention function with the
+original arguments, so those steps are bit-identical to diffusers.
+
+One subclass per model only to expose that model's ``__call__`` parameters: diffusers' attention modules drop keyword
+arguments a processor's signature does not name (``image_rotary_emb`` among them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import types
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops import tar_attention
+from .processor import TARSwitch
+from .video_transformers import FrameGeometry
+
+# The names a processor's code reaches attention through, and the attribute looked up on a global for the second.
+DISPATCH_NAME = "dispatch_attention_fn"
+SDPA_MODULE, SDPA_NAME = "F", "scaled_dot_product_attention"
+_ROUTED_IDS = itertools.count()
+_MODULE_IDENTITY = frozenset({"__name__", "__spec__", "__loader__", "__file__", "__cached__"})
+
+
+@dataclass
+class DiTState:
+    """Shared by one transformer's TAR processors: the step-window switch and the frame geometry of the forward in
+    progress (None before the first forward)."""
+
+    switch: TARSwitch = field(default_factory=TARSwitch)
+    geometry: FrameGeometry | None = None
+
+
+def routed_names(processor: object) -> str:
+    """Which attention call of ``processor``'s code TAR routes: DISPATCH_NAME or SDPA_NAME. TypeError when its
+    ``__call__`` uses neither (a processor TAR cannot see into: nothing would be biased)."""
+    fn = type(processor).__call__
+    names = set(getattr(fn, "__code__", types.SimpleNamespace(co_names=())).co_names)
+    if DISPATCH_NAME in names and DISPATCH_NAME in fn.__globals__:
+        return DISPATCH_NAME
+    if SDPA_NAME in names and SDPA_MODULE in names and SDPA_MODULE in fn.__globals__:
+        return SDPA_NAME
+    raise TypeError(f"{type(processor).__name__} computes attention neither through {DISPATCH_NAME} nor "
+                    f"{SDPA_MODULE}.{SDPA_NAME}: TAR cannot route it (set the model's default processor first)")
+
+
+class DiTTARProcessor:
+    """A video transformer's self-attention processor with TAR (a plain object, not an nn.Module).
+
+    ``original`` is the processor it replaces; its code runs unchanged (see the module docstring). ``text`` says
+    where text tokens sit in the attention sequence ("none", "first", "last"). Picklable and deep-copyable: the
+    routed copy of the original ``__call__`` is rebuilt on first use.
+    """
+
+    def __init__(self, original: object, *, sigma: float, strength: float, mode: str, backend: str, text: str,
+                 state: DiTState) -> None:
+        self.original = original
+        self.sigma = sigma
+        self.strength = strength
+        self.mode = mode
+        self.backend = backend
+        self.text = text
+        self.state = state
+        self._routed: tuple[types.FunctionType, object] | None = None
+        routed_names(original)  # fail now, not at the first forward
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(sigma={self.sigma}, strength={self.strength}, mode={self.mode!r}, "
+                f"original={type(self.original).__name__})")
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_routed"] = None  # a function with private globals: rebuilt after unpickling
+        return state
+
+    # diffusers' set_attention_backend / context parallel set these on the processor: they belong to the original,
+    # whose code reads them
+    @property
+    def _attention_backend(self):
+        return getattr(self.original, "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value) -> None:
+        self.original._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return getattr(self.original, "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value) -> None:
+        self.original._parallel_config = value
+
+    # ------------------------------------------------------------------------------------------------ running
+    def _run(self, attn, *args):
+        """The original processor's ``__call__`` on ``attn`` and ``args``, its attention routed here."""
+        if self._routed is None:
+            self._routed = self._route()
+        call, _ = self._routed
+        return call(self.original, attn, *args)
+
+    def _route(self) -> tuple[types.FunctionType, object]:
+        """(a copy of the original ``__call__`` whose attention name resolves to this processor, the original
+        attention function)."""
+        fn = type(self.original).__call__
+        module = types.ModuleType(f"{fn.__globals__['__name__']}.vstar_tar_route_{next(_ROUTED_IDS)}")
+        scope = module.__dict__
+        scope.update({name: value for name, value in fn.__globals__.items() if name not in _MODULE_IDENTITY})
+        if routed_names(self.original) == DISPATCH_NAME:
+            original_attention = scope[DISPATCH_NAME]
+            scope[DISPATCH_NAME] = self._dispatch
+        else:
+            functional = scope[SDPA_MODULE]
+            original_attention = getattr(functional, SDPA_NAME)
+            proxy = types.ModuleType(functional.__name__)
+            proxy.__dict__.update(vars(functional))
+            setattr(proxy, SDPA_NAME, self._sdpa)
+            scope[SDPA_MODULE] = proxy
+        # The routed code reads globals of a module of its own, registered under its own name: torch.compile keys the
+        # globals an inlined function reads by the module they name (importing it for guards), so sharing the
+        # original's name, spec or file would route the original's calls too. Relative imports inside the code
+        # resolve through __package__, which stays.
+        sys.modules[module.__name__] = module
+        call = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+        call.__kwdefaults__ = fn.__kwdefaults__
+        return call, original_attention
+
+    def _dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                  enable_gqa=False, *args, **kwargs):
+        """Stands in for ``dispatch_attention_fn``: (batch, tokens, heads, head_dim) in and out."""
+        _, original = self._routed
+
+        def plain(q, k, v):
+            return original(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args, **kwargs)
+
+        if kwargs.get("parallel_config") is not None:
+            raise NotImplementedError("TAR on a video transformer does not run under diffusers' context parallelism "
+                                      "(parallel_config): remove TAR or disable context parallelism")
+        return self._attend(query, key, value, attn_mask, dropout_p, is_causal, scale, plain)
+
+    def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+              enable_gqa=False):
+        """Stands in for ``F.scaled_dot_product_attention``: (batch, heads, tokens, head_dim) in and out."""
+        _, original = self._routed
+
+        def plain(q, k, v):
+            return original(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
+                            dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                            enable_gqa=enable_gqa).transpose(1, 2)
+
+        out = self._attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2), attn_mask, dropout_p,
+                           is_causal, scale, plain)
+        return out.transpose(1, 2)
+
+    def _attend(self, q, k, v, attn_mask, dropout_p, is_causal, scale, plain):
+        """TAR or the original attention on (batch, tokens, heads, head_dim), as the step window says."""
+        switch = self.state.switch
+        if switch.flag is not None and torch.compiler.is_compiling():
+            return torch.cond(switch.flag, lambda q, k, v: self._with_tar(q, k, v, attn_mask, dropout_p, is_causal,
+                                                                          scale).contiguous(),
+                              lambda q, k, v: plain(q, k, v).contiguous(), (q, k, v))
+        if not switch.active:
+            return plain(q, k, v)
+        return self._with_tar(q, k, v, attn_mask, dropout_p, is_causal, scale)
+
+    def _with_tar(self, q, k, v, attn_mask, dropout_p, is_causal, scale):
+        if dropout_p or is_causal:
+            raise NotImplementedError(f"TAR attention has no dropout or causal mask (dropout_p={dropout_p}, "
+                                      f"is_causal={is_causal})")
+        layout = self.layout(q.shape[1], k.shape[1])
+        kw = dict(sigma=self.sigma, strength=self.strength, mode=self.mode, scale=scale, backend=self.backend,
+                  **layout)
+        if attn_mask is None:
+            return tar_attention(q, k, v, **kw)
+        return self._with_key_padding(q, k, v, attn_mask, kw)
+
+    def layout(self, len_q: int, len_k: int) -> dict[str, int | None]:
+        """The op's token layout for a self-attention call of ``len_q`` queries (the video tokens of the forward in
+        progress plus text where this model puts it). ValueError when the tokens do not fit the geometry."""
+        geometry = self.state.geometry
+        if geometry is None:
+            raise RuntimeError("TAR has no frame geometry: the attention ran outside the transformer's forward (its "
+                               "pre-hook reads the geometry from the input shape)")
+        video = geometry.video_tokens
+        if len_q != len_k or len_q < video or (self.text == "none" and len_q != video):
+            raise ValueError(f"TAR expected self-attention over {video} video tokens ({geometry.frames} latent frames "
+                             f"x {geometry.tokens_per_frame}){' plus text' if self.text != 'none' else ''}, got "
+                             f"{len_q} queries and {len_k} keys")
+        if self.text == "first":
+            return dict(tokens_per_frame=geometry.tokens_per_frame, video_start=len_q - video, video_tokens=None)
+        return dict(tokens_per_frame=geometry.tokens_per_frame, video_start=0, video_tokens=video)
+
+    def _with_key_padding(self, q, k, v, attn_mask: torch.Tensor, kw: dict) -> torch.Tensor:
+        """A boolean key-padding mask that keeps a prefix of the keys per batch element (HunyuanVideo's padded text,
+        which follows the video): the keys past each prefix are dropped, exactly what the mask does (the relative
+        row max runs over the kept keys). Any other mask raises."""
+        batch, len_k = k.shape[0], k.shape[1]
+        keep = attn_mask
+        if keep.dtype != torch.bool or keep.numel() != batch * len_k or keep.shape[0] != batch:
+            raise NotImplementedError(f"TAR supports only boolean key-padding masks of shape (batch, 1, 1, keys), "
+                                      f"got {keep.dtype} {tuple(keep.shape)}")
+        if torch.compiler.is_compiling():
+            raise NotImplementedError("TAR with a key-padding mask (HunyuanVideo's text padding) splits the batch by "
+                                      "each element's key count, which torch.compile cannot trace")
+        keep = keep.reshape(batch, len_k)
+        lengths = keep.sum(-1)
+        prefix = torch.arange(len_k, device=keep.device) < lengths[:, None]
+        if not torch.equal(prefix, keep):
+            raise NotImplementedError("TAR supports key-padding masks that keep a prefix of the keys (padding last)")
+        counts = lengths.tolist()
+        if len(set(counts)) == 1:
+            return tar_attention(q, k[:, :counts[0]], v[:, :counts[0]], **kw)
+        return torch.cat([tar_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], **kw)
+                          for b, n in enumerate(counts)])
+
+
+class WanTARProcessor(DiTTARProcessor):
+    """TAR for ``WanTransformer3DModel``'s ``attn1`` (``WanAttnProcessor``)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+
+
+class CogVideoXTARProcessor(DiTTARProcessor):
+    """TAR for ``CogVideoXTransformer3DModel``'s ``attn1`` (``CogVideoXAttnProcessor2_0``: text first)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+class LTXVideoTARProcessor(DiTTARProcessor):
+    """TAR for ``LTXVideoTransformer3DModel``'s ``attn1`` (``LTXVideoAttnProcessor``)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+class HunyuanVideoTARProcessor(DiTTARProcessor):
+    """TAR for ``HunyuanVideoTransformer3DModel``'s double- and single-stream ``attn`` (text last)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+PROCESSORS: dict[str, type[DiTTARProcessor]] = {
+    "WanTransformer3DModel": WanTARProcessor,
+    "CogVideoXTransformer3DModel": CogVideoXTARProcessor,
+    "LTXVideoTransformer3DModel": LTXVideoTARProcessor,
+    "HunyuanVideoTransformer3DModel": HunyuanVideoTARProcessor,
+}

@@ -1,0 +1,175 @@
+"""The video diffusion transformers TAR supports, and where their 3D self-attention and frame geometry live.
+
+A video transformer attends over one sequence of patch tokens in (latent frame, height, width) row-major order, with
+text tokens joined before it (CogVideoX), after it (HunyuanVideo) or kept in separate cross-attention (Wan, LTX-Video).
+TAR on such a model biases the *self*-attention logits by latent-frame distance: token t of the video part belongs
+to latent frame ``t // tokens_per_frame``. Each :class:`VideoTransformerSpec` says, for one diffusers class, which
+blocks hold that self-attention, where its text sits, and how a forward's arguments give the frame geometry after
+patchify. Facts from diffusers 0.42 (the processors' own code is what runs; see :mod:`.dit_processor`).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+TEXT_POSITIONS = ("none", "first", "last")
+
+
+@dataclass(frozen=True)
+class FrameGeometry:
+    """The video tokens of one forward: ``frames`` latent frames (after temporal patchify) of ``tokens_per_frame``
+    patch tokens each, row-major."""
+
+    frames: int
+    tokens_per_frame: int
+
+    @property
+    def video_tokens(self) -> int:
+        return self.frames * self.tokens_per_frame
+
+
+def _patched_grid(shape: Sequence[int], patch_t: int | None, patch_hw: int | Sequence[int]) -> FrameGeometry:
+    """(frames, height, width) latent dims divided by the patch sizes (floor, as the patch embeddings do)."""
+    frames, height, width = shape
+    p_h, p_w = (patch_hw, patch_hw) if isinstance(patch_hw, int) else tuple(patch_hw)
+    return FrameGeometry(frames // (patch_t or 1), (height // p_h) * (width // p_w))
+
+
+def _wan_geometry(model: nn.Module, args: dict[str, object]) -> FrameGeometry:
+    # hidden_states (batch, channels, frames, height, width); a Conv3d of patch_size (p_t, p_h, p_w), then flatten
+    p_t, p_h, p_w = model.config.patch_size
+    return _patched_grid(args["hidden_states"].shape[2:], p_t, (p_h, p_w))
+
+
+def _cogvideox_geometry(model: nn.Module, args: dict[str, object]) -> FrameGeometry:
+    # hidden_states (batch, frames, channels, height, width); CogVideoX 1.0 patches per frame, 1.5 by patch_size_t
+    _, frames, _, height, width = args["hidden_states"].shape
+    return _patched_grid((frames, height, width), model.config.patch_size_t, model.config.patch_size)
+
+
+def _ltx_geometry(model: nn.Module, args: dict[str, object]) -> FrameGeometry:
+    # hidden_states arrive packed (batch, tokens, channels); num_frames, height, width give the token grid (RoPE's)
+    grid = [args.get(name) for name in ("num_frames", "height", "width")]
+    if any(value is None for value in grid):
+        raise ValueError("LTXVideoTransformer3DModel needs num_frames, height and width in its forward call to place "
+                         "tokens in frames (the LTX pipelines pass them)")
+    frames, height, width = (int(value) for value in grid)
+    return FrameGeometry(frames, height * width)
+
+
+def _hunyuan_geometry(model: nn.Module, args: dict[str, object]) -> FrameGeometry:
+    # hidden_states (batch, channels, frames, height, width); a Conv3d of (patch_size_t, patch_size, patch_size)
+    return _patched_grid(args["hidden_states"].shape[2:], model.config.patch_size_t, model.config.patch_size)
+
+
+@dataclass(frozen=True)
+class VideoTransformerSpec:
+    """Where TAR goes in one diffusers video transformer class.
+
+    ``block_lists``: the ModuleList attributes of its transformer blocks, in the order the forward runs them (block
+    indices of ``apply_tar(blocks=...)`` count through them in that order); ``attention``: the attribute of each
+    block's self-attention; ``text``: where text tokens sit in that attention's sequence ("none": not there);
+    ``geometry``: the frame geometry from the forward's bound arguments.
+    """
+
+    class_name: str
+    block_lists: tuple[str, ...]
+    attention: str
+    text: str
+    geometry: Callable[[nn.Module, dict[str, object]], FrameGeometry]
+    temporal_compression: int = 4  # latent frames per 4 pixel frames (each model's VAE)
+
+
+SPECS: dict[str, VideoTransformerSpec] = {
+    spec.class_name: spec
+    for spec in (
+        VideoTransformerSpec("WanTransformer3DModel", ("blocks",), "attn1", "none", _wan_geometry),
+        VideoTransformerSpec("CogVideoXTransformer3DModel", ("transformer_blocks",), "attn1", "first",
+                             _cogvideox_geometry),
+        VideoTransformerSpec("LTXVideoTransformer3DModel", ("transformer_blocks",), "attn1", "none", _ltx_geometry),
+        VideoTransformerSpec("HunyuanVideoTransformer3DModel", ("transformer_blocks", "single_transformer_blocks"),
+                             "attn", "last", _hunyuan_geometry),
+    )
+}
+# The pipeline attributes that hold video transformers (Wan 2.2 A14B has two experts)
+PIPELINE_TRANSFORMERS = ("transformer", "transformer_2")
+
+
+def spec_of(model: object) -> VideoTransformerSpec | None:
+    """The spec of a supported video transformer (by class, subclasses included), else None."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in SPECS and cls.__module__.startswith("diffusers."):
+            return SPECS[cls.__name__]
+    return None
+
+
+def video_transformers_of(model: object) -> dict[str, nn.Module]:
+    """The supported video transformers of ``model``: {"": model} for a transformer itself, {"transformer": ...,
+    "transformer_2": ...} for a pipeline; empty when there is none (a UNet, a UNet pipeline)."""
+    if spec_of(model) is not None:
+        return {"": model}
+    found = {}
+    for name in PIPELINE_TRANSFORMERS:
+        candidate = getattr(model, name, None)
+        if candidate is not None and spec_of(candidate) is not None:
+            found[name] = candidate
+    return found
+
+
+def is_video_transformer_like(model: object) -> bool:
+    """A transformer (or a pipeline holding one) of a class TAR does not know: used for a clear error."""
+    return any(isinstance(getattr(model, name, None), nn.Module) for name in PIPELINE_TRANSFORMERS) or (
+        isinstance(model, nn.Module) and "Transformer" in type(model).__name__)
+
+
+@dataclass(frozen=True)
+class SelfAttentionLayer:
+    """One block's self-attention: its module path, the block's index in forward order, and the module."""
+
+    name: str
+    block: int
+    module: nn.Module
+
+
+def find_self_attention(model: nn.Module, spec: VideoTransformerSpec) -> list[SelfAttentionLayer]:
+    """Every block's self-attention module of ``model``, in forward order."""
+    layers = []
+    for list_name in spec.block_lists:
+        for index, block in enumerate(getattr(model, list_name)):
+            layers.append(SelfAttentionLayer(f"{list_name}.{index}.{spec.attention}", len(layers),
+                                             getattr(block, spec.attention)))
+    return layers
+
+
+def select_blocks(layers: list[SelfAttentionLayer], blocks: object) -> list[SelfAttentionLayer]:
+    """The layers of the chosen block indices (None: all). ValueError/TypeError, naming the range, for anything
+    else than distinct integers in [-n, n)."""
+    if blocks is None:
+        return layers
+    if isinstance(blocks, int | str) or not isinstance(blocks, Sequence | set | frozenset | range):
+        raise TypeError(f"blocks must be a sequence of block indices or None, got {type(blocks).__name__}")
+    count, chosen = len(layers), []
+    for index in blocks:
+        if isinstance(index, bool) or not isinstance(index, int):
+            raise TypeError(f"blocks must hold integer block indices, got {index!r}")
+        if not -count <= index < count:
+            raise ValueError(f"block index {index} is out of range: the model has {count} blocks (0..{count - 1})")
+        chosen.append(index % count)
+    if len(set(chosen)) != len(chosen):
+        raise ValueError(f"blocks lists a block twice: {list(blocks)}")
+    return [layers[i] for i in sorted(chosen)]
+
+
+_SIGNATURES: dict[type, inspect.Signature] = {}  # forward signature per class (a plain dict: torch.compile traces it)
+
+
+def bind_forward(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, object]:
+    """The forward call's arguments by name (a pre-hook sees them as given, positional or not)."""
+    cls = type(model)
+    if cls not in _SIGNATURES:
+        _SIGNATURES[cls] = inspect.signature(cls.forward)
+    return dict(_SIGNATURES[cls].bind_partial(model, *args, **kwargs).arguments)
