@@ -150,3 +150,38 @@ def test_end_to_end_smoke(tmp_path):
         (m, p) for m in ("unet3d", "animatediff") for p in ("none", "naive", "apply_tar")}
     assert all(r["status"] == "ok" and float(r["seconds"]) > 0 for r in rows)
     assert (tmp_path / "e2e_cpu.png").is_file()
+
+
+def test_providers_agree_on_a_video_transformer_layout():
+    """The long-row sweep compares like with like too: every provider biases by latent-frame distance."""
+    for mode in ("relative", "absolute"):
+        case = make_case(24, 24, 2, 16, mode, sigma=1.0, strength=2.0, tokens_per_frame=4)
+        expected = PROVIDERS["torch"].build(case)()
+        for name in ("naive", "sdpa_bias", "extension"):
+            torch.testing.assert_close(PROVIDERS[name].build(case)(), expected, rtol=2e-4, atol=2e-5,
+                                       msg=f"{name} {mode}")
+        plain = make_case(24, 24, 2, 16, mode, sigma=1.0, strength=2.0)
+        assert not torch.allclose(PROVIDERS["torch"].build(plain)(), expected, atol=1e-3)
+
+
+def test_dit_sweep_smoke(tmp_path, monkeypatch):
+    """--dit: one sequence per point, L = frames x tokens per frame, the layout columns, the modelled share of key
+    tiles the Triton kernel skips, materialising providers skipped past the cap, and the plots."""
+    from vstar_kernels.bench import sweep
+
+    monkeypatch.setitem(sweep.DIT_SERIES, "tiny", sweep.DiTSeries("tiny", 1, 16, ((4, 8), (16, 32)), sigma=0.5))
+    monkeypatch.setattr(sweep, "MATERIALISED_CAP_GIB", 1e-6)
+    args = sweep.build_parser().parse_args(["--dit", "tiny", "--modes", "relative", "--providers", "sdpa", "naive",
+                                            "extension", "--rounds", "2", "--out", str(tmp_path)])
+    assert sweep.run_from_args(args) == 0
+    rows = _rows(tmp_path / "sweep_dit.csv")
+    assert [(r["frames"], r["tokens_per_frame"], r["provider"]) for r in rows] == [
+        (L, per, p) for L, per in (("32", "8"), ("512", "32")) for p in ("sdpa", "naive", "extension")]
+    by = {(r["frames"], r["provider"]): r for r in rows}
+    assert by[("512", "naive")]["status"].startswith("unavailable: materialises")
+    assert by[("512", "extension")]["status"] == "ok" and float(by[("512", "extension")]["ratio_to_sdpa"]) > 0
+    assert all(r["batch"] == "1" and r["sigma"] == "0.5" for r in rows)
+    # sigma 0.5: frames 8+ apart have an exactly zero band; 16 frames of 32 tokens in 64-key tiles skip some
+    assert float(by[("512", "extension")]["triton_band_tiles_skipped"]) > 0.0
+    assert float(by[("32", "extension")]["triton_band_tiles_skipped"]) == 0.0  # 4 frames: all within reach
+    assert (tmp_path / "sweep_dit_time_cpu.png").is_file()

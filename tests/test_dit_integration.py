@@ -13,6 +13,7 @@ import copy
 import math
 import pickle
 import re
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -192,8 +193,13 @@ def test_remove_restores_processors_and_output_exactly(case):
     before = {name: module.processor for name, module in self_attention_modules(model, case).items()}
     expected, _ = run_recording(model, case, inputs)
     apply_tar(model, sigma=1.0, timesteps="all")
-    assert all(isinstance(m.processor, DiTTARProcessor) for m in self_attention_modules(model, case).values())
+    installed = [m.processor for m in self_attention_modules(model, case).values()]
+    assert all(isinstance(p, DiTTARProcessor) for p in installed)
+    run_recording(model, case, inputs)
+    routes = {p._routed[2] for p in installed}
+    assert len(routes) == len(installed) and routes <= set(sys.modules)
     assert remove_tar(model) and not remove_tar(model)
+    assert not routes & set(sys.modules)  # the routed copies' modules are unregistered
     assert tar_state(model) is None
     assert all(m.processor is before[n] for n, m in self_attention_modules(model, case).items())
     assert not model._forward_pre_hooks

@@ -6,12 +6,13 @@ definition.
 """
 
 from ._version import __version__
-from .contract import MODES, TARParams
+from .contract import MODES, TARParams, TokenFrames
 from .ops import tar_attention
 from .reference import gaussian_delta, tar_attention_probs, tar_attention_reference
 from .synopsis import SYNOPSIS_TEMPLATE, generate_synopsis, parse_synopsis, synopsis_embeddings
 
-_DIFFUSERS_EXPORTS = ("POSITION_MODES", "PRESETS", "TARAttnProcessor", "TARHandle", "apply_synopsis", "apply_tar",
+_DIFFUSERS_EXPORTS = ("POSITION_MODES", "PRESETS", "DiTTARHandle", "TARAttnProcessor", "TARHandle", "apply_synopsis",
+                      "apply_tar",
                       "extend_frame_positions", "plot_temporal_attention", "record_temporal_attention",
                       "remove_synopsis", "remove_tar", "restore_frame_positions")
 
@@ -30,6 +31,7 @@ __all__ = [
     "MODES",
     "SYNOPSIS_TEMPLATE",
     "TARParams",
+    "TokenFrames",
     "__version__",
     "gaussian_delta",
     "generate_synopsis",

@@ -247,6 +247,40 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
     )
 
 
+def band_tiles_skipped(length: int, tokens_per_frame: int, sigma: float, head_dim: int, mode: str = "relative",
+                       dtype: torch.dtype = torch.float16, video_start: int = 0,
+                       video_tokens: int | None = None) -> float:
+    """The share of (query block, key tile) pairs whose band the forward kernel skips for a self-attention call of
+    ``length`` tokens with this layout (:func:`band_reaches`, evaluated on the host with the launcher's tiles): the
+    closest frames of the two are so far apart that the Gaussian is exactly zero in fp32. A model of the kernel's
+    branch, for benchmarks and the README; the kernel's own predicate is tested against the reference."""
+    from ..contract import make_params
+
+    params = make_params(head_dim, sigma=sigma, mode=mode, tokens_per_frame=tokens_per_frame,
+                         video_start=video_start, video_tokens=video_tokens)
+    if not params.framed:
+        return 0.0
+    cfg = block_config(length, length, head_dim, mode, dtype)
+    layout = params.layout
+    frames = layout.frames(length).to(torch.float64)
+    framed = layout.framed_mask(length)
+
+    def ranges(block: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pad = -length % block
+        lo = torch.where(framed, frames, torch.inf)
+        hi = torch.where(framed, frames, -torch.inf)
+        lo = torch.nn.functional.pad(lo, (0, pad), value=torch.inf).view(-1, block).amin(1)
+        hi = torch.nn.functional.pad(hi, (0, pad), value=-torch.inf).view(-1, block).amax(1)
+        return lo, hi
+
+    row_lo, row_hi = ranges(cfg.block_m)
+    col_lo, col_hi = ranges(cfg.block_n)
+    gap = torch.maximum(torch.maximum(col_lo[None, :] - row_hi[:, None], row_lo[:, None] - col_hi[None, :]),
+                        torch.zeros(()))
+    skipped = gap * gap * params.gauss_log2_coeff >= BAND_ZERO_EXPONENT
+    return skipped.double().mean().item()
+
+
 # ------------------------------------------------------------------------------------------- launch limits
 def vector_width(head_dim: int, *tensors: torch.Tensor) -> int:
     """Elements per 16-byte vector when every (batch, frame, head) row of every tensor starts 16-byte aligned and is

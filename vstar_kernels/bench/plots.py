@@ -43,7 +43,7 @@ def _lines(rows: list[dict], value: str) -> dict[str, list[tuple[int, float]]]:
     return {p: sorted(points) for p, points in by_provider.items()}
 
 
-def _grid(rows: list[dict], value: str, ylabel: str, title: str, path: Path) -> Path | None:
+def _grid(rows: list[dict], value: str, ylabel: str, title: str, path: Path, xlabel: str = "frames") -> Path | None:
     panels = sorted({(r["shape"], r["mode"]) for r in rows if r.get(value)}, key=lambda p: (p[0], p[1] != "relative"))
     if not panels:
         return None
@@ -68,7 +68,7 @@ def _grid(rows: list[dict], value: str, ylabel: str, title: str, path: Path) -> 
             if j == 0:
                 ax.set_ylabel(ylabel)
             if i == len(shapes) - 1:
-                ax.set_xlabel("frames")
+                ax.set_xlabel(xlabel)
     handles, labels = {}, {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
@@ -92,11 +92,13 @@ def plot_sweep(csv_path: Path, run_id: str | None, out: Path, prefix: str = "swe
     device, meta = rows[0]["device"], rows[0]
     tag = f"{meta['device_name'] or device}, torch {meta['torch']}, {meta['dtype']}, {meta['timestamp']}"
     what = "forward+backward" if "backward" in prefix else "forward"
+    dit = prefix.startswith("sweep_dit")
+    kind, xlabel = ("TAR on DiT 3D attention", "tokens L") if dit else ("TAR temporal attention", "frames")
     written = [
-        _grid(rows, "median_ms", "median ms per call", f"TAR temporal attention: {what} time ({tag})",
-              out / f"{prefix}_time_{device}.png"),
-        _grid(rows, "peak_mib", "peak MiB (one call)", f"TAR temporal attention: {what} peak memory ({tag})",
-              out / f"{prefix}_memory_{device}.png"),
+        _grid(rows, "median_ms", "median ms per call", f"{kind}: {what} time ({tag})",
+              out / f"{prefix}_time_{device}.png", xlabel),
+        _grid(rows, "peak_mib", "peak MiB (one call)", f"{kind}: {what} peak memory ({tag})",
+              out / f"{prefix}_memory_{device}.png", xlabel),
     ]
     return [p for p in written if p is not None]
 

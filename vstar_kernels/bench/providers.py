@@ -32,23 +32,31 @@ class Case:
     mode: str
     sigma: float = 8.0
     strength: float = 1.0
+    tokens_per_frame: int = 1  # > 1: a video transformer's 3D attention, the band over latent-frame distance
 
     @property
     def scale(self) -> float:
         return self.q.shape[-1] ** -0.5
 
+    @property
+    def layout(self) -> dict[str, int]:
+        """The op's token layout arguments of this case."""
+        return {"tokens_per_frame": self.tokens_per_frame}
+
 
 def make_case(tokens: int, frames: int, heads: int, head_dim: int, mode: str, *, dtype: torch.dtype = torch.float32,
               device: str | torch.device = "cpu", sigma: float = 8.0, strength: float = 1.0,
-              requires_grad: bool = False) -> Case:
+              requires_grad: bool = False, tokens_per_frame: int = 1) -> Case:
     """``tokens // frames`` sequences (B·H·W of a latent) of ``frames`` frames, as views of one fused QKV projection
-    (a leaf that requires grad with ``requires_grad``, as in training)."""
+    (a leaf that requires grad with ``requires_grad``, as in training). With ``tokens_per_frame`` > 1 a sequence is a
+    video transformer's: ``frames`` tokens in frames of ``tokens_per_frame`` (pass ``tokens == frames`` for one
+    sequence)."""
     batch = max(1, tokens // frames)
     gen = torch.Generator().manual_seed(0)
     fused = torch.randn(batch, frames, 3 * heads * head_dim, generator=gen).to(device=device, dtype=dtype)
     fused.requires_grad_(requires_grad)
     q, k, v = (t.view(batch, frames, heads, head_dim) for t in fused.split(heads * head_dim, dim=-1))
-    return Case(q, k, v, mode=mode, sigma=sigma, strength=strength)
+    return Case(q, k, v, mode=mode, sigma=sigma, strength=strength, tokens_per_frame=tokens_per_frame)
 
 
 def forward_backward(forward: Thunk, case: Case) -> Thunk:
@@ -87,14 +95,14 @@ def _sdpa(case: Case) -> Thunk:
 def _naive(case: Case) -> Thunk:
     """The official method's order of operations: S, ΔA and the biased scores all materialised."""
     return lambda: tar_attention_reference(case.q, case.k, case.v, sigma=case.sigma, strength=case.strength,
-                                           mode=case.mode, upcast=False)
+                                           mode=case.mode, upcast=False, **case.layout)
 
 
 def _sdpa_bias(case: Case) -> Thunk:
     """SDPA with a materialised bias: per row (batch·heads·F·F, needs S first) in relative mode, one F×F in absolute."""
     q, k, v = _heads_first(case.q, case.k, case.v)
     lq, lk = q.shape[-2], k.shape[-2]
-    gauss = gaussian_delta(lq, lk, sigma=case.sigma, dtype=q.dtype, device=q.device)
+    gauss = gaussian_delta(lq, lk, sigma=case.sigma, dtype=q.dtype, device=q.device, **case.layout)
 
     def relative() -> torch.Tensor:
         row_max = (q @ k.transpose(-1, -2)).amax(dim=-1, keepdim=True) * case.scale
@@ -116,9 +124,10 @@ def _flex(case: Case) -> Thunk:
     q, k, v = _heads_first(case.q, case.k, case.v)
     coeff = 1.0 / (2.0 * case.sigma * case.sigma)
     strength = case.strength
+    per_frame = case.tokens_per_frame
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        dist = (q_idx - kv_idx).to(torch.float32)
+        dist = (q_idx // per_frame - kv_idx // per_frame).to(torch.float32)
         return score + strength * torch.exp(-dist * dist * coeff)
 
     flex = _compiled_flex()
@@ -134,7 +143,7 @@ def _flex_unavailable(case: Case) -> str | None:
 def _backend(name: str) -> Callable[[Case], Thunk]:
     def build(case: Case) -> Thunk:
         return lambda: tar_attention(case.q, case.k, case.v, sigma=case.sigma, strength=case.strength,
-                                     mode=case.mode, backend=name)
+                                     mode=case.mode, backend=name, **case.layout)
 
     return build
 
@@ -142,7 +151,7 @@ def _backend(name: str) -> Callable[[Case], Thunk]:
 def _backend_unavailable(name: str) -> Callable[[Case], str | None]:
     def unavailable(case: Case) -> str | None:
         return why_not(name, case.q, make_params(case.q.shape[-1], sigma=case.sigma, strength=case.strength,
-                                                   mode=case.mode))
+                                                   mode=case.mode, **case.layout))
 
     return unavailable
 
@@ -151,7 +160,7 @@ def _xformers(case: Case) -> Thunk:
     import xformers.ops as xops
 
     q, k, v = case.q, case.k, case.v  # xformers takes (batch, frames, heads, dim) directly
-    gauss = gaussian_delta(q.shape[1], k.shape[1], sigma=case.sigma, dtype=q.dtype, device=q.device)
+    gauss = gaussian_delta(q.shape[1], k.shape[1], sigma=case.sigma, dtype=q.dtype, device=q.device, **case.layout)
 
     def run() -> torch.Tensor:
         if case.mode == "relative":

@@ -2,6 +2,7 @@
 
     vstar-kernels bench [--shapes ...] [--frames 16 ... 512] [--providers ...] [--modes relative absolute]
                         [--tokens 8192] [--rounds 10] [--memory first|all|none] [--out bench-results]
+    vstar-kernels bench --dit dit-d128-16frames ...   (long rows: a video transformer's 3D attention, 4k-32k tokens)
     python -m bench.sweep ...        (in the repository: the same options, writing into bench/results)
 
 Per point (shape, frames, mode) the available providers are timed in the same interleaved rounds (median, p20, p80;
@@ -52,12 +53,41 @@ SHAPES: dict[str, Shape] = {
     )
 }
 DEFAULT_FRAMES = (16, 32, 64, 128, 256, 512)
+
+
+@dataclass(frozen=True)
+class DiTSeries:
+    """Long rows of a video transformer's 3D attention: one sequence of ``frames x tokens_per_frame`` tokens per
+    point, ``heads x head_dim`` (one Wan-sized head: 128 channels; a CPU sweep of 32k tokens needs minutes per head)."""
+
+    name: str
+    heads: int
+    head_dim: int
+    points: tuple[tuple[int, int], ...]  # (latent frames, tokens per frame)
+    sigma: float = 2.0
+
+
+DIT_SERIES: dict[str, DiTSeries] = {
+    s.name: s
+    for s in (
+        DiTSeries("dit-d128-16frames", 1, 128, ((16, 256), (16, 512), (16, 1024), (16, 2048))),
+        DiTSeries("dit-d128-2048perframe", 1, 128, ((1, 2048), (2, 2048), (4, 2048), (8, 2048), (16, 2048))),
+        DiTSeries("dit-d128-16frames-sigma0.5", 1, 128, ((16, 256), (16, 512), (16, 1024), (16, 2048)), sigma=0.5),
+    )
+}
+# Providers that materialise Lq x Lk tensors are skipped beyond this estimate (a 2-core, 24 GiB machine)
+MATERIALISED_CAP_GIB = 12.0
+# bytes per Lq x Lk element: the naive reference (fp32 scores, biased scores, probabilities, plus the float64 band it
+# builds), SDPA with a materialised bias (the float64 band, the fp32 bias and, relative, the fp32 scores for the max)
+MATERIALISED_BYTES = {"naive": 36, "sdpa_bias": 32}
 FLOOR = "sdpa"
 CSV_FIELDS = (
     "run_id", "timestamp", "device", "device_name", "vstar_kernels", "torch", "triton", "shape", "heads", "head_dim",
     "batch", "frames", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "ratio_to_sdpa",
     "peak_mib", "min_bytes", "gflop", "achieved_gbs", "bandwidth_share",
 )
+# the long-row sweep (sweep_dit.csv): "frames" holds the sequence length L, plus the layout and the band
+DIT_CSV_FIELDS = (*CSV_FIELDS, "latent_frames", "tokens_per_frame", "sigma", "triton_band_tiles_skipped")
 
 
 def _version(name: str) -> str:
@@ -91,7 +121,8 @@ def _child(payload: dict) -> dict:
     """Subprocess entry (CPU memory): build the point, run the provider once, report the RSS growth."""
     backward = payload.get("backward", False)
     case = make_case(payload["tokens"], payload["frames"], payload["heads"], payload["head_dim"], payload["mode"],
-                     requires_grad=backward)
+                     requires_grad=backward, sigma=payload.get("sigma", 8.0),
+                     tokens_per_frame=payload.get("tokens_per_frame", 1))
     thunk = _thunk(PROVIDERS[payload["provider"]], case, backward)
     try:
         return {"status": "ok", "peak_mib": round(peak_in_process(thunk, case.q.device), 1)}
@@ -105,11 +136,14 @@ def _thunk(provider, case, backward: bool):
 
 
 def measure_point(shape: Shape, frames: int, mode: str, providers: list[str], *, tokens: int, rounds: int,
-                  device: torch.device, dtype: torch.dtype, memory: bool, backward: bool = False) -> list[dict]:
+                  device: torch.device, dtype: torch.dtype, memory: bool, backward: bool = False,
+                  tokens_per_frame: int = 1, sigma: float = 8.0) -> list[dict]:
     """Rows for one (shape, frames, mode): every provider timed side by side, with memory when asked; with
-    ``backward``, forward plus the backward to q, k and v."""
+    ``backward``, forward plus the backward to q, k and v. ``tokens_per_frame`` > 1: one video transformer sequence of
+    ``frames`` tokens (pass ``tokens == frames``); providers that materialise it beyond MATERIALISED_CAP_GIB are
+    skipped."""
     case = make_case(tokens, frames, shape.heads, shape.head_dim, mode, dtype=dtype, device=device,
-                     requires_grad=backward)
+                     requires_grad=backward, sigma=sigma, tokens_per_frame=tokens_per_frame)
     batch = case.q.shape[0]
     min_bytes, gflop = analytic(batch, frames, shape.heads, shape.head_dim, dtype)
     base = {"shape": shape.name, "heads": shape.heads, "head_dim": shape.head_dim, "batch": batch, "frames": frames,
@@ -118,7 +152,7 @@ def measure_point(shape: Shape, frames: int, mode: str, providers: list[str], *,
     thunks = {}
     for name in providers:
         provider = PROVIDERS[name]
-        reason = provider.unavailable(case)
+        reason = provider.unavailable(case) or _over_cap(name, case, tokens_per_frame)
         if reason is not None:
             rows[name] = {**base, "provider": name, "status": f"unavailable: {reason}"}
             continue
@@ -145,7 +179,8 @@ def measure_point(shape: Shape, frames: int, mode: str, providers: list[str], *,
                 rows[name]["peak_mib"] = round(peak_in_process(thunks[name], device), 1)
             else:
                 payload = {"tokens": tokens, "frames": frames, "heads": shape.heads, "head_dim": shape.head_dim,
-                           "mode": mode, "provider": name, "backward": backward}
+                           "mode": mode, "provider": name, "backward": backward, "sigma": sigma,
+                           "tokens_per_frame": tokens_per_frame}
                 result = run_child("vstar_kernels.bench.sweep", payload)
                 if result["status"] == "ok":
                     rows[name]["peak_mib"] = result["peak_mib"]
@@ -153,6 +188,57 @@ def measure_point(shape: Shape, frames: int, mode: str, providers: list[str], *,
                     rows[name]["status"] = result["status"]
     # providers that ran out of memory before timing still get a row; memory of a failed probe stays empty
     return [rows[name] for name in providers]
+
+
+def _over_cap(name: str, case, tokens_per_frame: int) -> str | None:
+    """Why a materialising provider is skipped at a long-row point (None: it runs)."""
+    if tokens_per_frame == 1 or name not in MATERIALISED_BYTES:
+        return None
+    elements = case.q.shape[0] * case.q.shape[2] * case.q.shape[1] * case.k.shape[1]
+    gib = elements * MATERIALISED_BYTES[name] / 2**30
+    return f"materialises ~{gib:.0f} GiB (cap {MATERIALISED_CAP_GIB:g} GiB)" if gib > MATERIALISED_CAP_GIB else None
+
+
+def run_dit(args: argparse.Namespace) -> Path:
+    """The long-row sweep: each DiT series point (latent frames x tokens per frame) with every provider, side by
+    side, into ``sweep_dit.csv`` and ``sweep_dit_{time,memory}_<device>.png``."""
+    from rich.console import Console
+    from rich.progress import track
+
+    from vstar_kernels.backends.triton_tar import band_tiles_skipped
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    console = Console(stderr=True)
+    meta = run_metadata(device)
+    out = Path(args.out)
+    csv_path = out / "sweep_dit.csv"
+    points = [(DIT_SERIES[name], point, mode) for name in args.dit for mode in args.modes
+              for point in DIT_SERIES[name].points]
+    for index, (series, (latent, per_frame), mode) in enumerate(track(points, description="dit sweep",
+                                                                      console=console)):
+        length = latent * per_frame
+        shape = Shape(series.name, series.heads, series.head_dim)
+        memory = args.memory == "all" or (args.memory == "first" and series.name == args.dit[0])
+        rows = measure_point(shape, length, mode, args.providers, tokens=length, rounds=args.rounds, device=device,
+                             dtype=dtype, memory=memory, tokens_per_frame=per_frame, sigma=series.sigma)
+        skipped = band_tiles_skipped(length, per_frame, series.sigma, series.head_dim, mode, dtype)
+        for row in rows:
+            row.update(latent_frames=latent, tokens_per_frame=per_frame, sigma=series.sigma,
+                       triton_band_tiles_skipped=round(skipped, 4))
+        append_csv(csv_path, rows, meta, DIT_CSV_FIELDS)
+        summary = ", ".join(
+            f"{r['provider']} {r['ratio_to_sdpa']:.2f}x" if "ratio_to_sdpa" in r else f"{r['provider']} "
+            f"{'oom' if r['status'] == OOM else 'n/a'}" for r in rows if r["provider"] != FLOOR)
+        floor = next((r.get("median_ms") for r in rows if r["provider"] == FLOOR), None)
+        console.print(f"[{index + 1}/{len(points)}] {series.name} {latent}x{per_frame} (L={length}) {mode}: "
+                      f"sdpa {floor} ms; {summary}; triton skips {skipped:.0%} of key tiles")
+    if not args.no_plot:
+        from vstar_kernels.bench.plots import plot_sweep
+
+        for png in plot_sweep(csv_path, meta["run_id"], out, prefix="sweep_dit"):
+            console.print(f"wrote {png}")
+    return csv_path
 
 
 def run_metadata(device: torch.device) -> dict[str, str]:
@@ -234,6 +320,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None, default_out: Pat
     parser.add_argument("--out", default=str(default_out), help=f"output folder (default {default_out})")
     parser.add_argument("--backward", action="store_true",
                         help="time forward + backward (gradients of q, k, v, as in training) into sweep_backward.csv")
+    parser.add_argument("--dit", nargs="+", choices=list(DIT_SERIES), default=None,
+                        help="the long-row sweep instead: video-transformer 3D attention series (sweep_dit.csv)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
@@ -246,7 +334,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
-    run(args)
+    if args.dit:
+        run_dit(args)
+    else:
+        run(args)
     return 0
 
 

@@ -1,4 +1,6 @@
-"""diffusers integration: ``apply_tar(pipe.unet)`` / ``remove_tar`` for every diffusers video UNet.
+"""diffusers integration: ``apply_tar(pipe.unet)`` / ``remove_tar`` for every diffusers video UNet, and
+``apply_tar(pipe.transformer, sigma=...)`` for the video diffusion transformers Wan, CogVideoX, LTX-Video and
+HunyuanVideo (the band over latent-frame distance on their 3D self-attention; an extension beyond the paper).
 
 Importing this package checks that the installed diffusers is in the supported range (SUPPORTED_DIFFUSERS, the
 same range as the ``diffusers`` extra in pyproject.toml).
@@ -31,6 +33,8 @@ DIFFUSERS_VERSION = _check_diffusers()
 from ..presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from .analysis import TemporalAttentionMaps, plot_temporal_attention, record_temporal_attention  # noqa: E402
 from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
+from .dit_patching import DiTTARHandle  # noqa: E402
+from .dit_processor import DiTTARProcessor  # noqa: E402
 from .patching import TARHandle, apply_tar, remove_tar, tar_state  # noqa: E402
 from .positions import (  # noqa: E402
     POSITION_MODES,
@@ -41,12 +45,16 @@ from .positions import (  # noqa: E402
 )
 from .processor import MaterialisedTARProcessor, TARAttnProcessor, TARSwitch  # noqa: E402
 from .synopsis import SynopsisCrossAttnProcessor, SynopsisHandle, apply_synopsis, remove_synopsis  # noqa: E402
+from .video_transformers import SPECS as VIDEO_TRANSFORMERS  # noqa: E402
 
 __all__ = [
     "DEFAULT_PRESET",
     "POSITION_MODES",
     "PRESETS",
     "TEMPORAL_CONTAINERS",
+    "VIDEO_TRANSFORMERS",
+    "DiTTARHandle",
+    "DiTTARProcessor",
     "FramePositionEmbedding",
     "MaterialisedTARProcessor",
     "SynopsisCrossAttnProcessor",

@@ -158,6 +158,8 @@ def remove_transformer_tar(transformer: nn.Module) -> bool:
         return current is patch.installed[name]
 
     restore_processors(transformer, patch.originals, still_ours)
+    for installed in patch.installed.values():
+        installed.release()
     remove_pre_hook(transformer, patch.gate)
     return True
 

@@ -73,7 +73,7 @@ class DiTTARProcessor:
         self.backend = backend
         self.text = text
         self.state = state
-        self._routed: tuple[types.FunctionType, object] | None = None
+        self._routed: tuple[types.FunctionType, object, str] | None = None
         routed_names(original)  # fail now, not at the first forward
 
     def __repr__(self) -> str:
@@ -108,12 +108,18 @@ class DiTTARProcessor:
         """The original processor's ``__call__`` on ``attn`` and ``args``, its attention routed here."""
         if self._routed is None:
             self._routed = self._route()
-        call, _ = self._routed
+        call = self._routed[0]
         return call(self.original, attn, *args)
 
-    def _route(self) -> tuple[types.FunctionType, object]:
+    def release(self) -> None:
+        """Forget the routed copy and unregister its module (``remove_tar`` calls this)."""
+        if self._routed is not None:
+            sys.modules.pop(self._routed[2], None)
+            self._routed = None
+
+    def _route(self) -> tuple[types.FunctionType, object, str]:
         """(a copy of the original ``__call__`` whose attention name resolves to this processor, the original
-        attention function)."""
+        attention function, the name of the module holding the copy's globals)."""
         fn = type(self.original).__call__
         module = types.ModuleType(f"{fn.__globals__['__name__']}.vstar_tar_route_{next(_ROUTED_IDS)}")
         scope = module.__dict__
@@ -135,12 +141,12 @@ class DiTTARProcessor:
         sys.modules[module.__name__] = module
         call = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
         call.__kwdefaults__ = fn.__kwdefaults__
-        return call, original_attention
+        return call, original_attention, module.__name__
 
     def _dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False, *args, **kwargs):
         """Stands in for ``dispatch_attention_fn``: (batch, tokens, heads, head_dim) in and out."""
-        _, original = self._routed
+        original = self._routed[1]
 
         def plain(q, k, v):
             return original(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args, **kwargs)
@@ -153,7 +159,7 @@ class DiTTARProcessor:
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False):
         """Stands in for ``F.scaled_dot_product_attention``: (batch, heads, tokens, head_dim) in and out."""
-        _, original = self._routed
+        original = self._routed[1]
 
         def plain(q, k, v):
             return original(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
