@@ -361,3 +361,21 @@ def test_wan_pipeline_end_to_end():
     assert handle.state().geometry.frames == 5 and handle.state().geometry.tokens_per_frame == 4
     assert remove_tar(pipe)
     assert torch.equal(run(), baseline)
+
+
+def test_wan22_pipeline_patches_both_experts():
+    """Wan 2.2 A14B runs two transformers (high-noise and low-noise experts): apply_tar on the pipeline patches both,
+    tar_state / remove_tar cover both."""
+    pipe = tiny.wan_pipeline()
+    pipe.register_modules(transformer_2=tiny.tiny_wan_transformer())
+    pipe.register_to_config(boundary_ratio=0.5)
+    handle = apply_tar(pipe, sigma=1.0, blocks=[0])
+    assert set(handle.layers) == {"transformer.blocks.0.attn1", "transformer_2.blocks.0.attn1"}
+    assert tar_state(pipe.transformer) is handle and tar_state(pipe.transformer_2) is handle
+    assert handle.state("transformer") is not handle.state("transformer_2")  # each expert's own switch
+    frames = pipe("w3", height=32, width=32, num_frames=9, num_inference_steps=2, output_type="pt",
+                  max_sequence_length=8, generator=torch.Generator().manual_seed(0)).frames
+    assert torch.isfinite(frames).all()
+    assert remove_tar(pipe)
+    assert not any(isinstance(m.processor, DiTTARProcessor) for t in (pipe.transformer, pipe.transformer_2)
+                   for m in t.modules() if hasattr(m, "processor"))

@@ -76,11 +76,13 @@ DIT_SERIES: dict[str, DiTSeries] = {
     )
 }
 # Providers that materialise Lq x Lk tensors are skipped beyond this estimate (a 2-core, 24 GiB machine)
-MATERIALISED_CAP_GIB = 12.0
+MATERIALISED_CAP_GIB = 8.0
 # bytes per Lq x Lk element: the naive reference (fp32 scores, biased scores, probabilities, plus the float64 band it
 # builds), SDPA with a materialised bias (the float64 band, the fp32 bias and, relative, the fp32 scores for the max)
 MATERIALISED_BYTES = {"naive": 36, "sdpa_bias": 32}
 FLOOR = "sdpa"
+# The long-row sweep leaves out the torch fallback by default: memory-bounded, not fast (~10x SDPA at 8k tokens)
+DIT_PROVIDERS = ("sdpa", "naive", "sdpa_bias", "flex", "xformers", "triton", "extension")
 CSV_FIELDS = (
     "run_id", "timestamp", "device", "device_name", "vstar_kernels", "torch", "triton", "shape", "heads", "head_dim",
     "batch", "frames", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "ratio_to_sdpa",
@@ -308,7 +310,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None, default_out: Pat
     parser = parser or argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--frames", type=int, nargs="+", default=list(DEFAULT_FRAMES))
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=None,
+                        help="default: every provider (--dit: those of DIT_PROVIDERS)")
     parser.add_argument("--modes", nargs="+", choices=["relative", "absolute"], default=["relative", "absolute"])
     parser.add_argument("--tokens", type=int, default=8192, help="batch*frames per point (B*H*W*F of a latent)")
     parser.add_argument("--rounds", type=int, default=10)
@@ -321,7 +324,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None, default_out: Pat
     parser.add_argument("--backward", action="store_true",
                         help="time forward + backward (gradients of q, k, v, as in training) into sweep_backward.csv")
     parser.add_argument("--dit", nargs="+", choices=list(DIT_SERIES), default=None,
-                        help="the long-row sweep instead: video-transformer 3D attention series (sweep_dit.csv)")
+                        help="the long-row sweep instead: video-transformer 3D attention series (sweep_dit.csv); "
+                             f"default providers {' '.join(DIT_PROVIDERS)}")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
@@ -334,6 +338,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    args.providers = args.providers or list(DIT_PROVIDERS if args.dit else PROVIDERS)
     if args.dit:
         run_dit(args)
     else:

@@ -85,6 +85,10 @@ FRAME_COUNTS: tuple[int, ...] = tuple(sorted(
     {n for p in range(12) for n in (2**p - 1, 2**p, 2**p + 1) if 1 <= n <= 2048} | {14, 24, 25, 100, 1000}
 ))
 STRENGTHS: tuple[float, ...] = (1.0, 0.0)  # biased, and strength == 0 (launched as absolute with a zero bias)
+# Long rows (a video transformer's 3D attention) launch the framed kernels (FRAMED: tokens in frames, text without a
+# frame, band-tile skipping); their tiles do not depend on the length past one tile, so one length covers them.
+LONG_ROW = 1024
+FRAMED_LAYOUT = {"tokens_per_frame": 256, "video_start": 0, "video_tokens": 768}
 BACKWARD_DTYPES: tuple[str, ...] = ("fp16", "bf16")  # the dtypes the Triton backward kernels are launched for
 
 # Representative calls (see the module docstring): (batch, frames, heads, head_dim) shape and strides.
@@ -133,10 +137,11 @@ class Spec:
         bwd_dq-relative."""
         flags = dict(self.constexprs)
         mode = "relative" if flags["RELATIVE"] else "absolute"
+        framed = "+framed" if flags.get("FRAMED") else ""
         if self.kernel != FORWARD_KERNEL:
-            return f"{self.kernel.removeprefix('_tar_')}-{mode}"
+            return f"{self.kernel.removeprefix('_tar_')}-{mode}{framed}"
         variant = "relative-2pass" if flags["RELATIVE"] and flags["TWO_PASS"] else mode
-        return variant + ("+stats" if flags.get("SAVE_STATS") else "")
+        return variant + framed + ("+stats" if flags.get("SAVE_STATS") else "")
 
 
 def reachable_configs() -> list[tuple[BlockConfig, str, str]]:
@@ -163,6 +168,14 @@ def reachable_training_forward_configs() -> list[tuple[BlockConfig, str, str]]:
     statistics): ``training_block_config`` of the inference configs, for the dtypes the fused backward takes."""
     return [(training_block_config(cfg), mode, dtype) for cfg, mode, dtype in reachable_configs()
             if dtype in BACKWARD_DTYPES]
+
+
+def reachable_framed_configs() -> list[tuple[BlockConfig, object, str, str]]:
+    """(forward config, backward config, mode, dtype) of long-row calls, the ones that run the framed kernels."""
+    found = {(block_config(LONG_ROW, LONG_ROW, head_dim, mode, DTYPES[dtype]),
+              backward_block_config(LONG_ROW, head_dim, DTYPES[dtype]), mode, dtype)
+             for dtype in DTYPES for head_dim in HEAD_DIMS for mode in MODES}
+    return sorted(found, key=lambda item: (_config_key(item[0]), item[1].block_n, item[2], item[3]))
 
 
 def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list[Spec]:
@@ -195,6 +208,17 @@ def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list
             triton_tar_backward.backward(*tensors, params, config=config, residuals=saved)
             while calls:
                 specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
+        for value_class, (config, backward_config, mode, dtype) in itertools.product(value_classes,
+                                                                                    reachable_framed_configs()):
+            params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, mode=mode, **FRAMED_LAYOUT)
+            tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
+            triton_tar._launch((1, 1), *tensors, params, config)
+            specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
+            if dtype in BACKWARD_DTYPES:
+                saved = (tensors[0], _representative_tensor(torch.float32, value_class))
+                triton_tar_backward.backward(*tensors, params, config=backward_config, residuals=saved)
+                while calls:
+                    specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
     return sorted(specs, key=_spec_key)
 
 
@@ -206,6 +230,17 @@ REALISTIC_MODELS: dict[str, tuple[tuple[int, int], ...]] = {
     "modelscope": ((5, 64), (10, 64), (20, 64)),
 }
 REALISTIC_FRAMES: tuple[int, ...] = (14, 16, 24, 25, 64, 128, 256)
+# Video transformers' 3D self-attention at released resolutions: (heads, head_dim, tokens, tokens per frame, text
+# tokens, text first). Wan 2.1 480p 81 frames: 21 latent frames of 30 x 52 patches; CogVideoX-5b 49 frames 480x720:
+# 226 text tokens, then 13 x 30 x 45; LTX-Video 121 frames 704x480: 16 x 22 x 15; HunyuanVideo 129 frames 544x960:
+# 33 x 34 x 60, then 256 text tokens.
+REALISTIC_DIT: dict[str, tuple[int, int, int, int, int, bool]] = {
+    "wan-1.3b": (12, 128, 21 * 1560, 1560, 0, False),
+    "wan-14b": (40, 128, 21 * 1560, 1560, 0, False),
+    "cogvideox-5b": (48, 64, 226 + 13 * 1350, 1350, 226, True),
+    "ltx-video": (32, 64, 16 * 330, 330, 0, False),
+    "hunyuanvideo": (24, 128, 33 * 2040 + 256, 2040, 256, False),
+}
 # How q, k, v reach the op: views of separate to_q/to_k/to_v outputs (the processor), or of one fused QKV output.
 LAYOUTS: tuple[str, ...] = ("projection", "fused_qkv")
 REALISTIC_ARCHS: tuple[int, ...] = (80, 86, 89, 90)
@@ -244,6 +279,15 @@ def realistic_specialisations() -> dict[Spec, list[str]]:
                 triton_tar._launch((1,), q, k, v, out, params, config)
                 spec = _spec_from_call(dtype, REALISTIC, *calls.pop())
                 found.setdefault(spec, []).append(f"{model} {heads}x{head_dim} F={frames} {layout} {dtype} {mode}")
+        for (model, (heads, head_dim, tokens, per_frame, text, text_first)), dtype, mode in itertools.product(
+                REALISTIC_DIT.items(), DTYPES, MODES):
+            q, k, v, out = realistic_tensors("projection", tokens, heads, head_dim, DTYPES[dtype], batch=1)
+            params = make_params(head_dim, sigma=2.0, strength=1.0, mode=mode, tokens_per_frame=per_frame,
+                                 video_start=text if text_first else 0, video_tokens=tokens - text)
+            config = block_config(tokens, tokens, head_dim, mode, DTYPES[dtype])
+            triton_tar._launch((1,), q, k, v, out, params, config)
+            spec = _spec_from_call(dtype, REALISTIC, *calls.pop())
+            found.setdefault(spec, []).append(f"{model} {heads}x{head_dim} L={tokens} {dtype} {mode}")
     return dict(sorted(found.items(), key=lambda item: _spec_key(item[0])))
 
 
