@@ -184,6 +184,31 @@ inline void store_row(const float* src, int64_t n, float mul, scalar_t* dst, int
   for (int64_t c = 0; c < n; ++c) dst[c * stride] = static_cast<scalar_t>(src[c] * mul);
 }
 
+// K^T (d rows of stride ld_k) and V (Lk rows of stride ld_v) of the (batch b, head h) slice, widened to fp32, with
+// zero padding: what the forward kernels multiply against, packed once per run of tasks sharing the slice.
+template <typename scalar_t>
+inline void pack_keys_values(const TARParams& p, const scalar_t* k, const scalar_t* v, int64_t b, int64_t h,
+                             float* kt, int64_t ld_k, float* vp, int64_t ld_v) {
+  const Strided<scalar_t> ks{k + b * p.k.batch + h * p.k.head, p.k.frame, p.k.dim};
+  const Strided<scalar_t> vs{v + b * p.v.batch + h * p.v.head, p.v.frame, p.v.dim};
+  std::fill(kt, kt + p.head_dim * ld_k, 0.f);
+  std::fill(vp, vp + p.len_k * ld_v, 0.f);
+  for (int64_t j = 0; j < p.len_k; ++j)
+    for (int64_t c = 0; c < p.head_dim; ++c) {
+      kt[c * ld_k + j] = ks.at(j, c);
+      vp[j * ld_v + c] = vs.at(j, c);
+    }
+}
+
+// Query rows [m0, m0 + rows) of the (batch b, head h) slice, scaled by p.scale, as a rows x head_dim fp32 block.
+template <typename scalar_t>
+inline void pack_query_block(const TARParams& p, const scalar_t* q, int64_t b, int64_t h, int64_t m0, int64_t rows,
+                             float* qp) {
+  const Strided<scalar_t> qs{q + b * p.q.batch + h * p.q.head, p.q.frame, p.q.dim};
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < p.head_dim; ++c) qp[r * p.head_dim + c] = qs.at(m0 + r, c) * p.scale;
+}
+
 // Calls fn(scalar_t{}) for the kernels' input dtypes.
 template <typename Fn>
 inline void dispatch_input_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {

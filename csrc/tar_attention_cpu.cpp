@@ -54,20 +54,10 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
       const int64_t b = bh / p.heads, h = bh % p.heads;
       const int64_t mb = std::min(bm, lq - m0);
       if (bh != packed_bh) {
-        const Strided<scalar_t> ks{k + b * p.k.batch + h * p.k.head, p.k.frame, p.k.dim};
-        const Strided<scalar_t> vs{v + b * p.v.batch + h * p.v.head, p.v.frame, p.v.dim};
-        std::fill(kt, kt + d * ld_k, 0.f);
-        std::fill(vp, vp + lk * ld_v, 0.f);
-        for (int64_t j = 0; j < lk; ++j)
-          for (int64_t c = 0; c < d; ++c) {
-            kt[c * ld_k + j] = ks.at(j, c);
-            vp[j * ld_v + c] = vs.at(j, c);
-          }
+        pack_keys_values(p, k, v, b, h, kt, ld_k, vp, ld_v);
         packed_bh = bh;
       }
-      const Strided<scalar_t> qs{q + b * p.q.batch + h * p.q.head, p.q.frame, p.q.dim};
-      for (int64_t r = 0; r < mb; ++r)
-        for (int64_t c = 0; c < d; ++c) qp[r * d + c] = qs.at(m0 + r, c) * p.scale;
+      pack_query_block(p, q, b, h, m0, mb, qp);
 
       gemm_rows(qp, d, kt, ld_k, s, ld_k, mb, d, lk_pad);  // natural-unit logits
       float inv_sum[64];
