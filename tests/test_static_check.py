@@ -18,9 +18,12 @@ import torch
 from vstar_kernels.backends.triton_tar import block_config
 from vstar_kernels.checks import static_check
 
-VARIANTS = {"relative", "relative-2pass", "absolute"}
+# long rows of a video transformer run the framed kernels (several key tiles: two-pass relative, or absolute)
+FRAMED_VARIANTS = {"relative-2pass+framed", "absolute+framed"}
+VARIANTS = {"relative", "relative-2pass", "absolute"} | FRAMED_VARIANTS
 TRAINING_VARIANTS = {f"{v}+stats" for v in VARIANTS}  # the forward of a training call saves the row statistics
-BACKWARD_VARIANTS = {f"{k}-{m}" for k in ("bwd_prep", "bwd_dq", "bwd_dkdv") for m in ("relative", "absolute")}
+BACKWARD_VARIANTS = {f"{k}-{m}{f}" for k in ("bwd_prep", "bwd_dq", "bwd_dkdv") for m in ("relative", "absolute")
+                     for f in ("", "+framed")}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -165,8 +168,11 @@ def realistic() -> dict[static_check.Spec, list[str]]:
 def test_realistic_calls_are_all_enumerated(realistic: dict[static_check.Spec, list[str]]) -> None:
     labels = [label for calls in realistic.values() for label in calls]
     shapes = sum(len(s) for s in static_check.REALISTIC_MODELS.values())
-    assert len(labels) == len(set(labels)) == (shapes * len(static_check.REALISTIC_FRAMES) * len(static_check.LAYOUTS)
-                                               * len(static_check.DTYPES) * 2)
+    temporal = shapes * len(static_check.REALISTIC_FRAMES) * len(static_check.LAYOUTS) * len(static_check.DTYPES) * 2
+    dit = len(static_check.REALISTIC_DIT) * len(static_check.DTYPES) * 2
+    assert len(labels) == len(set(labels)) == temporal + dit
+    framed = {label for spec, calls in realistic.items() if "framed" in spec.variant for label in calls}
+    assert framed == {label for label in labels if " L=" in label}  # every DiT call runs the framed kernels
     assert {spec.value_class for spec in realistic} == {static_check.REALISTIC}
     assert any("animatediff 8x40 F=25 fused_qkv fp16 relative" in calls for calls in realistic.values())
 
@@ -245,3 +251,14 @@ def test_every_realistic_call_compiles_to_vectorised_tensor_core_code() -> None:
     failing = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
     assert proc.returncode == 0, "\n".join(failing) or proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "realistic calls ->" in proc.stdout
+
+
+def test_kernels_leave_the_layout_and_offset_integers_unspecialised() -> None:
+    """The enumeration types NOT_SPECIALIZED arguments as plain ints (no constexpr 1, no divisibility hint), which is
+    true only if every compiled kernel declares exactly that list."""
+    code = ("from vstar_kernels.backends import triton_tar as t, triton_tar_backward as b\\n"
+            "names = [k.do_not_specialize for k in (t._tar_attention_fwd, b._tar_bwd_prep, b._tar_bwd_dq, "
+            "b._tar_bwd_dkdv)]\\nassert all(list(n) == t.NOT_SPECIALIZED for n in names), names")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]

@@ -105,12 +105,17 @@ def test_backends_half_precision_and_strided(backend):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(("sigma", "strength"), [(0.25, 6.0), (0.6, 4.0), (1.5, -2.0), (40.0, 1.0)])
 def test_triton_band_tile_skip(mode, sigma, strength):
-    """16 x 16 tiles over frames of 8 tokens: at small sigma most key tiles are beyond the band and skip the bias;
-    a wrongly skipped tile next to the diagonal (strength 4-6) would move the output far beyond the tolerance."""
-    q, k, v = make_qkv(1, 100, 2, 32, magnitude=1.5, seed=7)
+    """16 x 16 tiles over frames of 8 tokens (fp16: the kernels that skip): at small sigma most key tiles are beyond
+    the band and skip the bias; a wrongly skipped tile next to the diagonal (strength 4-6) would move the output far
+    beyond the tolerance."""
+    q, k, v = make_qkv(1, 100, 2, 32, magnitude=1.5, seed=7, dtype=torch.float16)
     kw = dict(sigma=sigma, strength=strength, mode=mode, tokens_per_frame=8, video_start=4, video_tokens=88)
     params = make_params(32, **kw)
     config = triton_tar.BlockConfig(16, 16, 32, two_pass=mode == "relative", num_warps=4)
+    assert triton_tar.skips_band(params, config, q.dtype)
+    if sigma < 1.0:
+        assert triton_tar.band_tiles_skipped(100, 8, sigma, 32, mode, video_start=4, video_tokens=88,
+                                             config=config) > 0
     out = triton_tar.forward(q, k, v, params, config=config)
     assert_matches_reference(out, q, k, v, **kw)
 
@@ -208,3 +213,18 @@ def test_extension_layout_under_torch_compile():
         return tar_attention(q, k, v, backend="extension", **kw)
 
     assert_matches_reference(run(q, k, v), q, k, v, **kw)
+
+
+@pytest.mark.parametrize("sigma", [0.02, 0.3, 0.5, 1.0, 2.0, 7.5, 1e3])
+def test_band_reach_is_where_the_band_becomes_exactly_zero(sigma):
+    """Frames farther apart than band_reach have an exactly zero band in the kernel's fp32 arithmetic (so the tiles
+    it skips change nothing), and the reach is tight: at 96% of it (an exponent of 140) the band is not zero yet."""
+    params = make_params(32, sigma=sigma)
+    reach = triton_tar.band_reach(params)
+    coeff = torch.tensor(params.gauss_log2_coeff, dtype=torch.float32)
+    far = torch.arange(reach + 1, reach + 50, dtype=torch.float32)
+    assert (torch.exp2(-(far * far) * coeff) == 0).all()
+    near = math.floor(math.sqrt(140.0 / params.gauss_log2_coeff))
+    if near >= 1:
+        assert torch.exp2(-(torch.tensor(float(near)) ** 2) * coeff).item() > 0
+        assert reach <= 1.05 * near + 2

@@ -15,9 +15,9 @@ tensor beyond one (BLOCK_M, BLOCK_N) tile in registers.
 - the frame distance gi - gj = offset_delta + frame(i) - frame(j) is exact int32 arithmetic, rounded once to fp32
   (|offset_delta| <= 2**30 and tokens <= 2**30, checked), the same rule as the CUDA fallback. A framed token layout
   (``FRAMED``: a video transformer's patches, text tokens without a frame) maps tokens to frames per row and per
-  column vector (:func:`token_frames`), never per element; a key tile whose band is exactly zero for every row of
-  the query block (all frame distances far beyond sigma, or no framed token) skips the bias and its exp2
-  (:func:`band_reaches`).
+  column vector (:func:`token_frames`), never per element. Key tiles beyond the band's reach from every row of the
+  query block (frame distances so far beyond sigma that the Gaussian is exactly zero in fp32, or text) run in
+  separate branch-free loops without the bias and its exp2 (:func:`band_window`).
 - relative mode needs max_j S_ij of the unbiased logits before the bias. When the whole key row fits one tile
   (Lk <= BLOCK_N) it is taken from that tile in registers; otherwise a first pass over K computes it and a
   second pass runs the online softmax ("two-pass").
@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import os
 from dataclasses import dataclass
 
@@ -67,7 +68,8 @@ NO_FRAME = -(2**31)  # the int32 position of a token without a frame (positions 
 # bound (with margin for the fp32 rounding of d^2 * coeff) adds an exactly zero bias, so it is skipped
 BAND_ZERO_EXPONENT = 152.0
 # runtime integers that must not multiply the compiled variants (Triton specialises ints equal to 1 or divisible by 16)
-NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start", "video_end_q", "video_end_k"]
+NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start", "video_end_q", "video_end_k", "band_reach"]
+MAX_BAND_REACH = 2**30  # frames: past every int32 position difference, so "the band reaches everything"
 
 
 # ----------------------------------------------------------------------------------------------- availability
@@ -150,7 +152,8 @@ def single_tile_limit(block_d: int, dtype: torch.dtype = torch.float16) -> int:
     return (_SINGLE_TILE_LIMIT_FP32 if dtype == torch.float32 else _SINGLE_TILE_LIMIT)[block_d]
 
 
-def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.dtype = torch.float16) -> BlockConfig:
+def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.dtype = torch.float16,
+                 framed: bool = False) -> BlockConfig:
     """Pick tiles from the key frame count, the head_dim bucket and the dtype (temporal attention: many short rows).
 
     Key tile: the whole padded key row when it fits (single pass, no rescaling), else a fixed multi-tile width.
@@ -161,6 +164,10 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
 
     One pipeline stage: the key loop of temporal attention is one to a few tiles long, and a second stage doubled
     the shared memory, which left sm_86/sm_89 (100 KB per SM) with 8 resident warps per SM.
+
+    ``framed`` (a video transformer's token layout: frames per row and column vector, the band window): tiles of
+    2048+ elements get half the query rows (8 warps where they are 16 already), where the full tile spilled 4-32
+    bytes on sm_80/sm_90.
     """
     del len_q
     fp32 = dtype == torch.float32
@@ -179,6 +186,11 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
         # sm_90 (two-pass keeps 4: with 8 its two sweeps took 140+ registers, 8 warps per SM)
         wide = max(block_n, block_d) == 256 or (block_d == 128 and block_m * block_n >= 2048 and not two_pass)
         num_warps = 8 if wide else 4 if tile > 1024 else 2
+    if framed and block_m * max(block_n, block_d) >= 2048:  # the frame map and band window need registers:
+        if block_m > 16:  # at the full query tile the framed kernels spilled 4-32 B on sm_80/sm_90
+            block_m //= 2
+        else:
+            num_warps = max(num_warps, 8)
     return BlockConfig(block_m, block_n, block_d, two_pass=two_pass, num_warps=num_warps)
 
 
@@ -201,7 +213,7 @@ def forward(
     """
     len_q, head_dim = q.shape[1], q.shape[3]
     len_k = k.shape[1]
-    cfg = config or block_config(len_q, len_k, head_dim, params.mode, q.dtype)
+    cfg = config or block_config(len_q, len_k, head_dim, params.mode, q.dtype, framed=_framed(params))
     if params.relative and not cfg.two_pass and len_k > cfg.block_n:
         raise ValueError(f"single-pass relative mode needs block_n >= Lk, got {cfg.block_n} < {len_k}")
     if cfg.block_d < head_dim:
@@ -235,9 +247,10 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         q.shape[2], q.shape[1], k.shape[1], q.shape[3],
         params.offset_delta, params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
-        *params.layout.kernel_args(q.shape[1], k.shape[1]),
+        *params.layout.kernel_args(q.shape[1], k.shape[1]), band_reach(params),
         RELATIVE=relative,
-        FRAMED=params.framed and params.strength != 0.0,
+        FRAMED=_framed(params),
+        SKIP_BAND=skips_band(params, cfg, q.dtype, saves_stats=stats is not None),
         TWO_PASS=relative and cfg.two_pass,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -247,38 +260,64 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
     )
 
 
+def band_reach(params: TARParams) -> int:
+    """Frames beyond which the band is exactly zero in fp32: every frame distance d > reach has
+    d^2 * gauss_log2_coeff >= BAND_ZERO_EXPONENT, so exp2 underflows to 0 (one frame of margin over the bound)."""
+    return min(MAX_BAND_REACH, math.floor(math.sqrt(BAND_ZERO_EXPONENT / params.gauss_log2_coeff)) + 1)
+
+
 def band_tiles_skipped(length: int, tokens_per_frame: int, sigma: float, head_dim: int, mode: str = "relative",
-                       dtype: torch.dtype = torch.float16, video_start: int = 0,
-                       video_tokens: int | None = None) -> float:
-    """The share of (query block, key tile) pairs whose band the forward kernel skips for a self-attention call of
-    ``length`` tokens with this layout (:func:`band_reaches`, evaluated on the host with the launcher's tiles): the
-    closest frames of the two are so far apart that the Gaussian is exactly zero in fp32. A model of the kernel's
-    branch, for benchmarks and the README; the kernel's own predicate is tested against the reference."""
+                       dtype: torch.dtype = torch.float16, video_start: int = 0, video_tokens: int | None = None,
+                       config: BlockConfig | None = None) -> float:
+    """The share of (query block, key tile) pairs whose bias the forward kernel skips for a self-attention call of
+    ``length`` tokens with this layout: the key tiles outside each query block's :func:`band_window` (the closest
+    frames are more than :func:`band_reach` apart, where the Gaussian is exactly zero in fp32, or the keys are text).
+    The kernel's window computed on the host with the launcher's tiles (or ``config``), for benchmarks and the
+    README; the kernel itself is tested against the reference."""
     from ..contract import make_params
 
     params = make_params(head_dim, sigma=sigma, mode=mode, tokens_per_frame=tokens_per_frame,
                          video_start=video_start, video_tokens=video_tokens)
     if not params.framed:
         return 0.0
-    cfg = block_config(length, length, head_dim, mode, dtype)
+    cfg = config or block_config(length, length, head_dim, mode, dtype, framed=True)
+    if not skips_band(params, cfg, dtype):
+        return 0.0
     layout = params.layout
-    frames = layout.frames(length).to(torch.float64)
+    reach, per_frame = band_reach(params), params.tokens_per_frame
+    start, end = params.video_start, layout.video_end(length)
+    frames = layout.frames(length)
     framed = layout.framed_mask(length)
+    skipped = 0
+    blocks = range(0, length, cfg.block_m)
+    tiles = -(-length // cfg.block_n)
+    for m0 in blocks:
+        rows = framed[m0:m0 + cfg.block_m]
+        if not rows.any():
+            skipped += tiles
+            continue
+        lo, hi = frames[m0:m0 + cfg.block_m][rows].min().item(), frames[m0:m0 + cfg.block_m][rows].max().item()
+        first = max(start + (lo - reach) * per_frame, start)
+        last = min(start + (hi + reach + 1) * per_frame, end)
+        if first >= last:
+            skipped += tiles
+            continue
+        window = -(-last // cfg.block_n) - first // cfg.block_n
+        skipped += tiles - min(window, tiles)
+    return skipped / (len(blocks) * tiles)
 
-    def ranges(block: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pad = -length % block
-        lo = torch.where(framed, frames, torch.inf)
-        hi = torch.where(framed, frames, -torch.inf)
-        lo = torch.nn.functional.pad(lo, (0, pad), value=torch.inf).view(-1, block).amin(1)
-        hi = torch.nn.functional.pad(hi, (0, pad), value=-torch.inf).view(-1, block).amax(1)
-        return lo, hi
 
-    row_lo, row_hi = ranges(cfg.block_m)
-    col_lo, col_hi = ranges(cfg.block_n)
-    gap = torch.maximum(torch.maximum(col_lo[None, :] - row_hi[:, None], row_lo[:, None] - col_hi[None, :]),
-                        torch.zeros(()))
-    skipped = gap * gap * params.gauss_log2_coeff >= BAND_ZERO_EXPONENT
-    return skipped.double().mean().item()
+def _framed(params: TARParams) -> bool:
+    """Whether a call runs the framed kernels (a token layout, and a bias to apply)."""
+    return params.framed and params.strength != 0.0
+
+
+def skips_band(params: TARParams, cfg: BlockConfig, dtype: torch.dtype, saves_stats: bool = False) -> bool:
+    """Whether the forward skips the bias of key tiles out of the band's reach (:func:`band_window`): framed calls
+    of several key tiles in fp16/bf16 inference. fp32 (IEEE dots on the FMA units) and the training forward keep one
+    biased loop: their registers have no room for the second loop (the static check found 4-32 B spills)."""
+    several_tiles = cfg.two_pass or not params.relative
+    return _framed(params) and several_tiles and dtype != torch.float32 and not saves_stats
 
 
 # ------------------------------------------------------------------------------------------- launch limits
@@ -388,18 +427,6 @@ if triton is not None:
         return pos
 
     @triton.jit
-    def band_reaches(row_lo, row_hi, col_pos, gauss_log2_coeff):
-        """Whether the band is nonzero anywhere on a tile: query positions span [row_lo, row_hi] (fp32, +inf/-inf
-        when the block has no framed row), key positions ``col_pos`` (NO_FRAME for text). False when even the
-        closest pair of frames is so far apart that exp2(-d^2 * coeff) is exactly zero in fp32."""
-        framed = col_pos != -2147483648
-        pos = col_pos.to(tl.float32)
-        col_lo = tl.min(tl.where(framed, pos, float("inf")), 0)
-        col_hi = tl.max(tl.where(framed, pos, float("-inf")), 0)
-        gap = tl.maximum(tl.maximum(col_lo - row_hi, row_lo - col_hi), 0.0)  # +inf when either side has no frame
-        return gap * gap * gauss_log2_coeff < 152.0  # BAND_ZERO_EXPONENT
-
-    @triton.jit
     def tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE: tl.constexpr,
                       FRAMED: tl.constexpr):
         """ΔA inline on one tile of log2 logits: (S', G) with G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) =
@@ -430,34 +457,24 @@ if triton is not None:
         return row_max
 
     @triton.jit
-    def online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k,
-                       row_pos, row_max, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                       tokens_per_frame, video_start, video_end_k,
-                       RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       ALIGN: tl.constexpr):
-        """The TAR softmax over every key tile, online: (running max m, sum l, unnormalised P·V, the unbiased row max),
-        all in log2 units. Relative mode takes ``row_max`` from a first pass (TWO_PASS) or from the single tile that
-        holds the row, and returns the one it used. FRAMED: tiles the band cannot reach skip the bias."""
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        row_framed = row_pos != -2147483648  # NO_FRAME
-        row_lo = tl.min(tl.where(row_framed, row_pos.to(tl.float32), float("inf")), 0)
-        row_hi = tl.max(tl.where(row_framed, row_pos.to(tl.float32), float("-inf")), 0)
-        for start_n in range(0, len_k, BLOCK_N):
+    def softmax_tiles(m_i, l_i, acc, start, stop, skip_start, skip_stop, q, k_base, v_base, stride_kn, stride_kd,
+                      stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
+                      gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start, video_end_k,
+                      BIASED: tl.constexpr, RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, FRAMED: tl.constexpr,
+                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+        """The online softmax over the key tiles [start, stop) minus [skip_start, skip_stop) (all multiples of
+        BLOCK_N): (m, l, P·V, row max) updated. BIASED: add the band (relative mode without TWO_PASS takes the row
+        max from this, the row's only tile)."""
+        for tile in range(start, stop - (skip_stop - skip_start), BLOCK_N):
+            start_n = tl.where(tile < skip_start, tile, tile + (skip_stop - skip_start))
             cols = start_n + offs_n
             s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
                             DOT_PRECISION, ALIGN)
-            if RELATIVE:  # noqa: SIM102 - nested constexpr branches, as Triton evaluates them
-                if not TWO_PASS:
-                    row_max = tl.max(s, 1)  # the whole key row is in this tile
-            col_pos = token_frames(cols, 0, tokens_per_frame, video_start, video_end_k, FRAMED)
-            if FRAMED:
-                if band_reaches(row_lo, row_hi, col_pos, gauss_log2_coeff):
-                    s, _gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale,
-                                              RELATIVE, FRAMED)
-            else:
+            if BIASED:
+                if RELATIVE:  # noqa: SIM102 - nested constexpr branches, as Triton evaluates them
+                    if not TWO_PASS:
+                        row_max = tl.max(s, 1)  # the whole key row is in this tile
+                col_pos = token_frames(cols, 0, tokens_per_frame, video_start, video_end_k, FRAMED)
                 s, _gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE,
                                           FRAMED)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -468,6 +485,57 @@ if triton is not None:
                          mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=DOT_PRECISION)
             m_i = m_new
+        return m_i, l_i, acc, row_max
+
+    @triton.jit
+    def band_window(row_pos, len_k, tokens_per_frame, video_start, video_end_k, band_reach, BLOCK_N: tl.constexpr):
+        """[start, stop): the key tiles the band reaches from this query block, tile-aligned. Keys of frames more than
+        ``band_reach`` frames from every framed row have an exactly zero band (:func:`band_reach`), and text keys
+        have none, so tiles outside skip the bias. Empty when the block has no framed row."""
+        framed = row_pos != -2147483648  # NO_FRAME
+        lo = tl.min(tl.where(framed, row_pos, 2147483647), 0).to(tl.int64)
+        hi = tl.max(tl.where(framed, row_pos, -2147483648), 0).to(tl.int64)
+        first = video_start + (lo - band_reach) * tokens_per_frame  # int64: frames x tokens may pass 2^31
+        last = video_start + (hi + band_reach + 1) * tokens_per_frame
+        first = tl.maximum(first, video_start.to(tl.int64))
+        last = tl.minimum(last, video_end_k.to(tl.int64))
+        start = (first // BLOCK_N) * BLOCK_N
+        stop = tl.minimum(tl.cdiv(last, BLOCK_N) * BLOCK_N, len_k)
+        empty = (lo > hi) | (first >= last)
+        return tl.where(empty, 0, start).to(tl.int32), tl.where(empty, 0, stop).to(tl.int32)
+
+    @triton.jit
+    def online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k,
+                       row_pos, row_max, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
+                       tokens_per_frame, video_start, video_end_k, band_reach,
+                       RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, FRAMED: tl.constexpr, SKIP_BAND: tl.constexpr,
+                       BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                       ALIGN: tl.constexpr):
+        """The TAR softmax over every key tile, online: (running max m, sum l, unnormalised P·V, the unbiased row max),
+        all in log2 units. Relative mode takes ``row_max`` from a first pass (TWO_PASS) or from the single tile that
+        holds the row, and returns the one it used. SKIP_BAND (framed, several key tiles): the tiles outside the
+        band's reach (:func:`band_window`) run in a second, branch-free loop without the bias."""
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        band_start = 0
+        band_stop = len_k
+        if SKIP_BAND:
+            band_start, band_stop = band_window(row_pos, len_k, tokens_per_frame, video_start, video_end_k,
+                                                band_reach, BLOCK_N)
+        # the tiles the band reaches, biased
+        m_i, l_i, acc, row_max = softmax_tiles(
+            m_i, l_i, acc, band_start, band_stop, 0, 0, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
+            stride_vd, offs_n, offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale, gauss_log2_coeff,
+            bias_log2_scale, tokens_per_frame, video_start, video_end_k, True, RELATIVE, TWO_PASS, FRAMED, BLOCK_N,
+            DOT_PRECISION, ALIGN)
+        if SKIP_BAND:  # every other tile, before and after the window, without the bias
+            m_i, l_i, acc, row_max = softmax_tiles(
+                m_i, l_i, acc, 0, len_k, band_start, band_stop, q, k_base, v_base, stride_kn, stride_kd,
+                stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
+                gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start, video_end_k, False, RELATIVE,
+                TWO_PASS, FRAMED, BLOCK_N, DOT_PRECISION, ALIGN)
         return m_i, l_i, acc, row_max
 
     @triton.jit(do_not_specialize=NOT_SPECIALIZED)
@@ -484,8 +552,10 @@ if triton is not None:
         gauss_log2_coeff,  # log2(e) / (2 sigma^2)
         bias_log2_scale,   # strength (relative) or strength * log2(e) (absolute)
         tokens_per_frame, video_start, video_end_q, video_end_k,  # the token layout (TokenFrames.kernel_args)
+        band_reach,        # frames beyond which the band is exactly zero (band_reach())
         RELATIVE: tl.constexpr,
         FRAMED: tl.constexpr,  # False: token = frame (temporal attention), the layout arguments are unused
+        SKIP_BAND: tl.constexpr,  # framed with several key tiles: the tiles out of the band's reach skip the bias
         TWO_PASS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -519,8 +589,8 @@ if triton is not None:
         m_i, l_i, acc, row_max = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n,
                                                 offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
                                                 gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start,
-                                                video_end_k, RELATIVE, TWO_PASS, FRAMED, BLOCK_M, BLOCK_N, BLOCK_D,
-                                                DOT_PRECISION, ALIGN)
+                                                video_end_k, band_reach, RELATIVE, TWO_PASS, FRAMED, SKIP_BAND,
+                                                BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, ALIGN)
 
         out = acc / l_i[:, None]
         tl.store(o_base + strided(offs_m, stride_om, ALIGN)[:, None] + offs_d[None, :] * stride_od,

@@ -74,12 +74,13 @@ def backward_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.
     return BackwardConfig(block, block, block_d, num_warps=num_warps)
 
 
-def training_block_config(cfg: BlockConfig) -> BlockConfig:
+def training_block_config(cfg: BlockConfig, framed: bool = False) -> BlockConfig:
     """The forward's config for a call that saves the row statistics: ``cfg`` with half the query rows (at least
     16) for tiles of 4096+ fp32 elements, where keeping the row max and lse live to the end spilled a few bytes on
     sm_80/sm_90; at least 4 warps (2 spilled on sm_90: ptxas kept 80 registers), and 8 for two-pass head_dim-128
-    tiles (4 spilled at 128 registers). Every config this returns is compiled by the static check."""
-    halve = cfg.block_m > 16 and cfg.block_m * max(cfg.block_n, cfg.block_d) >= 4096
+    tiles (4 spilled at 128 registers). ``framed`` (a token layout): half the rows from 2048-element tiles, where the
+    framed training forward spilled 4 B. Every config this returns is compiled by the static check."""
+    halve = cfg.block_m > 16 and cfg.block_m * max(cfg.block_n, cfg.block_d) >= (2048 if framed else 4096)
     block_m = cfg.block_m // 2 if halve else cfg.block_m
     num_warps = 8 if cfg.two_pass and cfg.block_d == 128 else max(cfg.num_warps, 4)
     return dataclasses.replace(cfg, block_m=block_m, num_warps=num_warps)
@@ -91,7 +92,9 @@ def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     :func:`~.triton_tar.block_config`), saving per query row the unbiased row max and the log-sum-exp of S' (log2
     units) in ``stats``, a (2, batch·heads, Lq) fp32 tensor."""
     batch, len_q, heads, head_dim = q.shape
-    cfg = config or training_block_config(block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype))
+    framed = params.framed and params.strength != 0.0
+    cfg = config or training_block_config(block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype,
+                                                       framed=framed), framed=framed)
     stats = torch.empty((2, batch * heads, len_q), dtype=torch.float32, device=q.device)
     return (out := forward(q, k, v, params, config=cfg, stats=stats)), (out, stats)
 

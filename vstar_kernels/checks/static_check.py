@@ -172,7 +172,7 @@ def reachable_training_forward_configs() -> list[tuple[BlockConfig, str, str]]:
 
 def reachable_framed_configs() -> list[tuple[BlockConfig, object, str, str]]:
     """(forward config, backward config, mode, dtype) of long-row calls, the ones that run the framed kernels."""
-    found = {(block_config(LONG_ROW, LONG_ROW, head_dim, mode, DTYPES[dtype]),
+    found = {(block_config(LONG_ROW, LONG_ROW, head_dim, mode, DTYPES[dtype], framed=True),
               backward_block_config(LONG_ROW, head_dim, DTYPES[dtype]), mode, dtype)
              for dtype in DTYPES for head_dim in HEAD_DIMS for mode in MODES}
     return sorted(found, key=lambda item: (_config_key(item[0]), item[1].block_n, item[2], item[3]))
@@ -214,7 +214,10 @@ def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
             triton_tar._launch((1, 1), *tensors, params, config)
             specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
-            if dtype in BACKWARD_DTYPES:
+            if dtype in BACKWARD_DTYPES:  # the training forward (saving the row statistics), then the backward
+                stats = _representative_tensor(torch.float32, value_class)
+                triton_tar._launch((1, 1), *tensors, params, training_block_config(config, framed=True), stats)
+                specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
                 saved = (tensors[0], _representative_tensor(torch.float32, value_class))
                 triton_tar_backward.backward(*tensors, params, config=backward_config, residuals=saved)
                 while calls:
@@ -284,7 +287,7 @@ def realistic_specialisations() -> dict[Spec, list[str]]:
             q, k, v, out = realistic_tensors("projection", tokens, heads, head_dim, DTYPES[dtype], batch=1)
             params = make_params(head_dim, sigma=2.0, strength=1.0, mode=mode, tokens_per_frame=per_frame,
                                  video_start=text if text_first else 0, video_tokens=tokens - text)
-            config = block_config(tokens, tokens, head_dim, mode, DTYPES[dtype])
+            config = block_config(tokens, tokens, head_dim, mode, DTYPES[dtype], framed=True)
             triton_tar._launch((1,), q, k, v, out, params, config)
             spec = _spec_from_call(dtype, REALISTIC, *calls.pop())
             found.setdefault(spec, []).append(f"{model} {heads}x{head_dim} L={tokens} {dtype} {mode}")
@@ -360,7 +363,9 @@ def _spec_from_call(dtype: str, value_class: str, kernel: str, args: tuple[objec
                     kwargs: dict[str, object]) -> Spec:
     """Turn one recorded launch of ``kernel`` into a Spec."""
     names = _kernel_arg_names(kernel)
-    unspecialised = set(getattr(getattr(KERNELS[kernel], kernel), "do_not_specialize", ()))
+    # every kernel is @triton.jit(do_not_specialize=NOT_SPECIALIZED); read from the list itself, since neither the
+    # recorder standing in for a kernel nor an interpreted kernel carries it
+    unspecialised = set(triton_tar.NOT_SPECIALIZED) & set(names)
     kwargs = dict(kwargs)
     num_warps, num_stages = kwargs.pop("num_warps"), kwargs.pop("num_stages")
     signature, specialised, divisible = [], [], []
