@@ -256,9 +256,9 @@ def test_every_realistic_call_compiles_to_vectorised_tensor_core_code() -> None:
 def test_kernels_leave_the_layout_and_offset_integers_unspecialised() -> None:
     """The enumeration types NOT_SPECIALIZED arguments as plain ints (no constexpr 1, no divisibility hint), which is
     true only if every compiled kernel declares exactly that list."""
-    code = ("from vstar_kernels.backends import triton_tar as t, triton_tar_backward as b\\n"
+    code = ("from vstar_kernels.backends import triton_tar as t, triton_tar_backward as b\n"
             "names = [k.do_not_specialize for k in (t._tar_attention_fwd, b._tar_bwd_prep, b._tar_bwd_dq, "
-            "b._tar_bwd_dkdv)]\\nassert all(list(n) == t.NOT_SPECIALIZED for n in names), names")
+            "b._tar_bwd_dkdv)]\nassert all(list(n) == t.NOT_SPECIALIZED for n in names), names")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
