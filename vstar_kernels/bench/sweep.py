@@ -81,8 +81,9 @@ MATERIALISED_CAP_GIB = 8.0
 # builds), SDPA with a materialised bias (the float64 band, the fp32 bias and, relative, the fp32 scores for the max)
 MATERIALISED_BYTES = {"naive": 36, "sdpa_bias": 32}
 FLOOR = "sdpa"
-# The long-row sweep leaves out the torch fallback by default: memory-bounded, not fast (~10x SDPA at 8k tokens)
-DIT_PROVIDERS = ("sdpa", "naive", "sdpa_bias", "flex", "xformers", "triton", "extension")
+# The long-row sweep leaves out by default the torch fallback (memory-bounded, not fast: ~10x SDPA at 8k tokens) and
+# FlexAttention on the CPU (a compile per length, then ~7-9x SDPA at 4k-8k tokens); --providers adds them
+DIT_PROVIDERS = ("sdpa", "naive", "sdpa_bias", "xformers", "triton", "extension")
 CSV_FIELDS = (
     "run_id", "timestamp", "device", "device_name", "vstar_kernels", "torch", "triton", "shape", "heads", "head_dim",
     "batch", "frames", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "ratio_to_sdpa",
