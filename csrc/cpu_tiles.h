@@ -209,6 +209,28 @@ inline void pack_query_block(const TARParams& p, const scalar_t* q, int64_t b, i
     for (int64_t c = 0; c < p.head_dim; ++c) qp[r * p.head_dim + c] = qs.at(m0 + r, c) * p.scale;
 }
 
+// One task of the forward kernels: query rows [m0, m0 + rows) of the (batch b, head h) slice; tasks are numbered
+// slice-major over blocks of `block` rows.
+struct QueryTask {
+  int64_t slice, b, h, m0, rows;
+};
+
+// Starts task `task`: its query rows packed into qp, and K, V of its slice into kt, vp unless `packed_slice` (the
+// slice packed last by this thread) is already it.
+template <typename scalar_t>
+inline QueryTask begin_task(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, int64_t task,
+                            int64_t blocks, int64_t block, int64_t& packed_slice, float* kt, int64_t ld_k, float* vp,
+                            int64_t ld_v, float* qp) {
+  const int64_t slice = task / blocks, m0 = (task % blocks) * block;
+  const QueryTask t{slice, slice / p.heads, slice % p.heads, m0, std::min(block, p.len_q - m0)};
+  if (slice != packed_slice) {
+    pack_keys_values(p, k, v, t.b, t.h, kt, ld_k, vp, ld_v);
+    packed_slice = slice;
+  }
+  pack_query_block(p, q, t.b, t.h, t.m0, t.rows, qp);
+  return t;
+}
+
 // Calls fn(scalar_t{}) for the kernels' input dtypes.
 template <typename Fn>
 inline void dispatch_input_dtype(at::ScalarType dtype, const char* op, Fn&& fn) {

@@ -50,14 +50,7 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
     float* band = acc + bm * ld_v;  // lk_pad: the band row of a framed layout
     int64_t packed_bh = -1, band_frame = GaussianRows::kNoRow;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / num_qb, m0 = (task % num_qb) * bm;
-      const int64_t b = bh / p.heads, h = bh % p.heads;
-      const int64_t mb = std::min(bm, lq - m0);
-      if (bh != packed_bh) {
-        pack_keys_values(p, k, v, b, h, kt, ld_k, vp, ld_v);
-        packed_bh = bh;
-      }
-      pack_query_block(p, q, b, h, m0, mb, qp);
+      const auto [slice, b, h, m0, mb] = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
 
       gemm_rows(qp, d, kt, ld_k, s, ld_k, mb, d, lk_pad);  // natural-unit logits
       float inv_sum[64];

@@ -96,14 +96,7 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
     float* weight = run_sum + stats;      // num_groups: one row's exp(M_g + b_g - M*)
     int64_t packed_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / num_qb, m0 = (task % num_qb) * bm;
-      const int64_t b = bh / p.heads, h = bh % p.heads;
-      const int64_t mb = std::min(bm, lq - m0);
-      if (bh != packed_bh) {
-        pack_keys_values(p, k, v, b, h, kt, ld_k, vp, ld_v);
-        packed_bh = bh;
-      }
-      pack_query_block(p, q, b, h, m0, mb, qp);
+      const auto [slice, b, h, m0, mb] = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
       std::fill(acc, acc + stats * ld_v, 0.f);
       std::fill(run_max, run_max + stats, minus_inf);
       std::fill(run_sum, run_sum + stats, 0.f);
