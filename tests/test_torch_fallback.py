@@ -67,5 +67,5 @@ def test_relative_fallback_peak_memory_is_bounded():
     """Resident-set growth of one call: bounded by the budget, versus ~1 GiB for the materialised reference."""
     fallback = _peak_growth_mib("torch")
     materialised = _peak_growth_mib("reference")
-    assert materialised > 900
+    assert materialised > 512  # at least its 512 MiB score tensor (1.5 GiB measured quietly; RSS runs lower under load)
     assert fallback < 32 + 16 + 80  # the budget, the 16 MiB output, and allocator slack
