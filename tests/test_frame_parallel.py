@@ -1,5 +1,6 @@
 """Frame parallelism over torch.distributed (gloo, CPU): torchrun with 2 and 3 processes against the single-process
-output, and the single-process API (world of 1, errors before any collective)."""
+output and gradients, gradcheck of the differentiable collectives, and the single-process API (world of 1, errors
+before any collective)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,41 @@ def test_frame_parallel_equals_one_process(nproc, args, tmp_path):
         assert r["repeat_equal"] and r["restored"], r
 
 
+@pytest.mark.parametrize("args", [
+    ("--frames", "5", "--size", "8", "8"),                                        # UNet3D, fp32, frames 3 + 2
+    ("--family", "animatediff", "--frames", "5", "--size", "16", "16"),           # AnimateDiff, fp32
+    ("--family", "animatediff", "--frames", "5", "--size", "8", "8", "--double"),  # a replicated 1x1 level, float64
+], ids=lambda v: "-".join(a.lstrip("-") for a in v))
+def test_backward_gradients_equal_one_process(args, tmp_path):
+    """loss = output.pow(2).mean(), backward on every rank: every parameter's and input's gradient equals the
+    single-process one on every rank, without and with TAR; the recording forward equals the no_grad one bit for bit;
+    AnimateDiff with gradient checkpointing on is refused while training, not while inferring."""
+    proc = _torchrun(2, "--backward", *args, report_dir=tmp_path)
+    reports = _reports(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for r in reports:
+        for case in (r["plain"], r["tar"]):
+            assert case["worst_ratio"] <= 1.0 and case["compared"] > 0 and not case["none_mismatch"], (r["rank"], case)
+            assert case["recording_equals_no_grad"], case
+        if "animatediff" in args:
+            assert "frame parallelism" in r["checkpointing_error"], r
+            assert "gradient checkpointing" in r["checkpointing_error"], r
+            assert r["checkpointing_inference_ok"], r
+
+
+def test_collectives_are_differentiable_gradcheck(tmp_path):
+    """float64 gradcheck across 2 processes of the layout switch (one and two samples), the inner gather, the
+    all-reduce and SplitGroupNorm in the position layout, each between enter_replicated and gather_output; the
+    gradient sum over ranks keeps None for an unused tensor; not recording gives the same numbers."""
+    proc = _torchrun(2, "--functions", "--frames", "3", report_dir=tmp_path)
+    reports = _reports(tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(r["rank"] for r in reports) == [0, 1]
+    for r in reports:
+        assert len(r["checks"]) == 7 and all(r["checks"].values()), r
+
+
 def test_a_failing_rank_fails_the_run_instead_of_hanging(tmp_path):
     proc = _torchrun(2, "--frames", "6", "--size", "8", "8", "--fail-rank", "1", report_dir=tmp_path, timeout_s=180)
     assert proc.returncode != 0
@@ -102,15 +138,6 @@ def test_unsupported_model_and_bad_group_are_refused():
         enable_frame_parallel(tiny_unet2d())  # an image UNet: no frames to split
     with pytest.raises(TypeError, match="ProcessGroup"):
         enable_frame_parallel(tiny_unet3d(), group="world")
-
-
-@pytest.fixture
-def world_of_one(tmp_path):
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialised in this process")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
 
 
 def test_world_of_one_is_a_no_op_and_disable_restores(world_of_one):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, Backend, InputSpec
 from .contract import TARParams, make_params, validate_layout, validate_tensors
+from .reference import tar_attention_reference
 
 BACKEND_ENV = "VSTAR_KERNELS_BACKEND"
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
@@ -79,7 +81,11 @@ def _empty_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 class _TARAttentionFunction(torch.autograd.Function):
     """Autograd around a backend: its forward, and its backward. Saved: q, k, v, plus what the backend's
     ``forward_with_residuals`` returns where it has one (Triton fp16/bf16: the output and two fp32 numbers per query
-    row); the other backends' backwards recompute from q, k, v. Used only when an input requires grad."""
+    row); the other backends' backwards recompute from q, k, v. Used only when an input requires grad.
+
+    A plain backward runs the backend's fused backward. A backward with ``create_graph=True`` (grad mode on inside
+    it) returns :func:`differentiable_grads` instead, whose own backward is exact on every backend, since no fused
+    backward kernel is differentiable."""
 
     @staticmethod
     def forward(ctx, q, k, v, params: TARParams, name: str):
@@ -98,13 +104,55 @@ class _TARAttentionFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, *residuals = ctx.saved_tensors
-        if q.numel() == 0:
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+            dq, dk, dv = differentiable_grads(q, k, v, grad_out, ctx.params, needs)
+        elif q.numel() == 0:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         else:
             extra = {"residuals": tuple(residuals)} if residuals else {}
             dq, dk, dv = BACKENDS[ctx.backend].backward(q, k, v, grad_out, ctx.params, **extra)
-        needs = ctx.needs_input_grad
         return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None
+
+
+def differentiable_grads(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
+    needs: tuple[bool, bool, bool] = (True, True, True),
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(dq, dk, dv) of TAR attention for the output gradient ``grad_out``, recorded by autograd: the backward of a
+    call differentiated with ``create_graph=True`` (double backward, Hessian-vector products, gradient penalties).
+
+    The gradients are those of the materialised reference (:func:`~vstar_kernels.reference.tar_attention_reference`,
+    plain torch ops, float32 math for float16/bfloat16 inputs), recomputed from q, k, v under grad mode and taken
+    with ``torch.autograd.grad(..., create_graph=True)``. They are differentiable functions of q, k, v and
+    ``grad_out``, joined to the graph those came from, so the second order is exact on every backend. Costs the
+    reference's memory: (batch, heads, Lq, Lk) score tensors, kept for the second backward.
+
+    Each input gets its own gradient even when q, k and v are one tensor (self-attention). None where ``needs`` is
+    False; zeros for an input the output does not depend on. Each gradient is shaped and typed like its input.
+    """
+    with torch.enable_grad():
+        leaves = tuple(_graph_alias(t) if need else t.detach() for t, need in zip((q, k, v), needs, strict=True))
+        out = tar_attention_reference(*leaves, **_reference_kwargs(params))
+        wanted = tuple(t for t, need in zip(leaves, needs, strict=True) if need)
+        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
+    dq, dk, dv = (_or_zeros(next(found), t) if need else None for t, need in zip(leaves, needs, strict=True))
+    return dq, dk, dv
+
+
+def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like) if grad is None else grad
+
+
+def _graph_alias(t: torch.Tensor) -> torch.Tensor:
+    """A distinct autograd node standing for ``t``: gradients taken with respect to it are this argument's alone
+    (q, k and v may be one tensor), and flow on into ``t``'s graph."""
+    return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
+
+
+def _reference_kwargs(params: TARParams) -> dict[str, object]:
+    """``params`` as :func:`~vstar_kernels.reference.tar_attention_reference` keyword arguments (same names)."""
+    return {field.name: getattr(params, field.name) for field in dataclasses.fields(params)}
 
 
 def requested_backend(backend: str) -> str:

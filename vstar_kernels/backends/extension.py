@@ -109,14 +109,38 @@ def _register_fake_once() -> None:
 
     def _backward(ctx, grad_out):
         q, k, v = ctx.saved_tensors
-        dq, dk, dv = backward(q, k, v, grad_out, ctx.params)
-        needs = ctx.needs_input_grad
+        needs = tuple(ctx.needs_input_grad[:3])
+        if torch.is_grad_enabled():  # create_graph=True: the fused backward is not differentiable
+            from ..ops import differentiable_grads
+
+            dq, dk, dv = differentiable_grads(q, k, v, grad_out, ctx.params, needs)
+        else:
+            dq, dk, dv = backward(q, k, v, grad_out, ctx.params)
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, *(None,) * 9)
 
-    # the op called directly (torch.ops.vstar_kernels.tar_attention) is differentiable too
+    # the op called directly (torch.ops.vstar_kernels.tar_attention) is differentiable too, twice over (eager)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+    # the fused backward op has no derivative: differentiating it raises rather than giving PyTorch's silent zeros
+    torch.library.register_autograd(BACKWARD_OP_NAME, _no_double_backward, setup_context=_no_context)
 
     _fake_registered = True
+
+
+DOUBLE_BACKWARD_ERROR = (
+    "TAR attention (extension backend): the fused backward op vstar_kernels::tar_attention_backward has no "
+    "derivative, so it cannot be differentiated again (double backward / create_graph=True through it). "
+    "Differentiate vstar_kernels.tar_attention, or torch.ops.vstar_kernels.tar_attention in eager mode, with "
+    "create_graph=True instead: their backward then switches to a differentiable formulation."
+)
+
+
+def _no_context(ctx, inputs, output) -> None:
+    """Nothing to save: :func:`_no_double_backward` only raises."""
+
+
+def _no_double_backward(ctx, *grads):
+    """The autograd formula of ``tar_attention_backward``: a clear RuntimeError (see DOUBLE_BACKWARD_ERROR)."""
+    raise RuntimeError(DOUBLE_BACKWARD_ERROR)
 
 
 def _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_offset, tokens_per_frame=1,

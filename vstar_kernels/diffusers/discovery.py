@@ -1,7 +1,8 @@
 """Find the temporal self-attention layers of a diffusers video UNet and their latent level.
 
 A layer is temporal self-attention when it is an ``Attention`` that is not cross-attention and sits inside one
-of the temporal containers below (matched by class name, stable across diffusers releases). Its level comes
+of the temporal containers below (matched by diffusers class name along the class's MRO, stable across diffusers
+releases and through subclasses such as frame parallelism's). Its level comes
 from its block path: ``down_blocks.i`` is level i, ``up_blocks.j`` is level ``len(up_blocks) - 1 - j``,
 ``mid_block`` is "mid"; anything else (``transformer_in`` right after conv_in, I2VGen-XL's image-latents
 encoder) is "outer". Nothing depends on batch size, aspect ratio or resolution.
@@ -41,9 +42,16 @@ def _level(name: str, num_up_blocks: int) -> int | str:
     return "outer"
 
 
+def is_temporal_container(module: nn.Module) -> bool:
+    """Whether ``module`` is one of diffusers' TEMPORAL_CONTAINERS, or a subclass of one (this package's frame
+    parallelism switches them to subclasses; so may other libraries)."""
+    return any(cls.__name__ in TEMPORAL_CONTAINERS and cls.__module__.startswith("diffusers.")
+               for cls in type(module).__mro__)
+
+
 def temporal_container_paths(unet: nn.Module) -> list[str]:
     """Module paths (with a trailing dot) of the temporal containers of ``unet``."""
-    return [name + "." for name, module in unet.named_modules() if type(module).__name__ in TEMPORAL_CONTAINERS]
+    return [name + "." for name, module in unet.named_modules() if is_temporal_container(module)]
 
 
 def find_temporal_attention(unet: nn.Module) -> list[TemporalLayer]:

@@ -8,42 +8,21 @@ frame geometry of each call) and the handle, so deep copies, pickling and ``.to(
 
 from __future__ import annotations
 
-import copy
 import inspect
 from dataclasses import dataclass, field
 
 from torch import nn
 
+from ..call_state import keep_state_in_checkpoints, release_checkpoints
 from ..contract import MODES, make_params
 from ..ops import requested_backend
 from ..presets import StepWindow, resolve_window
 from .components import remove_pre_hook, restore_processors
 from .dit_processor import PROCESSORS, DiTState, DiTTARProcessor
-from .patching import TARGate
-from .video_transformers import VideoTransformerSpec, bind_forward, find_self_attention, select_blocks, spec_of
+from .gates import DiTGate, SchedulerSource
+from .video_transformers import cache_forward_signature, find_self_attention, select_blocks, spec_of
 
 STATE_ATTR = "_vstar_tar_state"  # the same attribute as on UNets: one TAR application per model
-
-
-class DiTGate(TARGate):
-    """The transformer's forward pre-hook: reads each call's frame geometry (input shape and patch size) into the
-    shared :class:`DiTState` and switches TAR by the call's timestep (the largest, for per-token timesteps such as
-    Wan 2.2 TI2V's, whose conditioning frame is at 0)."""
-
-    def __init__(self, window: StepWindow, state: DiTState, spec: VideoTransformerSpec,
-                 scheduler: object | None = None) -> None:
-        super().__init__(window, state.switch, scheduler)
-        self.state = state
-        self.spec = spec
-
-    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        bound = bind_forward(module, args, kwargs)
-        self.state.geometry = self.spec.geometry(module, bound)
-        t = bound.get("timestep")
-        self.update(None if t is None else t.amax() if hasattr(t, "amax") and t.numel() > 1 else t)
-
-    def __deepcopy__(self, memo: dict) -> DiTGate:
-        return DiTGate(copy.deepcopy(self.window, memo), copy.deepcopy(self.state, memo), self.spec, self.scheduler)
 
 
 @dataclass
@@ -116,7 +95,7 @@ def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, 
     first_chosen = next(iter(plans.values()))[2]
     handle = DiTTARHandle(layers={}, sigma=params.sigma, strength=params.strength, mode=mode, window=window,
                           blocks=None if blocks is None else tuple(layer.block for layer in first_chosen))
-    scheduler = getattr(model, "scheduler", None) if not isinstance(model, nn.Module) else None
+    scheduler = SchedulerSource(model) if not isinstance(model, nn.Module) else None
     for prefix, (transformer, spec, chosen, processor_cls) in plans.items():
         remove_transformer_tar(transformer)
         state = DiTState()
@@ -129,6 +108,8 @@ def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, 
             handle.layers[f"{prefix}.{layer.name}" if prefix else layer.name] = params.sigma
             layer.module.set_processor(installed)
         transformer.register_forward_pre_hook(patch.gate, with_kwargs=True)
+        keep_state_in_checkpoints(transformer)
+        cache_forward_signature(type(transformer))  # what the gate binds, known before any traced call
         handle._patches[prefix] = patch
         setattr(transformer, STATE_ATTR, (handle, prefix))
     return handle
@@ -161,6 +142,7 @@ def remove_transformer_tar(transformer: nn.Module) -> bool:
     for installed in patch.installed.values():
         installed.release()
     remove_pre_hook(transformer, patch.gate)
+    release_checkpoints(transformer)
     return True
 
 

@@ -19,12 +19,14 @@ from __future__ import annotations
 import itertools
 import sys
 import types
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
+from ..call_state import Scoped
 from ..ops import tar_attention
-from .processor import TARSwitch
+from .processor import TARSwitch, cond_on_flag
 from .video_transformers import FrameGeometry
 
 # The names a processor's code reaches attention through, and the attribute looked up on a global for the second.
@@ -34,26 +36,101 @@ _ROUTED_IDS = itertools.count()
 _MODULE_IDENTITY = frozenset({"__name__", "__spec__", "__loader__", "__file__", "__cached__"})
 
 
-@dataclass
 class DiTState:
     """Shared by one transformer's TAR processors: the step-window switch and the frame geometry of the forward in
-    progress (None before the first forward)."""
+    progress, both per call (per thread, :mod:`vstar_kernels.call_state`). ``geometry`` is None before this thread's
+    first forward (or the ``geometry`` given here)."""
 
-    switch: TARSwitch = field(default_factory=TARSwitch)
-    geometry: FrameGeometry | None = None
+    def __init__(self, switch: TARSwitch | None = None, geometry: FrameGeometry | None = None) -> None:
+        self.switch = switch if switch is not None else TARSwitch()
+        self._default_geometry = geometry
+        self._geometry: Scoped[FrameGeometry] = Scoped("frame geometry")
+
+    @property
+    def geometry(self) -> FrameGeometry | None:
+        geometry = self._geometry.get()
+        return self._default_geometry if geometry is None else geometry
+
+    @geometry.setter
+    def geometry(self, value: FrameGeometry | None) -> None:
+        self._geometry.put(value)
 
 
 def routed_names(processor: object) -> str:
     """Which attention call of ``processor``'s code TAR routes: DISPATCH_NAME or SDPA_NAME. TypeError when its
     ``__call__`` uses neither (a processor TAR cannot see into: nothing would be biased)."""
-    fn = type(processor).__call__
+    return _routed_kind(type(processor))
+
+
+def _routed_kind(processor_cls: type) -> str:
+    fn = processor_cls.__call__
     names = set(getattr(fn, "__code__", types.SimpleNamespace(co_names=())).co_names)
     if DISPATCH_NAME in names and DISPATCH_NAME in fn.__globals__:
         return DISPATCH_NAME
     if SDPA_NAME in names and SDPA_MODULE in names and SDPA_MODULE in fn.__globals__:
         return SDPA_NAME
-    raise TypeError(f"{type(processor).__name__} computes attention neither through {DISPATCH_NAME} nor "
+    raise TypeError(f"{processor_cls.__name__} computes attention neither through {DISPATCH_NAME} nor "
                     f"{SDPA_MODULE}.{SDPA_NAME}: TAR cannot route it (set the model's default processor first)")
+
+
+@dataclass(frozen=True)
+class Route:
+    """A processor class's ``__call__`` with its attention routed to the TAR processor running it (``call``), the
+    original attention function (``original``), and the name of the module holding the copy's globals."""
+
+    call: types.FunctionType
+    original: Callable
+    module: str
+
+
+_RUNNING: Scoped[DiTTARProcessor] = Scoped("running TAR processor")  # set by DiTTARProcessor._run, per thread
+_ROUTES: dict[type, Route] = {}
+
+
+def _routed_dispatch(*args, **kwargs):
+    """``dispatch_attention_fn`` inside a routed ``__call__``: the running TAR processor's."""
+    return _RUNNING.get()._dispatch(*args, **kwargs)
+
+
+def _routed_sdpa(*args, **kwargs):
+    """``F.scaled_dot_product_attention`` inside a routed ``__call__``: the running TAR processor's."""
+    return _RUNNING.get()._sdpa(*args, **kwargs)
+
+
+def route_of(processor_cls: type) -> Route:
+    """The :class:`Route` of ``processor_cls``, built on first use (at ``apply_tar``, outside any traced call: a
+    module object cannot be built inside ``torch.compile``) and kept.
+
+    The copy's globals are the original's, except the attention name: it resolves to a function that asks which TAR
+    processor runs on this thread (:data:`_RUNNING`, set around the call). They live in a module of their own,
+    registered under its own name: torch.compile keys the globals an inlined function reads by the module they name
+    (importing it for guards), so sharing the original's name, spec or file would route the original's calls too.
+    Relative imports inside the code resolve through ``__package__``, which stays.
+    """
+    route = _ROUTES.get(processor_cls)
+    if route is not None:
+        return route
+    fn = processor_cls.__call__
+    kind = _routed_kind(processor_cls)
+    name = f"{fn.__globals__['__name__']}.vstar_tar_route_{processor_cls.__qualname__}_{next(_ROUTED_IDS)}"
+    module = types.ModuleType(name)
+    scope = module.__dict__
+    scope.update({key: value for key, value in fn.__globals__.items() if key not in _MODULE_IDENTITY})
+    if kind == DISPATCH_NAME:
+        original = scope[DISPATCH_NAME]
+        scope[DISPATCH_NAME] = _routed_dispatch
+    else:
+        functional = scope[SDPA_MODULE]
+        original = getattr(functional, SDPA_NAME)
+        proxy = types.ModuleType(functional.__name__)
+        proxy.__dict__.update(vars(functional))
+        setattr(proxy, SDPA_NAME, _routed_sdpa)
+        scope[SDPA_MODULE] = proxy
+    sys.modules[name] = module
+    call = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    call.__kwdefaults__ = fn.__kwdefaults__
+    route = _ROUTES[processor_cls] = Route(call, original, name)
+    return route
 
 
 class DiTTARProcessor:
@@ -61,7 +138,7 @@ class DiTTARProcessor:
 
     ``original`` is the processor it replaces; its code runs unchanged (see the module docstring). ``text`` says
     where text tokens sit in the attention sequence ("none", "first", "last"). Picklable and deep-copyable: the
-    routed copy of the original ``__call__`` is rebuilt on first use.
+    routed copy of the original ``__call__`` is one per processor class (:func:`route_of`), not per instance.
     """
 
     def __init__(self, original: object, *, sigma: float, strength: float, mode: str, backend: str, text: str,
@@ -73,17 +150,11 @@ class DiTTARProcessor:
         self.backend = backend
         self.text = text
         self.state = state
-        self._routed: tuple[types.FunctionType, object, str] | None = None
-        routed_names(original)  # fail now, not at the first forward
+        route_of(type(original))  # fail now, not at the first forward; built outside any traced call
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(sigma={self.sigma}, strength={self.strength}, mode={self.mode!r}, "
                 f"original={type(self.original).__name__})")
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_routed"] = None  # a function with private globals: rebuilt after unpickling
-        return state
 
     # diffusers' set_attention_backend / context parallel set these on the processor: they belong to the original,
     # whose code reads them
@@ -106,47 +177,23 @@ class DiTTARProcessor:
     # ------------------------------------------------------------------------------------------------ running
     def _run(self, attn, *args):
         """The original processor's ``__call__`` on ``attn`` and ``args``, its attention routed here."""
-        if self._routed is None:
-            self._routed = self._route()
-        call = self._routed[0]
-        return call(self.original, attn, *args)
+        _RUNNING.put(self)  # written, never read back here: a traced read would guard on the last call's processor
+        try:
+            return self._route.call(self.original, attn, *args)
+        finally:
+            _RUNNING.put(None)
+
+    @property
+    def _route(self) -> Route:
+        return route_of(type(self.original))
 
     def release(self) -> None:
-        """Forget the routed copy and unregister its module (``remove_tar`` calls this)."""
-        if self._routed is not None:
-            sys.modules.pop(self._routed[2], None)
-            self._routed = None
-
-    def _route(self) -> tuple[types.FunctionType, object, str]:
-        """(a copy of the original ``__call__`` whose attention name resolves to this processor, the original
-        attention function, the name of the module holding the copy's globals)."""
-        fn = type(self.original).__call__
-        module = types.ModuleType(f"{fn.__globals__['__name__']}.vstar_tar_route_{next(_ROUTED_IDS)}")
-        scope = module.__dict__
-        scope.update({name: value for name, value in fn.__globals__.items() if name not in _MODULE_IDENTITY})
-        if routed_names(self.original) == DISPATCH_NAME:
-            original_attention = scope[DISPATCH_NAME]
-            scope[DISPATCH_NAME] = self._dispatch
-        else:
-            functional = scope[SDPA_MODULE]
-            original_attention = getattr(functional, SDPA_NAME)
-            proxy = types.ModuleType(functional.__name__)
-            proxy.__dict__.update(vars(functional))
-            setattr(proxy, SDPA_NAME, self._sdpa)
-            scope[SDPA_MODULE] = proxy
-        # The routed code reads globals of a module of its own, registered under its own name: torch.compile keys the
-        # globals an inlined function reads by the module they name (importing it for guards), so sharing the
-        # original's name, spec or file would route the original's calls too. Relative imports inside the code
-        # resolve through __package__, which stays.
-        sys.modules[module.__name__] = module
-        call = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-        call.__kwdefaults__ = fn.__kwdefaults__
-        return call, original_attention, module.__name__
+        """Nothing per instance to release: the routed code is per processor class (kept for the next patch)."""
 
     def _dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False, *args, **kwargs):
         """Stands in for ``dispatch_attention_fn``: (batch, tokens, heads, head_dim) in and out."""
-        original = self._routed[1]
+        original = self._route.original
 
         def plain(q, k, v):
             return original(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args, **kwargs)
@@ -159,7 +206,7 @@ class DiTTARProcessor:
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False):
         """Stands in for ``F.scaled_dot_product_attention``: (batch, heads, tokens, head_dim) in and out."""
-        original = self._routed[1]
+        original = self._route.original
 
         def plain(q, k, v):
             return original(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
@@ -174,9 +221,8 @@ class DiTTARProcessor:
         """TAR or the original attention on (batch, tokens, heads, head_dim), as the step window says."""
         switch = self.state.switch
         if switch.flag is not None and torch.compiler.is_compiling():
-            return torch.cond(switch.flag, lambda q, k, v: self._with_tar(q, k, v, attn_mask, dropout_p, is_causal,
-                                                                          scale).contiguous(),
-                              lambda q, k, v: plain(q, k, v).contiguous(), (q, k, v))
+            return cond_on_flag(switch.flag, lambda q, k, v: self._with_tar(q, k, v, attn_mask, dropout_p, is_causal,
+                                                                            scale), plain, q, k, v)
         if not switch.active:
             return plain(q, k, v)
         return self._with_tar(q, k, v, attn_mask, dropout_p, is_causal, scale)

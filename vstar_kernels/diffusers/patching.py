@@ -11,14 +11,21 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
+from ..call_state import keep_state_in_checkpoints, release_checkpoints
 from ..contract import MODES, make_params
 from ..ops import requested_backend
 from ..presets import StepWindow, resolve_levels, resolve_window
 from .components import remove_pre_hook, restore_processors, unet_of
 from .discovery import TemporalLayer, find_temporal_attention
+from .dit_patching import (
+    apply_transformer_tar,
+    check_transformer_arguments,
+    remove_transformer_tar,
+    transformer_tar_state,
+)
+from .gates import SchedulerSource, TARGate
 from .positions import (
     DEFAULT_POSITION_MODE,
     check_positions_supported,
@@ -30,42 +37,6 @@ from .processor import TARAttnProcessor, TARSwitch
 from .video_transformers import SPECS, is_video_transformer_like, video_transformers_of
 
 _STATE_ATTR = "_vstar_tar_state"
-
-
-class TARGate:
-    """The UNet forward pre-hook of one ``apply_tar``: reads the call's timestep and switches TAR on or off.
-
-    Eager: sets ``switch.active``. Under ``torch.compile``: sets ``switch.flag`` to the window as a 0-d bool tensor
-    (no ``.item()``, so ``fullgraph=True`` holds), which the processors branch on with ``torch.cond``. A plain,
-    picklable object; a deep copy gets its own switch but shares the pipeline's scheduler (the schedule the copy's
-    pipeline steps through is the same object's).
-    """
-
-    def __init__(self, window: StepWindow, switch: TARSwitch, scheduler: object | None = None) -> None:
-        self.window = window
-        self.switch = switch
-        self.scheduler = scheduler
-
-    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self.update(kwargs.get("timestep", args[1] if len(args) > 1 else None))
-
-    def update(self, t: object) -> None:
-        """Switch TAR for the call's timestep ``t`` (a number or tensor; its first element; None: on)."""
-        if t is not None:
-            t = torch.as_tensor(t)
-        schedule = getattr(self.scheduler, "timesteps", None)
-        if schedule is not None:
-            schedule = torch.as_tensor(schedule)
-        if torch.compiler.is_compiling():
-            self.switch.flag = None if t is None or t.numel() == 0 else self.window.active_tensor(t, schedule)
-            return
-        self.switch.flag = None
-        self.switch.active = t is None or t.numel() == 0 or bool(self.window.active_tensor(t, schedule))
-
-    def __deepcopy__(self, memo: dict) -> TARGate:
-        import copy
-
-        return TARGate(copy.deepcopy(self.window, memo), copy.deepcopy(self.switch, memo), self.scheduler)
 
 
 @dataclass
@@ -140,8 +111,6 @@ def apply_tar(
     """
     transformers = video_transformers_of(model)
     if transformers:
-        from .dit_patching import apply_transformer_tar, check_transformer_arguments
-
         check_transformer_arguments(sigma, preset=preset, levels=levels, positions=positions)
         if processor is not TARAttnProcessor:
             raise ValueError("processor= applies to video UNets; a video transformer keeps its own processor code")
@@ -180,16 +149,16 @@ def apply_tar(
         handle.layers[layer.name] = (layer.level, level_sigma)
         layer.module.set_processor(installed)
 
-    scheduler = getattr(model, "scheduler", None) if model is not unet else None
-    handle._gate = TARGate(window, switch, scheduler)
+    handle._gate = TARGate(window, switch, SchedulerSource(model) if model is not unet else None)
     unet.register_forward_pre_hook(handle._gate, with_kwargs=True)
+    keep_state_in_checkpoints(unet)
     setattr(unet, _STATE_ATTR, handle)
     return handle
 
 
 def remove_tar(model: nn.Module) -> bool:
-    """Restore exactly the processors ``apply_tar`` replaced, the frame-position tables' previous behaviour, and
-    remove its hook; False if TAR was not applied.
+    """Restore exactly the processors ``apply_tar`` replaced, the frame-position tables' previous behaviour (on the
+    tables still in the mode it set), and remove its hook; False if TAR was not applied.
 
     A layer whose processor was replaced since (``fuse_qkv_projections``, attention slicing, ...) keeps the
     newer processor: only layers still running this application's TAR processor are restored, or a plain
@@ -198,8 +167,6 @@ def remove_tar(model: nn.Module) -> bool:
     """
     transformers = video_transformers_of(model)
     if transformers:
-        from .dit_patching import remove_transformer_tar
-
         return any([remove_transformer_tar(transformer) for transformer in transformers.values()])
     unet = unet_of(model)
     handle: TARHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
@@ -212,9 +179,12 @@ def remove_tar(model: nn.Module) -> bool:
         return current is installed or recreated
 
     restore_processors(unet, handle._originals, still_ours)
-    set_frame_positions(unet, handle._positions_before)
+    current = frame_positions_state(unet)  # tables set otherwise since (restored, another mode) keep that choice
+    set_frame_positions(unet, {name: mode for name, mode in handle._positions_before.items()
+                               if current.get(name) == handle.positions})
     if handle._gate is not None:
         remove_pre_hook(unet, handle._gate)
+    release_checkpoints(unet)
     return True
 
 
@@ -223,8 +193,6 @@ def tar_state(model: nn.Module):
     ``DiTTARHandle``; for a pipeline, that of its first transformer), or None."""
     transformers = video_transformers_of(model)
     if transformers:
-        from .dit_patching import transformer_tar_state
-
         return transformer_tar_state(next(iter(transformers.values())))
     return unet_of(model).__dict__.get(_STATE_ATTR)
 

@@ -7,24 +7,63 @@ outputs are viewed as (B·H·W, F, heads, d) and handed over without copies; the
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
+from ..call_state import Scoped
 from ..ops import tar_attention
 from ..reference import tar_attention_reference
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
 class TARSwitch:
-    """Shared on/off state of one ``apply_tar``: the UNet's timestep pre-hook flips ``active`` (eager), or sets
-    ``flag``, a 0-d bool tensor, while ``torch.compile`` traces (None otherwise)."""
+    """On/off of one ``apply_tar``, decided per call: the model's forward pre-hook sets it for the call's timestep
+    and the processors of that call read it. The state is per thread (:class:`~vstar_kernels.call_state.Scoped`), so
+    concurrent calls and checkpoint recomputes see their own call's decision.
 
-    active: bool = True
-    flag: torch.Tensor | None = field(default=None, repr=False)
+    ``active``: the decision as a bool (eager; True before the thread's first call). ``flag``: the same rule as a 0-d
+    bool tensor (None without a timestep), which traced processors branch on with ``torch.cond``.
+    """
+
+    def __init__(self, active: bool = True) -> None:
+        self._default = bool(active)
+        # two values, not one tuple: a compiled block reads only the flag, so it guards on nothing the window changes
+        self._active: Scoped[bool] = Scoped("TAR switch")
+        self._flag: Scoped[torch.Tensor] = Scoped("TAR step flag")
+
+    def set(self, active: bool | None, flag: torch.Tensor | None) -> None:
+        """This thread's decision: ``active`` (None while tracing) and ``flag``."""
+        self._active.put(active)
+        self._flag.put(flag)
+
+    @property
+    def active(self) -> bool:
+        active = self._active.get()
+        return self._default if active is None else active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self.set(bool(value), None)
+
+    @property
+    def flag(self) -> torch.Tensor | None:
+        return self._flag.get()
+
+    def __repr__(self) -> str:
+        return f"TARSwitch(active={self.active})"
+
+
+def cond_on_flag(flag: torch.Tensor, on, off, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``torch.cond(flag, on, off, (q, k, v))`` for traced processors (both branches in the graph, one runs: no graph
+    break, no recompile per step). Each branch returns (batch, Lq, heads, v's head_dim); inside the cond it is
+    flattened to 1-D and viewed back outside, because a contiguous output with symbolic sizes carries ``Max(1, n)``
+    strides that torch.cond rejects (dynamic shapes, or automatic dynamic after a resolution change)."""
+    shape = (*q.shape[:-1], v.shape[-1])
+    out = torch.cond(flag, lambda q, k, v: on(q, k, v).reshape(-1), lambda q, k, v: off(q, k, v).reshape(-1),
+                     (q, k, v))
+    return out.view(shape)
 
 
 def project_heads(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
@@ -117,9 +156,8 @@ class TARAttnProcessor:
         flag = None if self.switch is None else self.switch.flag
         if flag is not None and self.sigma is not None and torch.compiler.is_compiling():
             # traced step window: both branches in the graph, one runs (no graph break, no recompile per step)
-            return torch.cond(flag, lambda q, k, v: self._with_tar(q, k, v, scale, attention_mask).contiguous(),
-                              lambda q, k, v: self._without_tar(q, k, v, scale, attention_mask).contiguous(),
-                              (q, k, v))
+            return cond_on_flag(flag, lambda q, k, v: self._with_tar(q, k, v, scale, attention_mask),
+                                lambda q, k, v: self._without_tar(q, k, v, scale, attention_mask), q, k, v)
         if self.active:
             return self._with_tar(q, k, v, scale, attention_mask)
         return self._without_tar(q, k, v, scale, attention_mask)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-TEXT_POSITIONS = ("none", "first", "last")
+TEXT_POSITIONS = ("none", "first", "last")  # where a spec may put text in the self-attention sequence
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,10 @@ class VideoTransformerSpec:
     text: str
     geometry: Callable[[nn.Module, dict[str, object]], FrameGeometry]
     temporal_compression: int = 4  # latent frames per 4 pixel frames (each model's VAE)
+
+    def __post_init__(self) -> None:
+        if self.text not in TEXT_POSITIONS:
+            raise ValueError(f"{self.class_name}: text must be one of {TEXT_POSITIONS}, got {self.text!r}")
 
 
 SPECS: dict[str, VideoTransformerSpec] = {
@@ -167,9 +171,13 @@ def select_blocks(layers: list[SelfAttentionLayer], blocks: object) -> list[Self
 _SIGNATURES: dict[type, inspect.Signature] = {}  # forward signature per class (a plain dict: torch.compile traces it)
 
 
-def bind_forward(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, object]:
-    """The forward call's arguments by name (a pre-hook sees them as given, positional or not)."""
-    cls = type(model)
+def cache_forward_signature(cls: type) -> inspect.Signature:
+    """``cls.forward``'s signature, computed once (``apply_tar`` calls this, so a compiled first call finds it)."""
     if cls not in _SIGNATURES:
         _SIGNATURES[cls] = inspect.signature(cls.forward)
-    return dict(_SIGNATURES[cls].bind_partial(model, *args, **kwargs).arguments)
+    return _SIGNATURES[cls]
+
+
+def bind_forward(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, object]:
+    """The forward call's arguments by name (a pre-hook sees them as given, positional or not)."""
+    return dict(cache_forward_signature(type(model)).bind_partial(model, *args, **kwargs).arguments)

@@ -6,11 +6,11 @@ Kept free of diffusers so that other integrations (per-frame conditioning) can a
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Generic, TypeVar
 
+from ..call_state import Scoped
 from .layout import RankGroup
 
-T = TypeVar("T")
+__all__ = ["CALL", "FrameCall", "Scoped", "frame_window"]
 
 
 @dataclass(frozen=True)
@@ -35,27 +35,7 @@ class FrameCall:
         return self.frame_sizes[self.rg.rank]
 
 
-class Scoped(Generic[T]):
-    """A process-wide value set for the duration of a call: ``token = v.set(x)`` ... ``v.reset(token)``, read with
-    ``v.get()`` (the ContextVar interface). Not a ContextVar because torch.compile cannot trace ``ContextVar.get``;
-    process-wide suffices, since a frame-parallel call issues collectives that every rank must run in one order, so
-    a process runs one at a time."""
-
-    def __init__(self) -> None:
-        self._value: T | None = None
-
-    def get(self) -> T | None:
-        return self._value
-
-    def set(self, value: T | None) -> T | None:
-        previous, self._value = self._value, value
-        return previous
-
-    def reset(self, token: T | None) -> None:
-        self._value = token
-
-
-CALL: Scoped[FrameCall] = Scoped()
+CALL: Scoped[FrameCall] = Scoped("frame-parallel call")  # per thread; restored in checkpoint recomputes
 
 
 def frame_window() -> tuple[int, int] | None:

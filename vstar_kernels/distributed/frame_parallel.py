@@ -9,6 +9,13 @@ runs on every frame and the rank's share of the spatial positions, entered and l
 all-reduce their per-group sums (:class:`SplitGroupNorm`). At a level with fewer positions than ranks the temporal
 module gathers every frame and runs replicated instead. Fewer frames than ranks runs the whole UNet on every rank.
 
+Backward: with autograd recording (grad enabled and a parameter or an input requiring grad) every layout switch,
+gather and all-reduce is differentiable (:mod:`.layout`), and the UNet's parameters and tensor inputs enter the
+split call through :func:`.layout.enter_replicated`, which sums their gradients over the ranks. Every rank calling
+``backward`` on the same loss of the (same) full output gets the single-process gradients of the parameters and
+the inputs. Gradient checkpointing is refused while training split (NotImplementedError): its recompute would run
+outside the call. Without autograd (``torch.no_grad``, nothing requiring grad) nothing of this runs.
+
 Mechanism: the UNet's class and its temporal modules' classes are switched to subclasses defined here (the same
 objects, parameters and state_dict); ``disable_frame_parallel`` switches them back.
 """
@@ -16,7 +23,8 @@ objects, parameters and state_dict); ``disable_frame_parallel`` switches them ba
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +53,10 @@ from .context import CALL, FrameCall, Scoped
 from .layout import (
     RankGroup,
     all_reduce_sum,
+    enter_replicated,
     frames_to_positions,
     gather_frames,
+    gather_output,
     positions_to_frames,
     resolve_group,
     split_sizes,
@@ -178,24 +188,73 @@ class FrameParallelMotionTransformer(AnimateDiffTransformer3D):
         return _temporal_forward(AnimateDiffTransformer3D, self, args, kwargs)
 
 
-def _split_frames(module: nn.Module, sample: torch.Tensor, output: type, return_dict: bool, kwargs: dict,
-                  whole: Callable[[], object], local: Callable[[int, int], torch.Tensor], frames_dim: int = 2):
-    """The UNet call on this rank's frames (``local(start, count)``, frames on ``frames_dim`` of ``sample`` and of
-    the output), gathered into the full output; ``whole()`` when frame parallelism is off for this call (world 1,
-    fewer frames than ranks)."""
+def _split_frames(module: nn.Module, inputs: tuple, output: type, return_dict: bool, kwargs: dict,
+                  whole: Callable[[], object], local: Callable[..., torch.Tensor], frames_dim: int = 2):
+    """The UNet call on this rank's frames (``local(start, count, *inputs)``, frames on ``frames_dim`` of the
+    sample, ``inputs[0]``, and of the output), gathered into the full output; ``whole()`` when frame parallelism is
+    off for this call (world 1, fewer frames than ranks). ``inputs`` are the call's arguments (nested in tuples,
+    lists and dicts); ``local`` gets them back, entered for autograd when it records (:func:`_replicated`)."""
     state: FrameParallelState | None = getattr(module, _STATE_ATTR, None)
+    sample = inputs[0]
     frames = sample.shape[frames_dim]
     if state is None or state.rg.world == 1 or frames < state.rg.world or CALL.get() is not None:
         return whole()
     _check_call(sample, kwargs, state.rg)
     sizes = split_sizes(frames, state.rg.world)
-    token = CALL.set(FrameCall(state.rg, sizes))
-    try:
-        out = local(sum(sizes[:state.rg.rank]), sizes[state.rg.rank])
-    finally:
-        CALL.reset(token)
-    out = gather_frames(out, sizes, frames_dim, state.rg)
+    with _replicated(module, inputs, state.rg, refuse_checkpointing=True) as entered:
+        token = CALL.set(FrameCall(state.rg, sizes))
+        try:
+            out = local(sum(sizes[:state.rg.rank]), sizes[state.rg.rank], *entered)
+        finally:
+            CALL.reset(token)
+    out = gather_output(out, sizes, frames_dim, state.rg)
     return output(sample=out) if return_dict else (out,)
+
+
+def _map_tensors(obj, fn: Callable[[torch.Tensor], torch.Tensor]):
+    """``obj`` with ``fn`` applied to every tensor in it (through tuples, lists and dicts)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if type(obj) in (tuple, list):
+        return type(obj)(_map_tensors(item, fn) for item in obj)
+    if type(obj) is dict:
+        return {key: _map_tensors(value, fn) for key, value in obj.items()}
+    return obj
+
+
+@contextmanager
+def _replicated(module: nn.Module, inputs: tuple, rg: RankGroup, refuse_checkpointing: bool = False
+                ) -> Iterator[tuple]:
+    """While autograd records (grad enabled, a parameter of ``module`` or a tensor in ``inputs`` requiring grad),
+    those parameters are swapped, for the duration, for views from :func:`.layout.enter_replicated` (and those
+    inputs, yielded in their place): every rank's share contributes to their gradients, which the views' backward
+    sums over the ranks, so each rank's parameters and inputs get the whole call's gradient. Otherwise ``inputs``
+    unchanged, nothing swapped. ``refuse_checkpointing``: NotImplementedError, before any collective, if autograd
+    records and a submodule has gradient checkpointing on."""
+    if not torch.is_grad_enabled():
+        yield inputs
+        return
+    leaves: dict[int, torch.Tensor] = {}
+    slots: list[tuple[nn.Module, str, torch.Tensor]] = []
+    for sub in module.modules():
+        for name, param in sub._parameters.items():
+            if param is not None and param.requires_grad:
+                leaves.setdefault(id(param), param)
+                slots.append((sub, name, param))
+    _map_tensors(inputs, lambda t: leaves.setdefault(id(t), t) if t.requires_grad else t)
+    if not leaves:
+        yield inputs
+        return
+    if refuse_checkpointing:
+        _check_no_checkpointing(module)
+    views = dict(zip(leaves, enter_replicated(list(leaves.values()), rg), strict=True))
+    for sub, name, param in slots:
+        sub._parameters[name] = views[id(param)]
+    try:
+        yield _map_tensors(inputs, lambda t: views.get(id(t), t))
+    finally:
+        for sub, name, param in slots:
+            sub._parameters[name] = param
 
 
 def _frame_rows(t: torch.Tensor | None, batch: int, frames: int, start: int, count: int) -> torch.Tensor | None:
@@ -210,13 +269,16 @@ class FrameParallelUNet3D(UNet3DConditionModel):
 
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
         _check_positional(args)
+
+        def local(start, n, sample, timestep, encoder_hidden_states, args, kwargs):
+            return UNet3DConditionModel.forward(self, sample[:, :, start:start + n], timestep, encoder_hidden_states,
+                                                *args, return_dict=False, **kwargs)[0]
+
         return _split_frames(
-            self, sample, UNet3DConditionOutput, return_dict, kwargs,
+            self, (sample, timestep, encoder_hidden_states, args, kwargs), UNet3DConditionOutput, return_dict, kwargs,
             lambda: UNet3DConditionModel.forward(self, sample, timestep, encoder_hidden_states, *args,
                                                  return_dict=return_dict, **kwargs),
-            lambda start, n: UNet3DConditionModel.forward(self, sample[:, :, start:start + n], timestep,
-                                                          encoder_hidden_states, *args, return_dict=False,
-                                                          **kwargs)[0])
+            local)
 
 
 class FrameParallelUNetMotion(UNetMotionModel):
@@ -226,13 +288,17 @@ class FrameParallelUNetMotion(UNetMotionModel):
     def forward(self, sample, timestep, encoder_hidden_states, *args, return_dict=True, **kwargs):
         _check_positional(args)
         batch, frames = sample.shape[0], sample.shape[2]
+
+        def local(start, n, sample, timestep, encoder_hidden_states, args, kwargs):
+            return UNetMotionModel.forward(self, sample[:, :, start:start + n], timestep,
+                                           _frame_rows(encoder_hidden_states, batch, frames, start, n), *args,
+                                           return_dict=False, **kwargs)[0]
+
         return _split_frames(
-            self, sample, UNetMotionOutput, return_dict, kwargs,
+            self, (sample, timestep, encoder_hidden_states, args, kwargs), UNetMotionOutput, return_dict, kwargs,
             lambda: UNetMotionModel.forward(self, sample, timestep, encoder_hidden_states, *args,
                                             return_dict=return_dict, **kwargs),
-            lambda start, n: UNetMotionModel.forward(
-                self, sample[:, :, start:start + n], timestep,
-                _frame_rows(encoder_hidden_states, batch, frames, start, n), *args, return_dict=False, **kwargs)[0])
+            local)
 
 
 class FrameParallelTemporalEncoder(I2VGenXLTransformerTemporalEncoder):
@@ -256,7 +322,7 @@ class FrameParallelI2VGenXLUNet(I2VGenXLUNet):
     def forward(self, sample, timestep, fps, image_latents, *args, return_dict=True, **kwargs):
         _check_positional(args, limit=4)
 
-        def local(start: int, n: int) -> torch.Tensor:
+        def local(start, n, sample, timestep, fps, image_latents, args, kwargs):
             first = image_latents[:, :, :1].permute(0, 2, 1, 3, 4).flatten(0, 1)  # what the context embedding takes
             hook = self.image_latents_context_embedding.register_forward_pre_hook(lambda _m, _a: (first,))
             try:
@@ -267,7 +333,7 @@ class FrameParallelI2VGenXLUNet(I2VGenXLUNet):
                 hook.remove()
 
         return _split_frames(
-            self, sample, UNet3DConditionOutput, return_dict, kwargs,
+            self, (sample, timestep, fps, image_latents, args, kwargs), UNet3DConditionOutput, return_dict, kwargs,
             lambda: I2VGenXLUNet.forward(self, sample, timestep, fps, image_latents, *args, return_dict=return_dict,
                                          **kwargs),
             local)
@@ -336,14 +402,17 @@ class FrameParallelUNetSpatioTemporal(UNetSpatioTemporalConditionModel):
     """UNetSpatioTemporalConditionModel (Stable Video Diffusion; frames on dim 1) split over the ranks."""
 
     def forward(self, sample, timestep, encoder_hidden_states, added_time_ids, return_dict=True):
+        def local(start, n, sample, timestep, encoder_hidden_states, added_time_ids):
+            return UNetSpatioTemporalConditionModel.forward(self, sample[:, start:start + n], timestep,
+                                                            encoder_hidden_states, added_time_ids,
+                                                            return_dict=False)[0]
+
         return _split_frames(
-            self, sample, UNetSpatioTemporalConditionOutput, return_dict, {},
+            self, (sample, timestep, encoder_hidden_states, added_time_ids), UNetSpatioTemporalConditionOutput,
+            return_dict, {},
             lambda: UNetSpatioTemporalConditionModel.forward(self, sample, timestep, encoder_hidden_states,
                                                              added_time_ids, return_dict=return_dict),
-            lambda start, n: UNetSpatioTemporalConditionModel.forward(
-                self, sample[:, start:start + n], timestep, encoder_hidden_states, added_time_ids,
-                return_dict=False)[0],
-            frames_dim=1)
+            local, frames_dim=1)
 
 
 class FrameParallelAutoencoderKL(AutoencoderKL):
@@ -356,8 +425,9 @@ class FrameParallelAutoencoderKL(AutoencoderKL):
         state.rg.check_device(z.device)
         sizes = split_sizes(z.shape[0], state.rg.world)
         start = sum(sizes[:state.rg.rank])
-        local = AutoencoderKL.decode(self, z[start:start + sizes[state.rg.rank]], return_dict=False)[0]
-        out = gather_frames(local, sizes, 0, state.rg)
+        with _replicated(self, (z,), state.rg) as (z,):
+            local = AutoencoderKL.decode(self, z[start:start + sizes[state.rg.rank]], return_dict=False)[0]
+        out = gather_output(local, sizes, 0, state.rg)
         return DecoderOutput(sample=out) if return_dict else (out,)
 
 
@@ -390,6 +460,22 @@ def _check_call(sample: torch.Tensor, kwargs: dict, rg: RankGroup) -> None:
     if extra:
         raise NotImplementedError(f"frame parallelism does not split ControlNet residuals yet ({', '.join(extra)}); "
                                   "disable_frame_parallel first")
+
+
+def _check_no_checkpointing(module: nn.Module) -> None:
+    """NotImplementedError when a submodule of ``module`` has gradient checkpointing on (called while autograd
+    records, when diffusers checkpoints): its recompute in backward would run outside the frame-parallel call, where
+    the temporal modules see only this rank's frames. (A mechanism that restores the call's state during the
+    recompute would lift this.)"""
+    checkpointed = [name or type(module).__name__ for name, sub in module.named_modules()
+                    if getattr(sub, "gradient_checkpointing", False) is True]
+    if checkpointed:
+        raise NotImplementedError(
+            "frame parallelism does not support gradient checkpointing yet: its recompute in backward runs outside "
+            "the frame-parallel call, so the temporal modules would see only this rank's frames (gradient "
+            f"checkpointing is on in {', '.join(checkpointed[:3])}{', ...' if len(checkpointed) > 3 else ''}). "
+            "Call disable_gradient_checkpointing() on the UNet to train frame-parallel, or run inference under "
+            "torch.no_grad()")
 
 
 # ---------------------------------------------------------------------------------------------- public API

@@ -4,6 +4,20 @@ A rank holds a contiguous share of the frames for the spatial layers ("frame lay
 all-to-all moves to "every frame, a contiguous share of the spatial positions" ("position layout") and one moves
 back. Shares are as even as possible: the first ``n % world`` ranks hold one more (:func:`split_sizes`). Every
 switch is a single ``torch.distributed.all_to_all`` (NCCL on GPUs, gloo on CPUs): nothing home-made on the wire.
+
+Backward: every collective here is differentiable when autograd records (grad enabled and an input requires grad);
+otherwise it runs exactly as without autograd. The adjoints, with each rank holding its share of one computation
+whose parameters and inputs are replicated (the gradient a rank holds is its share's contribution; summed over the
+ranks it is the whole computation's):
+
+- an all-to-all's adjoint is the inverse all-to-all (the split sizes swapped): a layout switch is a permutation;
+- :func:`gather_frames` (a share sent to every rank) sums, per share, the gradients every rank holds for it (a
+  reduce-scatter, here the inverse all-to-all and a sum);
+- :func:`all_reduce_sum`'s adjoint is an all-reduce of the gradient;
+- :func:`enter_replicated` (identity) sums the gradients of replicated tensors (parameters, the call's inputs) over
+  the ranks, so every rank gets the whole computation's gradient;
+- :func:`gather_output` (the replicated result every rank returns) keeps this rank's share of the output gradient,
+  with no communication: every rank holds the same loss of the same output, whose gradient counts once.
 """
 
 from __future__ import annotations
@@ -93,6 +107,106 @@ def _destroy_if_initialised() -> None:
         dist.destroy_process_group()
 
 
+def _records(t: torch.Tensor) -> bool:
+    """Whether autograd records an operation on ``t`` (otherwise the plain collective runs)."""
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` of a flat buffer with split sizes; its adjoint is the inverse exchange (the sizes
+    swapped), itself differentiable."""
+
+    @staticmethod
+    def forward(ctx, flat_in: torch.Tensor, send_counts: list[int], recv_counts: list[int], group) -> torch.Tensor:
+        ctx.counts, ctx.group = (send_counts, recv_counts), group
+        flat_out = flat_in.new_empty(sum(recv_counts))
+        dist.all_to_all_single(flat_out, flat_in, output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                               group=group)
+        return flat_out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        send_counts, recv_counts = ctx.counts
+        return _AllToAll.apply(grad_out.contiguous(), recv_counts, send_counts, ctx.group), None, None, None
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """In-place ``all_reduce`` (sum); its adjoint is the all-reduce of the gradient (every rank's sum used every
+    rank's summand)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        ctx.mark_dirty(t)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _AllReduceSum.apply(grad.clone(memory_format=torch.contiguous_format), ctx.group), None
+
+
+class _GatherOutput(torch.autograd.Function):
+    """:func:`gather_frames` of the replicated output; adjoint: this rank's share of the output gradient."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, frame_sizes: list[int], dim: int, rg: RankGroup) -> torch.Tensor:
+        ctx.share = (dim, sum(frame_sizes[:rg.rank]), frame_sizes[rg.rank])
+        return gather_frames(x, frame_sizes, dim, rg)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        dim, start, count = ctx.share
+        return grad.narrow(dim, start, count), None, None, None
+
+
+_BUCKET_ELEMENTS = 1 << 24  # gradients summed per all-reduce: 64 MiB of fp32 at most, beyond one larger tensor
+
+
+class _SumGradients(torch.autograd.Function):
+    """Identity on replicated tensors; the adjoint sums their gradients over the group, in buckets of one dtype.
+    Which tensors got a gradient on some rank is agreed first (one small all-reduce): a tensor that no rank's share
+    used keeps a None gradient, as in one process; one that only some ranks' shares used gets zeros from the others."""
+
+    @staticmethod
+    def forward(ctx, group, *tensors: torch.Tensor):
+        ctx.group, ctx.device = group, tensors[0].device
+        ctx.meta = [(t.shape, t.dtype) for t in tensors]
+        ctx.set_materialize_grads(False)
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *grads: torch.Tensor | None):
+        present = torch.tensor([g is not None for g in grads], dtype=torch.int32, device=ctx.device)
+        dist.all_reduce(present, op=dist.ReduceOp.SUM, group=ctx.group)
+        out: list[torch.Tensor | None] = [None] * len(grads)
+        bucket: list[int] = []
+
+        def flush() -> None:
+            parts = [grads[i].reshape(-1) if grads[i] is not None
+                     else torch.zeros(ctx.meta[i][0].numel(), dtype=ctx.meta[i][1], device=ctx.device)
+                     for i in bucket]
+            flat = torch.cat(parts)
+            del parts
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=ctx.group)
+            for i, part in zip(bucket, flat.split([ctx.meta[i][0].numel() for i in bucket]), strict=True):
+                out[i] = part.view(ctx.meta[i][0])
+            bucket.clear()
+
+        size = 0
+        for i in (i for i, n in enumerate(present.tolist()) if n):
+            numel = ctx.meta[i][0].numel()
+            if bucket and (ctx.meta[i][1] != ctx.meta[bucket[0]][1] or size + numel > _BUCKET_ELEMENTS):
+                flush()
+                size = 0
+            bucket.append(i)
+            size += numel
+        if bucket:
+            flush()
+        return (None, *out)
+
+
 def _exchange(send: list[torch.Tensor], recv_shapes: list[tuple[int, ...]], like: torch.Tensor,
               rg: RankGroup) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Send ``send[r]`` to rank r and receive a ``recv_shapes[r]`` tensor from each: one ``all_to_all_single`` of
@@ -100,18 +214,38 @@ def _exchange(send: list[torch.Tensor], recv_shapes: list[tuple[int, ...]], like
     flat receive buffer and its parts, in rank order, as views of it."""
     flat_in = torch.cat([t.reshape(-1) for t in send])
     counts = [math.prod(shape) for shape in recv_shapes]
-    flat_out = torch.empty(sum(counts), dtype=like.dtype, device=like.device)
-    dist.all_to_all_single(flat_out, flat_in, output_split_sizes=counts,
-                           input_split_sizes=[t.numel() for t in send], group=rg.group)
+    if _records(flat_in):
+        flat_out = _AllToAll.apply(flat_in, [t.numel() for t in send], counts, rg.group)
+    else:
+        flat_out = torch.empty(sum(counts), dtype=like.dtype, device=like.device)
+        dist.all_to_all_single(flat_out, flat_in, output_split_sizes=counts,
+                               input_split_sizes=[t.numel() for t in send], group=rg.group)
     del flat_in
     return flat_out, [part.view(shape) for part, shape in zip(flat_out.split(counts), recv_shapes, strict=True)]
 
 
 def gather_frames(x: torch.Tensor, frame_sizes: list[int], dim: int, rg: RankGroup) -> torch.Tensor:
     """Every rank's share of frames along ``dim`` (this rank's is ``x``), concatenated in rank order on every
-    rank (uneven shares allowed)."""
+    rank (uneven shares allowed). Inside a computation (each rank goes on with its own part of the gathered
+    frames); its adjoint sums every rank's gradient of this rank's share. For the replicated result returned to
+    the caller use :func:`gather_output`."""
     shapes = [(*x.shape[:dim], size, *x.shape[dim + 1:]) for size in frame_sizes]
     return torch.cat(_exchange([x] * rg.world, shapes, x, rg)[1], dim=dim)
+
+
+def gather_output(x: torch.Tensor, frame_sizes: list[int], dim: int, rg: RankGroup) -> torch.Tensor:
+    """:func:`gather_frames` of the result every rank returns (and computes the same loss of): its adjoint is this
+    rank's share of the output gradient (no communication), so the loss counts once, not once per rank."""
+    if _records(x):
+        return _GatherOutput.apply(x, frame_sizes, dim, rg)
+    return gather_frames(x, frame_sizes, dim, rg)
+
+
+def enter_replicated(tensors: list[torch.Tensor], rg: RankGroup) -> tuple[torch.Tensor, ...]:
+    """Views of ``tensors``, which every rank holds the same copy of (parameters, a call's inputs), for this rank's
+    share of a frame-parallel computation to use: identity forward; in backward their gradients (each rank's share's
+    contribution) are summed over the group, so every rank gets the whole computation's gradient."""
+    return _SumGradients.apply(rg.group, *tensors)
 
 
 def _starts(sizes: list[int]) -> list[int]:
@@ -161,6 +295,8 @@ def positions_to_frames(y: torch.Tensor, frame_sizes: list[int], height: int, wi
 
 
 def all_reduce_sum(t: torch.Tensor, rg: RankGroup) -> torch.Tensor:
-    """``t`` summed over the group (in place)."""
+    """``t`` summed over the group (in place); differentiable (the adjoint all-reduces the gradient)."""
+    if _records(t):
+        return _AllReduceSum.apply(t, rg.group)
     dist.all_reduce(t, op=dist.ReduceOp.SUM, group=rg.group)
     return t
