@@ -80,11 +80,27 @@ TAR_HOST_DEVICE float tar_gaussian(float dist, float gauss_log2_coeff) {
   return exp2f(-(dist * dist) * gauss_log2_coeff);
 }
 
-// The multiplier of G_ij added to a logit row: t'_ij = t_ij + tar_bias_coeff(p, row_max, unit) * G_ij.
+// |c_i|, the multiplier of G_ij in natural units, saturates here (contract.BIAS_COEFF_MAX, "Extreme values"): every
+// biased logit and every difference of two stays finite in float32, in natural and in exp2 units.
+constexpr float kBiasCoeffMax = 0x1p125f;
+
+// The multiplier of G_ij added to a logit row: t'_ij = t_ij + tar_bias_coeff(p, row_max, unit) * G_ij, i.e.
+// sat(strength * row_max) (relative) or sat(strength) * unit (absolute), sat clamping to +-kBiasCoeffMax * unit.
 //   row_max: max_j t_ij of the unbiased logits of this row, in the same units as t (relative mode only);
 //   unit: 1 for natural-unit logits, kLog2e for exp2-domain logits (the absolute bias is `strength` nats).
+// Finite for every admitted strength and row max, also where their product overflows float32.
 TAR_HOST_DEVICE float tar_bias_coeff(const TARParams& p, float row_max, float unit) {
-  return p.strength * (p.relative ? row_max : unit);
+  const float coeff = p.strength * (p.relative ? row_max : unit);
+  const float bound = kBiasCoeffMax * unit;
+  return coeff > bound ? bound : coeff < -bound ? -bound : coeff;
+}
+
+// d tar_bias_coeff / d row_max in relative mode: strength, or 0 in a row whose coefficient saturates (the row max's
+// gradient share in the backward).
+TAR_HOST_DEVICE float tar_bias_coeff_slope(const TARParams& p, float row_max, float unit) {
+  const float coeff = p.strength * row_max;
+  const float bound = kBiasCoeffMax * unit;
+  return coeff <= bound && coeff >= -bound ? p.strength : 0.f;
 }
 
 // Whether a kernel may skip the bias entirely (strength 0 is plain softmax attention).

@@ -167,7 +167,7 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
             const float* unbiased = s0 + r * ld_k;
             int64_t ties = 0;
             for (int64_t j = 0; j < lk; ++j) ties += unbiased[j] == unbiased_max;
-            const float share = p.strength * coupling / static_cast<float>(ties);
+            const float share = tar_bias_coeff_slope(p, unbiased_max, 1.f) * coupling / static_cast<float>(ties);
             for (int64_t j = 0; j < lk; ++j)
               if (unbiased[j] == unbiased_max) drow[j] += share;
           }

@@ -342,7 +342,7 @@ __global__ void __launch_bounds__(kThreads, 4)
       }
     }
     float share = 0.f;
-    if (kRelative) share = p.strength * warp_sum(coupling) / fmaxf(warp_sum(ties), 1.f);
+    if (kRelative) share = tar_bias_coeff_slope(p, row_max, kLog2e) * warp_sum(coupling) / fmaxf(warp_sum(ties), 1.f);
 
     if (row_valid) {
 #pragma unroll

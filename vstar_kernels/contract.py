@@ -6,9 +6,11 @@ head),
 
     S_ij  = scale * <q_i, k_j>
     G_ij  = exp(-(gi - gj)^2 / (2 sigma^2))  when tokens i and j both have a frame, else 0
-    S'_ij = S_ij + strength * max_j' S_ij' * G_ij      (mode "relative", VSTAR Eq. 3; the max runs over all keys)
-    S'_ij = S_ij + strength * G_ij                     (mode "absolute")
+    c_i   = sat(strength * max_j' S_ij')             (mode "relative", VSTAR Eq. 3; the max runs over all keys)
+    c_i   = sat(strength)                            (mode "absolute")
+    S'_ij = S_ij + c_i * G_ij
     out_i = sum_j softmax_j(S'_ij) v_j
+    sat(x) = min(max(x, -2^125), 2^125)              (BIAS_COEFF_MAX; see "Extreme values" below)
 
 The token layout (:class:`TokenFrames`) maps a token to its frame. Token t of a sequence has a frame when
 ``video_start <= t < video_start + video_tokens`` (``video_tokens=None``: to the end of the sequence); its global
@@ -16,6 +18,25 @@ frame index is ``offset + (t - video_start) // tokens_per_frame``, with ``q_offs
 ``k_offset`` for keys. The default (1 token per frame, from token 0 to the end) is temporal attention: token = frame.
 A video transformer's row-major (frame, height, width) patch sequence has ``tokens_per_frame = h * w``; text tokens
 joined before it (CogVideoX) or after it (HunyuanVideo) have no frame, so their rows and columns get no bias.
+
+Extreme values. Extreme strengths, sigmas and frame distances within the checks below give the formula's finite
+answer, the same on every backend (the logits S themselves must be finite in float32):
+
+- The bias coefficient c_i saturates at ±2^125 (natural units, BIAS_COEFF_MAX), so ``|strength * max_j S_ij|``
+  beyond the float32 range (e.g. strength 1e38 with logits near 5) and ``|strength| * log2(e)`` beyond it (the
+  absolute bias of the exp2-domain kernels) stay finite: every biased logit is within 2^125 + |S| and no difference
+  of two overflows. A coefficient that large decides the row by the band alone: for c_i > 0 the keys of the row's
+  largest G share the weight evenly (next to a bias of 2^125 * G, S_ij is below float32's resolution, and below
+  float64's next to the unsaturated bias) and every other key gets none; for c_i < 0 the keys of the smallest G keep
+  it. That is the softmax of the unsaturated float64 formula too wherever the band values that matter are 0 or at
+  least ~2^-90 (keys within ~11 sigma of the query's frame); the saturation shows only where a key further out is
+  the one the row keeps (c_i < 0 with every nearer key suppressed, or c_i > 0 with no key within ~11 sigma). A
+  saturated row passes no gradient to its row max (sat' = 0).
+- sigma: any finite sigma > 0. A sigma so large that log2(e) / (2 sigma^2) underflows to 0 (above ~1.2e162 in
+  float64) is the constant band G = 1 between framed tokens, the formula's own value there (the float32 kernels'
+  Gaussian is 1 to the last bit from sigma ~1e13 on).
+- Frame distances: the GPU kernels hold gi - gj in int32, exact for ``|q_offset - k_offset| <= 2^30`` and at most
+  2^30 tokens, i.e. every distance below 2^31 (beyond, "auto" runs the CPU backends, exact to 2^53).
 
 This module holds no formula of its own beyond the host-side constants a kernel needs: the Gaussian and the
 bias are defined in :mod:`vstar_kernels.reference` (Python), the Triton kernel and ``csrc/tar_attention.h``.
@@ -39,6 +60,10 @@ LOG2E = 1.4426950408889634  # log2(e): kernels work in the exp2 domain
 # without the coefficient overflowing (0 * inf = NaN on the diagonal).
 GAUSS_LOG2_COEFF_MAX = 2048.0
 FLOAT32_MAX = 3.4028234663852886e38  # strength must fit the kernels' float32 accumulation
+# |c_i|, the multiplier of G_ij in a row (natural units), saturates here (module docstring, "Extreme values"): 2^125
+# leaves every biased logit and every difference of two finite in float32, in natural and in exp2 units (2^125 *
+# log2(e) < 2^126). csrc/tar_attention.h kBiasCoeffMax; the Triton kernels' BIAS_LOG2_MAX = this * log2(e).
+BIAS_COEFF_MAX = 2.0**125
 MAX_OFFSET = 2**53  # frame indices stay exact in float64 up to here
 MAX_TOKENS = 2**53  # token counts of the layout, exact in float64 like the offsets
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -50,8 +75,9 @@ class TARParams:
 
     The ``*_log2`` properties are the host-side constants of the exp2-domain kernels: a logit ``t = S * log2(e)``
     is computed as ``<q, k> * qk_log2_scale`` and the Gaussian as ``exp2(-(gi - gj)^2 * gauss_log2_coeff)``.
-    In relative mode the bias is ``strength * max_j t_ij * G`` (the row max scales with log2(e) like the
-    logits do), in absolute mode ``strength * log2(e) * G``.
+    In relative mode the bias is ``sat(strength * max_j t_ij) * G`` (the row max scales with log2(e) like the
+    logits do, and so does the bound: ``BIAS_COEFF_MAX * log2(e)``, applied in the kernel), in absolute mode
+    ``sat(strength) * log2(e) * G``.
     """
 
     sigma: float
@@ -89,12 +115,20 @@ class TARParams:
 
     @property
     def gauss_log2_coeff(self) -> float:
-        """log2(e) / (2 sigma^2), saturated at GAUSS_LOG2_COEFF_MAX (no overflow for tiny sigma)."""
+        """log2(e) / (2 sigma^2), saturated at GAUSS_LOG2_COEFF_MAX (no overflow for tiny sigma); 0.0 for a sigma
+        so large that it underflows (the constant band)."""
         return min((LOG2E / 2.0) / self.sigma / self.sigma, GAUSS_LOG2_COEFF_MAX)
 
     @property
     def bias_log2_scale(self) -> float:
-        return self.strength if self.relative else self.strength * LOG2E
+        """strength (relative: the kernel multiplies the row max and saturates the product), or the saturated
+        absolute bias in log2 units, ``sat(strength) * log2(e)`` (finite for every admitted strength)."""
+        return self.strength if self.relative else saturate_bias_coeff(self.strength) * LOG2E
+
+
+def saturate_bias_coeff(coeff: float) -> float:
+    """sat(coeff): the multiplier of G_ij clamped to ±BIAS_COEFF_MAX (module docstring, "Extreme values")."""
+    return max(-BIAS_COEFF_MAX, min(BIAS_COEFF_MAX, coeff))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .contract import TARParams, make_params, validate_layout, validate_tensors
+from .contract import BIAS_COEFF_MAX, TARParams, make_params, validate_layout, validate_tensors
 
 
 def gaussian_delta(
@@ -59,31 +59,45 @@ def band_rows(params: TARParams, rows: range, lk: int, *, dtype: torch.dtype = t
     return band.to(dtype)
 
 
+def bias_coefficient(scores: torch.Tensor, *, strength: float, mode: str) -> torch.Tensor:
+    """c_i, the multiplier of ΔA in each row of logits ``scores`` (..., Lq, Lk), shaped (..., Lq, 1) (a 0-d tensor
+    in absolute mode, which reads only the dtype and device of ``scores``), in the dtype of ``scores``:
+    ``sat(strength * rowmax(S))`` (relative; the row max of the logits as given, i.e. after any mask) or
+    ``sat(strength)`` (absolute), sat clamping to ±BIAS_COEFF_MAX (:mod:`vstar_kernels.contract`, "Extreme values":
+    finite where ``strength * rowmax`` leaves the float32 range)."""
+    if mode == "relative":
+        coeff = strength * scores.amax(dim=-1, keepdim=True)
+    else:
+        coeff = torch.tensor(strength, dtype=scores.dtype, device=scores.device)
+    bound = min(BIAS_COEFF_MAX, torch.finfo(coeff.dtype).max)  # float16 (the input-precision baseline) ends sooner
+    return coeff.clamp(-bound, bound)
+
+
 def apply_tar_bias(scores: torch.Tensor, delta: torch.Tensor, *, strength: float, mode: str) -> torch.Tensor:
     """Add the TAR bias to logits ``scores`` (..., Lq, Lk); ``delta`` broadcasts to them.
 
-    relative: ``S + strength * rowmax(S) * ΔA`` (the row max of the logits as given, i.e. after any mask);
-    absolute: ``S + strength * ΔA``. Returns a new tensor.
+    ``S + c * ΔA`` with the row coefficient c of :func:`bias_coefficient`: ``sat(strength * rowmax(S))``
+    (relative) or ``sat(strength)`` (absolute). Returns a new tensor.
     """
-    if mode == "relative":
-        row_max = scores.amax(dim=-1, keepdim=True)
-        return scores + strength * row_max * delta
-    return scores + strength * delta
+    return scores + bias_coefficient(scores, strength=strength, mode=mode) * delta
 
 
 def tar_bias_backward(grad_biased: torch.Tensor, scores: torch.Tensor, delta: torch.Tensor, *, strength: float,
                       mode: str) -> torch.Tensor:
     """The gradient through :func:`apply_tar_bias`: dL/dS from ``grad_biased`` = dL/dS' and the unbiased logits S.
 
-    absolute: dS = dS'. relative: S'_ij = S_ij + strength · m_i · ΔA_ij with m_i = max_j S_ij, so
+    absolute: dS = dS'. relative: S'_ij = S_ij + sat(strength · m_i) · ΔA_ij with m_i = max_j S_ij, so
     dS_ij = dS'_ij + strength · [S_ij = m_i] / |{j: S_ij = m_i}| · Σ_j' dS'_ij' ΔA_ij': the row max passes its
-    gradient to the argmax, split evenly among tied keys as ``torch.amax`` does (identical frames make ties real).
+    gradient to the argmax, split evenly among tied keys as ``torch.amax`` does (identical frames make ties real),
+    except in a row whose coefficient saturates (|strength · m_i| > BIAS_COEFF_MAX), where sat' = 0 passes none.
     """
     if mode != "relative" or strength == 0.0:
         return grad_biased
-    ties = (scores == scores.amax(dim=-1, keepdim=True)).to(grad_biased.dtype)
+    row_max = scores.amax(dim=-1, keepdim=True)
+    ties = (scores == row_max).to(grad_biased.dtype)
     coupling = (grad_biased * delta).sum(dim=-1, keepdim=True)
-    return grad_biased + (strength * coupling / ties.sum(dim=-1, keepdim=True)) * ties
+    unsaturated = ((strength * row_max).abs() <= BIAS_COEFF_MAX).to(grad_biased.dtype)
+    return grad_biased + (strength * unsaturated * coupling / ties.sum(dim=-1, keepdim=True)) * ties
 
 
 def tar_attention_probs(

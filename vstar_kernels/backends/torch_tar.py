@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import TARParams
-from ..reference import apply_tar_bias, band_rows, tar_bias_backward
+from ..reference import apply_tar_bias, band_rows, bias_coefficient, tar_bias_backward
 from .base import InputSpec
 
 NAME = "torch"
@@ -85,7 +85,8 @@ def _forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TAR
     bias = None
     if params.strength != 0.0:
         delta = band_rows(params, range(q.shape[1]), k.shape[1], dtype=torch.float64, device=q.device)
-        bias = (params.strength * delta).to(q.dtype)[None, None]  # float32/float64 only: exact enough
+        coeff = bias_coefficient(delta, strength=params.strength, mode="absolute")  # sat(strength)
+        bias = (coeff * delta).to(q.dtype)[None, None]  # float32/float64 only: exact enough
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=params.scale
     )
@@ -105,6 +106,11 @@ def chunk_plan(
     return b_chunk, q_chunk
 
 
+def query_chunks(len_q: int, q_chunk: int) -> list[slice]:
+    """The query-frame chunks of :func:`chunk_plan`, in order."""
+    return [slice(i0, min(i0 + q_chunk, len_q)) for i0 in range(0, len_q, q_chunk)]
+
+
 def _forward_chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, budget: int
 ) -> torch.Tensor:
@@ -113,19 +119,17 @@ def _forward_chunked(
     compute = _compute_dtype(q.dtype)
     b_chunk, q_chunk = chunk_plan(batch, len_q, heads, len_k, compute, budget)
     out = torch.empty((batch, len_q, heads, dim), dtype=q.dtype, device=q.device)
-    for b0 in range(0, batch, b_chunk):
-        bs = slice(b0, b0 + b_chunk)
-        kh = k[bs].transpose(1, 2).to(compute)  # (b, heads, Lk, dim)
-        vh = v[bs].transpose(1, 2).to(compute)
-        for i0 in range(0, len_q, q_chunk):
-            qs = slice(i0, i0 + q_chunk)
-            qh = q[bs, qs].transpose(1, 2).to(compute)
+    for qs in query_chunks(len_q, q_chunk):  # the band of a query chunk is the same for every sequence: built once
+        delta = band_rows(params, range(qs.start, qs.stop), len_k, dtype=compute, device=q.device)
+        for b0 in range(0, batch, b_chunk):
+            bs = slice(b0, b0 + b_chunk)
+            qh = q[bs, qs].transpose(1, 2).to(compute)  # (b, heads, rows, dim)
+            kh = k[bs].transpose(1, 2).to(compute)  # (b, heads, Lk, dim)
             scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale)
-            delta = band_rows(params, range(qs.start, min(qs.stop, len_q)), len_k, dtype=compute, device=q.device)
             scores = apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode)
             probs = torch.softmax(scores, dim=-1)
             del scores
-            out[bs, qs] = torch.matmul(probs, vh).transpose(1, 2)
+            out[bs, qs] = torch.matmul(probs, v[bs].transpose(1, 2).to(compute)).transpose(1, 2)
     return out
 
 
@@ -140,11 +144,13 @@ def backward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) of TAR attention for the output gradient ``grad_out``, each shaped and typed like its input.
 
-    Memory-bounded like the forward: per chunk of the batch (and of the query frames) it recomputes S, S' and
-    P = softmax(S') in float32 (float64 for float64 inputs) and applies dS' = P ∘ (dP − rowsum(P ∘ dP)) with
-    dP = dO·Vᵀ, the bias gradient (:func:`~vstar_kernels.reference.tar_bias_backward`: the row max's share goes to
-    the tied argmax keys), dQ = scale·dS·K, dK += scale·dSᵀ·Q and dV += Pᵀ·dO. Nothing of size Lq×Lk outlives a
-    chunk, and the forward saves only its inputs.
+    Memory-bounded like the forward: per chunk of the query frames (its band built once) and of the batch it
+    recomputes S, S' and P = softmax(S') in float32 (float64 for float64 inputs) and applies
+    dS' = P ∘ (dP − rowsum(P ∘ dP)) with dP = dO·Vᵀ, the bias gradient
+    (:func:`~vstar_kernels.reference.tar_bias_backward`: the row max's share goes to the tied argmax keys),
+    dQ = scale·dS·K, dK += scale·dSᵀ·Q and dV += Pᵀ·dO. Nothing of size Lq×Lk outlives a chunk, and the forward
+    saves only its inputs; when the query frames take several chunks, dK and dV sum over them in float32 (float64)
+    accumulators shaped like k and v.
     """
     batch, len_q, heads, dim = q.shape
     len_k = k.shape[1]
@@ -154,18 +160,21 @@ def backward(
     dq = torch.empty((batch, len_q, heads, dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((batch, len_k, heads, dim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, len_k, heads, v.shape[3]), dtype=v.dtype, device=v.device)
-    for b0 in range(0, batch, b_chunk):
-        bs = slice(b0, b0 + b_chunk)
-        kh = k[bs].transpose(1, 2).to(compute)  # (b, heads, Lk, dim)
-        vh = v[bs].transpose(1, 2).to(compute)
-        dk_acc = torch.zeros_like(kh)
-        dv_acc = torch.zeros_like(vh)
-        for i0 in range(0, len_q, q_chunk):
-            qs = slice(i0, i0 + q_chunk)
+    chunks = query_chunks(len_q, q_chunk)
+    # (b, heads, Lk, dim) sums over the query chunks; with one chunk each batch chunk writes dK and dV directly
+    dk_acc = dv_acc = None
+    if len(chunks) > 1:
+        dk_acc = torch.zeros((batch, heads, len_k, dim), dtype=compute, device=q.device)
+        dv_acc = torch.zeros((batch, heads, len_k, v.shape[3]), dtype=compute, device=q.device)
+    for qs in chunks:  # the band of a query chunk is the same for every sequence: built once
+        delta = band_rows(params, range(qs.start, qs.stop), len_k, dtype=compute, device=q.device)
+        for b0 in range(0, batch, b_chunk):
+            bs = slice(b0, b0 + b_chunk)
+            kh = k[bs].transpose(1, 2).to(compute)  # (b, heads, Lk, dim)
+            vh = v[bs].transpose(1, 2).to(compute)
             qh = q[bs, qs].transpose(1, 2).to(compute)
             doh = grad_out[bs, qs].transpose(1, 2).to(compute)
             scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale)
-            delta = band_rows(params, range(qs.start, min(qs.stop, len_q)), len_k, dtype=compute, device=q.device)
             probs = torch.softmax(apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode), -1)
             dprobs = torch.matmul(doh, vh.transpose(-1, -2))
             grad_biased = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
@@ -174,8 +183,14 @@ def backward(
                                             mode=params.mode).mul_(params.scale)
             del grad_biased, scores
             dq[bs, qs] = torch.matmul(grad_scores, kh).transpose(1, 2)
-            dk_acc += torch.matmul(grad_scores.transpose(-1, -2), qh)
-            dv_acc += torch.matmul(probs.transpose(-1, -2), doh)
-        dk[bs] = dk_acc.transpose(1, 2)
-        dv[bs] = dv_acc.transpose(1, 2)
+            dk_part = torch.matmul(grad_scores.transpose(-1, -2), qh)
+            dv_part = torch.matmul(probs.transpose(-1, -2), doh)
+            if dk_acc is None:
+                dk[bs], dv[bs] = dk_part.transpose(1, 2), dv_part.transpose(1, 2)
+            else:
+                dk_acc[bs] += dk_part
+                dv_acc[bs] += dv_part
+    if dk_acc is not None:
+        dk.copy_(dk_acc.transpose(1, 2))
+        dv.copy_(dv_acc.transpose(1, 2))
     return dq, dk, dv

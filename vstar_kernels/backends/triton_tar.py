@@ -1,4 +1,5 @@
-"""Fused flash-style TAR temporal attention in Triton (forward; the backward is in triton_tar_backward.py).
+"""Fused flash-style TAR temporal attention in Triton (forward; the backward is in triton_tar_backward.py, the pieces
+both share, the TAR bias among them, in triton_common.py). This module is also the backend's interface.
 
 Reads top-down: availability, the launcher, the block configuration (a plain function you can override), then
 the kernel. The kernel computes the Gaussian band inline in the exp2 domain; it never materialises a score
@@ -33,43 +34,52 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
-from dataclasses import dataclass
 
 import torch
 
 from ..contract import TARParams
+from . import torch_tar, triton_tar_backward
 from .base import InputSpec
-
-try:  # triton is optional: a Linux dependency, absent on other platforms
-    import triton
-    import triton.language as tl
-
-    _IMPORT_ERROR: str | None = None
-except ImportError as exc:  # pragma: no cover - exercised only where triton is missing
-    triton = None
-    tl = None
-    _IMPORT_ERROR = f"triton is not installed ({exc})"
+from .triton_common import (
+    BAND_ZERO_EXPONENT,
+    IMPORT_ERROR,
+    MAX_BAND_REACH,
+    MAX_FRAMES,
+    MAX_HEAD_DIM,
+    MAX_OFFSET_DELTA,
+    MAX_PROGRAMS,
+    MIN_BLOCK_D,
+    NO_FRAME,
+    NOT_SPECIALIZED,
+    BlockConfig,
+    band_reach,
+    channel_mask,
+    check_launch_limits,
+    grid_slices,
+    in_slice_offsets_fit,
+    int32_slices,
+    next_pow2,
+    runs_framed,
+    runs_relative,
+    scores_tile,
+    slice_offset,
+    slice_program,
+    strided,
+    tar_bias_tile,
+    tl,
+    token_frames,
+    triton,
+    vector_width,
+)
+from .triton_tar_backward import training_block_config
 
 NAME = "triton"
-MAX_HEAD_DIM = 256
+_IMPORT_ERROR = IMPORT_ERROR  # why Triton cannot run at all (None when it is installed)
 # The interpreter is chosen when the kernel is decorated, so it is read once, at import, like Triton does.
 INTERPRETER = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MIN_CAPABILITY = (8, 0)  # the architectures the static check compiles for: sm_80 and later
-# Frame distances offset_delta + i - j are int32 in the kernels (Triton and CUDA alike).
-MAX_OFFSET_DELTA = 2**30
-MAX_FRAMES = 2**30
-MAX_PROGRAMS = 2**31 - 1  # grid axis 0
-_INT32_LIMIT = 2**31  # offsets inside one (batch, head) slice are int32
-NO_FRAME = -(2**31)  # the int32 position of a token without a frame (positions lie in [-2**30, 2**31))
-# exp2(-x) is exactly 0 in fp32 for x >= 150 (2^-150 rounds to zero); a tile whose smallest exponent reaches this
-# bound (with margin for the fp32 rounding of d^2 * coeff) adds an exactly zero bias, so it is skipped
-BAND_ZERO_EXPONENT = 152.0
-# runtime integers that must not multiply the compiled variants (Triton specialises ints equal to 1 or divisible by 16)
-NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start", "video_end_q", "video_end_k", "band_reach"]
-MAX_BAND_REACH = 2**30  # frames: past every int32 position difference, so "the band reaches everything"
 
 
 # ----------------------------------------------------------------------------------------------- availability
@@ -118,30 +128,12 @@ def _capability(index: int | None) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------- block configuration
-@dataclass(frozen=True)
-class BlockConfig:
-    """Tile sizes and launch parameters of one kernel specialisation."""
-
-    block_m: int
-    block_n: int
-    block_d: int
-    two_pass: bool
-    num_warps: int
-    num_stages: int = 1
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
 # Largest key tile kept whole (single pass) per head_dim bucket. fp32 dots run in IEEE precision on the FMA
 # units with both operand tiles in registers, so fp32 tiles are smaller (checked spill-free by static_check).
 # head_dim 128: 64, not 128 keys: a 128-key tile took 170-210 registers and 40-80 KB of shared memory, 4-8 resident
 # warps per SM (``static_check --realistic`` requires 12).
 _SINGLE_TILE_LIMIT = {32: 256, 64: 256, 128: 64, 256: 64}
 _SINGLE_TILE_LIMIT_FP32 = {32: 128, 64: 32, 128: 16, 256: 16}
-# head_dim is padded to a power of two of at least 32 (16-wide tiles spill on sm_80 for no gain)
-MIN_BLOCK_D = 32
 # fp32 elements of one (BLOCK_M, BLOCK_N) score tile or (BLOCK_M, BLOCK_D) accumulator per program
 _TILE_ELEMENTS = 4096
 _TILE_ELEMENTS_FP32 = 2048
@@ -213,7 +205,7 @@ def forward(
     """
     len_q, head_dim = q.shape[1], q.shape[3]
     len_k = k.shape[1]
-    cfg = config or block_config(len_q, len_k, head_dim, params.mode, q.dtype, framed=_framed(params))
+    cfg = config or block_config(len_q, len_k, head_dim, params.mode, q.dtype, framed=runs_framed(params))
     if params.relative and not cfg.two_pass and len_k > cfg.block_n:
         raise ValueError(f"single-pass relative mode needs block_n >= Lk, got {cfg.block_n} < {len_k}")
     if cfg.block_d < head_dim:
@@ -232,7 +224,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, c
                               or not stats.is_contiguous()):
         raise ValueError(f"stats must be a contiguous float32 (2, {batch * heads}, {len_q}) tensor")
     check_launch_limits(len_q, k.shape[1], batch * heads, cfg.block_m, params)
-    q, k, v = int32_slices(q, k, v)
+    q, k, v = int32_slices(q, k, v, fits=in_slice_offsets_fit)
     grid = (batch * heads * triton.cdiv(len_q, cfg.block_m),)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _launch(grid, q, k, v, out, params, cfg, stats)
@@ -240,8 +232,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, c
 
 
 def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torch.Tensor | None = None) -> None:
-    # strength 0 runs the absolute kernel with a zero bias: s + 0 * G == s exactly, one fewer specialisation
-    relative = params.relative and params.strength != 0.0
+    relative = runs_relative(params)
     _tar_attention_fwd[grid](
         q, k, v, out, out if stats is None else stats,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -249,7 +240,7 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
         params.offset_delta, params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
         *params.layout.kernel_args(q.shape[1], k.shape[1]), band_reach(params),
         RELATIVE=relative,
-        FRAMED=_framed(params),
+        FRAMED=runs_framed(params),
         SKIP_BAND=skips_band(params, cfg, q.dtype, saves_stats=stats is not None),
         TWO_PASS=relative and cfg.two_pass,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
@@ -258,12 +249,6 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
         ALIGN=vector_width(q.shape[3], q, k, v, out),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-
-
-def band_reach(params: TARParams) -> int:
-    """Frames beyond which the band is exactly zero in fp32: every frame distance d > reach has
-    d^2 * gauss_log2_coeff >= BAND_ZERO_EXPONENT, so exp2 underflows to 0 (one frame of margin over the bound)."""
-    return min(MAX_BAND_REACH, math.floor(math.sqrt(BAND_ZERO_EXPONENT / params.gauss_log2_coeff)) + 1)
 
 
 def band_tiles_skipped(length: int, tokens_per_frame: int, sigma: float, head_dim: int, mode: str = "relative",
@@ -307,142 +292,16 @@ def band_tiles_skipped(length: int, tokens_per_frame: int, sigma: float, head_di
     return skipped / (len(blocks) * tiles)
 
 
-def _framed(params: TARParams) -> bool:
-    """Whether a call runs the framed kernels (a token layout, and a bias to apply)."""
-    return params.framed and params.strength != 0.0
-
-
 def skips_band(params: TARParams, cfg: BlockConfig, dtype: torch.dtype, saves_stats: bool = False) -> bool:
     """Whether the forward skips the bias of key tiles out of the band's reach (:func:`band_window`): framed calls
     of several key tiles in fp16/bf16 inference. fp32 (IEEE dots on the FMA units) and the training forward keep one
     biased loop: their registers have no room for the second loop (the static check found 4-32 B spills)."""
     several_tiles = cfg.two_pass or not params.relative
-    return _framed(params) and several_tiles and dtype != torch.float32 and not saves_stats
-
-
-# ------------------------------------------------------------------------------------------- launch limits
-def vector_width(head_dim: int, *tensors: torch.Tensor) -> int:
-    """Elements per 16-byte vector when every (batch, frame, head) row of every tensor starts 16-byte aligned and is
-    contiguous (data pointer 16-byte aligned, unit channel stride, every other stride and head_dim a multiple of 16
-    bytes), else 1. The kernels declare their strides multiples of it (``ALIGN``), which lets the compiler emit
-    128-bit loads and stores for head dims like 40 that are not a power of two."""
-    width = 16 // tensors[0].element_size()
-    aligned = head_dim % width == 0 and all(
-        t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s % width == 0 for s in t.stride()[:3]) for t in tensors)
-    return width if aligned else 1
-
-
-def in_slice_offsets_fit(t: torch.Tensor) -> bool:
-    """Whether every element offset inside one (batch, head) slice of ``t`` fits int32 (the kernels' in-slice
-    arithmetic); the base offset of a slice is int64."""
-    _, frames, _, dim = t.shape
-    return (frames - 1) * abs(t.stride(1)) + (dim - 1) * abs(t.stride(3)) < _INT32_LIMIT
-
-
-def int32_slices(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tensors``, each as is when :func:`in_slice_offsets_fit`, else a contiguous copy (a layout whose frame stride
-    is huge, e.g. frames outermost); ValueError when a contiguous slice still spans 2**31 elements."""
-    out = tuple(t if in_slice_offsets_fit(t) else t.contiguous() for t in tensors)
-    if not all(in_slice_offsets_fit(t) for t in out):
-        raise ValueError("one (batch, head) slice spans 2**31 elements or more even when contiguous: the kernels' "
-                         "in-slice offsets are int32; split the frames")
-    return out
-
-
-def check_launch_limits(len_q: int, len_k: int, slices: int, rows_per_program: int, params: TARParams) -> None:
-    """ValueError, before any launch, for a call beyond the kernels' integer limits: frame counts and the offset
-    difference (int32 frame distances) and the program count of the one-axis grid."""
-    if max(len_q, len_k) > MAX_FRAMES or abs(params.offset_delta) > MAX_OFFSET_DELTA:
-        raise ValueError(f"token counts ({len_q}, {len_k}) and |q_offset - k_offset| "
-                         f"({abs(params.offset_delta)}) must be <= 2**30: frame distances are int32")
-    programs = slices * -(-len_q // rows_per_program)
-    if programs > MAX_PROGRAMS:
-        raise ValueError(f"batch·heads·ceil(Lq / {rows_per_program}) = {programs} programs exceed the grid limit "
-                         f"2**31 - 1; split the batch")
+    return runs_framed(params) and several_tiles and dtype != torch.float32 and not saves_stats
 
 
 # --------------------------------------------------------------------------------------------------- kernel
 if triton is not None:
-
-    @triton.jit
-    def scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
-                     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
-        """Logits of one key tile in log2 units, -inf past Lk: ``<q, k_j> * scale * log2(e)``."""
-        mask_n = cols < len_k
-        kt = tl.load(k_base + offs_d[:, None] * stride_kd + strided(cols, stride_kn, ALIGN)[None, :],
-                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_log2_scale
-        return tl.where(mask_n[None, :], s, float("-inf"))
-
-    @triton.jit
-    def slice_program(len_rows, BLOCK: tl.constexpr):
-        """(slice, block) of this program on the one-axis, slice-major grid: the blocks of one (batch, head) slice
-        are consecutive programs, so they run together and share that slice's K and V in L2. The slice index is
-        int64 (it multiplies the batch and head strides)."""
-        pid = tl.program_id(0)
-        blocks = tl.cdiv(len_rows, BLOCK)
-        return (pid // blocks).to(tl.int64), pid % blocks
-
-    @triton.jit
-    def grid_slices(len_rows, BLOCK: tl.constexpr):
-        """batch·heads (int64), from the size of the one-axis grid of blocks of BLOCK rows (:func:`slice_program`)."""
-        return (tl.num_programs(0) // tl.cdiv(len_rows, BLOCK)).to(tl.int64)
-
-    @triton.jit
-    def strided(index, stride, ALIGN: tl.constexpr):
-        """index * stride (a scalar, or a 1-D tensor of row offsets), declared a multiple of ALIGN: the launcher
-        checked the strides (:func:`vector_width`). The product is computed here because a hint on a value passed
-        in (a function argument) is dropped by the compiler."""
-        offset = index * stride
-        if ALIGN > 1:
-            offset = tl.multiple_of(offset, ALIGN)
-        return offset
-
-    @triton.jit
-    def slice_offset(b, h, stride_b, stride_h, ALIGN: tl.constexpr):
-        """Element offset (int64) of the (batch b, head h) slice, a multiple of ALIGN."""
-        offset = b * stride_b + h * stride_h
-        if ALIGN > 1:
-            offset = tl.multiple_of(offset, ALIGN)
-        return offset
-
-    @triton.jit
-    def channel_mask(offs_d, head_dim, ALIGN: tl.constexpr):
-        """offs_d < head_dim, constant over runs of ALIGN channels (head_dim is a multiple of ALIGN)."""
-        mask = offs_d < head_dim
-        if ALIGN > 1:
-            mask = tl.max_constancy(mask, ALIGN)
-        return mask
-
-    @triton.jit
-    def token_frames(tokens, offset, tokens_per_frame, video_start, video_end, FRAMED: tl.constexpr):
-        """offset + frame index of each token (int32): the token itself in the temporal layout; in a framed one
-        (tokens_per_frame, the video span [video_start, video_end)) its frame, NO_FRAME for tokens outside the
-        span (text). One division per row or column vector, not per element."""
-        if FRAMED:
-            framed = (tokens >= video_start) & (tokens < video_end)
-            pos = tl.where(framed, (tokens - video_start) // tokens_per_frame + offset, -2147483648)  # NO_FRAME
-        else:
-            pos = tokens + offset
-        return pos
-
-    @triton.jit
-    def tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE: tl.constexpr,
-                      FRAMED: tl.constexpr):
-        """ΔA inline on one tile of log2 logits: (S', G) with G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) =
-        exp2(-(gi - gj)^2 * gauss_log2_coeff) and S' = S + strength·m·G (relative, m the unbiased row max in log2
-        units) or S + strength·log2(e)·G (absolute). ``row_pos`` and ``col_pos`` are int32 frame positions
-        (:func:`token_frames`), so gi - gj is exact integer arithmetic rounded once to fp32; G is 0 where either
-        token has no frame (FRAMED). The one Triton statement of the TAR bias."""
-        dist = (row_pos[:, None] - col_pos[None, :]).to(tl.float32)
-        gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
-        if FRAMED:
-            gauss = tl.where((row_pos != -2147483648)[:, None] & (col_pos != -2147483648)[None, :], gauss, 0.0)
-        if RELATIVE:  # noqa: SIM108 - a constexpr branch of the kernel
-            biased = s + (bias_log2_scale * row_max)[:, None] * gauss
-        else:
-            biased = s + bias_log2_scale * gauss
-        return biased, gauss
 
     @triton.jit
     def unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
@@ -604,13 +463,24 @@ if triton is not None:
 def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            params: TARParams) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The forward of a call whose inputs require grad: (out, residuals for :func:`backward`). fp16/bf16: the
-    output and each row's max and log-sum-exp, computed with the backward's tiles (:mod:`.triton_tar_backward`);
-    fp32: nothing beyond q, k, v."""
+    output and each row's max and log-sum-exp (:func:`training_forward`); fp32: nothing beyond q, k, v."""
     if q.dtype == torch.float32:
         return forward(q, k, v, params), ()
-    from .triton_tar_backward import forward_with_residuals as fused_forward
+    return training_forward(q, k, v, params)
 
-    return fused_forward(q, k, v, params)
+
+def training_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
+                     config: BlockConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """(out, (out, stats)): the forward (``config``, default
+    :func:`~.triton_tar_backward.training_block_config` of :func:`block_config`), saving per query row the unbiased
+    row max and the log-sum-exp of S' (log2 units) in ``stats``, a (2, batch·heads, Lq) fp32 tensor: the residuals
+    of the fused backward (:mod:`.triton_tar_backward`)."""
+    batch, len_q, heads, head_dim = q.shape
+    framed = runs_framed(params)
+    cfg = config or training_block_config(block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype,
+                                                       framed=framed), framed=framed)
+    stats = torch.empty((2, batch * heads, len_q), dtype=torch.float32, device=q.device)
+    return (out := forward(q, k, v, params, config=cfg, stats=stats)), (out, stats)
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
@@ -619,9 +489,43 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     ``residuals`` of :func:`forward_with_residuals` (recomputed when not given); fp32 by the torch backend's chunked
     backward (the fused kernels' IEEE fp32 tiles spill; fp32 training is rare)."""
     if q.dtype == torch.float32:
-        from . import torch_tar
-
         return torch_tar.backward(q, k, v, grad_out, params)
-    from .triton_tar_backward import backward as fused_backward
+    return triton_tar_backward.backward(q, k, v, grad_out, params, residuals=residuals)
 
-    return fused_backward(q, k, v, grad_out, params, residuals=residuals)
+
+# The backward recomputes missing residuals with training_forward; it cannot import this module (which imports
+# it: the graph stays acyclic), so the function is handed over here, once.
+triton_tar_backward.use_training_forward(training_forward)
+
+__all__ = [
+    "BAND_ZERO_EXPONENT",
+    "MAX_BAND_REACH",
+    "MAX_FRAMES",
+    "MAX_HEAD_DIM",
+    "MAX_OFFSET_DELTA",
+    "MAX_PROGRAMS",
+    "MIN_BLOCK_D",
+    "NOT_SPECIALIZED",
+    "NO_FRAME",
+    "BlockConfig",
+    "backward",
+    "band_reach",
+    "band_tiles_skipped",
+    "block_config",
+    "check_launch_limits",
+    "forward",
+    "forward_with_residuals",
+    "in_slice_offsets_fit",
+    "int32_slices",
+    "next_pow2",
+    "runs_framed",
+    "runs_relative",
+    "scores_tile",
+    "single_tile_limit",
+    "skips_band",
+    "training_block_config",
+    "training_forward",
+    "unavailable_reason",
+    "unsupported_reason",
+    "vector_width",
+]

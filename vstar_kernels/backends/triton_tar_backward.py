@@ -1,10 +1,10 @@
 """Fused flash-style TAR backward in Triton: dQ over query blocks, dK and dV over key blocks, no atomics.
 
-The forward of a training call (:func:`forward_with_residuals`) is the ordinary forward kernel (its own tiles)
+The forward of a training call (:func:`~.triton_tar.training_forward`) is the ordinary forward kernel (its own tiles)
 that also saves, per query row, the unbiased row max m and the log-sum-exp of S' (log2 units) beside its output O.
 P = exp2(S' − lse) is then reproduced from m and lse. The row max's tied keys are found with == on logits, so they
 must come from bit-identical score tiles: the three backward kernels share one tile shape and
-:func:`~vstar_kernels.backends.triton_tar.scores_tile`, and the prep kernel takes its own row max (m_b) and tie count
+:func:`~vstar_kernels.backends.triton_common.scores_tile`, and the prep kernel takes its own row max (m_b) and tie count
 from those tiles; the forward's tiles may differ (different MMA shapes may round differently in the last bit).
 
 1. ``_tar_bwd_prep`` (grid: batch·heads x query blocks): D = rowsum(dO ∘ O), and in relative mode one sweep over K
@@ -20,22 +20,24 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..contract import TARParams
-from .triton_tar import (
+from .triton_common import (
     MIN_BLOCK_D,
     NOT_SPECIALIZED,
     BlockConfig,
-    block_config,
     channel_mask,
     check_launch_limits,
-    forward,
     grid_slices,
     int32_slices,
     next_pow2,
+    relative_bias_slope,
+    runs_framed,
+    runs_relative,
     scores_tile,
     slice_offset,
     slice_program,
@@ -86,17 +88,18 @@ def training_block_config(cfg: BlockConfig, framed: bool = False) -> BlockConfig
     return dataclasses.replace(cfg, block_m=block_m, num_warps=num_warps)
 
 
-def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
-                           config: BlockConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-    """(out, (out, stats)): the forward (``config``, default :func:`training_block_config` of
-    :func:`~.triton_tar.block_config`), saving per query row the unbiased row max and the log-sum-exp of S' (log2
-    units) in ``stats``, a (2, batch·heads, Lq) fp32 tensor."""
-    batch, len_q, heads, head_dim = q.shape
-    framed = params.framed and params.strength != 0.0
-    cfg = config or training_block_config(block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype,
-                                                       framed=framed), framed=framed)
-    stats = torch.empty((2, batch * heads, len_q), dtype=torch.float32, device=q.device)
-    return (out := forward(q, k, v, params, config=cfg, stats=stats)), (out, stats)
+Residuals = tuple[torch.Tensor, ...]
+# triton_tar.training_forward, handed over by triton_tar when it is imported (use_training_forward): the forward
+# kernel's module imports this one, so this one cannot import it back
+_training_forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TARParams],
+                            tuple[torch.Tensor, Residuals]] | None = None
+
+
+def use_training_forward(forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TARParams],
+                                           tuple[torch.Tensor, Residuals]]) -> None:
+    """Set the forward that recomputes the residuals of a :func:`backward` called without them."""
+    global _training_forward
+    _training_forward = forward
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
@@ -104,8 +107,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous (batch, frames, heads, head_dim) in the input dtype; any input strides.
 
-    ``residuals`` are what :func:`forward_with_residuals` saved; without them the forward is recomputed here
-    first."""
+    ``residuals`` are what the training forward (:func:`~.triton_tar.forward_with_residuals`) saved, (out,
+    stats); without them that forward (:func:`use_training_forward`) runs here first."""
     batch, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
     cfg = config or backward_block_config(len_k, head_dim, q.dtype)
@@ -114,18 +117,23 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     dv = torch.empty((batch, len_k, heads, head_dim), dtype=v.dtype, device=v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    out, fwd_stats = residuals or forward_with_residuals(q, k, v, params)[1]
+    if not residuals:
+        if _training_forward is None:
+            raise RuntimeError("the Triton backward has no residuals and no forward to recompute them: import "
+                               "vstar_kernels.backends.triton_tar")
+        residuals = _training_forward(q, k, v, params)[1]
+    out, fwd_stats = residuals
     check_launch_limits(len_q, len_k, batch * heads, cfg.block_m, params)  # grid_q
     check_launch_limits(len_k, len_q, batch * heads, cfg.block_n, params)  # grid_k
     q, k, v, grad_out = int32_slices(q, k, v, grad_out)
     stats = torch.empty((_STATS, batch * heads, len_q), dtype=torch.float32, device=q.device)
-    relative = params.relative and params.strength != 0.0
+    relative = runs_relative(params)
     common = dict(
         strides=(*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()),
         scalars=(heads, len_q, len_k, head_dim, params.offset_delta, params.qk_log2_scale,
                  params.gauss_log2_coeff, params.bias_log2_scale, params.strength,
                  *params.layout.kernel_args(len_q, len_k)),
-        meta=dict(RELATIVE=relative, FRAMED=params.framed and params.strength != 0.0, BLOCK_M=cfg.block_m,
+        meta=dict(RELATIVE=relative, FRAMED=runs_framed(params), BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   ALIGN=vector_width(head_dim, q, k, v, grad_out, out, dq, dk, dv), num_warps=cfg.num_warps,
@@ -238,7 +246,7 @@ if triton is not None:
                 ties = (tl.where(tile_max == new_max, ties, 0.0)
                         + tl.where(block_max == new_max, block_ties, 0.0))
                 tile_max = new_max
-            share = strength * coupling / tl.maximum(ties, 1.0)
+            share = relative_bias_slope(row_max, strength) * coupling / tl.maximum(ties, 1.0)
         rows = STATS + pid_bh * len_q + offs_m
         tl.store(rows, row_max, mask=mask_m)
         tl.store(rows + plane, lse, mask=mask_m)
@@ -353,4 +361,4 @@ if triton is not None:
                  dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
-__all__ = ["BackwardConfig", "backward", "backward_block_config", "forward_with_residuals", "training_block_config"]
+__all__ = ["BackwardConfig", "backward", "backward_block_config", "training_block_config", "use_training_forward"]

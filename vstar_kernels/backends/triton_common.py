@@ -1,0 +1,226 @@
+"""The Triton pieces the forward (:mod:`.triton_tar`) and the backward (:mod:`.triton_tar_backward`) share: the
+kernels' integer limits and host-side helpers (launch limits, the band's reach, which variant a call runs) and the
+JIT helpers both kernel families call, among them the one Triton statement of the TAR bias (:func:`tar_bias_tile`).
+
+Imports nothing from either kernel module, so the import graph has no cycle: triton_common <- triton_tar_backward
+<- triton_tar.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..contract import BIAS_COEFF_MAX, LOG2E, TARParams
+
+try:  # triton is optional: a Linux dependency, absent on other platforms
+    import triton
+    import triton.language as tl
+
+    IMPORT_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+    IMPORT_ERROR = f"triton is not installed ({exc})"
+
+MAX_HEAD_DIM = 256
+# Frame distances offset_delta + i - j are int32 in the kernels (Triton and CUDA alike): |offset_delta| <= 2**30 and
+# at most 2**30 tokens, so every distance lies in (-2**31, 2**31).
+MAX_OFFSET_DELTA = 2**30
+MAX_FRAMES = 2**30
+MAX_PROGRAMS = 2**31 - 1  # grid axis 0
+INT32_LIMIT = 2**31  # offsets inside one (batch, head) slice are int32
+NO_FRAME = -(2**31)  # the int32 position of a token without a frame (positions lie in [-2**30, 2**31))
+# exp2(-x) is exactly 0 in fp32 for x >= 150 (2^-150 rounds to zero); a tile whose smallest exponent reaches this
+# bound (with margin for the fp32 rounding of d^2 * coeff) adds an exactly zero bias, so it is skipped
+BAND_ZERO_EXPONENT = 152.0
+# runtime integers that must not multiply the compiled variants (Triton specialises ints equal to 1 or divisible by 16)
+NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start", "video_end_q", "video_end_k", "band_reach"]
+# frames: the largest int32 frame distance (see MAX_OFFSET_DELTA), so a reach this long means "the band reaches every
+# key"; an int32 kernel argument like the other layout integers
+MAX_BAND_REACH = 2**31 - 1
+# head_dim is padded to a power of two of at least 32 (16-wide tiles spill on sm_80 for no gain)
+MIN_BLOCK_D = 32
+if tl is not None:
+    # |c_i| of the exp2-domain kernels: BIAS_COEFF_MAX in log2 units (2^125 * log2(e) < 2^126, finite in fp32)
+    BIAS_LOG2_MAX = tl.constexpr(BIAS_COEFF_MAX * LOG2E)
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch parameters of one kernel specialisation."""
+
+    block_m: int
+    block_n: int
+    block_d: int
+    two_pass: bool
+    num_warps: int
+    num_stages: int = 1
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+# ------------------------------------------------------------------------------------------ kernel variants
+def runs_framed(params: TARParams) -> bool:
+    """Whether a call runs the framed kernels (FRAMED: a token layout, and a bias to apply)."""
+    return params.framed and params.strength != 0.0
+
+
+def runs_relative(params: TARParams) -> bool:
+    """Whether a call runs the relative-mode kernels (RELATIVE): strength 0 runs the absolute ones with a zero
+    bias (s + 0 * G == s exactly, one fewer specialisation)."""
+    return params.relative and params.strength != 0.0
+
+
+def band_reach(params: TARParams) -> int:
+    """Frames beyond which the band is exactly zero in fp32: every frame distance d > reach has
+    d^2 * gauss_log2_coeff >= BAND_ZERO_EXPONENT, so exp2 underflows to 0 (one frame of margin over the bound).
+    MAX_BAND_REACH (every key) when the coefficient is 0 (a sigma so large that it underflows: the constant band)
+    or the reach passes every int32 distance."""
+    coeff = params.gauss_log2_coeff
+    if coeff * MAX_BAND_REACH * MAX_BAND_REACH <= BAND_ZERO_EXPONENT:  # also coeff == 0: no division
+        return MAX_BAND_REACH
+    return min(MAX_BAND_REACH, math.floor(math.sqrt(BAND_ZERO_EXPONENT / coeff)) + 1)
+
+
+# ------------------------------------------------------------------------------------------- launch limits
+def vector_width(head_dim: int, *tensors: torch.Tensor) -> int:
+    """Elements per 16-byte vector when every (batch, frame, head) row of every tensor starts 16-byte aligned and is
+    contiguous (data pointer 16-byte aligned, unit channel stride, every other stride and head_dim a multiple of 16
+    bytes), else 1. The kernels declare their strides multiples of it (``ALIGN``), which lets the compiler emit
+    128-bit loads and stores for head dims like 40 that are not a power of two."""
+    width = 16 // tensors[0].element_size()
+    aligned = head_dim % width == 0 and all(
+        t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(s % width == 0 for s in t.stride()[:3]) for t in tensors)
+    return width if aligned else 1
+
+
+def in_slice_offsets_fit(t: torch.Tensor) -> bool:
+    """Whether every element offset inside one (batch, head) slice of ``t`` fits int32 (the kernels' in-slice
+    arithmetic); the base offset of a slice is int64."""
+    _, frames, _, dim = t.shape
+    return (frames - 1) * abs(t.stride(1)) + (dim - 1) * abs(t.stride(3)) < INT32_LIMIT
+
+
+def int32_slices(*tensors: torch.Tensor, fits=in_slice_offsets_fit) -> tuple[torch.Tensor, ...]:
+    """``tensors``, each as is when ``fits`` (:func:`in_slice_offsets_fit`), else a contiguous copy (a layout whose
+    frame stride is huge, e.g. frames outermost); ValueError when a contiguous slice still spans 2**31 elements.
+    The forward launcher passes the predicate by its own module's name (``triton_tar.in_slice_offsets_fit``), so a
+    test can force the copies there."""
+    out = tuple(t if fits(t) else t.contiguous() for t in tensors)
+    if not all(fits(t) for t in out):
+        raise ValueError("one (batch, head) slice spans 2**31 elements or more even when contiguous: the kernels' "
+                         "in-slice offsets are int32; split the frames")
+    return out
+
+
+def check_launch_limits(len_q: int, len_k: int, slices: int, rows_per_program: int, params: TARParams) -> None:
+    """ValueError, before any launch, for a call beyond the kernels' integer limits: frame counts and the offset
+    difference (int32 frame distances) and the program count of the one-axis grid."""
+    if max(len_q, len_k) > MAX_FRAMES or abs(params.offset_delta) > MAX_OFFSET_DELTA:
+        raise ValueError(f"token counts ({len_q}, {len_k}) and |q_offset - k_offset| "
+                         f"({abs(params.offset_delta)}) must be <= 2**30: frame distances are int32")
+    programs = slices * -(-len_q // rows_per_program)
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"batch·heads·ceil(Lq / {rows_per_program}) = {programs} programs exceed the grid limit "
+                         f"2**31 - 1; split the batch")
+
+
+# ---------------------------------------------------------------------------------------------- JIT helpers
+if triton is not None:
+
+    @triton.jit
+    def scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
+                     DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+        """Logits of one key tile in log2 units, -inf past Lk: ``<q, k_j> * scale * log2(e)``."""
+        mask_n = cols < len_k
+        kt = tl.load(k_base + offs_d[:, None] * stride_kd + strided(cols, stride_kn, ALIGN)[None, :],
+                     mask=mask_d[:, None] & mask_n[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_log2_scale
+        return tl.where(mask_n[None, :], s, float("-inf"))
+
+    @triton.jit
+    def slice_program(len_rows, BLOCK: tl.constexpr):
+        """(slice, block) of this program on the one-axis, slice-major grid: the blocks of one (batch, head) slice
+        are consecutive programs, so they run together and share that slice's K and V in L2. The slice index is
+        int64 (it multiplies the batch and head strides)."""
+        pid = tl.program_id(0)
+        blocks = tl.cdiv(len_rows, BLOCK)
+        return (pid // blocks).to(tl.int64), pid % blocks
+
+    @triton.jit
+    def grid_slices(len_rows, BLOCK: tl.constexpr):
+        """batch·heads (int64), from the size of the one-axis grid of blocks of BLOCK rows (:func:`slice_program`)."""
+        return (tl.num_programs(0) // tl.cdiv(len_rows, BLOCK)).to(tl.int64)
+
+    @triton.jit
+    def strided(index, stride, ALIGN: tl.constexpr):
+        """index * stride (a scalar, or a 1-D tensor of row offsets), declared a multiple of ALIGN: the launcher
+        checked the strides (:func:`vector_width`). The product is computed here because a hint on a value passed
+        in (a function argument) is dropped by the compiler."""
+        offset = index * stride
+        if ALIGN > 1:
+            offset = tl.multiple_of(offset, ALIGN)
+        return offset
+
+    @triton.jit
+    def slice_offset(b, h, stride_b, stride_h, ALIGN: tl.constexpr):
+        """Element offset (int64) of the (batch b, head h) slice, a multiple of ALIGN."""
+        offset = b * stride_b + h * stride_h
+        if ALIGN > 1:
+            offset = tl.multiple_of(offset, ALIGN)
+        return offset
+
+    @triton.jit
+    def channel_mask(offs_d, head_dim, ALIGN: tl.constexpr):
+        """offs_d < head_dim, constant over runs of ALIGN channels (head_dim is a multiple of ALIGN)."""
+        mask = offs_d < head_dim
+        if ALIGN > 1:
+            mask = tl.max_constancy(mask, ALIGN)
+        return mask
+
+    @triton.jit
+    def token_frames(tokens, offset, tokens_per_frame, video_start, video_end, FRAMED: tl.constexpr):
+        """offset + frame index of each token (int32): the token itself in the temporal layout; in a framed one
+        (tokens_per_frame, the video span [video_start, video_end)) its frame, NO_FRAME for tokens outside the
+        span (text). One division per row or column vector, not per element."""
+        if FRAMED:
+            framed = (tokens >= video_start) & (tokens < video_end)
+            pos = tl.where(framed, (tokens - video_start) // tokens_per_frame + offset, -2147483648)  # NO_FRAME
+        else:
+            pos = tokens + offset
+        return pos
+
+    @triton.jit
+    def relative_bias_coeff(row_max, strength):
+        """c_i of relative mode in log2 units, sat(strength·m): the product clamped to ±BIAS_LOG2_MAX (finite even
+        where strength·m overflows fp32; the contract's "Extreme values")."""
+        return tl.minimum(tl.maximum(strength * row_max, -BIAS_LOG2_MAX), BIAS_LOG2_MAX)
+
+    @triton.jit
+    def relative_bias_slope(row_max, strength):
+        """d c_i / d m of relative mode: strength, or 0 in a row whose coefficient saturates."""
+        return tl.where(tl.abs(strength * row_max) <= BIAS_LOG2_MAX, strength, 0.0)
+
+    @triton.jit
+    def tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE: tl.constexpr,
+                      FRAMED: tl.constexpr):
+        """ΔA inline on one tile of log2 logits: (S', G) with G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) =
+        exp2(-(gi - gj)^2 * gauss_log2_coeff) and S' = S + c·G, c = sat(strength·m) (relative, m the unbiased row
+        max in log2 units: :func:`relative_bias_coeff`) or the host's sat(strength)·log2(e) (absolute).
+        ``row_pos`` and ``col_pos`` are int32 frame positions (:func:`token_frames`), so gi - gj is exact integer
+        arithmetic rounded once to fp32; G is 0 where either token has no frame (FRAMED). The one Triton statement
+        of the TAR bias."""
+        dist = (row_pos[:, None] - col_pos[None, :]).to(tl.float32)
+        gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
+        if FRAMED:
+            gauss = tl.where((row_pos != -2147483648)[:, None] & (col_pos != -2147483648)[None, :], gauss, 0.0)
+        if RELATIVE:
+            biased = s + relative_bias_coeff(row_max, bias_log2_scale)[:, None] * gauss
+        else:
+            biased = s + bias_log2_scale * gauss
+        return biased, gauss
