@@ -102,6 +102,21 @@ def test_demo_bad_arguments_are_one_line(tmp_path, args, message):
     assert message in res.stderr and res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
 
 
+@pytest.mark.parametrize("module", ["matplotlib", "diffusers"])
+def test_demo_without_its_extra_refuses_before_any_work(monkeypatch, tmp_path, capsys, module):
+    """Only part of the demo extra installed: one line naming it, before the pipeline is built (matplotlib used to
+    fail only once the attention maps were recorded)."""
+    from vstar_kernels import demo
+
+    monkeypatch.setitem(sys.modules, module, None)  # what an absent module looks like to find_spec and import
+    monkeypatch.setattr(demo, "_pipeline", lambda args: pytest.fail("the demo started before the check"))
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"vstar-kernels demo: error: the demo needs {module}, not installed: "
+                   "pip install 'vstar-kernels[demo]'\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_with_synopsis(tmp_path):
     res = _cli("demo", "--frames", "10", "--steps", "1", "--size", "16", "--out", str(tmp_path),
                "--synopsis", "a snowy field", "a green meadow", "a golden wheat field")

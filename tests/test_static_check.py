@@ -1,11 +1,14 @@
-"""The static resource check (vstar_kernels.checks.static_check): enumeration coverage, and the full AOT compile.
+"""The static resource check (vstar_kernels.checks.static_check): enumeration coverage, and a fast AOT compile.
 
 The suite runs under TRITON_INTERPRET=1 (conftest.py), where the kernel is an interpreted function that
-``triton.compile`` cannot compile; the full check therefore runs in a subprocess without that variable.
+``triton.compile`` cannot compile; the compiles therefore run in a subprocess without that variable. The suite
+compiles one specialisation per kernel family (``--quick``) for sm_80 and sm_90; the full checks (every
+specialisation, and every realistic call on sm_80/86/89/90: 10-20 min on 2 cores) are their own steps of .ci/run.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import subprocess
@@ -28,8 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def all_specs() -> list[static_check.Spec]:
-    return static_check.reachable_specialisations()
+def both_classes() -> list[static_check.Spec]:
+    """Enumerated once per worker (it takes a while: block_config over every shape): both value classes."""
+    return static_check.reachable_specialisations(["plain", "aligned"])
+
+
+@pytest.fixture(scope="module")
+def all_specs(both_classes: list[static_check.Spec]) -> list[static_check.Spec]:
+    """The default check's specialisations (value class "plain")."""
+    return [s for s in both_classes if s.value_class == "plain"]
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +86,8 @@ def test_enumeration_covers_dtypes_buckets_and_variants(specs: list[static_check
             assert found == expected, (dtype, block_d, found)
 
 
-def test_value_classes_differ_only_in_int_hints() -> None:
-    both = [s for s in static_check.reachable_specialisations(["plain", "aligned"])
-            if s.kernel == static_check.FORWARD_KERNEL]
+def test_value_classes_differ_only_in_int_hints(both_classes: list[static_check.Spec]) -> None:
+    both = [s for s in both_classes if s.kernel == static_check.FORWARD_KERNEL]
     plain = [s for s in both if s.value_class == "plain"]
     aligned = [s for s in both if s.value_class == "aligned"]
     assert len(plain) == len(aligned) == len(both) // 2
@@ -146,17 +155,75 @@ def test_refuses_under_the_interpreter(capsys: pytest.CaptureFixture[str]) -> No
     assert "TRITON_INTERPRET" in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_every_specialisation_compiles_without_spills() -> None:
-    """The full default check (every plain-class specialisation, sm_80 and sm_90): about 3 min on 2 cores."""
+def test_quick_check_picks_the_largest_tile_of_every_kernel_family(all_specs: list[static_check.Spec]) -> None:
+    quick = static_check.quick_specialisations(all_specs)
+    families = {static_check.kernel_family(s) for s in all_specs}
+    assert sorted(map(static_check.kernel_family, quick)) == sorted(families)  # each family once
+    assert sorted(quick, key=all_specs.index) == quick  # in the enumeration's order
+    assert {kernel for kernel, _, _ in families} == set(static_check.KERNELS)
+    assert {variant for _, variant, _ in families} == VARIANTS | TRAINING_VARIANTS | BACKWARD_VARIANTS
+    assert 20 <= len(quick) <= 40 < len(all_specs)
+    for spec in quick:
+        family = [s for s in all_specs if static_check.kernel_family(s) == static_check.kernel_family(spec)]
+        assert static_check._tile_per_thread(spec) == max(map(static_check._tile_per_thread, family))
+
+
+def _compile_check(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    """``static_check ARGS --csv`` without TRITON_INTERPRET, into a fresh triton cache; the process and its rows."""
     pytest.importorskip("triton.backends.nvidia.compiler")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "vstar_kernels.static_check"], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=False)
+    table = tmp_path / "rows.csv"
+    proc = subprocess.run([sys.executable, "-m", "vstar_kernels.checks.static_check", *args, "--csv", str(table)],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=1200)
     if proc.returncode == 2:
         pytest.skip(f"static check cannot run here: {proc.stderr.strip()}")
+    with table.open() as handle:
+        return proc, list(csv.DictReader(handle))
+
+
+def test_every_kernel_family_compiles_without_spills(tmp_path: Path) -> None:
+    """``static_check --quick``: one specialisation per kernel family (kernel, variant, precision), sm_80 and sm_90,
+    judged by every rule of the full check (no compile error, spill, local memory, ...). The full check of every
+    specialisation is a .ci/run step."""
+    proc, rows = _compile_check("--quick", tmp_path=tmp_path)
     failing = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
     assert proc.returncode == 0, "\n".join(failing) or proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "kernel families, one specialisation each" in proc.stdout
+    assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
+    assert {row["variant"] for row in rows} == VARIANTS | TRAINING_VARIANTS | BACKWARD_VARIANTS
+    assert all(row["status"] == "ok" and row["spill_st"] == row["spill_ld"] == row["local"] == "0" for row in rows)
+
+
+def test_stamp_skips_a_passed_check_until_a_kernel_source_changes(monkeypatch, tmp_path: Path, capsys) -> None:
+    """--stamp (the .ci/run steps): a pass writes a stamp keyed by the kernel sources, triton, torch and the
+    options; the same check then skips, and any change to those runs it again. No compile: run_all is stubbed."""
+    monkeypatch.setenv("VSTAR_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(static_check, "toolchain_problem", lambda: None)
+    compiled: list[int] = []
+    result = {"failing": False}
+
+    def fake_run_all(specs, archs, jobs, cache_dir):
+        compiled.append(len(specs) * len(archs))
+        usage = static_check.Usage(64, 0, 1024, 0, 0, 8 if result["failing"] else 0, 0, 64)
+        return [static_check.Row(arch, spec, usage) for arch in archs for spec in specs]
+
+    monkeypatch.setattr(static_check, "run_all", fake_run_all)
+    args = ["--realistic", "--quick", "--stamp", "--arch", "80"]
+    result["failing"] = True
+    assert static_check.main(args) == 1 and len(compiled) == 1  # a failing run leaves no stamp
+    result["failing"] = False
+    assert static_check.main(args) == 0 and len(compiled) == 2
+    assert "stamp written" in capsys.readouterr().out
+    assert static_check.main(args) == 0 and len(compiled) == 2  # skipped
+    assert "skipped" in capsys.readouterr().out
+    assert static_check.main([*args[:-1], "90"]) == 0 and len(compiled) == 3  # other options: their own stamp
+    assert static_check.main([*args, "--jobs", "1"]) == 0 and len(compiled) == 3  # --jobs changes no result
+    source = static_check.kernel_source_files()[0]
+    real_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: real_bytes(p) + (b"# edited" if p == source else b""))
+    assert static_check.main(args) == 0 and len(compiled) == 4  # a kernel source changed: compiled again
+    assert {p.name for p in static_check.kernel_source_files()} >= {"triton_tar.py", "triton_tar_backward.py",
+                                                                   "triton_common.py", "contract.py", "static_check.py"}
 
 
 # ------------------------------------------------------------------------------------------------ realistic calls
@@ -220,7 +287,7 @@ def test_occupancy_model(regs: int, shared: int, warps: int, arch: int, expected
     assert static_check.warps_per_sm(regs, shared, warps, arch) == expected
 
 
-def test_sass_rules(realistic: dict[static_check.Spec, list[str]]) -> None:
+def test_sass_rules(realistic: dict[static_check.Spec, list[str]], all_specs: list[static_check.Spec]) -> None:
     spec = next(s for s in realistic if s.dtype == "fp16")
     good = static_check.SassProfile(narrow_global=0, wide_global=4, mma=8, local=0)
     usage = static_check.Usage(100, 0, 1024, 0, 0, 0, 0, 100, good, 16)
@@ -234,23 +301,8 @@ def test_sass_rules(realistic: dict[static_check.Spec, list[str]]) -> None:
     assert "local" in problems(local=1)[0]
     assert "HMMA" in problems(mma=0)[0]
     assert "warps per SM" in problems(warps=8)[0]
-    plain = next(s for s in static_check.reachable_specialisations() if s.dtype == "fp16")
+    plain = next(s for s in all_specs if s.dtype == "fp16")
     assert problems(warps=8, spec=plain) == []  # occupancy is judged on realistic calls only
-
-
-@pytest.mark.slow
-def test_every_realistic_call_compiles_to_vectorised_tensor_core_code() -> None:
-    """``static_check --realistic``: sm_80/86/89/90, 128-bit loads where rows are aligned, HMMA/HGMMA for half
-    precision, no local memory, >= 12 resident warps per SM (about 5 min on 2 cores)."""
-    pytest.importorskip("triton.backends.nvidia.compiler")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "vstar_kernels.static_check", "--realistic"], cwd=REPO, env=env,
-                          capture_output=True, text=True, check=False)
-    if proc.returncode == 2:
-        pytest.skip(f"static check cannot run here: {proc.stderr.strip()}")
-    failing = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
-    assert proc.returncode == 0, "\n".join(failing) or proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "realistic calls ->" in proc.stdout
 
 
 def test_kernels_leave_the_layout_and_offset_integers_unspecialised() -> None:

@@ -34,6 +34,8 @@ class DemoError(Exception):
     """A bad argument or environment: reported as one line, exit status 2."""
 
 
+# the demo extra: the pipeline (diffusers, transformers for its text encoder) and the figure (matplotlib)
+DEMO_MODULES = ("diffusers", "transformers", "matplotlib")
 FAMILIES = ("modelscope", "animatediff")
 DEFAULT_FAMILY = "modelscope"
 
@@ -173,6 +175,11 @@ def _apply_synopsis(pipe, states: list[str], num_frames: int, device: torch.devi
 
 def run_demo(args: argparse.Namespace) -> int:
     """The demo; raises DemoError for bad arguments (the CLI prints it as one line)."""
+    from .cli import missing_modules
+
+    missing = missing_modules(DEMO_MODULES)
+    if missing:  # before any work: the figure is drawn after the pipeline has run
+        raise DemoError(f"the demo needs {' and '.join(missing)}, not installed: pip install 'vstar-kernels[demo]'")
     from .diffusers import apply_tar, plot_temporal_attention
 
     out = _validate(args)

@@ -3,11 +3,17 @@
 A provider turns (q, k, v) of shape (batch, frames, heads, head_dim) — diffusers' projection views — plus the TAR
 arguments into a zero-argument callable that computes the output. ``unavailable`` says why a provider cannot run
 on a device or a mode (FlexAttention's score_mod never sees the row max, so it has no relative mode).
+
+FlexAttention runs under ``torch.compile`` (a compile per shape: minutes on a CPU). ``VSTAR_BENCH_FLEX_COMPILE=0``
+runs it eagerly instead (PyTorch's unfused reference, which materialises the scores): same results, no compile, for
+smoke tests; its times are then not FlexAttention's.
 """
 
 from __future__ import annotations
 
 import functools
+import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -113,11 +119,23 @@ def _sdpa_bias(case: Case) -> Thunk:
         lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2))
 
 
+FLEX_COMPILE_ENV = "VSTAR_BENCH_FLEX_COMPILE"
+
+
+def flex_compiled() -> bool:
+    """Whether FlexAttention runs compiled (the default) or eagerly (``VSTAR_BENCH_FLEX_COMPILE=0``)."""
+    return os.environ.get(FLEX_COMPILE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 @functools.cache
-def _compiled_flex():
+def _flex_attention(compiled: bool):
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    if compiled:
+        return torch.compile(flex_attention, dynamic=False)
+    # asked for (VSTAR_BENCH_FLEX_COMPILE=0): PyTorch's notice that this is the unfused reference says nothing new
+    warnings.filterwarnings("ignore", message="flex_attention called without torch.compile", category=UserWarning)
+    return flex_attention
 
 
 def _flex(case: Case) -> Thunk:
@@ -130,7 +148,7 @@ def _flex(case: Case) -> Thunk:
         dist = (q_idx // per_frame - kv_idx // per_frame).to(torch.float32)
         return score + strength * torch.exp(-dist * dist * coeff)
 
-    flex = _compiled_flex()
+    flex = _flex_attention(flex_compiled())
     return lambda: flex(q, k, v, score_mod=score_mod).transpose(1, 2)
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from vstar_kernels.bench.measure import OOM, failure_status, peak_in_process, probe, run_child
-from vstar_kernels.bench.providers import PROVIDERS, forward_backward, make_case
+from vstar_kernels.bench.providers import FLEX_COMPILE_ENV, PROVIDERS, flex_compiled, forward_backward, make_case
 from vstar_kernels.bench.timing import time_side_by_side
 
 
@@ -219,6 +219,7 @@ def run_dit(args: argparse.Namespace) -> Path:
     csv_path = out / "sweep_dit.csv"
     points = [(DIT_SERIES[name], point, mode) for name in args.dit for mode in args.modes
               for point in DIT_SERIES[name].points]
+    _note_eager_flex(args, console)
     for index, (series, (latent, per_frame), mode) in enumerate(track(points, description="dit sweep",
                                                                       console=console)):
         length = latent * per_frame
@@ -244,6 +245,11 @@ def run_dit(args: argparse.Namespace) -> Path:
         for png in plot_sweep(csv_path, meta["run_id"], out, prefix="sweep_dit"):
             console.print(f"wrote {png}")
     return csv_path
+
+
+def _note_eager_flex(args: argparse.Namespace, console) -> None:
+    if "flex" in args.providers and not flex_compiled():
+        console.print(f"FlexAttention runs eagerly ({FLEX_COMPILE_ENV}=0): its times are not the compiled kernel's")
 
 
 def run_metadata(device: torch.device) -> dict[str, str]:
@@ -283,6 +289,7 @@ def run(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     csv_path = out / ("sweep_backward.csv" if args.backward else "sweep.csv")
     points = [(SHAPES[s], f, m) for s in args.shapes for m in args.modes for f in args.frames]
+    _note_eager_flex(args, console)
     all_rows: list[dict] = []
     for index, (shape, frames, mode) in enumerate(track(points, description="sweep", console=console)):
         memory = args.memory == "all" or (args.memory == "first" and shape.name == args.shapes[0])
@@ -307,31 +314,73 @@ def run(args: argparse.Namespace) -> Path:
 DEFAULT_OUT = Path("bench-results")
 
 
+DEFAULT_TOKENS = 8192
+DEFAULT_ROUNDS = 10
+# What a run costs, shown by --help: measured on 2 quiet cores (AMD EPYC, AVX512), torch 2.13.0+cpu, fp32
+DEFAULT_RUN_TIME = "15 min"
+QUICK_RUN_TIME = "45 s"
+HELP_EPILOG = f"""\
+size: the defaults are {len(SHAPES)} shapes x {len(DEFAULT_FRAMES)} frame counts x 2 modes = \
+{len(SHAPES) * len(DEFAULT_FRAMES) * 2} points
+of {DEFAULT_TOKENS} tokens (batch = tokens / frames). Each point times every provider
+available on the device side by side for {DEFAULT_ROUNDS} rounds (FlexAttention compiled
+once per absolute-mode point); the first shape's points also measure peak
+memory, in a subprocess per provider. On 2 CPU cores (fp32) a default run
+takes about {DEFAULT_RUN_TIME}.
+A quick look, about {QUICK_RUN_TIME}:
+  vstar-kernels bench --shapes animatediff-h8-d40 --frames 16 128 \\
+      --providers sdpa naive extension --rounds 3
+"""
+
+
 def build_parser(parser: argparse.ArgumentParser | None = None, default_out: Path = DEFAULT_OUT
                  ) -> argparse.ArgumentParser:
-    """The sweep's options; ``vstar-kernels bench`` adds them to its subcommand parser."""
-    parser = parser or argparse.ArgumentParser(prog="python -m bench.sweep", description=__doc__.splitlines()[0])
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--frames", type=int, nargs="+", default=list(DEFAULT_FRAMES))
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=None,
-                        help="default: every provider (--dit: those of DIT_PROVIDERS)")
-    parser.add_argument("--modes", nargs="+", choices=["relative", "absolute"], default=["relative", "absolute"])
-    parser.add_argument("--tokens", type=int, default=8192, help="batch*frames per point (B*H*W*F of a latent)")
-    parser.add_argument("--rounds", type=int, default=10)
+    """The sweep's options; ``vstar-kernels bench`` adds them to its subcommand parser. The help gives every
+    default and what a default run costs."""
+    parser = parser or argparse.ArgumentParser(prog="python -m bench.sweep")
+    parser.description = __doc__.split("\n\n")[0].split("\n")[0]
+    parser.epilog = HELP_EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES), metavar="SHAPE",
+                        help=f"temporal-attention shapes, heads x head_dim: {', '.join(SHAPES)} (default: all)")
+    parser.add_argument("--frames", type=int, nargs="+", default=list(DEFAULT_FRAMES), metavar="F",
+                        help=f"frame counts (default: {' '.join(map(str, DEFAULT_FRAMES))})")
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=None, metavar="PROVIDER",
+                        help=f"{', '.join(PROVIDERS)} (default: all, those the device cannot run say why; "
+                             f"--dit: {' '.join(DIT_PROVIDERS)})")
+    parser.add_argument("--modes", nargs="+", choices=["relative", "absolute"], default=["relative", "absolute"],
+                        help="TAR modes (default: relative absolute)")
+    parser.add_argument("--tokens", type=int, default=DEFAULT_TOKENS,
+                        help=f"batch*frames per point, B*H*W*F of a latent (default: {DEFAULT_TOKENS})")
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS,
+                        help=f"interleaved timing rounds per point, reported as median/p20/p80 (default: "
+                             f"{DEFAULT_ROUNDS})")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
-                        help="default: float32 on CPU, float16 on CUDA")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+                        help="(default: float32 on CPU, float16 on CUDA)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="(default: cuda when available, else cpu)")
     parser.add_argument("--memory", choices=["first", "all", "none"], default="first",
-                        help="measure peak memory for the first shape only (default), every shape, or none")
-    parser.add_argument("--out", default=str(default_out), help=f"output folder (default {default_out})")
+                        help="measure peak memory for the first shape only, every shape, or none (default: first)")
+    parser.add_argument("--out", default=str(default_out), help=f"output folder (default: {default_out})")
     parser.add_argument("--backward", action="store_true",
                         help="time forward + backward (gradients of q, k, v, as in training) into sweep_backward.csv")
-    parser.add_argument("--dit", nargs="+", choices=list(DIT_SERIES), default=None,
-                        help="the long-row sweep instead: video-transformer 3D attention series (sweep_dit.csv); "
-                             f"default providers {' '.join(DIT_PROVIDERS)}")
-    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--dit", nargs="+", choices=list(DIT_SERIES), default=None, metavar="SERIES",
+                        help=f"the long-row sweep instead: video-transformer 3D attention series, "
+                             f"{', '.join(DIT_SERIES)} (sweep_dit.csv; default: off)")
+    parser.add_argument("--no-plot", action="store_true", help="write the CSV only (no matplotlib needed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
+
+
+def missing_modules(args: argparse.Namespace) -> list[str]:
+    """The bench extra's modules this run needs that are not installed: rich always, matplotlib unless
+    ``--no-plot``. Checked before any work (an import error after the sweep would lose it)."""
+    from vstar_kernels.cli import missing_modules as absent
+
+    return absent(["rich", *([] if args.no_plot else ["matplotlib"])])
+
+
+MISSING_EXTRA = "the sweep needs {names}, not installed: pip install 'vstar-kernels[bench]'"
 
 
 def run_from_args(args: argparse.Namespace) -> int:
@@ -340,6 +389,9 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise SystemExit("error: --frames, --tokens and --rounds must be >= 1")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but CUDA is not available")
+    missing = missing_modules(args)
+    if missing:
+        raise SystemExit("error: " + MISSING_EXTRA.format(names=" and ".join(missing)))
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
     args.providers = args.providers or list(DIT_PROVIDERS if args.dit else PROVIDERS)
     if args.dit:

@@ -1,7 +1,7 @@
 """Static resource check of every Triton specialisation the launcher can choose, without a GPU.
 
 Run ``python -m vstar_kernels.checks.static_check [--arch 80 90] [--jobs N] [--csv PATH] [--value-classes plain aligned]
-[--cache-dir DIR] [--realistic]``.
+[--cache-dir DIR] [--realistic] [--quick] [--stamp]``.
 
 1. :func:`reachable_specialisations` enumerates the compiles :func:`~vstar_kernels.backends.triton_tar.forward`
    can trigger: every :class:`BlockConfig` that ``block_config`` returns over a grid of frame counts, head dims and
@@ -39,6 +39,12 @@ cross-check it against triton's own binder.
 
 Configs passed explicitly to ``forward(config=...)`` (tests forcing two-pass) are not covered: only what
 ``block_config`` can return.
+
+``--quick`` compiles one specialisation per kernel family (:func:`quick_specialisations`: per kernel, variant and
+precision, the largest tile per thread), about 50 compiles instead of 676: the test suite's fast check. ``--stamp``
+skips a check that already passed with the same options on the same kernel sources, triton and torch (a stamp file
+under ``~/.cache/vstar-kernels/static-check``, :func:`stamp_path`) and writes the stamp when it passes: CI's full
+steps, rerun on an unchanged tree, cost nothing.
 
 Under ``TRITON_INTERPRET=1`` the kernel is an interpreted function that cannot be compiled; :func:`main` refuses.
 """
@@ -386,6 +392,70 @@ def _spec_from_call(dtype: str, value_class: str, kernel: str, args: tuple[objec
                 kernel)
 
 
+# ---------------------------------------------------------------------------------------- quick check, stamp
+def kernel_family(spec: Spec) -> tuple[str, str, str]:
+    """(kernel, variant, precision): specialisations of one family share their code path and differ in tiles.
+    fp16 and bf16 are one precision (the same code and tiles); fp32 runs IEEE dots without tensor cores."""
+    return spec.kernel, spec.variant, "fp32" if spec.dtype == "fp32" else "fp16/bf16"
+
+
+def _tile_per_thread(spec: Spec) -> tuple[int, ...]:
+    """Elements of the S, Q, K and V tiles per thread (the register pressure a tile brings), then a fixed order."""
+    cfg = spec.config
+    elements = cfg.block_m * cfg.block_n + (cfg.block_m + 2 * cfg.block_n) * cfg.block_d
+    return (elements // (32 * cfg.num_warps), -list(DTYPES).index(spec.dtype), *_config_key(cfg))
+
+
+def quick_specialisations(specs: Sequence[Spec]) -> list[Spec]:
+    """One spec per :func:`kernel_family`: the one with the largest tile per thread, the most likely to spill.
+    In ``specs`` order."""
+    chosen: dict[tuple[str, str, str], Spec] = {}
+    for spec in specs:
+        family = kernel_family(spec)
+        if family not in chosen or _tile_per_thread(spec) > _tile_per_thread(chosen[family]):
+            chosen[family] = spec
+    picked = set(chosen.values())
+    return [spec for spec in specs if spec in picked]
+
+
+def kernel_source_files() -> list[Path]:
+    """The files whose content decides what the check compiles and how it judges it: every Triton module of the
+    backends (kernels, launchers and their shared pieces), the host-side contract the launchers use, and this
+    checker."""
+    backends = Path(inspect.getfile(triton_tar)).resolve().parent
+    modules = {*KERNELS.values(), sys.modules[make_params.__module__], sys.modules[__name__]}
+    files = {Path(inspect.getfile(module)).resolve() for module in modules}  # type: ignore[arg-type]
+    return sorted(files | set(backends.glob("triton_*.py")))
+
+
+def stamp_key(options: Sequence[str]) -> str:
+    """Hash of the kernel sources, triton's and torch's versions and the check's options."""
+    import hashlib
+
+    import triton
+
+    digest = hashlib.sha256()
+    for path in kernel_source_files():
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    digest.update(f"triton {triton.__version__} torch {torch.__version__}\0".encode())
+    digest.update(" ".join(options).encode())
+    return digest.hexdigest()[:20]
+
+
+def stamp_path(options: Sequence[str]) -> Path:
+    """Where a passing run with ``options`` on these sources leaves its stamp (``VSTAR_KERNELS_CACHE`` moves the
+    folder, as for the extension's build cache)."""
+    from ..backends.extension_build import cache_root
+
+    return cache_root() / "static-check" / f"{stamp_key(options)}.passed"
+
+
+def _stamp_options(args: argparse.Namespace, archs: Sequence[int]) -> list[str]:
+    """The options that change what is compiled or judged, normalised (not --jobs, --csv, --cache-dir)."""
+    return [f"archs={','.join(map(str, archs))}", f"value_classes={','.join(dict.fromkeys(args.value_classes))}",
+            f"realistic={args.realistic}", f"quick={args.quick}"]
+
+
 # ------------------------------------------------------------------------------------------------ compiling
 @dataclass(frozen=True)
 class SMLimits:
@@ -713,6 +783,13 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="triton cache to compile into (reruns hit it); default: a temporary directory, removed "
                              "afterwards (the full run writes ~0.5 GB)")
+    parser.add_argument("--quick", action="store_true",
+                        help="one specialisation per kernel family (kernel, variant, precision: the largest tile per "
+                             "thread), about 50 compiles: the test suite's fast check")
+    parser.add_argument("--stamp", action="store_true",
+                        help="skip when this check already passed with these options on the same kernel sources, "
+                             "triton and torch (a stamp under ~/.cache/vstar-kernels/static-check); write the stamp "
+                             "when it passes")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
@@ -727,6 +804,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"static_check: cannot run: {problem}", file=sys.stderr)
         return 2
     start = time.perf_counter()
+    stamp = None
+    if args.stamp:  # before the enumeration, which takes a while
+        stamp = stamp_path(_stamp_options(args, list(dict.fromkeys(args.arch or (
+            REALISTIC_ARCHS if args.realistic else ARCHS)))))
+        if stamp.is_file():
+            print(f"static_check: passed before with these options on the same kernel sources, triton and torch "
+                  f"({stamp}); skipped")
+            return 0
     if args.realistic:
         calls = realistic_specialisations()
         specs = list(calls)
@@ -734,6 +819,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         specs = reachable_specialisations(list(dict.fromkeys(args.value_classes)))
     archs = list(dict.fromkeys(args.arch or (REALISTIC_ARCHS if args.realistic else ARCHS)))
+    if args.quick:
+        families = len({kernel_family(spec) for spec in specs})
+        specs = quick_specialisations(specs)
+        print(f"quick: {families} kernel families, one specialisation each (the largest tile per thread)")
     print(f"{len(specs)} specialisations x {len(archs)} arch(s) = {len(specs) * len(archs)} compiles, "
           f"{args.jobs} job(s)", flush=True)
     cache_dir = args.cache_dir or tempfile.mkdtemp(prefix="vstar_static_cache_")
@@ -748,6 +837,15 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(rows, args.csv)
     failing = sum(1 for row in rows if row.problems())
     print(f"{len(rows)} rows, {failing} failing, {time.perf_counter() - start:.0f} s wall")
+    if stamp is not None and stamp != stamp_path(_stamp_options(args, archs)):
+        print("static_check: a kernel source changed during the check; no stamp written", file=sys.stderr)
+    elif stamp is not None and not failing and rows:
+        try:
+            stamp.parent.mkdir(parents=True, exist_ok=True)
+            stamp.write_text(f"{len(rows)} rows, 0 failing, {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            print(f"stamp written: {stamp}")
+        except OSError as exc:  # a read-only cache: the check passed all the same
+            print(f"static_check: no stamp written ({exc})", file=sys.stderr)
     return 1 if failing else 0
 
 
