@@ -20,16 +20,13 @@ import argparse
 import csv
 import json
 import os
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed
 
-from vstar_kernels.bench.measure import peak_in_process
+from vstar_kernels.bench.measure import peak_in_process, run_torchrun
 
 CSV_FIELDS = ("run_id", "timestamp", "model", "latent", "frames", "world", "status", "peak_mib_max_rank",
               "seconds_max_rank", "temporal_bytes", "alltoall_bytes_model", "gather_bytes_model")
@@ -68,21 +65,7 @@ def _child(payload: dict) -> None:
 
 def run_cell(model: str, frames: int, world: int, latent: int, timeout: float = 1800) -> dict:
     """One torchrun run; the reports of every rank, or a status."""
-    with tempfile.TemporaryDirectory() as tmp:
-        payload = json.dumps({"model": model, "frames": frames, "latent": latent, "report_dir": tmp})
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), "-m",
-               "bench.frame_parallel", "--child", payload]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
-        except subprocess.TimeoutExpired:
-            return {"status": f"error: timeout after {timeout:.0f} s"}
-        reports = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
-        if proc.returncode != 0 or len(reports) != world:
-            errors = [line for line in proc.stderr.splitlines()
-                      if ("Error" in line or "terminate" in line) and "ChildFailedError" not in line]
-            return {"status": "error: " + (errors or [f"exit status {proc.returncode}"])[-1][:300]}
-    return {"status": "ok", "reports": reports}
+    return run_torchrun("bench.frame_parallel", {"model": model, "frames": frames, "latent": latent}, world, timeout)
 
 
 def communication_model(temporal_bytes: int, output_bytes: int, world: int) -> tuple[int, int]:

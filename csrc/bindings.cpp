@@ -1,6 +1,16 @@
-// vstar-kernels: the custom op vstar_kernels::tar_attention (torch.library), its validation and its CPU and CUDA
-// implementations. The fake (meta) implementation for torch.compile is registered from Python
+// vstar-kernels: the custom ops vstar_kernels::* (torch.library), their validation and their CPU and CUDA
+// implementations. The fake (meta) implementations for torch.compile are registered from Python
 // (vstar_kernels/backends/extension.py) next to the loader.
+//
+// Two pairs of ops run the same kernels:
+//   tar_attention, tar_attention_backward                the public ops of whole sequences: the token layout as the
+//                                                        user gives it (contract.TokenFrames), checked to lie inside
+//                                                        both sequences and clipped to them here; differentiable.
+//   tar_attention_kernel, tar_attention_kernel_backward  what the Python backend calls: the layout already in the
+//                                                        kernels' folded form (contract.TARParams.kernel_layout_args,
+//                                                        chunks of a sequence included; nothing recomputed here),
+//                                                        an optional given row max and the log-sum-exp. Forward-only
+//                                                        partials: the op's own autograd refuses a backward.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -25,10 +35,15 @@
 namespace vstar {
 namespace {
 
-TensorStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+constexpr int64_t kMaxOffset = int64_t{1} << 53;  // frame indices exact in double
+constexpr int64_t kMaxTokens = int64_t{1} << 53;
 
+TensorStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+RowStrides row_strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+
+// Tensors and the scalars every op takes.
 void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
-                  std::string_view mode, double scale, int64_t q_offset, int64_t k_offset) {
+                  std::string_view mode, double scale) {
   for (const auto* t : {&q, &k, &v}) {
     TORCH_CHECK(t->dim() == 4, "tar_attention: q, k, v must be 4-D (batch, frames, heads, head_dim), got ",
                 t->sizes());
@@ -51,15 +66,16 @@ void check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   TORCH_CHECK(std::isfinite(scale) && scale > 0, "tar_attention: scale must be > 0 and finite, got ", scale);
   TORCH_CHECK(mode == "relative" || mode == "absolute", "tar_attention: mode must be 'relative' or 'absolute', got '",
               std::string(mode), "'");
-  constexpr int64_t kMaxOffset = int64_t{1} << 53;  // frame indices exact in double
+}
+
+void check_offsets(int64_t q_offset, int64_t k_offset) {
   TORCH_CHECK(q_offset >= -kMaxOffset && q_offset <= kMaxOffset && k_offset >= -kMaxOffset && k_offset <= kMaxOffset,
               "tar_attention: q_offset and k_offset must be within +-2^53, got ", q_offset, " and ", k_offset);
 }
 
-// The token layout (contract.TokenFrames): counts in range, the video span inside both sequences.
+// The public op's token layout (contract.TokenFrames): counts in range, the video span inside both sequences.
 void check_layout(const at::Tensor& q, const at::Tensor& k, int64_t tokens_per_frame, int64_t video_start,
                   std::optional<int64_t> video_tokens) {
-  constexpr int64_t kMaxTokens = int64_t{1} << 53;
   TORCH_CHECK(tokens_per_frame >= 1 && tokens_per_frame <= kMaxTokens,
               "tar_attention: tokens_per_frame must be in [1, 2^53], got ", tokens_per_frame);
   TORCH_CHECK(video_start >= 0 && video_start <= kMaxTokens, "tar_attention: video_start must be in [0, 2^53], got ",
@@ -73,24 +89,62 @@ void check_layout(const at::Tensor& q, const at::Tensor& k, int64_t tokens_per_f
               ") must lie inside both q (", q.size(1), " tokens) and k (", k.size(1), " tokens)");
 }
 
-// Clip a checked layout to the sequences (every field then <= the longer length, so int32 wherever lengths are).
-void set_layout(TARParams& p, int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
+// A checked whole-sequence layout clipped to the sequences, in the kernels' form (what
+// contract.TARParams.kernel_layout_args gives for whole sequences: both starts video_start clipped to the longer
+// length, every field then <= it, so int32 wherever lengths are).
+void set_whole_layout(TARParams& p, int64_t tokens_per_frame, int64_t video_start,
+                      std::optional<int64_t> video_tokens) {
   p.framed = !(tokens_per_frame == 1 && video_start == 0 && !video_tokens);
   const int64_t longest = std::max<int64_t>({p.len_q, p.len_k, 1});
   p.tokens_per_frame = std::min(tokens_per_frame, longest);
-  p.video_start = std::min(video_start, longest);
+  p.video_start_q = p.video_start_k = std::min(video_start, longest);
   const auto end = [&](int64_t len) {
-    const int64_t stop = video_tokens ? std::min(len, p.video_start + *video_tokens) : len;
-    return std::max(p.video_start, stop);
+    const int64_t stop = video_tokens ? std::min(len, p.video_start_q + *video_tokens) : len;
+    return std::max(p.video_start_q, stop);
   };
   p.video_end_q = end(p.len_q);
   p.video_end_k = end(p.len_k);
 }
 
-// The kernels' parameters of checked inputs (the output strides are set by the caller that owns the output).
+// The kernel op's folded layout (contract.TARParams.kernel_layout_args), taken as given once it is in the range the
+// kernels rely on: 1 <= tokens_per_frame <= max(Lq, Lk, 1) and per side 1 - tokens_per_frame <= start <= max(Lq, Lk,
+// 1), start <= end <= max(start, L). No check that the span lies inside the sequences: a chunk's may reach past it.
+void check_kernel_layout(const at::Tensor& q, const at::Tensor& k, int64_t tokens_per_frame, int64_t video_start_q,
+                         int64_t video_start_k, int64_t video_end_q, int64_t video_end_k) {
+  const int64_t longest = std::max<int64_t>({q.size(1), k.size(1), 1});
+  TORCH_CHECK(tokens_per_frame >= 1 && tokens_per_frame <= longest,
+              "tar_attention_kernel: tokens_per_frame must be in [1, max(Lq, Lk, 1) = ", longest,
+              "] (the folded layout of TARParams.kernel_layout_args), got ", tokens_per_frame);
+  const auto side = [&](const char* name, int64_t start, int64_t end, int64_t len) {
+    TORCH_CHECK(start >= 1 - tokens_per_frame && start <= longest, "tar_attention_kernel: video_start_", name,
+                " must be in [1 - tokens_per_frame, max(Lq, Lk, 1)] = [", 1 - tokens_per_frame, ", ", longest,
+                "], got ", start);
+    TORCH_CHECK(end >= start && end <= std::max(start, len), "tar_attention_kernel: video_end_", name, " must be in [",
+                "video_start_", name, ", max(video_start_", name, ", L", name, ")] = [", start, ", ",
+                std::max(start, len), "], got ", end);
+  };
+  side("q", video_start_q, video_end_q, q.size(1));
+  side("k", video_start_k, video_end_k, k.size(1));
+}
+
+// The given row max of the kernel op: float32 (batch, Lq, heads) on q's device, any strides; relative mode only.
+void check_row_max(const at::Tensor& q, const at::Tensor& row_max, bool relative) {
+  TORCH_CHECK(relative, "tar_attention_kernel: row_max applies to mode='relative' only (the absolute bias has no "
+              "row max)");
+  TORCH_CHECK(row_max.dim() == 3 && row_max.size(0) == q.size(0) && row_max.size(1) == q.size(1) &&
+                  row_max.size(2) == q.size(2),
+              "tar_attention_kernel: row_max must have shape (batch, Lq, heads) = ", q.sizes().slice(0, 3), ", got ",
+              row_max.sizes());
+  TORCH_CHECK(row_max.scalar_type() == at::kFloat, "tar_attention_kernel: row_max must be float32, got ",
+              row_max.scalar_type());
+  TORCH_CHECK(row_max.device() == q.device(), "tar_attention_kernel: row_max must be on q's device ", q.device(),
+              ", got ", row_max.device());
+}
+
+// The kernels' parameters of checked inputs, but for the layout (set by the caller; the output strides by the
+// caller that owns the output).
 TARParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
-                      std::string_view mode, double scale, int64_t q_offset, int64_t k_offset,
-                      int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
+                      std::string_view mode, double scale, int64_t offset_delta) {
   TARParams p;
   p.batch = q.size(0);
   p.len_q = q.size(1);
@@ -103,21 +157,55 @@ TARParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor
   p.scale = static_cast<float>(scale);
   p.gauss_log2_coeff = tar_gauss_log2_coeff(sigma);
   p.strength = static_cast<float>(strength);
-  p.offset_delta = q_offset - k_offset;  // exact: both within 2^53
+  p.offset_delta = offset_delta;
   p.relative = mode == "relative";
-  set_layout(p, tokens_per_frame, video_start, video_tokens);
+  return p;
+}
+
+// The public ops' parameters: offsets and the user's layout, checked and clipped.
+TARParams make_whole_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
+                            double strength, std::string_view mode, double scale, int64_t q_offset, int64_t k_offset,
+                            int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
+  check_inputs(q, k, v, sigma, strength, mode, scale);
+  check_offsets(q_offset, k_offset);
+  check_layout(q, k, tokens_per_frame, video_start, video_tokens);
+  TARParams p = make_params(q, k, v, sigma, strength, mode, scale, q_offset - k_offset);  // exact: both within 2^53
+  set_whole_layout(p, tokens_per_frame, video_start, video_tokens);
+  return p;
+}
+
+// The kernel ops' parameters: the folded layout, checked and taken as given. The layout is the identity (token t is
+// frame t) when it spans both sequences one token per frame from local token 0: the temporal path then.
+TARParams make_kernel_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
+                             double strength, std::string_view mode, double scale, int64_t offset_delta,
+                             int64_t tokens_per_frame, int64_t video_start_q, int64_t video_start_k,
+                             int64_t video_end_q, int64_t video_end_k) {
+  check_inputs(q, k, v, sigma, strength, mode, scale);
+  TORCH_CHECK(offset_delta >= -kMaxOffset && offset_delta <= kMaxOffset,
+              "tar_attention_kernel: offset_delta must be within +-2^53, got ", offset_delta);
+  check_kernel_layout(q, k, tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k);
+  TARParams p = make_params(q, k, v, sigma, strength, mode, scale, offset_delta);
+  p.framed = !(tokens_per_frame == 1 && video_start_q == 0 && video_start_k == 0 && video_end_q == p.len_q &&
+               video_end_k == p.len_k);
+  p.tokens_per_frame = tokens_per_frame;
+  p.video_start_q = video_start_q;
+  p.video_start_k = video_start_k;
+  p.video_end_q = video_end_q;
+  p.video_end_k = video_end_k;
   return p;
 }
 
 #ifdef VSTAR_WITH_CUDA
-// The CUDA kernels' limits (tar_attention.h), checked before any launch with a message naming the argument.
+// The CUDA kernels' limits (tar_attention.h), checked before any launch with a message naming the argument. The
+// layout's values then fit int32 too: they lie within [-tokens_per_frame, max(Lq, Lk, 1)].
 void check_cuda_limits(const TARParams& p, const char* op) {
   TORCH_CHECK(p.head_dim <= kMaxCudaHeadDim, op, " (CUDA): head_dim must be <= ", kMaxCudaHeadDim, ", got ",
               p.head_dim);
   TORCH_CHECK(p.len_q <= kMaxCudaFrames && p.len_k <= kMaxCudaFrames, op, " (CUDA): frame counts must be <= 2^30 ",
               "(int32 frame distances), got ", p.len_q, " and ", p.len_k);
   TORCH_CHECK(p.offset_delta >= -kMaxCudaOffsetDelta && p.offset_delta <= kMaxCudaOffsetDelta, op,
-              " (CUDA): |q_offset - k_offset| must be <= 2^30 (int32 frame distances), got ", p.offset_delta);
+              " (CUDA): |offset_delta| (q_offset - k_offset plus the frames before each chunk) must be <= 2^30 ",
+              "(int32 frame distances), got ", p.offset_delta);
 }
 
 // The CUDA kernels' element type of a checked (float32, float16 or bfloat16) tensor.
@@ -127,62 +215,63 @@ DType cuda_dtype(const at::Tensor& t) {
 }
 #endif
 
-at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
-                         double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset,
-                         int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
-  const std::string_view mode_sv(mode.data(), mode.size());
-  check_inputs(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
-  check_layout(q, k, tokens_per_frame, video_start, video_tokens);
+// The forward of checked inputs: (out, lse), lse float32 (batch, Lq, heads) when asked for, else an empty (0,)
+// tensor. `row_max` (checked) replaces the rows' own max in relative mode.
+std::tuple<at::Tensor, at::Tensor> run_forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                               TARParams p, const std::optional<at::Tensor>& row_max,
+                                               bool return_lse, const char* op) {
   at::Tensor out = at::empty({q.size(0), q.size(1), q.size(2), q.size(3)}, q.options());
-  if (out.numel() == 0) return out;
-  TARParams p = make_params(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset, tokens_per_frame, video_start,
-                            video_tokens);
+  at::Tensor lse = return_lse ? at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat))
+                              : at::empty({0}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
   p.o = strides_of(out);
+  if (row_max && p.relative) {
+    p.row_max = row_max->const_data_ptr<float>();
+    p.row_max_s = row_strides_of(*row_max);
+  }
+  if (return_lse) {
+    p.lse = lse.mutable_data_ptr<float>();
+    p.lse_s = row_strides_of(lse);
+  }
 
   if (q.is_cpu()) {
     tar_attention_cpu(p, q, k, v, out);
-    return out;
+    return {out, lse};
   }
 #ifdef VSTAR_WITH_CUDA
-  TORCH_CHECK(q.is_cuda(), "tar_attention: unsupported device ", q.device());
-  check_cuda_limits(p, "tar_attention");
+  TORCH_CHECK(q.is_cuda(), op, ": unsupported device ", q.device());
+  check_cuda_limits(p, op);
   const c10::cuda::CUDAGuard guard(q.device());
   const int err = tar_attention_cuda_launch(p, cuda_dtype(q), q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
                                             out.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "tar_attention (CUDA): kernel launch failed with CUDA error ", err);
-  return out;
+  TORCH_CHECK(err == 0, op, " (CUDA): kernel launch failed with CUDA error ", err);
+  return {out, lse};
 #else
-  TORCH_CHECK(false, "tar_attention: this build of the extension has no CUDA kernel (device ", q.device(), ")");
+  TORCH_CHECK(false, op, ": this build of the extension has no CUDA kernel (device ", q.device(), ")");
 #endif
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
-    double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset,
-    int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
-  const std::string_view mode_sv(mode.data(), mode.size());
-  check_inputs(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset);
-  check_layout(q, k, tokens_per_frame, video_start, video_tokens);
+// The fused backward of checked inputs: (dq, dk, dv).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> run_backward(const at::Tensor& grad_out, const at::Tensor& q,
+                                                            const at::Tensor& k, const at::Tensor& v,
+                                                            const TARParams& p, const char* op) {
   TORCH_CHECK(grad_out.dim() == 4 && grad_out.size(0) == q.size(0) && grad_out.size(1) == q.size(1) &&
                   grad_out.size(2) == q.size(2) && grad_out.size(3) == v.size(3),
-              "tar_attention_backward: grad_out must be shaped like the output ", q.sizes(), ", got ",
-              grad_out.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(),
-              "tar_attention_backward: grad_out must match q's dtype and device");
+              op, ": grad_out must be shaped like the output ", q.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == q.scalar_type() && grad_out.device() == q.device(), op,
+              ": grad_out must match q's dtype and device");
   if (q.numel() == 0 || k.numel() == 0)  // nothing attends: every gradient is zero
     return {at::zeros(q.sizes(), q.options()), at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options())};
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(k.sizes(), k.options());
   at::Tensor dv = at::empty(v.sizes(), v.options());
-  const TARParams p = make_params(q, k, v, sigma, strength, mode_sv, scale, q_offset, k_offset, tokens_per_frame,
-                                  video_start, video_tokens);
   if (q.is_cpu()) {
     tar_attention_backward_cpu(p, grad_out, q, k, v, dq, dk, dv);
     return {dq, dk, dv};
   }
 #ifdef VSTAR_WITH_CUDA
-  TORCH_CHECK(q.is_cuda(), "tar_attention_backward: unsupported device ", q.device());
-  check_cuda_limits(p, "tar_attention_backward");
+  TORCH_CHECK(q.is_cuda(), op, ": unsupported device ", q.device());
+  check_cuda_limits(p, op);
   const c10::cuda::CUDAGuard guard(q.device());
   const TARGradStrides g{strides_of(grad_out), strides_of(dq), strides_of(dk), strides_of(dv)};
   at::Tensor workspace = at::empty({kBackwardStatsPerRow, p.batch * p.heads, p.len_q}, q.options().dtype(at::kFloat));
@@ -190,12 +279,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
       p, g, cuda_dtype(q), grad_out.const_data_ptr(), q.const_data_ptr(), k.const_data_ptr(), v.const_data_ptr(),
       dq.mutable_data_ptr(), dk.mutable_data_ptr(), dv.mutable_data_ptr(), workspace.mutable_data_ptr<float>(),
       c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == 0, "tar_attention_backward (CUDA): kernel launch failed with CUDA error ", err);
+  TORCH_CHECK(err == 0, op, " (CUDA): kernel launch failed with CUDA error ", err);
   return {dq, dk, dv};
 #else
-  TORCH_CHECK(false, "tar_attention_backward: this build of the extension has no CUDA kernel (device ", q.device(),
-              ")");
+  TORCH_CHECK(false, op, ": this build of the extension has no CUDA kernel (device ", q.device(), ")");
 #endif
+}
+
+std::string_view view_of(c10::string_view mode) { return {mode.data(), mode.size()}; }
+
+at::Tensor tar_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
+                         double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset,
+                         int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
+  const TARParams p = make_whole_params(q, k, v, sigma, strength, view_of(mode), scale, q_offset, k_offset,
+                                        tokens_per_frame, video_start, video_tokens);
+  return std::get<0>(run_forward(q, k, v, p, std::nullopt, false, "tar_attention"));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
+    double strength, c10::string_view mode, double scale, int64_t q_offset, int64_t k_offset,
+    int64_t tokens_per_frame, int64_t video_start, std::optional<int64_t> video_tokens) {
+  const TARParams p = make_whole_params(q, k, v, sigma, strength, view_of(mode), scale, q_offset, k_offset,
+                                        tokens_per_frame, video_start, video_tokens);
+  return run_backward(grad_out, q, k, v, p, "tar_attention_backward");
+}
+
+std::tuple<at::Tensor, at::Tensor> tar_attention_kernel(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
+    c10::string_view mode, double scale, int64_t offset_delta, int64_t tokens_per_frame, int64_t video_start_q,
+    int64_t video_start_k, int64_t video_end_q, int64_t video_end_k, const std::optional<at::Tensor>& row_max,
+    bool return_lse) {
+  const TARParams p = make_kernel_params(q, k, v, sigma, strength, view_of(mode), scale, offset_delta,
+                                         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k);
+  if (row_max) check_row_max(q, *row_max, p.relative);
+  return run_forward(q, k, v, p, row_max, return_lse, "tar_attention_kernel");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_kernel_backward(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
+    double strength, c10::string_view mode, double scale, int64_t offset_delta, int64_t tokens_per_frame,
+    int64_t video_start_q, int64_t video_start_k, int64_t video_end_q, int64_t video_end_k) {
+  const TARParams p = make_kernel_params(q, k, v, sigma, strength, view_of(mode), scale, offset_delta,
+                                         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k);
+  return run_backward(grad_out, q, k, v, p, "tar_attention_kernel_backward");
 }
 
 }  // namespace
@@ -210,16 +337,29 @@ TORCH_LIBRARY(vstar_kernels, m) {
       "tar_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, float sigma, float strength=1.0, "
       "str mode='relative', float scale=1.0, int q_offset=0, int k_offset=0, int tokens_per_frame=1, "
       "int video_start=0, int? video_tokens=None) -> (Tensor, Tensor, Tensor)");
+  // the layout as contract.TARParams.kernel_layout_args gives it, offset_delta as TARParams.offset_delta
+  m.def(
+      "tar_attention_kernel(Tensor q, Tensor k, Tensor v, float sigma, float strength, str mode, float scale, "
+      "int offset_delta, int tokens_per_frame, int video_start_q, int video_start_k, int video_end_q, "
+      "int video_end_k, Tensor? row_max=None, bool return_lse=False) -> (Tensor, Tensor)");
+  m.def(
+      "tar_attention_kernel_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, float sigma, float strength, "
+      "str mode, float scale, int offset_delta, int tokens_per_frame, int video_start_q, int video_start_k, "
+      "int video_end_q, int video_end_k) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vstar_kernels, CPU, m) {
   m.impl("tar_attention", &vstar::tar_attention);
   m.impl("tar_attention_backward", &vstar::tar_attention_backward);
+  m.impl("tar_attention_kernel", &vstar::tar_attention_kernel);
+  m.impl("tar_attention_kernel_backward", &vstar::tar_attention_kernel_backward);
 }
 
 #ifdef VSTAR_WITH_CUDA
 TORCH_LIBRARY_IMPL(vstar_kernels, CUDA, m) {
   m.impl("tar_attention", &vstar::tar_attention);
   m.impl("tar_attention_backward", &vstar::tar_attention_backward);
+  m.impl("tar_attention_kernel", &vstar::tar_attention_kernel);
+  m.impl("tar_attention_kernel_backward", &vstar::tar_attention_kernel_backward);
 }
 #endif

@@ -123,8 +123,10 @@ class GaussianRows {
  public:
   GaussianRows(const TARParams& p, int64_t cols) : framed_(p.framed), cols_(cols) {
     if (cols == 0) return;
-    q_frames_ = p.framed ? frame_count(p.video_end_q, p) : p.len_q;
-    const int64_t k_frames = p.framed ? frame_count(p.video_end_k, p) : cols;
+    // local frames of each side (their own starts: chunks of a sequence fold differently); the table covers every
+    // distance offset_delta + fi - fk between them
+    q_frames_ = p.framed ? tar_frame_count(p.tokens_per_frame, p.video_start_q, p.video_end_q) : p.len_q;
+    const int64_t k_frames = p.framed ? tar_frame_count(p.tokens_per_frame, p.video_start_k, p.video_end_k) : cols;
     table_.assign(q_frames_ > 0 ? q_frames_ - 1 + std::max<int64_t>(k_frames, 1) : 0, 0.f);
     for (int64_t t = 0; t < static_cast<int64_t>(table_.size()); ++t) {
       const int64_t dist = p.offset_delta + (q_frames_ - 1 - t);
@@ -152,10 +154,6 @@ class GaussianRows {
   static constexpr int64_t kNoRow = std::numeric_limits<int64_t>::min();
 
  private:
-  static int64_t frame_count(int64_t video_end, const TARParams& p) {
-    return video_end > p.video_start ? (video_end - p.video_start - 1) / p.tokens_per_frame + 1 : 0;
-  }
-
   bool framed_;
   int64_t cols_, q_frames_ = 0;
   std::vector<float> table_;

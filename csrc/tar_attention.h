@@ -4,11 +4,17 @@
 // ATen) and the bindings. The op contract (vstar_kernels/contract.py, ../shared/DESIGN.md §2), per (batch, head):
 //
 //     S_ij  = scale * <q_i, k_j>
-//     G_ij  = exp(-(gi - gj)^2 / (2 sigma^2)),     gi - gj = offset_delta + frame(i) - frame(j)
+//     G_ij  = exp(-(gi - gj)^2 / (2 sigma^2)),     gi - gj = offset_delta + frame_q(i) - frame_k(j)
 //             (0 when token i or j has no frame; by default frame(t) = t, see tar_token_frame)
-//     S'_ij = S_ij + strength * max_j' S_ij' * G_ij       (relative, VSTAR Eq. 3)
-//     S'_ij = S_ij + strength * G_ij                      (absolute)
-//     out_i = sum_j softmax_j(S'_ij) v_j
+//     c_i   = sat(strength * M_i),  M_i = max_j' S_ij' or a given row max  (relative, VSTAR Eq. 3)
+//     c_i   = sat(strength)                                                 (absolute)
+//     S'_ij = S_ij + c_i * G_ij
+//     out_i = sum_j softmax_j(S'_ij) v_j,          lse_i = log sum_j exp(S'_ij)   (natural log, when asked for)
+//
+// The call may be a chunk of a longer sequence (context parallelism's Ring): the layout arrives folded to the
+// chunk's local token indices (contract.TARParams.kernel_layout_args, offset_delta including the frames before each
+// chunk's first token), a given row max M_i (the max over every key chunk of the row) replaces the call's own, and
+// the log-sum-exp lets the caller merge the chunks' partial outputs exactly.
 //
 // Kernels may hold logits in natural units (t = S) or in the exp2 domain (t = S * log2 e, softmax by exp2). The
 // Gaussian G is the same number in both; tar_bias_coeff() gives the multiplier of G for either unit.
@@ -26,10 +32,16 @@
 namespace vstar {
 
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;  // exp2-domain log-sum-exp to natural units
 
 // Strides are in elements; tensors are (batch, frames, heads, head_dim).
 struct TensorStrides {
   int64_t batch, frame, head, dim;
+};
+
+// Strides (elements) of a per-row float32 tensor (batch, len_q, heads): the given row max, the log-sum-exp.
+struct RowStrides {
+  int64_t batch, row, head;
 };
 
 struct TARParams {
@@ -38,30 +50,53 @@ struct TARParams {
   float scale = 1.f;            // logit scale (natural units), head_dim ** -0.5 by default
   float gauss_log2_coeff = 0.f; // log2(e) / (2 sigma^2): G = exp2(-(gi - gj)^2 * gauss_log2_coeff)
   float strength = 0.f;         // 0: plain softmax attention
-  int64_t offset_delta = 0;     // q_offset - k_offset (exact: both within 2^53)
+  // gi - gj = offset_delta + frame_q(i) - frame_k(j): q_offset - k_offset plus the whole frames before each chunk's
+  // first token (contract.TARParams.offset_delta; within 2^53, so exact)
+  int64_t offset_delta = 0;
   bool relative = true;         // mode "relative" (VSTAR) or "absolute"
-  // Token layout (contract.TokenFrames, clipped to the sequences by the bindings): token t of q (of k) has frame
-  // (t - video_start) / tokens_per_frame when video_start <= t < video_end_q (video_end_k), else none. Unused when
-  // !framed: then token t is frame t (temporal attention).
+  // Token layout in the kernels' folded form (contract.TARParams.kernel_layout_args): local token t of q has frame
+  // (t - video_start_q) / tokens_per_frame when video_start_q <= t < video_end_q, else none; the same for k with
+  // video_start_k, video_end_k. A start may be negative, down to 1 - tokens_per_frame (a chunk that begins inside a
+  // frame): t - start >= 0 wherever a frame exists, so C's truncating division is floor. Every value lies within
+  // [-tokens_per_frame, max(len_q, len_k, 1)] (int32 in the CUDA kernels). Unused when !framed: then token t is
+  // frame t (temporal attention).
   bool framed = false;
-  int64_t tokens_per_frame = 1, video_start = 0, video_end_q = 0, video_end_k = 0;
+  int64_t tokens_per_frame = 1, video_start_q = 0, video_start_k = 0, video_end_q = 0, video_end_k = 0;
+  // Relative mode: the row max M_i of c_i, natural units, one float per (batch, query row, head) at row_max_s; nullptr:
+  // each row's own max_j S_ij. Ignored in absolute mode.
+  const float* row_max = nullptr;
+  RowStrides row_max_s{};
+  // When not nullptr: lse_i = log sum_j exp(S'_ij) (natural log) of every row is written here, at lse_s.
+  float* lse = nullptr;
+  RowStrides lse_s{};
 };
 
+// Element offset of (batch b, query row i, head h) in a per-row tensor.
+TAR_HOST_DEVICE int64_t tar_row_offset(const RowStrides& s, int64_t b, int64_t i, int64_t h) {
+  return b * s.batch + i * s.row + h * s.head;
+}
+
 // Local frame index (before the offsets) of token t of a sequence whose tokens [video_start, video_end) have
-// frames, or -1 when t has none. I is int64_t on the host, int32_t in the CUDA kernels (every value < 2^30 there).
+// frames, or -1 when t has none. I is int64_t on the host, int32_t in the CUDA kernels (every value within
+// [-2^30, 2^30] there). video_start may be negative (> -tokens_per_frame): t - video_start >= 0 when t has a frame.
 template <typename I>
 TAR_HOST_DEVICE I tar_token_frame(I t, I tokens_per_frame, I video_start, I video_end) {
   return t >= video_start && t < video_end ? (t - video_start) / tokens_per_frame : I(-1);
 }
 
-// Frame of query token i / key token j of a call (t itself unless the layout is framed).
+// Frame of query token i / key token j of a call (t itself unless the layout is framed), each side with its own start.
 template <typename I>
 TAR_HOST_DEVICE I tar_query_frame(const TARParams& p, I i) {
-  return p.framed ? tar_token_frame<I>(i, I(p.tokens_per_frame), I(p.video_start), I(p.video_end_q)) : i;
+  return p.framed ? tar_token_frame<I>(i, I(p.tokens_per_frame), I(p.video_start_q), I(p.video_end_q)) : i;
 }
 template <typename I>
 TAR_HOST_DEVICE I tar_key_frame(const TARParams& p, I j) {
-  return p.framed ? tar_token_frame<I>(j, I(p.tokens_per_frame), I(p.video_start), I(p.video_end_k)) : j;
+  return p.framed ? tar_token_frame<I>(j, I(p.tokens_per_frame), I(p.video_start_k), I(p.video_end_k)) : j;
+}
+
+// Frames of a sequence side: one past its last local frame index (0 when no token has a frame).
+TAR_HOST_DEVICE int64_t tar_frame_count(int64_t tokens_per_frame, int64_t video_start, int64_t video_end) {
+  return video_end > video_start ? (video_end - video_start - 1) / tokens_per_frame + 1 : 0;
 }
 
 // The coefficient saturates here: exp2(-2048 d^2) is exactly 0 for every |d| >= 1 (1 at d = 0), so a tiny sigma
@@ -74,7 +109,7 @@ inline float tar_gauss_log2_coeff(double sigma) {
   return static_cast<float>(coeff < kGaussLog2CoeffMax ? coeff : kGaussLog2CoeffMax);
 }
 
-// G_ij for the frame distance dist = gi - gj = offset_delta + i - j, computed exactly in integers and rounded to
+// G_ij for the frame distance dist = gi - gj = offset_delta + frame_q(i) - frame_k(j), computed exactly in integers and rounded to
 // float once by the caller (the Triton kernel does the same, in the same order).
 TAR_HOST_DEVICE float tar_gaussian(float dist, float gauss_log2_coeff) {
   return exp2f(-(dist * dist) * gauss_log2_coeff);
@@ -86,7 +121,8 @@ constexpr float kBiasCoeffMax = 0x1p125f;
 
 // The multiplier of G_ij added to a logit row: t'_ij = t_ij + tar_bias_coeff(p, row_max, unit) * G_ij, i.e.
 // sat(strength * row_max) (relative) or sat(strength) * unit (absolute), sat clamping to +-kBiasCoeffMax * unit.
-//   row_max: max_j t_ij of the unbiased logits of this row, in the same units as t (relative mode only);
+//   row_max: max_j t_ij of the unbiased logits of this row, or the given p.row_max of the row (natural units, times
+//            unit), in the same units as t (relative mode only);
 //   unit: 1 for natural-unit logits, kLog2e for exp2-domain logits (the absolute bias is `strength` nats).
 // Finite for every admitted strength and row max, also where their product overflows float32.
 TAR_HOST_DEVICE float tar_bias_coeff(const TARParams& p, float row_max, float unit) {
@@ -111,6 +147,7 @@ enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Launches on `stream` (a cudaStream_t); returns 0 or a cudaError_t value (cudaErrorInvalidConfiguration beyond
 // these limits). Frame distances are int32 in the CUDA kernels: frame counts and |offset_delta| are at most 2^30.
+// p.row_max and p.lse (device pointers) are honoured as in the CPU kernel.
 constexpr int64_t kMaxCudaHeadDim = 256;
 constexpr int64_t kMaxCudaFrames = int64_t{1} << 30;
 constexpr int64_t kMaxCudaOffsetDelta = int64_t{1} << 30;

@@ -4,8 +4,9 @@
 //   pack   K^T (d x Lk) and V (Lk x d) of the (batch, head) once per run of tasks sharing it, the query block
 //          scaled by `scale`; bf16/fp16 are widened here and nowhere else;
 //   S      = Q_blk K^T with a 6x16 register-blocked FMA micro-kernel (at::vec);
-//   rows   unbiased row max -> bias from the Gaussian row (tar_attention.h) -> max -> exp -> sum, fused per row
-//          while it sits in L1;
+//   rows   unbiased row max (relative mode, unless the call gives the row max: then none) -> bias from the
+//          Gaussian row (tar_attention.h) -> max of the biased row -> exp -> sum, fused per row while it sits in L1;
+//          the log-sum-exp max + log(sum) when the call asks for it;
 //   out    = P V with the same micro-kernel shape, scaled by 1 / rowsum and written in the input dtype.
 // The only score buffer is one BM x Lk strip per thread; no Lq x Lk tensor exists. The Gaussian is a table over
 // the frame distances, computed once per call with tar_gaussian() (GaussianRows).
@@ -16,6 +17,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <memory>
 #include <vector>
@@ -61,12 +63,16 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
         float max;
         if (!has_bias) {
           max = row_max(row, lk_pad);
-        } else if (p.relative) {  // the bias needs the unbiased row max first
-          max = add_bias_max(row, gauss_row, tar_bias_coeff(p, row_max(row, lk_pad), 1.f), lk_pad);
+        } else if (p.relative) {  // the bias needs the unbiased row max first: the given one, or the row's own
+          const float peak = p.row_max != nullptr ? p.row_max[tar_row_offset(p.row_max_s, b, m0 + r, h)]
+                                                  : row_max(row, lk_pad);
+          max = add_bias_max(row, gauss_row, tar_bias_coeff(p, peak, 1.f), lk_pad);
         } else {
           max = add_bias_max(row, gauss_row, tar_bias_coeff(p, 0.f, 1.f), lk_pad);
         }
-        inv_sum[r] = 1.f / exp_sum(row, max, lk_pad);
+        const float sum = exp_sum(row, max, lk_pad);
+        inv_sum[r] = 1.f / sum;
+        if (p.lse != nullptr) p.lse[tar_row_offset(p.lse_s, b, m0 + r, h)] = max + std::log(sum);
       }
 
       gemm_rows(s, ld_k, vp, ld_v, acc, ld_v, mb, lk, d_pad);

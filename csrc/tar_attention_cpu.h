@@ -7,8 +7,9 @@
 
 namespace vstar {
 
-// out (batch, len_q, heads, head_dim) = TAR attention of q, k, v as described by p (strides included);
-// fp32/fp16/bf16 inputs, fp32 accumulation.
+// out (batch, len_q, heads, head_dim) = TAR attention of q, k, v as described by p (strides included, the folded
+// layout of a chunk, a given p.row_max; each row's log-sum-exp into p.lse when set); fp32/fp16/bf16 inputs, fp32
+// accumulation.
 void tar_attention_cpu(const TARParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                        at::Tensor& out);
 

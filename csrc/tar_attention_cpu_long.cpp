@@ -5,10 +5,12 @@
 // when there is no bias; group 1 + f = the keys of frame f) and the kernel runs flash tiles, one online softmax per
 // (query row, key group), on the *unbiased* logits:
 //     M_g = max_{j in g} S_ij,   l_g = sum_{j in g} exp(S_ij - M_g),   acc_g = sum_{j in g} exp(S_ij - M_g) v_j.
-// After the last key the row max of relative mode is exact (m = max_g M_g, over every key), and with the bias of
-// each group b_g = coeff(m) * G(fi - f_g) (tar_attention.h; 0 for group 0 and for rows without a frame)
+// After the last key the row max of relative mode is exact (m = max_g M_g, over every key; a row max given by the
+// call replaces it), and with the bias of each group b_g = coeff(m) * G(fi - f_g) (tar_attention.h; 0 for group 0
+// and for rows without a frame)
 //     out_i = sum_g exp(M_g + b_g - M*) acc_g / sum_g exp(M_g + b_g - M*) l_g,   M* = max_g (M_g + b_g),
-// which is softmax(S + b) V exactly (exp(S - M_g) exp(M_g + b_g - M*) = exp(S + b_g - M*)). One pass over K and V
+// which is softmax(S + b) V exactly (exp(S - M_g) exp(M_g + b_g - M*) = exp(S + b_g - M*)), and the row's
+// log-sum-exp is M* + log(sum_g exp(M_g + b_g - M*) l_g). One pass over K and V
 // in both modes (relative mode needs no second sweep for its row max), and the Gaussian costs one exp2 per
 // (row, group) instead of one per logit: a band that is zero almost everywhere (small sigma) costs nothing.
 // Memory per thread: K^T and V of one (batch, head) packed in fp32, one BM x BN score tile, and BM x d accumulators
@@ -38,16 +40,15 @@ constexpr int64_t kAccFloats = 1 << 22; // the group accumulators' budget per th
                                         // when there are many key groups
 
 // Keys grouped by the band they get: group 0 holds the keys without a frame (every key when the call has no
-// bias), group 1 + f the keys of frame f (frames of tokens_per_frame consecutive tokens from video_start).
+// bias), group 1 + f the keys of local key frame f (frames of tokens_per_frame consecutive tokens from the keys' own
+// start video_start_k, which is negative when the key chunk begins inside a frame: its first group is short).
 class KeyGroups {
  public:
   explicit KeyGroups(const TARParams& p)
-      : biased_(tar_has_bias(p)), start_(p.video_start), end_(p.video_end_k), per_frame_(p.tokens_per_frame),
+      : biased_(tar_has_bias(p)), start_(p.video_start_k), end_(p.video_end_k), per_frame_(p.tokens_per_frame),
         len_(p.len_k) {}
 
-  int64_t count() const {
-    return biased_ && end_ > start_ ? 1 + (end_ - start_ - 1) / per_frame_ + 1 : 1;
-  }
+  int64_t count() const { return biased_ ? 1 + tar_frame_count(per_frame_, start_, end_) : 1; }
   int64_t of(int64_t j) const {
     return biased_ && j >= start_ && j < end_ ? 1 + (j - start_) / per_frame_ : 0;
   }
@@ -126,7 +127,11 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
       scalar_t* orow = o + b * p.o.batch + h * p.o.head + m0 * p.o.frame;
       for (int64_t r = 0; r < mb; ++r) {
         float row_max_all = minus_inf;
-        for (int64_t g = 0; g < num_groups; ++g) row_max_all = std::max(row_max_all, run_max[g * bm + r]);
+        if (p.relative && p.row_max != nullptr) {
+          row_max_all = p.row_max[tar_row_offset(p.row_max_s, b, m0 + r, h)];
+        } else {
+          for (int64_t g = 0; g < num_groups; ++g) row_max_all = std::max(row_max_all, run_max[g * bm + r]);
+        }
         const int64_t fi = has_bias ? tar_query_frame<int64_t>(p, m0 + r) : -1;
         const float coeff = tar_bias_coeff(p, row_max_all, 1.f);
         float top = minus_inf;
@@ -151,6 +156,7 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
           for (int64_t c = 0; c < d_pad; ++c) out_row[c] += weight[g] * acc_row[c];
         }
         store_row(out_row, d, 1.f / total, orow + r * p.o.frame, p.o.dim);
+        if (p.lse != nullptr) p.lse[tar_row_offset(p.lse_s, b, m0 + r, h)] = top + std::log(total);
       }
     }
   });

@@ -6,11 +6,13 @@
 //   logits   lane j of the warp computes <q, k_j> for key j of a shared-memory tile (kTileN keys, fp32);
 //   softmax  online, in the exp2 domain (logits scaled by scale * log2 e);
 //   P V      lane c owns channels c, c + 32, ... of the output row.
-// Relative mode first sweeps K for the unbiased row max (tar_bias_coeff needs it), then runs the online softmax.
+// Relative mode first sweeps K for the unbiased row max (tar_bias_coeff needs it; a row max given by the call,
+// p.row_max, replaces the sweep), then runs the online softmax; p.lse receives each row's log-sum-exp of the biased
+// logits in natural units, (m + log2 l) * ln 2.
 // The backward (tar_bwd_query_kernel, tar_bwd_key_kernel, below) reuses those passes and the same logit function.
 // The Gaussian and the bias come from tar_attention.h, the one C++ definition. Correctness first: no tensor cores.
-// No FP64 anywhere: frame distances are int32 (frames and |offset_delta| <= 2^30, checked by the launcher), rounded
-// to float once (`nvcc_check` compiles with -Xptxas --warn-on-double-precision-use and fails on a warning).
+// No FP64 anywhere: frame distances are int32 (frames and |offset_delta| <= 2^30, checked by the launcher; the
+// folded layout's starts lie in [-tokens_per_frame, 2^30]), rounded to float once (`nvcc_check` compiles with -Xptxas --warn-on-double-precision-use and fails on a warning).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -216,8 +218,15 @@ __global__ void __launch_bounds__(kThreads, 4)
     load_row<T, DPL>(q_rows[warp], qb, p.q.frame, p.q.dim, i, row_valid, p.head_dim, lane);
     __syncwarp();
 
+    const int64_t b = bh / p.heads, h = bh % p.heads;
     float coeff = has_bias ? tar_bias_coeff(p, 0.f, kLog2e) : 0.f;  // absolute: fixed
-    if (kRelative && has_bias) coeff = tar_bias_coeff(p, unbiased_row_max<T, DPL>(p, q_rows[warp], k_tile, kb, lane), kLog2e);
+    if (kRelative && has_bias) {
+      // p.row_max is uniform over the block, so every warp takes the same branch (the sweep has block barriers)
+      const float peak = p.row_max != nullptr
+                             ? (row_valid ? p.row_max[tar_row_offset(p.row_max_s, b, i, h)] * kLog2e : 0.f)
+                             : unbiased_row_max<T, DPL>(p, q_rows[warp], k_tile, kb, lane);
+      coeff = tar_bias_coeff(p, peak, kLog2e);
+    }
     float m, l, acc[DPL];
     online_row_softmax<T, DPL>(p, q_rows[warp], k_tile, v_tile, kb, vb, lane, i, coeff, has_bias, m, l, acc);
 
@@ -228,6 +237,7 @@ __global__ void __launch_bounds__(kThreads, 4)
         const int c = lane + 32 * s;
         if (c < p.head_dim) ob[i * p.o.frame + c * p.o.dim] = from_float<T>(acc[s] * inv_l);
       }
+      if (p.lse != nullptr && lane == 0) p.lse[tar_row_offset(p.lse_s, b, i, h)] = (m + log2f(l)) * kLn2;
     }
     __syncwarp();
   }
@@ -469,10 +479,14 @@ dim3 grid_for(const TARParams& p, int64_t rows) {
   return dim3(static_cast<unsigned>(items < INT32_MAX ? items : INT32_MAX));
 }
 
-// The limits of tar_attention.h: frame distances offset_delta + i - j and frame indices must fit int32.
+// The limits of tar_attention.h: frame distances offset_delta + fi - fj and the layout's token indices (starts
+// down to -tokens_per_frame) must fit int32.
 bool launchable(const TARParams& p) {
+  const auto in_range = [](int64_t x) { return x >= -kMaxCudaFrames && x <= kMaxCudaFrames; };
   return p.head_dim >= 1 && p.head_dim <= kMaxCudaHeadDim && p.len_q <= kMaxCudaFrames && p.len_k <= kMaxCudaFrames &&
-         p.offset_delta >= -kMaxCudaOffsetDelta && p.offset_delta <= kMaxCudaOffsetDelta;
+         p.offset_delta >= -kMaxCudaOffsetDelta && p.offset_delta <= kMaxCudaOffsetDelta &&
+         (!p.framed || (in_range(p.tokens_per_frame) && in_range(p.video_start_q) && in_range(p.video_start_k) &&
+                        in_range(p.video_end_q) && in_range(p.video_end_k)));
 }
 
 }  // namespace

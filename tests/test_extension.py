@@ -17,10 +17,11 @@ import pytest
 import torch
 from helpers import assert_matches_reference, make_qkv
 
-from vstar_kernels import tar_attention
+from vstar_kernels import ops, tar_attention
 from vstar_kernels.backends import extension
 from vstar_kernels.contract import make_params
 from vstar_kernels.ops import select_backend
+from vstar_kernels.reference import tar_attention_reference
 
 MODES = ("relative", "absolute")
 
@@ -90,6 +91,61 @@ def test_opcheck(op):
     q, k, v = make_qkv(2, 12, 3, 40, layout="fused_qkv")
     torch.library.opcheck(op, (q, k, v, 2.0, 1.0, "relative", 0.2, 4, 0))
     torch.library.opcheck(op, (q, k, v, 2.0, 1.0, "absolute", 0.2, 0, 0))
+
+
+def test_kernel_op_opcheck_with_chunks_row_max_and_lse(op):
+    """The backend's op (folded layout, given row max, lse): torch.library's checks, inputs without grad."""
+    q, k, v = make_qkv(2, 12, 3, 40, len_k=9, layout="permuted")
+    kernel = torch.ops.vstar_kernels.tar_attention_kernel
+    params = make_params(40, sigma=2.0, tokens_per_frame=4, video_start=3, q_token_offset=6, k_token_offset=1)
+    layout = params.kernel_layout_args(12, 9)
+    assert layout[1] < 0  # the query chunk begins inside a frame
+    row_max = torch.randn(2, 3, 12).transpose(1, 2)  # any strides
+    for extra in ((None, False), (row_max, True), (None, True)):
+        torch.library.opcheck(kernel, (q, k, v, 2.0, 1.0, "relative", 0.2, params.offset_delta, *layout, *extra))
+    torch.library.opcheck(torch.ops.vstar_kernels.tar_attention_kernel_backward,
+                          (torch.randn(2, 12, 3, 40), q, k, v, 2.0, 1.0, "absolute", 0.2, 3, *layout))
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    (dict(layout=(0, 0, 0, 12, 9)), "tokens_per_frame must be in"),
+    (dict(layout=(4, -4, 0, 12, 9)), "video_start_q must be in"),
+    (dict(layout=(4, 0, 0, 12, 10)), "video_end_k must be in"),
+    (dict(offset_delta=2**54), "offset_delta must be within"),
+    (dict(row_max=torch.zeros(2, 12, 3, dtype=torch.float64)), "row_max must be float32"),
+    (dict(row_max=torch.zeros(2, 11, 3)), "row_max must have shape"),
+    (dict(row_max=torch.zeros(2, 12, 3), mode="absolute"), "relative"),
+])
+def test_kernel_op_checks_its_layout_and_row_max(op, change, match):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = make_qkv(2, 12, 3, 8, len_k=9)
+    kw = dict(mode="relative", offset_delta=0, layout=(4, 1, 1, 12, 9), row_max=None) | change
+    args = (q, k, v, 1.0, 1.0, kw["mode"], 0.3, kw["offset_delta"], *kw["layout"], kw["row_max"], True)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.vstar_kernels.tar_attention_kernel(*args)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=match):
+        torch.ops.vstar_kernels.tar_attention_kernel(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                       for a in args])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_long_rows_in_chunks_merge_to_the_whole_call(op, mode):
+    """Key chunks of 1000+ tokens run the long-row kernel (key groups from the keys' own folded start): chunks cut
+    inside frames, the global row max given, partials merged through their lse."""
+    q, k, v = make_qkv(1, 2300, 2, 16, seed=8)
+    kw = dict(sigma=1.5, strength=1.7, mode=mode, q_offset=3, k_offset=1, tokens_per_frame=100, video_start=13,
+              video_tokens=2200)
+    q0, q1, spans = 37, 90, ((0, 1137), (1137, 2300))
+    rows = q[:, q0:q1]
+    row_max = None
+    if mode == "relative":
+        row_max = torch.stack([ops.tar_row_max(rows, k[:, a:b]) for a, b in spans]).amax(0)
+    parts = [tar_attention(rows, k[:, a:b], v[:, a:b], q_token_offset=q0, k_token_offset=a, row_max=row_max,
+                           return_lse=True, backend="extension", **kw) for a, b in spans]
+    merged, _ = ops.merge_partials(*zip(*parts, strict=True))
+    truth = tar_attention_reference(q.double(), k.double(), v.double(), **kw)[:, q0:q1]
+    assert (merged.double() - truth).abs().max().item() < 1e-5
 
 
 def test_torch_compile_fullgraph(op):

@@ -25,8 +25,14 @@ from vstar_kernels.checks import static_check
 FRAMED_VARIANTS = {"relative-2pass+framed", "absolute+framed"}
 VARIANTS = {"relative", "relative-2pass", "absolute"} | FRAMED_VARIANTS
 TRAINING_VARIANTS = {f"{v}+stats" for v in VARIANTS}  # the forward of a training call saves the row statistics
+# the partial results of inference (a Ring's key chunks): a given row max (relative mode only), the lse
+PARTIAL_VARIANTS = ({f"{v}{p}" for v in VARIANTS if v.startswith("relative")
+                     for p in ("+rowmax", "+lse", "+rowmax+lse")}
+                    | {f"{v}+lse" for v in VARIANTS if v.startswith("absolute")})
+BACKWARD_KERNELS = {"_tar_bwd_prep", "_tar_bwd_dq", "_tar_bwd_dkdv"}
 BACKWARD_VARIANTS = {f"{k}-{m}{f}" for k in ("bwd_prep", "bwd_dq", "bwd_dkdv") for m in ("relative", "absolute")
                      for f in ("", "+framed")}
+ROW_MAX_VARIANTS = {"row_max"}  # the row-max kernel (tar_row_max)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -50,14 +56,14 @@ def specs(all_specs: list[static_check.Spec]) -> list[static_check.Spec]:
 
 def test_backward_kernels_are_enumerated_for_every_dtype_and_bucket(all_specs: list[static_check.Spec]) -> None:
     assert len(all_specs) == len(set(all_specs))
-    assert {s.dtype for s in all_specs if s.kernel != static_check.FORWARD_KERNEL} == {"fp16", "bf16"}
+    assert {s.dtype for s in all_specs if s.kernel in BACKWARD_KERNELS} == {"fp16", "bf16"}
     for dtype in ("fp16", "bf16"):
         for block_d in (32, 64, 128, 256):
-            found = {s.variant for s in all_specs if s.kernel != static_check.FORWARD_KERNEL and s.dtype == dtype
+            found = {s.variant for s in all_specs if s.kernel in BACKWARD_KERNELS and s.dtype == dtype
                      and s.config.block_d == block_d}
             assert found == BACKWARD_VARIANTS, (dtype, block_d, found)
     for spec in all_specs:
-        if spec.kernel != static_check.FORWARD_KERNEL:
+        if spec.kernel in BACKWARD_KERNELS:
             flags = dict(spec.constexprs)
             assert flags["BLOCK_M"] == flags["BLOCK_N"] and "TWO_PASS" not in flags
             assert all(name.startswith("stride_") and name.endswith("d") and value == 1
@@ -82,8 +88,8 @@ def test_enumeration_covers_dtypes_buckets_and_variants(specs: list[static_check
     for dtype in ("fp16", "bf16", "fp32"):
         for block_d in (32, 64, 128, 256):
             found = {s.variant for s in specs if s.dtype == dtype and s.config.block_d == block_d}
-            expected = VARIANTS if dtype == "fp32" else VARIANTS | TRAINING_VARIANTS  # fp32 trains via torch
-            assert found == expected, (dtype, block_d, found)
+            expected = VARIANTS | PARTIAL_VARIANTS | (set() if dtype == "fp32" else TRAINING_VARIANTS)  # fp32 trains
+            assert found == expected, (dtype, block_d, found)  # via torch
 
 
 def test_value_classes_differ_only_in_int_hints(both_classes: list[static_check.Spec]) -> None:
@@ -94,6 +100,21 @@ def test_value_classes_differ_only_in_int_hints(both_classes: list[static_check.
     ints = {"num_heads", "len_q", "len_k", "head_dim"}
     assert all(not ints & set(s.divisible) for s in plain)
     assert all(ints <= set(s.divisible) for s in aligned)
+
+
+@pytest.mark.parametrize(("len_q", "len_k", "head_dim"), [(1, 1, 1), (16, 300, 40), (2048, 2048, 256), (7, 65, 129)])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_every_row_max_config_is_enumerated(all_specs: list[static_check.Spec], len_q: int, len_k: int,
+                                            head_dim: int, dtype: str) -> None:
+    """triton_tar.row_max (ops.tar_row_max on the Triton backend) runs row_max_block_config's tiles."""
+    from vstar_kernels.backends.triton_tar import row_max_block_config
+
+    del len_q
+    cfg = row_max_block_config(len_k, head_dim, static_check.DTYPES[dtype])
+    tiles = {(s.config.block_m, s.config.block_n, s.config.block_d, s.config.num_warps)
+             for s in all_specs if s.dtype == dtype and s.kernel == static_check.ROW_MAX_KERNEL}
+    assert (cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps) in tiles
+    assert {s.variant for s in all_specs if s.kernel == static_check.ROW_MAX_KERNEL} == ROW_MAX_VARIANTS
 
 
 def test_enumeration_matches_launch_flags(specs: list[static_check.Spec]) -> None:
@@ -161,8 +182,9 @@ def test_quick_check_picks_the_largest_tile_of_every_kernel_family(all_specs: li
     assert sorted(map(static_check.kernel_family, quick)) == sorted(families)  # each family once
     assert sorted(quick, key=all_specs.index) == quick  # in the enumeration's order
     assert {kernel for kernel, _, _ in families} == set(static_check.KERNELS)
-    assert {variant for _, variant, _ in families} == VARIANTS | TRAINING_VARIANTS | BACKWARD_VARIANTS
-    assert 20 <= len(quick) <= 40 < len(all_specs)
+    assert {variant for _, variant, _ in families} == (VARIANTS | PARTIAL_VARIANTS | TRAINING_VARIANTS
+                                                       | BACKWARD_VARIANTS | ROW_MAX_VARIANTS)
+    assert 40 <= len(quick) <= 60 < len(all_specs)
     for spec in quick:
         family = [s for s in all_specs if static_check.kernel_family(s) == static_check.kernel_family(spec)]
         assert static_check._tile_per_thread(spec) == max(map(static_check._tile_per_thread, family))
@@ -190,7 +212,8 @@ def test_every_kernel_family_compiles_without_spills(tmp_path: Path) -> None:
     assert proc.returncode == 0, "\n".join(failing) or proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "kernel families, one specialisation each" in proc.stdout
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
-    assert {row["variant"] for row in rows} == VARIANTS | TRAINING_VARIANTS | BACKWARD_VARIANTS
+    assert {row["variant"] for row in rows} == (VARIANTS | PARTIAL_VARIANTS | TRAINING_VARIANTS | BACKWARD_VARIANTS
+                                                | ROW_MAX_VARIANTS)
     assert all(row["status"] == "ok" and row["spill_st"] == row["spill_ld"] == row["local"] == "0" for row in rows)
 
 
@@ -237,7 +260,8 @@ def test_realistic_calls_are_all_enumerated(realistic: dict[static_check.Spec, l
     shapes = sum(len(s) for s in static_check.REALISTIC_MODELS.values())
     temporal = shapes * len(static_check.REALISTIC_FRAMES) * len(static_check.LAYOUTS) * len(static_check.DTYPES) * 2
     dit = len(static_check.REALISTIC_DIT) * len(static_check.DTYPES) * 2
-    assert len(labels) == len(set(labels)) == temporal + dit
+    ring = len(static_check.REALISTIC_DIT) * len(static_check.DTYPES) * 3  # a key chunk per mode, the row-max pass
+    assert len(labels) == len(set(labels)) == temporal + dit + ring
     framed = {label for spec, calls in realistic.items() if "framed" in spec.variant for label in calls}
     assert framed == {label for label in labels if " L=" in label}  # every DiT call runs the framed kernels
     assert {spec.value_class for spec in realistic} == {static_check.REALISTIC}
@@ -309,8 +333,8 @@ def test_kernels_leave_the_layout_and_offset_integers_unspecialised() -> None:
     """The enumeration types NOT_SPECIALIZED arguments as plain ints (no constexpr 1, no divisibility hint), which is
     true only if every compiled kernel declares exactly that list."""
     code = ("from vstar_kernels.backends import triton_tar as t, triton_tar_backward as b\n"
-            "names = [k.do_not_specialize for k in (t._tar_attention_fwd, b._tar_bwd_prep, b._tar_bwd_dq, "
-            "b._tar_bwd_dkdv)]\nassert all(list(n) == t.NOT_SPECIALIZED for n in names), names")
+            "names = [k.do_not_specialize for k in (t._tar_attention_fwd, t._tar_row_max, b._tar_bwd_prep, "
+            "b._tar_bwd_dq, b._tar_bwd_dkdv)]\nassert all(list(n) == t.NOT_SPECIALIZED for n in names), names")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

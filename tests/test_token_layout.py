@@ -120,6 +120,52 @@ def test_triton_band_tile_skip(mode, sigma, strength):
     assert_matches_reference(out, q, k, v, **kw)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_triton_ring_chunks_skip_the_band_with_per_side_starts(mode):
+    """Chunks of a framed sequence (context parallelism's Ring) on the kernels that skip band tiles (fp16, 16 x 16
+    tiles, two-pass relative): query and key chunks that begin inside a frame (negative local starts, different per
+    side), the given row max replacing the first pass, and the natural-log lse, against the float64 reference with
+    the same chunk offsets. A key window placed with the query side's start would move the output far beyond the
+    tolerance (sigma 0.4, strength 3)."""
+    from vstar_kernels.reference import row_max_reference
+
+    q, k, v = make_qkv(1, 100, 2, 32, magnitude=1.5, seed=7, dtype=torch.float16)
+    kw = dict(sigma=0.4, strength=3.0, mode=mode, q_offset=1, k_offset=3, tokens_per_frame=8, video_start=4,
+              video_tokens=88)
+    config = triton_tar.BlockConfig(16, 16, 32, two_pass=mode == "relative", num_warps=4)
+    for (q0, q1), (k0, k1) in (((37, 100), (13, 77)), ((0, 37), (45, 100))):
+        params = make_params(32, q_token_offset=q0, k_token_offset=k0, **kw)
+        assert triton_tar.skips_band(params, config, q.dtype)
+        rows, keys, values = q[:, q0:q1], k[:, k0:k1], v[:, k0:k1]
+        row_max = None
+        if mode == "relative":  # the row max over every key of the sequence, as a Ring gathers it
+            row_max = triton_tar.row_max(rows, k, params)
+            assert (row_max.double() - row_max_reference(rows.double(), k.double())).abs().max() < 1e-3
+        out, lse = triton_tar.forward(rows, keys, values, params, config=config, row_max=row_max, return_lse=True)
+        ref, ref_lse = tar_attention_reference(rows.double(), keys.double(), values.double(), q_token_offset=q0,
+                                               k_token_offset=k0, return_lse=True,
+                                               row_max=None if row_max is None else row_max.double(), **kw)
+        assert lse.shape == rows.shape[:3] and lse.dtype == torch.float32
+        assert (out.double() - ref).abs().max().item() <= 2 * 1e-3 * v.abs().max().item()
+        assert (lse.double() - ref_lse).abs().max().item() <= 1e-3 * max(1.0, ref_lse.abs().max().item())
+
+
+def test_triton_row_max_over_several_key_tiles():
+    """triton_tar.row_max over key tiles (fp32 head_dim 40: 32-key tiles, 300 keys), any strides, and a row max of
+    any strides given to the forward."""
+    from vstar_kernels.reference import row_max_reference
+
+    q, k, v = make_qkv(2, 40, 3, 40, len_k=300, magnitude=2.0, seed=1, layout="permuted")
+    params = make_params(40, sigma=1.0, strength=2.0, scale=0.3)
+    assert not triton_tar.block_config(40, 300, 40, "relative", torch.float32).block_n >= 300
+    found = triton_tar.row_max(q, k, params)
+    assert found.shape == (2, 40, 3) and found.is_contiguous()
+    assert torch.allclose(found.double(), row_max_reference(q.double(), k.double(), scale=0.3), atol=1e-5)
+    given = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(3)).transpose(1, 2)  # non-contiguous
+    out = triton_tar.forward(q, k, v, params, row_max=given)
+    assert_matches_reference(out, q, k, v, sigma=1.0, strength=2.0, scale=0.3, row_max=given.double())
+
+
 def test_band_zero_bound_is_exact_in_float32():
     """The skip bound: exp2(-x) is exactly 0 in float32 from BAND_ZERO_EXPONENT on (so skipping changes nothing),
     and not yet zero a little below 150 (the bound is not looser than needed by much)."""

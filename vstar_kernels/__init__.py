@@ -7,7 +7,7 @@ definition.
 
 from ._version import __version__
 from .contract import MODES, TARParams, TokenFrames
-from .ops import tar_attention
+from .ops import merge_partials, tar_attention, tar_row_max
 from .reference import gaussian_delta, tar_attention_probs, tar_attention_reference
 from .synopsis import SYNOPSIS_TEMPLATE, generate_synopsis, parse_synopsis, synopsis_embeddings
 
@@ -35,9 +35,11 @@ __all__ = [
     "__version__",
     "gaussian_delta",
     "generate_synopsis",
+    "merge_partials",
     "parse_synopsis",
     "synopsis_embeddings",
     "tar_attention",
     "tar_attention_probs",
     "tar_attention_reference",
+    "tar_row_max",
 ]

@@ -16,6 +16,22 @@ The token layout (:class:`TokenFrames`) maps a token to its frame. Token t of a 
 ``video_start <= t < video_start + video_tokens`` (``video_tokens=None``: to the end of the sequence); its global
 frame index is ``offset + (t - video_start) // tokens_per_frame``, with ``q_offset`` for query tokens and
 ``k_offset`` for keys. The default (1 token per frame, from token 0 to the end) is temporal attention: token = frame.
+
+Chunks of a longer sequence (context parallelism's Ring: each rank holds a contiguous run of query tokens and
+visits the key chunks of the others). ``q_token_offset`` / ``k_token_offset`` are the index, in the whole sequence
+the layout describes, of the first query / key token of the call: local query token i is token
+``i + q_token_offset`` of the sequence, and the layout above applies to that index. A chunk boundary may fall
+inside a frame. Given either (even 0), the call is a chunk: the video span may reach past it (the check that the
+span lies inside both sequences applies to whole sequences only).
+
+Partial results over key chunks merge exactly. Two more call arguments make that possible:
+
+- ``row_max`` (relative mode): a (batch, Lq, heads) tensor that replaces ``max_j S_ij`` in c_i, so every chunk of
+  a row biases with the row max over all of the row's keys (:func:`vstar_kernels.ops.tar_row_max` computes it
+  for one chunk; the max over chunks is the row's).
+- ``return_lse=True``: the call also returns ``lse_i = log sum_j exp(S'_ij)`` (natural log, float32, (batch, Lq,
+  heads)). For key chunks c with outputs o_c and lse_c of one row, ``lse = logsumexp_c lse_c`` and
+  ``out = sum_c exp(lse_c - lse) o_c`` is the output over all keys (:func:`vstar_kernels.ops.merge_partials`).
 A video transformer's row-major (frame, height, width) patch sequence has ``tokens_per_frame = h * w``; text tokens
 joined before it (CogVideoX) or after it (HunyuanVideo) have no frame, so their rows and columns get no bias.
 
@@ -89,6 +105,9 @@ class TARParams:
     tokens_per_frame: int = 1
     video_start: int = 0
     video_tokens: int | None = None
+    q_token_offset: int = 0
+    k_token_offset: int = 0
+    chunked: bool = False  # q_token_offset or k_token_offset given: a chunk of a longer sequence
 
     @property
     def relative(self) -> bool:
@@ -106,8 +125,35 @@ class TARParams:
 
     @property
     def offset_delta(self) -> int:
-        """gi - gj = offset_delta + i - j: only the difference of the offsets enters the bias."""
-        return self.q_offset - self.k_offset
+        """The kernels' frame offset: gi - gj = offset_delta + f_q(i) - f_k(j) with the local frames f of
+        :meth:`kernel_layout_args` (f(t) = t for temporal attention). ``q_offset - k_offset`` for whole sequences; a
+        chunk's whole frames before its first token fold into it (:meth:`TokenFrames.fold`)."""
+        fold_q = self.layout.fold(self.q_token_offset)[0]
+        fold_k = self.layout.fold(self.k_token_offset)[0]
+        return (self.q_offset + fold_q) - (self.k_offset + fold_k)
+
+    def kernel_layout_args(self, len_q: int, len_k: int) -> tuple[int, int, int, int, int]:
+        """(tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k) of the kernels: local token t of
+        q has local frame ``(t - video_start_q) // tokens_per_frame`` when ``video_start_q <= t < video_end_q``, else
+        none (the same for k), and frame distance ``offset_delta + f_q(i) - f_k(j)``. A start may be negative (down
+        to ``1 - tokens_per_frame``: a chunk that begins inside a frame); t - start is then still >= 0, so C's
+        truncating division agrees with floor. Every number lies within [-tokens_per_frame, max(Lq, Lk, 1)], int32
+        wherever the lengths are. For whole sequences this is ``(tokens_per_frame, video_start, video_start,
+        video_end(Lq), video_end(Lk))`` clipped to the longest sequence."""
+        longest = max(len_q, len_k, 1)
+        layout = self.layout
+        per_frame = min(layout.tokens_per_frame, longest)  # no frame index changes (below), int32 wherever L is
+        cut = layout.tokens_per_frame - per_frame
+
+        def clipped(start: int) -> int:
+            # a start -phase inside a frame longer than the call: its next frame begins at local token
+            # tokens_per_frame - phase, which the clipped frame length must keep (or leave beyond the call)
+            return -max(0, -start - cut) if start < 0 else start
+
+        _, start_q, end_q = layout.fold(self.q_token_offset, len_q, longest)
+        _, start_k, end_k = layout.fold(self.k_token_offset, len_k, longest)
+        return per_frame, clipped(start_q), clipped(start_k), max(clipped(start_q), end_q), max(clipped(start_k),
+                                                                                               end_k)
 
     @property
     def qk_log2_scale(self) -> float:
@@ -153,24 +199,35 @@ class TokenFrames:
         end = length if self.video_tokens is None else self.video_start + self.video_tokens
         return max(self.video_start, min(length, end))
 
-    def kernel_args(self, len_q: int, len_k: int) -> tuple[int, int, int, int]:
-        """(tokens_per_frame, video_start, video_end_q, video_end_k) for the kernels, every number within the
-        sequence lengths (so int32 wherever the lengths are): tokens_per_frame is clipped to the longest sequence,
-        which changes no frame index."""
-        longest = max(len_q, len_k, 1)
-        return (min(self.tokens_per_frame, longest), min(self.video_start, longest),
-                self.video_end(len_q), self.video_end(len_k))
+    def fold(self, token_offset: int, length: int = 0, longest: int = 1) -> tuple[int, int, int]:
+        """A chunk of ``length`` tokens starting at token ``token_offset`` of the sequence, in local terms:
+        (frames_before, start, end) such that local token t has frame ``frames_before + (t - start) //
+        tokens_per_frame`` when ``start <= t < end``. ``start`` lies in (-tokens_per_frame, longest] (a chunk that
+        begins inside a frame has a negative start: the frames before it fold into ``frames_before``); ``end`` in
+        [start, max(start, length)]. The kernels' form of the layout (:meth:`TARParams.kernel_layout_args`)."""
+        start = self.video_start - token_offset
+        before = 0
+        if start < 0:
+            before, phase = divmod(-start, self.tokens_per_frame)
+            start = -phase
+        start = min(start, longest)
+        stop = length if self.video_tokens is None else self.video_start + self.video_tokens - token_offset
+        return before, start, max(start, min(length, stop))
 
-    def frames(self, length: int, offset: int = 0, device: torch.device | str | None = None) -> torch.Tensor:
-        """(length,) int64 global frame index ``offset + (t - video_start) // tokens_per_frame`` of each token t;
-        meaningful only where :meth:`framed_mask` is True."""
-        t = torch.arange(length, dtype=torch.int64, device=device)
+    def frames(self, length: int, offset: int = 0, device: torch.device | str | None = None,
+               token_offset: int = 0) -> torch.Tensor:
+        """(length,) int64 global frame index ``offset + (T - video_start) // tokens_per_frame`` of each token, T =
+        t + ``token_offset`` its index in the sequence; meaningful only where :meth:`framed_mask` is True."""
+        t = torch.arange(length, dtype=torch.int64, device=device) + token_offset
         return torch.div(t - self.video_start, self.tokens_per_frame, rounding_mode="floor") + offset
 
-    def framed_mask(self, length: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """(length,) bool: which tokens have a frame."""
-        t = torch.arange(length, dtype=torch.int64, device=device)
-        return (t >= self.video_start) & (t < self.video_end(length))
+    def framed_mask(self, length: int, device: torch.device | str | None = None,
+                    token_offset: int = 0) -> torch.Tensor:
+        """(length,) bool: which tokens have a frame (token t is token t + ``token_offset`` of the sequence; with
+        ``video_tokens=None`` the span runs to the end of the chunk)."""
+        t = torch.arange(length, dtype=torch.int64, device=device) + token_offset
+        end = self.video_end(length + token_offset) if self.video_tokens is not None else length + token_offset
+        return (t >= self.video_start) & (t < end)
 
 
 def _real(name: str, value: object) -> float:
@@ -214,8 +271,11 @@ def make_params(
     tokens_per_frame: int = 1,
     video_start: int = 0,
     video_tokens: int | None = None,
+    q_token_offset: int | None = None,
+    k_token_offset: int | None = None,
 ) -> TARParams:
-    """Validate the scalar arguments and resolve defaults (``scale = head_dim ** -0.5``)."""
+    """Validate the scalar arguments and resolve defaults (``scale = head_dim ** -0.5``; token offsets 0, and
+    ``chunked`` when either is given)."""
     sigma_f = _real("sigma", sigma)
     if sigma_f <= 0.0:
         raise ValueError(f"sigma must be > 0, got {sigma_f}")
@@ -230,7 +290,7 @@ def make_params(
         scale_f = _real("scale", scale)
         if scale_f <= 0.0:
             raise ValueError(f"scale must be > 0, got {scale_f}")
-    return TARParams(
+    params = TARParams(
         sigma=sigma_f,
         strength=strength_f,
         mode=mode,
@@ -240,14 +300,21 @@ def make_params(
         tokens_per_frame=_count("tokens_per_frame", tokens_per_frame, 1),
         video_start=_count("video_start", video_start, 0),
         video_tokens=None if video_tokens is None else _count("video_tokens", video_tokens, 0),
+        q_token_offset=0 if q_token_offset is None else _count("q_token_offset", q_token_offset, 0),
+        k_token_offset=0 if k_token_offset is None else _count("k_token_offset", k_token_offset, 0),
+        chunked=q_token_offset is not None or k_token_offset is not None,
     )
+    if abs(params.offset_delta) > MAX_OFFSET:
+        raise ValueError(f"the frame distance offset of this call ({params.offset_delta}: q_offset - k_offset plus "
+                         "the frames before each chunk's first token) must be within ±2^53")
+    return params
 
 
 def validate_layout(params: TARParams, len_q: int, len_k: int) -> None:
     """The token layout must lie inside both sequences: ``video_start`` (plus ``video_tokens`` when given) at most
     the shorter of Lq and Lk, so a misplaced text span fails instead of silently biasing nothing."""
     shortest = min(len_q, len_k)
-    if shortest == 0 or params.layout.is_temporal:
+    if shortest == 0 or params.layout.is_temporal or params.chunked:  # a chunk: the span may reach past it
         return
     end = params.video_start + (params.video_tokens or 0)
     if end > shortest:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import torch
 
-from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, Backend, InputSpec
+from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, Backend, InputSpec, torch_tar
 from .contract import TARParams, make_params, validate_layout, validate_tensors
 from .reference import tar_attention_reference
 
@@ -30,7 +31,11 @@ def tar_attention(
     tokens_per_frame: int = 1,
     video_start: int = 0,
     video_tokens: int | None = None,
-) -> torch.Tensor:
+    q_token_offset: int | None = None,
+    k_token_offset: int | None = None,
+    row_max: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Temporal attention with VSTAR's Temporal Attention Regularization, fused where a kernel exists.
 
     By default every token is one frame (a UNet's temporal attention). For a video transformer's 3D attention,
@@ -51,27 +56,100 @@ def tar_attention(
         video_start: index of the first token with a frame in q and in k (CogVideoX: its text length), >= 0.
         video_tokens: how many tokens from ``video_start`` have a frame; None: all the rest (HunyuanVideo, whose text
             follows the video, passes its video token count).
+        q_token_offset, k_token_offset: index of the call's first query / key token in the whole sequence the layout
+            describes (a chunk of it, e.g. context parallelism's Ring; a chunk may begin inside a frame). Either
+            given (even 0) makes the call a chunk: the video span may reach past it.
+        row_max: relative mode only: (batch, Lq, heads) row maxima of the unbiased logits that replace this call's
+            own (the max over every key chunk of a row, :func:`tar_row_max`); any float dtype, any strides.
+        return_lse: also return the rows' log-sum-exp of the biased logits (natural log), for an exact merge of key
+            chunks (:func:`merge_partials`).
 
     Returns:
         (batch, Lq, heads, head_dim) in the input dtype, laid out so that ``.reshape(batch, Lq, heads * head_dim)``
-        is a free view. Differentiable in q, k and v on every backend; with no input requiring grad nothing is
-        saved.
+        is a free view; with ``return_lse=True`` the pair ``(out, lse)``, lse float32 (batch, Lq, heads).
+        Differentiable in q, k and v on every backend (``row_max`` and ``return_lse`` are forward-only); with no
+        input requiring grad nothing is saved.
 
     Raises:
         TypeError / ValueError: bad arguments, before any launch, naming the argument.
+        NotImplementedError: ``row_max`` or ``return_lse`` with an input that requires grad.
         RuntimeError: an explicitly requested backend cannot run these inputs (the message says why).
     """
     validate_tensors(q, k, v)
     params = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
                          k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
-                         video_tokens=video_tokens)
+                         video_tokens=video_tokens, q_token_offset=q_token_offset, k_token_offset=k_token_offset)
     validate_layout(params, q.shape[1], k.shape[1])
+    partial = row_max is not None or bool(return_lse)
+    if row_max is not None:
+        row_max = _checked_row_max(row_max, q, params)
     impl = select_backend(q, params, backend)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        if partial:
+            raise NotImplementedError("tar_attention: row_max= and return_lse=True are forward-only (the partial "
+                                      "results of context parallelism's Ring inference); call without them, or "
+                                      "under torch.no_grad()")
         return _TARAttentionFunction.apply(q, k, v, params, impl.NAME)
     if q.numel() == 0:
-        return _empty_output(q, v)
-    return impl.forward(q, k, v, params)  # inference: nothing saved, nothing recorded
+        out = _empty_output(q, v)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return (out, q.new_empty(q.shape[:3], dtype=lse_dtype)) if return_lse else out
+    if not partial:
+        return impl.forward(q, k, v, params)  # inference: nothing saved, nothing recorded
+    return impl.forward(q, k, v, params, row_max=row_max, return_lse=bool(return_lse))
+
+
+def _checked_row_max(row_max: object, q: torch.Tensor, params: TARParams) -> torch.Tensor:
+    """``row_max`` validated against q ((batch, Lq, heads), floating, on q's device), as float32 (float64 for float64
+    inputs)."""
+    if not params.relative:
+        raise ValueError("row_max applies to mode='relative' only (the absolute bias has no row max)")
+    if not isinstance(row_max, torch.Tensor):
+        raise TypeError(f"row_max must be a torch.Tensor, got {type(row_max).__name__}")
+    if tuple(row_max.shape) != tuple(q.shape[:3]):
+        raise ValueError(f"row_max must have shape (batch, Lq, heads) = {tuple(q.shape[:3])}, got "
+                         f"{tuple(row_max.shape)}")
+    if not row_max.is_floating_point():
+        raise TypeError(f"row_max must be a floating tensor, got {row_max.dtype}")
+    if row_max.device != q.device:
+        raise ValueError(f"mismatched device: q is on {q.device}, row_max is on {row_max.device}")
+    return row_max.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+
+
+def tar_row_max(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
+                backend: str = "auto") -> torch.Tensor:
+    """max_j S_ij = max_j scale * <q_i, k_j> of the unbiased logits: (batch, Lq, heads) float32 (float64 for
+    float64 inputs), the relative mode's row max over one key chunk (QKᵀ only, no bias, no softmax). The max of
+    the chunks' results is the row's, which ``tar_attention(..., row_max=...)`` takes.
+
+    Runs on the backend ``tar_attention`` would choose when it has a row-max kernel (``row_max`` in its module),
+    else memory-bounded torch (float32 logits a query chunk at a time). Differentiable like ``amax`` (the gradient
+    goes to the tied argmax keys, evenly).
+    """
+    validate_tensors(q, k, k)
+    params = make_params(q.shape[-1], sigma=1.0, scale=scale)
+    impl = select_backend(q, params, backend)
+    kernel = getattr(impl, "row_max", None)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if kernel is None or needs_grad:
+        return torch_tar.row_max(q, k, params)
+    return kernel(q, k, params)
+
+
+def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor],
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact output over every key of partial results over key chunks: ``lse = logsumexp_c lse_c`` and
+    ``out = sum_c exp(lse_c - lse) out_c`` (float32 math; float64 where an input is float64), for
+    ``tar_attention(..., return_lse=True)`` outputs (batch, Lq, heads, dim) and lses (batch, Lq, heads) of the same
+    queries. Returns (out in the outputs' dtype, lse)."""
+    if not outs or len(outs) != len(lses):
+        raise ValueError(f"merge_partials needs one lse per output, got {len(outs)} outputs and {len(lses)} lses")
+    compute = torch.float64 if any(t.dtype == torch.float64 for t in (*outs, *lses)) else torch.float32
+    stacked = torch.stack([lse.to(compute) for lse in lses])
+    lse = torch.logsumexp(stacked, dim=0)
+    weights = torch.exp(stacked - lse)[..., None]
+    out = sum(w * o.to(compute) for w, o in zip(weights, outs, strict=True))
+    return out.to(outs[0].dtype), lse
 
 
 def _empty_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -152,7 +230,7 @@ def _graph_alias(t: torch.Tensor) -> torch.Tensor:
 
 def _reference_kwargs(params: TARParams) -> dict[str, object]:
     """``params`` as :func:`~vstar_kernels.reference.tar_attention_reference` keyword arguments (same names)."""
-    return {field.name: getattr(params, field.name) for field in dataclasses.fields(params)}
+    return {field.name: getattr(params, field.name) for field in dataclasses.fields(params) if field.name != "chunked"}
 
 
 def requested_backend(backend: str) -> str:

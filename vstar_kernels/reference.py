@@ -48,38 +48,46 @@ def band_rows(params: TARParams, rows: range, lk: int, *, dtype: torch.dtype = t
     :func:`gaussian_delta` returns, a block of query rows at a time (the torch backend's chunks)."""
     layout = params.layout
     lq = rows.stop
-    q_frames = layout.frames(lq, device=device)[rows.start:].to(torch.float64)
-    k_frames = layout.frames(lk, device=device).to(torch.float64)
-    dist = (q_frames[:, None] - k_frames[None, :]) + float(params.offset_delta)  # integers in float64: exact
+    q_tokens, k_tokens = params.q_token_offset, params.k_token_offset  # the tokens' indices in the whole sequence
+    q_frames = layout.frames(lq, device=device, token_offset=q_tokens)[rows.start:].to(torch.float64)
+    k_frames = layout.frames(lk, device=device, token_offset=k_tokens).to(torch.float64)
+    # global frames on both sides: the frame offsets enter as given (params.offset_delta is the kernels' folded one)
+    dist = (q_frames[:, None] - k_frames[None, :]) + float(params.q_offset - params.k_offset)  # exact integers
     # (dist / sigma)^2 rather than dist^2 / sigma^2: no 0/0 when sigma^2 underflows; the diagonal stays exactly 1
     band = torch.exp(-0.5 * (dist / params.sigma) ** 2)
     if not layout.is_temporal:  # tokens without a frame (text) get no bias in their rows and columns
-        framed = layout.framed_mask(lq, device=device)[rows.start:, None] & layout.framed_mask(lk, device=device)
+        framed = (layout.framed_mask(lq, device=device, token_offset=q_tokens)[rows.start:, None]
+                  & layout.framed_mask(lk, device=device, token_offset=k_tokens))
         band = band * framed
     return band.to(dtype)
 
 
-def bias_coefficient(scores: torch.Tensor, *, strength: float, mode: str) -> torch.Tensor:
+def bias_coefficient(scores: torch.Tensor, *, strength: float, mode: str,
+                     row_max: torch.Tensor | None = None) -> torch.Tensor:
     """c_i, the multiplier of ΔA in each row of logits ``scores`` (..., Lq, Lk), shaped (..., Lq, 1) (a 0-d tensor
     in absolute mode, which reads only the dtype and device of ``scores``), in the dtype of ``scores``:
-    ``sat(strength * rowmax(S))`` (relative; the row max of the logits as given, i.e. after any mask) or
-    ``sat(strength)`` (absolute), sat clamping to ±BIAS_COEFF_MAX (:mod:`vstar_kernels.contract`, "Extreme values":
-    finite where ``strength * rowmax`` leaves the float32 range)."""
+    ``sat(strength * rowmax(S))`` (relative; the row max of the logits as given, i.e. after any mask, or
+    ``row_max`` (..., Lq, 1) when given: a chunk's rows biased by the max over every chunk) or ``sat(strength)``
+    (absolute), sat clamping to ±BIAS_COEFF_MAX (:mod:`vstar_kernels.contract`, "Extreme values": finite where
+    ``strength * rowmax`` leaves the float32 range)."""
     if mode == "relative":
-        coeff = strength * scores.amax(dim=-1, keepdim=True)
+        peak = scores.amax(dim=-1, keepdim=True) if row_max is None else row_max.to(scores.dtype)
+        coeff = strength * peak
     else:
         coeff = torch.tensor(strength, dtype=scores.dtype, device=scores.device)
     bound = min(BIAS_COEFF_MAX, torch.finfo(coeff.dtype).max)  # float16 (the input-precision baseline) ends sooner
     return coeff.clamp(-bound, bound)
 
 
-def apply_tar_bias(scores: torch.Tensor, delta: torch.Tensor, *, strength: float, mode: str) -> torch.Tensor:
+def apply_tar_bias(scores: torch.Tensor, delta: torch.Tensor, *, strength: float, mode: str,
+                   row_max: torch.Tensor | None = None) -> torch.Tensor:
     """Add the TAR bias to logits ``scores`` (..., Lq, Lk); ``delta`` broadcasts to them.
 
     ``S + c * ΔA`` with the row coefficient c of :func:`bias_coefficient`: ``sat(strength * rowmax(S))``
-    (relative) or ``sat(strength)`` (absolute). Returns a new tensor.
+    (relative; ``row_max`` (..., Lq, 1) replaces rowmax(S) when given) or ``sat(strength)`` (absolute). Returns a
+    new tensor.
     """
-    return scores + bias_coefficient(scores, strength=strength, mode=mode) * delta
+    return scores + bias_coefficient(scores, strength=strength, mode=mode, row_max=row_max) * delta
 
 
 def tar_bias_backward(grad_biased: torch.Tensor, scores: torch.Tensor, delta: torch.Tensor, *, strength: float,
@@ -115,16 +123,31 @@ def tar_attention_probs(
     video_tokens: int | None = None,
     attn_mask: torch.Tensor | None = None,
     compute_dtype: torch.dtype | None = None,
+    q_token_offset: int | None = None,
+    k_token_offset: int | None = None,
+    row_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The TAR attention probabilities softmax(S'), materialised: (batch, heads, Lq, Lk) from (batch, frames, heads,
     head_dim) q and k, in ``compute_dtype`` (default: q's dtype). The attention maps of the paper's analysis.
 
     ``attn_mask`` (broadcastable to (batch, heads, Lq, Lk); boolean True = attend, or additive float) is applied
-    before the bias, so the relative row max runs over attended keys only.
+    before the bias, so the relative row max runs over attended keys only. ``q_token_offset``, ``k_token_offset``
+    and ``row_max`` ((batch, Lq, heads)) are those of :func:`~vstar_kernels.ops.tar_attention` (a chunk of a longer
+    sequence).
     """
+    return _biased_logits(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
+                          k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
+                          video_tokens=video_tokens, attn_mask=attn_mask, compute_dtype=compute_dtype,
+                          q_token_offset=q_token_offset, k_token_offset=k_token_offset,
+                          row_max=row_max).softmax(dim=-1)
+
+
+def _biased_logits(q, k, *, sigma, strength, mode, scale, q_offset, k_offset, tokens_per_frame, video_start,
+                   video_tokens, attn_mask, compute_dtype, q_token_offset, k_token_offset, row_max) -> torch.Tensor:
+    """S' of :func:`tar_attention_probs`, (batch, heads, Lq, Lk) in ``compute_dtype``."""
     p = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
                     k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
-                    video_tokens=video_tokens)
+                    video_tokens=video_tokens, q_token_offset=q_token_offset, k_token_offset=k_token_offset)
     validate_layout(p, q.shape[1], k.shape[1])
     compute_dtype = compute_dtype or q.dtype
     qh, kh = (t.transpose(1, 2).to(compute_dtype) for t in (q, k))  # (batch, heads, frames, dim)
@@ -135,8 +158,8 @@ def tar_attention_probs(
         else:
             scores = scores + attn_mask.to(compute_dtype)
     delta = band_rows(p, range(q.shape[1]), k.shape[1], dtype=compute_dtype, device=q.device)
-    scores = apply_tar_bias(scores, delta, strength=p.strength, mode=p.mode)
-    return torch.softmax(scores, dim=-1)
+    peak = None if row_max is None else row_max.transpose(1, 2)[..., None]  # (batch, heads, Lq, 1)
+    return apply_tar_bias(scores, delta, strength=p.strength, mode=p.mode, row_max=peak)
 
 
 def tar_attention_reference(
@@ -155,9 +178,14 @@ def tar_attention_reference(
     video_tokens: int | None = None,
     attn_mask: torch.Tensor | None = None,
     upcast: bool = True,
-) -> torch.Tensor:
+    q_token_offset: int | None = None,
+    k_token_offset: int | None = None,
+    row_max: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TAR attention, materialised. Inputs and output are (batch, tokens, heads, head_dim); the token layout
-    arguments are those of :func:`~vstar_kernels.ops.tar_attention`.
+    arguments, ``row_max`` and ``return_lse`` are those of :func:`~vstar_kernels.ops.tar_attention` (with
+    ``return_lse=True``: ``(out, lse)``, lse (batch, Lq, heads) in the compute dtype).
 
     Args:
         upcast: compute in float32 when the inputs are float16/bfloat16 (float64 inputs compute in float64).
@@ -169,8 +197,22 @@ def tar_attention_reference(
     """
     validate_tensors(q, k, v)
     compute_dtype = torch.float32 if (upcast and q.dtype in (torch.float16, torch.bfloat16)) else q.dtype
-    probs = tar_attention_probs(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
-                                k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
-                                video_tokens=video_tokens, attn_mask=attn_mask, compute_dtype=compute_dtype)
-    out = torch.matmul(probs, v.transpose(1, 2).to(compute_dtype))
-    return out.transpose(1, 2).contiguous().to(q.dtype)
+    logits = _biased_logits(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
+                            k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
+                            video_tokens=video_tokens, attn_mask=attn_mask, compute_dtype=compute_dtype,
+                            q_token_offset=q_token_offset, k_token_offset=k_token_offset, row_max=row_max)
+    out = torch.matmul(logits.softmax(dim=-1), v.transpose(1, 2).to(compute_dtype))
+    out = out.transpose(1, 2).contiguous().to(q.dtype)
+    if return_lse:
+        return out, logits.logsumexp(dim=-1).transpose(1, 2)
+    return out
+
+
+def row_max_reference(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+    """max_j S_ij of the unbiased logits, (batch, Lq, heads), in float32 (float64 for float64 inputs): what
+    :func:`~vstar_kernels.ops.tar_row_max` computes, materialised."""
+    validate_tensors(q, k, k)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = make_params(q.shape[-1], sigma=1.0, scale=scale).scale
+    scores = torch.matmul(q.transpose(1, 2).to(compute), k.transpose(1, 2).to(compute).transpose(-1, -2)) * scale
+    return scores.amax(dim=-1).transpose(1, 2)

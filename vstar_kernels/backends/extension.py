@@ -1,4 +1,10 @@
-"""The C++/CUDA extension backend (csrc/): the custom op ``torch.ops.vstar_kernels.tar_attention``.
+"""The C++/CUDA extension backend (csrc/): the custom ops ``torch.ops.vstar_kernels.*``.
+
+Two pairs of ops run the same kernels (csrc/bindings.cpp): ``tar_attention`` / ``tar_attention_backward``, the public
+ops of whole sequences (the token layout as the user gives it; differentiable), and ``tar_attention_kernel`` /
+``tar_attention_kernel_backward``, which this backend calls: the layout in the kernels' folded form
+(:meth:`~vstar_kernels.contract.TARParams.kernel_layout_args` and ``offset_delta``, so chunks of a sequence work), an
+optional given row max and the log-sum-exp (forward-only).
 
 Loading, first match wins:
 1. an ahead-of-time build shipped in the package (``VSTAR_KERNELS_BUILD_EXT=1 pip install .`` makes
@@ -30,6 +36,8 @@ NAME = "extension"
 NO_BUILD_ENV = build.NO_BUILD_ENV
 OP_NAME = "vstar_kernels::tar_attention"
 BACKWARD_OP_NAME = "vstar_kernels::tar_attention_backward"
+KERNEL_OP_NAME = "vstar_kernels::tar_attention_kernel"
+KERNEL_BACKWARD_OP_NAME = "vstar_kernels::tar_attention_kernel_backward"
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = None  # any head_dim on the CPU
 MAX_CUDA_HEAD_DIM = 256  # csrc/tar_attention.h kMaxCudaHeadDim
@@ -42,7 +50,7 @@ _availability_by_device: dict[str, str | None] = {}
 
 
 def _op_registered() -> bool:
-    return hasattr(torch.ops, "vstar_kernels") and hasattr(torch.ops.vstar_kernels, "tar_attention_backward")
+    return hasattr(torch.ops, "vstar_kernels") and hasattr(torch.ops.vstar_kernels, "tar_attention_kernel_backward")
 
 
 def load() -> str | None:
@@ -118,10 +126,34 @@ def _register_fake_once() -> None:
             dq, dk, dv = backward(q, k, v, grad_out, ctx.params)
         return (dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, *(None,) * 9)
 
+    @torch.library.register_fake(KERNEL_OP_NAME)
+    def _fake_kernel(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame, video_start_q,
+                     video_start_k, video_end_q, video_end_k, row_max=None, return_lse=False):
+        _check_like_the_kernel_op(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame,
+                                  video_start_q, video_start_k, video_end_q, video_end_k)
+        if row_max is not None:
+            _check_row_max_like_the_kernel(q, row_max, mode)
+        lse_shape = tuple(q.shape[:3]) if return_lse else (0,)
+        return q.new_empty((q.shape[0], q.shape[1], q.shape[2], v.shape[3])), q.new_empty(lse_shape,
+                                                                                           dtype=torch.float32)
+
+    @torch.library.register_fake(KERNEL_BACKWARD_OP_NAME)
+    def _fake_kernel_backward(grad_out, q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame,
+                              video_start_q, video_start_k, video_end_q, video_end_k):
+        _check_like_the_kernel_op(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame,
+                                  video_start_q, video_start_k, video_end_q, video_end_k)
+        if grad_out.shape != (*q.shape[:3], v.shape[3]) or grad_out.dtype != q.dtype:
+            raise RuntimeError("tar_attention_kernel_backward: grad_out must be shaped like the output and match "
+                               "q's dtype")
+        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
     # the op called directly (torch.ops.vstar_kernels.tar_attention) is differentiable too, twice over (eager)
     torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
-    # the fused backward op has no derivative: differentiating it raises rather than giving PyTorch's silent zeros
+    # the fused backward ops have no derivative, and the kernel op's partials are forward-only: differentiating them
+    # raises rather than giving PyTorch's silent zeros
     torch.library.register_autograd(BACKWARD_OP_NAME, _no_double_backward, setup_context=_no_context)
+    torch.library.register_autograd(KERNEL_OP_NAME, _no_kernel_backward, setup_context=_no_context)
+    torch.library.register_autograd(KERNEL_BACKWARD_OP_NAME, _no_double_backward, setup_context=_no_context)
 
     _fake_registered = True
 
@@ -134,8 +166,20 @@ DOUBLE_BACKWARD_ERROR = (
 )
 
 
+KERNEL_BACKWARD_ERROR = (
+    "TAR attention (extension backend): vstar_kernels::tar_attention_kernel is the backend's forward kernel op "
+    "(its row_max= and lse are forward-only partial results); it has no autograd formula of its own. Differentiate "
+    "vstar_kernels.tar_attention (whose backward runs vstar_kernels::tar_attention_kernel_backward) instead."
+)
+
+
 def _no_context(ctx, inputs, output) -> None:
-    """Nothing to save: :func:`_no_double_backward` only raises."""
+    """Nothing to save: :func:`_no_double_backward` and :func:`_no_kernel_backward` only raise."""
+
+
+def _no_kernel_backward(ctx, *grads):
+    """The autograd formula of ``tar_attention_kernel``: a clear RuntimeError (see KERNEL_BACKWARD_ERROR)."""
+    raise RuntimeError(KERNEL_BACKWARD_ERROR)
 
 
 def _no_double_backward(ctx, *grads):
@@ -172,6 +216,47 @@ def _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, q_offset, k_of
             validate_layout(TARParams(1.0, 0.0, "absolute", 1.0, 0, 0, *layout), q.shape[1], k.shape[1])
         except ValueError as exc:
             raise RuntimeError(f"tar_attention: {exc}") from None
+
+
+def _check_like_the_kernel_op(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame, video_start_q,
+                              video_start_k, video_end_q, video_end_k) -> None:
+    """The kernel op's TORCH_CHECKs (csrc/bindings.cpp ``make_kernel_params``), for its fake kernel: those of the
+    public op but for the layout, which is the folded one of ``TARParams.kernel_layout_args`` (checked for range,
+    never for lying inside the sequences: a chunk's span may reach past it). Symbolic values are left to the real
+    kernel."""
+    _check_like_the_kernel(q, k, v, sigma, strength, mode, scale, 0, 0)
+    if isinstance(offset_delta, int) and abs(offset_delta) > MAX_OFFSET:
+        raise RuntimeError(f"tar_attention_kernel: offset_delta must be within +-2^53, got {offset_delta}")
+    values = (q.shape[1], k.shape[1], tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k)
+    if not all(isinstance(x, int) for x in values):
+        return
+    len_q, len_k = q.shape[1], k.shape[1]
+    longest = max(len_q, len_k, 1)
+    if not 1 <= tokens_per_frame <= longest:
+        raise RuntimeError(f"tar_attention_kernel: tokens_per_frame must be in [1, max(Lq, Lk, 1) = {longest}], got "
+                           f"{tokens_per_frame}")
+    sides = (("q", video_start_q, video_end_q, len_q), ("k", video_start_k, video_end_k, len_k))
+    for name, start, end, length in sides:
+        if not 1 - tokens_per_frame <= start <= longest:
+            raise RuntimeError(f"tar_attention_kernel: video_start_{name} must be in [1 - tokens_per_frame, max(Lq, "
+                               f"Lk, 1)] = [{1 - tokens_per_frame}, {longest}], got {start}")
+        if not start <= end <= max(start, length):
+            raise RuntimeError(f"tar_attention_kernel: video_end_{name} must be in [video_start_{name}, "
+                               f"max(video_start_{name}, L{name})] = [{start}, {max(start, length)}], got {end}")
+
+
+def _check_row_max_like_the_kernel(q: torch.Tensor, row_max: torch.Tensor, mode: str) -> None:
+    """The kernel op's row_max checks (csrc/bindings.cpp ``check_row_max``)."""
+    if mode != "relative":
+        raise RuntimeError("tar_attention_kernel: row_max applies to mode='relative' only (the absolute bias has no "
+                           "row max)")
+    if tuple(row_max.shape) != tuple(q.shape[:3]):
+        raise RuntimeError(f"tar_attention_kernel: row_max must have shape (batch, Lq, heads) = {tuple(q.shape[:3])}, "
+                           f"got {tuple(row_max.shape)}")
+    if row_max.dtype != torch.float32:
+        raise RuntimeError(f"tar_attention_kernel: row_max must be float32, got {row_max.dtype}")
+    if row_max.device != q.device:
+        raise RuntimeError(f"tar_attention_kernel: row_max must be on q's device {q.device}, got {row_max.device}")
 
 
 def _error_tail(exc: BaseException, lines: int = 25) -> str:
@@ -240,8 +325,8 @@ def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     if spec.device.type == "cuda" and spec.head_dim > MAX_CUDA_HEAD_DIM:
         return f"head_dim {spec.head_dim} exceeds the CUDA kernel's maximum of {MAX_CUDA_HEAD_DIM}"
     if spec.device.type == "cuda" and abs(params.offset_delta) > MAX_CUDA_OFFSET_DELTA:
-        return (f"|q_offset - k_offset| = {abs(params.offset_delta)} exceeds the CUDA kernel's 2**30 (int32 frame "
-                "distances)")
+        return (f"|offset_delta| = {abs(params.offset_delta)} (q_offset - k_offset plus the frames before each "
+                "chunk's first token) exceeds the CUDA kernel's 2**30 (int32 frame distances)")
     return None
 
 
@@ -254,20 +339,33 @@ def note_fallback(reason: str) -> None:
                       stacklevel=4)
 
 
-def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams) -> torch.Tensor:
-    return torch.ops.vstar_kernels.tar_attention(q, k, v, params.sigma, params.strength, params.mode, params.scale,
-                                                 params.q_offset, params.k_offset, *_layout_args(params))
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
+            row_max: torch.Tensor | None = None,
+            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """TAR attention by ``vstar_kernels::tar_attention_kernel``: the output (batch, Lq, heads, head_dim) in q's dtype,
+    or ``(out, lse)`` with ``return_lse=True``, lse the natural-log log-sum-exp of each row's biased logits, float32
+    (batch, Lq, heads). ``row_max`` (relative mode; (batch, Lq, heads), any strides; float32, converted otherwise)
+    replaces each row's own max of the unbiased logits in the bias coefficient. The call may be a chunk of a longer
+    sequence (``params.q_token_offset`` / ``k_token_offset``): the kernels take the layout folded to local tokens."""
+    if row_max is not None and row_max.dtype != torch.float32:
+        row_max = row_max.float()
+    out, lse = torch.ops.vstar_kernels.tar_attention_kernel(q, k, v, *_kernel_args(params, q, k), row_max,
+                                                            bool(return_lse))
+    return (out, lse) if return_lse else out
 
 
-def _layout_args(params: TARParams) -> tuple[int, int, int | None]:
-    return params.tokens_per_frame, params.video_start, params.video_tokens
+def _kernel_args(params: TARParams, q: torch.Tensor, k: torch.Tensor) -> tuple[float | int | str, ...]:
+    """The kernel ops' scalars: sigma, strength, mode, scale, offset_delta and the folded layout of
+    :meth:`TARParams.kernel_layout_args` (tokens_per_frame, video_start_q, video_start_k, video_end_q,
+    video_end_k)."""
+    return (params.sigma, params.strength, params.mode, params.scale, params.offset_delta,
+            *params.kernel_layout_args(q.shape[1], k.shape[1]))
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
              params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the fused ``vstar_kernels::tar_attention_backward``, never an Lq x Lk tensor. CPU: scores
-    recomputed per (batch, head) and query block (at::vec, at::parallel_for). CUDA: two kernels in the .cu, one
-    warp per query row (dQ and four fp32 statistics per row) and one warp per key (dK, dV)."""
-    return torch.ops.vstar_kernels.tar_attention_backward(grad_out, q, k, v, params.sigma, params.strength,
-                                                          params.mode, params.scale, params.q_offset, params.k_offset,
-                                                          *_layout_args(params))
+    """(dq, dk, dv) from the fused ``vstar_kernels::tar_attention_kernel_backward`` (the folded layout, so chunks
+    too), never an Lq x Lk tensor. CPU: scores recomputed per (batch, head) and query block (at::vec,
+    at::parallel_for). CUDA: two kernels in the .cu, one warp per query row (dQ and four fp32 statistics per row) and
+    one warp per key (dK, dV)."""
+    return torch.ops.vstar_kernels.tar_attention_kernel_backward(grad_out, q, k, v, *_kernel_args(params, q, k))

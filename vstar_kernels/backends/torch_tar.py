@@ -26,6 +26,7 @@ NAME = "torch"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = None
 DEFAULT_BUDGET_MB = 256
+ROW_MAX_BUDGET_MB = 16  # the row-max pass's logits (row_max): one chunk of query rows at a time
 BUDGET_ENV = "VSTAR_KERNELS_TORCH_BUDGET_MB"
 # float32 scores, the biased copy and the softmax output are alive at once in the forward; the backward adds dP,
 # dS' and dS
@@ -72,13 +73,18 @@ def forward(
     params: TARParams,
     *,
     memory_budget: int | None = None,
-) -> torch.Tensor:
-    """TAR attention on (batch, frames, heads, head_dim) inputs; output contiguous (batch, Lq, heads, dim)."""
+    row_max: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """TAR attention on (batch, frames, heads, head_dim) inputs; output contiguous (batch, Lq, heads, dim).
+    ``row_max`` (float32 (batch, Lq, heads)) and ``return_lse`` as in :func:`vstar_kernels.ops.tar_attention`."""
     budget = memory_budget or memory_budget_bytes()
-    if params.strength == 0.0 or (not params.relative and q.dtype in (torch.float32, torch.float64)
-                                  and q.shape[1] * k.shape[1] * q.element_size() <= budget):
+    if not return_lse and (params.strength == 0.0 or (
+            not params.relative and q.dtype in (torch.float32, torch.float64)
+            and q.shape[1] * k.shape[1] * q.element_size() <= budget)):
         return _forward_sdpa(q, k, v, params)
-    return _forward_chunked(q, k, v, params, budget)
+    out, lse = _forward_chunked(q, k, v, params, budget, row_max, return_lse)
+    return (out, lse) if return_lse else out
 
 
 def _forward_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams) -> torch.Tensor:
@@ -112,13 +118,15 @@ def query_chunks(len_q: int, q_chunk: int) -> list[slice]:
 
 
 def _forward_chunked(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, budget: int
-) -> torch.Tensor:
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, budget: int,
+    row_max: torch.Tensor | None = None, return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch, len_q, heads, dim = q.shape
     len_k = k.shape[1]
     compute = _compute_dtype(q.dtype)
     b_chunk, q_chunk = chunk_plan(batch, len_q, heads, len_k, compute, budget)
     out = torch.empty((batch, len_q, heads, dim), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, len_q, heads), dtype=compute, device=q.device) if return_lse else None
     for qs in query_chunks(len_q, q_chunk):  # the band of a query chunk is the same for every sequence: built once
         delta = band_rows(params, range(qs.start, qs.stop), len_k, dtype=compute, device=q.device)
         for b0 in range(0, batch, b_chunk):
@@ -126,11 +134,40 @@ def _forward_chunked(
             qh = q[bs, qs].transpose(1, 2).to(compute)  # (b, heads, rows, dim)
             kh = k[bs].transpose(1, 2).to(compute)  # (b, heads, Lk, dim)
             scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale)
-            scores = apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode)
+            peak = None if row_max is None else row_max[bs, qs].transpose(1, 2)[..., None]
+            scores = apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode, row_max=peak)
+            if lse is not None:
+                lse[bs, qs] = scores.logsumexp(dim=-1).transpose(1, 2)
             probs = torch.softmax(scores, dim=-1)
             del scores
             out[bs, qs] = torch.matmul(probs, v[bs].transpose(1, 2).to(compute)).transpose(1, 2)
-    return out
+    return out, lse
+
+
+def row_max(q: torch.Tensor, k: torch.Tensor, params: TARParams, *,
+            memory_budget: int | None = None) -> torch.Tensor:
+    """max_j scale * <q_i, k_j>: (batch, Lq, heads) float32 (float64 for float64 inputs), float32 logits a chunk
+    of the batch and query rows at a time within the memory budget, at most ROW_MAX_BUDGET_MB
+    (:func:`vstar_kernels.ops.tar_row_max`: a pass beside a fused kernel should not dwarf its memory). Built from
+    differentiable ops, so it passes gradients like ``amax``."""
+    batch, len_q, heads, _ = q.shape
+    compute = _compute_dtype(q.dtype)
+    if q.numel() == 0:
+        return q.new_zeros((batch, len_q, heads), dtype=compute)
+    budget = min(memory_budget or memory_budget_bytes(), ROW_MAX_BUDGET_MB << 20)
+    b_chunk, q_chunk = chunk_plan(batch, len_q, heads, k.shape[1], compute, budget, copies=1)
+    rows = []
+    for qs in query_chunks(len_q, q_chunk):
+        parts = []
+        for b0 in range(0, batch, b_chunk):
+            bs = slice(b0, b0 + b_chunk)
+            # the query chunk scaled first, as the kernels do: the logits are the chunk's one large tensor
+            scaled = q[bs, qs].transpose(1, 2).to(compute) * params.scale
+            scores = torch.matmul(scaled, k[bs].transpose(1, 2).to(compute).mT)
+            parts.append(scores.amax(dim=-1).transpose(1, 2))  # (b, rows, heads)
+            del scores
+        rows.append(torch.cat(parts) if len(parts) > 1 else parts[0])
+    return torch.cat(rows, dim=1) if len(rows) > 1 else rows[0]
 
 
 def backward(

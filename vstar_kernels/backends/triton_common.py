@@ -36,8 +36,11 @@ NO_FRAME = -(2**31)  # the int32 position of a token without a frame (positions 
 # exp2(-x) is exactly 0 in fp32 for x >= 150 (2^-150 rounds to zero); a tile whose smallest exponent reaches this
 # bound (with margin for the fp32 rounding of d^2 * coeff) adds an exactly zero bias, so it is skipped
 BAND_ZERO_EXPONENT = 152.0
-# runtime integers that must not multiply the compiled variants (Triton specialises ints equal to 1 or divisible by 16)
-NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start", "video_end_q", "video_end_k", "band_reach"]
+# runtime integers that must not multiply the compiled variants (Triton specialises ints equal to 1 or divisible by 16):
+# the token layout (TARParams.kernel_layout_args; the starts may be negative), the band's reach, and the strides of a
+# given row max (a (batch, Lq, heads) tensor of any strides, read once per query row)
+NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start_q", "video_start_k", "video_end_q", "video_end_k",
+                   "band_reach", "stride_rb", "stride_rm", "stride_rh"]
 # frames: the largest int32 frame distance (see MAX_OFFSET_DELTA), so a reach this long means "the band reaches every
 # key"; an int32 kernel argument like the other layout integers
 MAX_BAND_REACH = 2**31 - 1
@@ -122,8 +125,9 @@ def check_launch_limits(len_q: int, len_k: int, slices: int, rows_per_program: i
     """ValueError, before any launch, for a call beyond the kernels' integer limits: frame counts and the offset
     difference (int32 frame distances) and the program count of the one-axis grid."""
     if max(len_q, len_k) > MAX_FRAMES or abs(params.offset_delta) > MAX_OFFSET_DELTA:
-        raise ValueError(f"token counts ({len_q}, {len_k}) and |q_offset - k_offset| "
-                         f"({abs(params.offset_delta)}) must be <= 2**30: frame distances are int32")
+        raise ValueError(f"token counts ({len_q}, {len_k}) and the frame offset |q_offset - k_offset| (with the frames "
+                         f"before each chunk's first token: {abs(params.offset_delta)}) must be <= 2**30: frame "
+                         "distances are int32")
     programs = slices * -(-len_q // rows_per_program)
     if programs > MAX_PROGRAMS:
         raise ValueError(f"batch·heads·ceil(Lq / {rows_per_program}) = {programs} programs exceed the grid limit "
@@ -185,9 +189,12 @@ if triton is not None:
 
     @triton.jit
     def token_frames(tokens, offset, tokens_per_frame, video_start, video_end, FRAMED: tl.constexpr):
-        """offset + frame index of each token (int32): the token itself in the temporal layout; in a framed one
-        (tokens_per_frame, the video span [video_start, video_end)) its frame, NO_FRAME for tokens outside the
-        span (text). One division per row or column vector, not per element."""
+        """offset + frame index of each local token (int32): the token itself in the temporal layout; in a framed
+        one (tokens_per_frame, the video span [video_start, video_end) of this side: the query side's start and end
+        for rows, the key side's for columns, :meth:`~vstar_kernels.contract.TARParams.kernel_layout_args`) its
+        frame ``(t - video_start) // tokens_per_frame``, NO_FRAME for tokens outside the span (text). A chunk that
+        begins inside a frame has a negative start; t - video_start >= 0 inside the span, so the truncating division
+        is the floor. One division per row or column vector, not per element."""
         if FRAMED:
             framed = (tokens >= video_start) & (tokens < video_end)
             pos = tl.where(framed, (tokens - video_start) // tokens_per_frame + offset, -2147483648)  # NO_FRAME
@@ -211,7 +218,8 @@ if triton is not None:
                       FRAMED: tl.constexpr):
         """ΔA inline on one tile of log2 logits: (S', G) with G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) =
         exp2(-(gi - gj)^2 * gauss_log2_coeff) and S' = S + c·G, c = sat(strength·m) (relative, m the unbiased row
-        max in log2 units: :func:`relative_bias_coeff`) or the host's sat(strength)·log2(e) (absolute).
+        max in log2 units, the kernel's own or the caller's: :func:`relative_bias_coeff`) or the host's
+        sat(strength)·log2(e) (absolute).
         ``row_pos`` and ``col_pos`` are int32 frame positions (:func:`token_frames`), so gi - gj is exact integer
         arithmetic rounded once to fp32; G is 0 where either token has no frame (FRAMED). The one Triton statement
         of the TAR bias."""

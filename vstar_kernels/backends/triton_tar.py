@@ -16,12 +16,19 @@ tensor beyond one (BLOCK_M, BLOCK_N) tile in registers.
 - the frame distance gi - gj = offset_delta + frame(i) - frame(j) is exact int32 arithmetic, rounded once to fp32
   (|offset_delta| <= 2**30 and tokens <= 2**30, checked), the same rule as the CUDA fallback. A framed token layout
   (``FRAMED``: a video transformer's patches, text tokens without a frame) maps tokens to frames per row and per
-  column vector (:func:`token_frames`), never per element. Key tiles beyond the band's reach from every row of the
-  query block (frame distances so far beyond sigma that the Gaussian is exactly zero in fp32, or text) run in
-  separate branch-free loops without the bias and its exp2 (:func:`band_window`).
+  column vector (:func:`token_frames`), never per element, with each side's own video start and end
+  (:meth:`~vstar_kernels.contract.TARParams.kernel_layout_args`: a chunk of a longer sequence, context
+  parallelism's Ring, has its own, negative where it begins inside a frame; the frames before it are folded into
+  offset_delta). Key tiles beyond the band's reach from every row of the query block (frame distances so far
+  beyond sigma that the Gaussian is exactly zero in fp32, or text) run in separate branch-free loops without the
+  bias and its exp2 (:func:`band_window`).
 - relative mode needs max_j S_ij of the unbiased logits before the bias. When the whole key row fits one tile
   (Lk <= BLOCK_N) it is taken from that tile in registers; otherwise a first pass over K computes it and a
-  second pass runs the online softmax ("two-pass").
+  second pass runs the online softmax ("two-pass"). A row max given by the caller (``row_max=``, ROW_MAX_GIVEN:
+  the max over every key chunk of a Ring) replaces both: no first pass, and the single tile's max is not used.
+  :func:`row_max` is the first pass alone (``_tar_row_max``).
+- ``return_lse=True`` (WRITE_LSE) also stores each row's natural-log log-sum-exp of S' (the online softmax's
+  m + log2(l), times ln 2), so partial results over key chunks merge exactly.
 - head_dim 1..256: the tile is padded to the next power of two (at least 32; ``tl.dot`` needs 16) and masked;
   frame tails are masked. fp16/bf16/fp32 inputs, fp32 accumulation; fp32 dots use IEEE precision (not TF32),
   so an fp32 call is as accurate as torch's fp32 attention.
@@ -33,12 +40,13 @@ tests exercise it on machines without a GPU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 
 import torch
 
-from ..contract import TARParams
+from ..contract import LOG2E, TARParams
 from . import torch_tar, triton_tar_backward
 from .base import InputSpec
 from .triton_common import (
@@ -113,8 +121,8 @@ def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     if spec.batch_heads >= 2**31:
         return f"batch*heads = {spec.batch_heads} exceeds the grid limit 2**31 - 1"
     if abs(params.offset_delta) > MAX_OFFSET_DELTA:
-        return (f"|q_offset - k_offset| = {abs(params.offset_delta)} exceeds 2**30: the kernel's frame distances are "
-                "int32")
+        return (f"the frame offset |q_offset - k_offset| (with the frames before each chunk's first token) = "
+                f"{abs(params.offset_delta)} exceeds 2**30: the kernel's frame distances are int32")
     return None
 
 
@@ -134,6 +142,22 @@ def _capability(index: int | None) -> tuple[int, int]:
 # warps per SM (``static_check --realistic`` requires 12).
 _SINGLE_TILE_LIMIT = {32: 256, 64: 256, 128: 64, 256: 64}
 _SINGLE_TILE_LIMIT_FP32 = {32: 128, 64: 32, 128: 16, 256: 16}
+# Framed two-pass tiles (fp32?, BLOCK_M, BLOCK_N, BLOCK_D) that run 8 warps, not 4: with per-side video starts (the
+# chunks of a Ring) 4 warps spilled 8 B on sm_90 (fp16/bf16 at 128 registers; fp32 with the lse at 72)
+_FRAMED_TWO_PASS_8_WARPS = {(False, 32, 64, 64), (True, 16, 64, 32)}
+# The partial results of a Ring chunk (a given row max, the lse) on the inference tiles spilled 4-12 B in these
+# variants (ptxas traded a spill for one more resident block; static check, sm_80/sm_90); they run other tiles:
+# (RELATIVE, TWO_PASS, FRAMED, ROW_MAX_GIVEN, WRITE_LSE, fp32, BLOCK_M, BLOCK_N, BLOCK_D, warps) -> (BLOCK_M, warps)
+_PARTIAL_TILES = {
+    (True, True, False, False, True, False, 32, 64, 128, 4): (16, 4),
+    (False, False, False, False, True, False, 16, 16, 256, 8): (16, 16),
+    (True, False, False, True, True, False, 16, 16, 256, 8): (16, 16),
+    (True, True, True, True, False, True, 16, 64, 32, 8): (16, 4),
+    (True, False, False, False, True, False, 16, 256, 32, 8): (16, 4),
+    (True, True, True, True, True, False, 16, 64, 128, 4): (16, 8),
+    (True, False, False, False, True, True, 16, 16, 256, 16): (16, 8),
+    (True, True, True, False, True, True, 16, 16, 256, 16): (16, 8),
+}
 # fp32 elements of one (BLOCK_M, BLOCK_N) score tile or (BLOCK_M, BLOCK_D) accumulator per program
 _TILE_ELEMENTS = 4096
 _TILE_ELEMENTS_FP32 = 2048
@@ -159,7 +183,8 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
 
     ``framed`` (a video transformer's token layout: frames per row and column vector, the band window): tiles of
     2048+ elements get half the query rows (8 warps where they are 16 already), where the full tile spilled 4-32
-    bytes on sm_80/sm_90.
+    bytes on sm_80/sm_90; two-pass tiles of fp16/bf16 32 x 64 x 64 and fp32 16 x 64 x 32 get 8 warps (4 spilled
+    8 B on sm_90).
     """
     del len_q
     fp32 = dtype == torch.float32
@@ -183,7 +208,24 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
             block_m //= 2
         else:
             num_warps = max(num_warps, 8)
+        if two_pass and (fp32, block_m, block_n, block_d) in _FRAMED_TWO_PASS_8_WARPS:
+            num_warps = 8
     return BlockConfig(block_m, block_n, block_d, two_pass=two_pass, num_warps=num_warps)
+
+
+def partial_block_config(cfg: BlockConfig, params: TARParams, dtype: torch.dtype, row_max_given: bool,
+                         lse: bool) -> BlockConfig:
+    """The tiles of an inference call with partial results (``row_max`` given, ``return_lse``) whose
+    :func:`block_config` tiles are ``cfg``: ``cfg`` itself, except the few variants whose registers spilled there
+    (``_PARTIAL_TILES``, found by the static check), which get other query tiles or warps. ``row_max_given`` counts
+    in relative mode only, like the kernel's ROW_MAX_GIVEN."""
+    relative = runs_relative(params)
+    key = (relative, relative and cfg.two_pass, runs_framed(params), relative and row_max_given, lse,
+           dtype == torch.float32, cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps)
+    if key not in _PARTIAL_TILES:
+        return cfg
+    block_m, num_warps = _PARTIAL_TILES[key]
+    return dataclasses.replace(cfg, block_m=block_m, num_warps=num_warps)
 
 
 # ------------------------------------------------------------------------------------------------- launcher
@@ -195,31 +237,53 @@ def forward(
     *,
     config: BlockConfig | None = None,
     stats: torch.Tensor | None = None,
-) -> torch.Tensor:
+    row_max: torch.Tensor | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on (batch, frames, heads, head_dim) inputs of any strides.
 
     ``config`` overrides :func:`block_config` (tests use it to force the two-pass path); a relative-mode config
     must be two-pass unless its key tile covers Lk. ``stats``, a contiguous fp32 (2, batch·heads, Lq) tensor,
     receives each query row's unbiased row max and the log-sum-exp of S' (log2 units) for the backward. Returns a
     contiguous (batch, Lq, heads, head_dim) tensor.
+
+    The partial results of a chunk of keys (context parallelism's Ring; inference only, not with ``stats``; default
+    tiles from :func:`partial_block_config`):
+    ``row_max``, a float32 (batch, Lq, heads) tensor of any strides, replaces in relative mode the row max of the
+    unbiased logits in the bias coefficient, c_i = sat(strength * row_max_i) (natural units; ignored in absolute
+    mode): a two-pass config skips its first pass over K, a single-tile one does not take the tile's max.
+    ``return_lse=True`` returns ``(out, lse)``, lse a float32 (batch, Lq, heads) tensor of the rows' natural-log
+    log-sum-exp of the biased logits S': the (batch, Lq, heads) view of a contiguous (batch, heads, Lq) tensor
+    (flash attention's layout: each (batch, head) row of lse is stored contiguously).
     """
     len_q, head_dim = q.shape[1], q.shape[3]
     len_k = k.shape[1]
     cfg = config or block_config(len_q, len_k, head_dim, params.mode, q.dtype, framed=runs_framed(params))
+    if config is None and (row_max is not None or return_lse):
+        cfg = partial_block_config(cfg, params, q.dtype, row_max is not None, return_lse)
     if params.relative and not cfg.two_pass and len_k > cfg.block_n:
         raise ValueError(f"single-pass relative mode needs block_n >= Lk, got {cfg.block_n} < {len_k}")
     if cfg.block_d < head_dim:
         raise ValueError(f"block_d {cfg.block_d} < head_dim {head_dim}")
-    return _run(q, k, v, params, cfg, stats)
+    if stats is not None and (row_max is not None or return_lse):
+        raise ValueError("row_max= and return_lse=True are for inference: not with the training forward's stats")
+    if row_max is not None and (row_max.shape != q.shape[:3] or row_max.dtype != torch.float32
+                                or row_max.device != q.device):
+        raise ValueError(f"row_max must be a float32 {tuple(q.shape[:3])} tensor on {q.device}, got "
+                         f"{row_max.dtype} {tuple(row_max.shape)} on {row_max.device}")
+    return _run(q, k, v, params, cfg, stats, row_max if params.relative else None, return_lse)
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, cfg: BlockConfig,
-        stats: torch.Tensor | None = None) -> torch.Tensor:
-    """Allocate the output and launch with ``cfg`` (checked by :func:`forward`)."""
+         stats: torch.Tensor | None = None, row_max: torch.Tensor | None = None, return_lse: bool = False,
+         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Allocate the output (and the lse when ``return_lse``) and launch with ``cfg`` (checked by :func:`forward`)."""
     batch, len_q, heads, head_dim = q.shape
     out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
+    # the lse rows of one (batch, head) slice are contiguous, like the training forward's stats (coalesced stores)
+    lse = torch.empty((batch, heads, len_q), dtype=torch.float32, device=q.device) if return_lse else None
     if out.numel() == 0:
-        return out
+        return out if lse is None else (out, lse.transpose(1, 2))
     if stats is not None and (stats.shape != (2, batch * heads, len_q) or stats.dtype != torch.float32
                               or not stats.is_contiguous()):
         raise ValueError(f"stats must be a contiguous float32 (2, {batch * heads}, {len_q}) tensor")
@@ -227,26 +291,86 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, c
     q, k, v = int32_slices(q, k, v, fits=in_slice_offsets_fit)
     grid = (batch * heads * triton.cdiv(len_q, cfg.block_m),)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _launch(grid, q, k, v, out, params, cfg, stats)
-    return out
+        _launch(grid, q, k, v, out, params, cfg, stats, row_max, lse)
+    return out if lse is None else (out, lse.transpose(1, 2))
 
 
-def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torch.Tensor | None = None) -> None:
+def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torch.Tensor | None = None,
+            row_max: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> None:
+    """One launch of the forward kernel: its flags follow from the call (``row_max`` only in relative mode;
+    ``stats`` for the training forward, ``row_max`` / ``lse`` (contiguous (batch, heads, Lq)) for the partial
+    results of inference)."""
     relative = runs_relative(params)
+    given = relative and row_max is not None
     _tar_attention_fwd[grid](
         q, k, v, out, out if stats is None else stats,
+        row_max if given else out, out if lse is None else lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        *(row_max.stride() if given else (0, 0, 0)),
         q.shape[2], q.shape[1], k.shape[1], q.shape[3],
         params.offset_delta, params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
-        *params.layout.kernel_args(q.shape[1], k.shape[1]), band_reach(params),
+        *params.kernel_layout_args(q.shape[1], k.shape[1]), band_reach(params),
         RELATIVE=relative,
         FRAMED=runs_framed(params),
         SKIP_BAND=skips_band(params, cfg, q.dtype, saves_stats=stats is not None),
         TWO_PASS=relative and cfg.two_pass,
+        ROW_MAX_GIVEN=given,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SAVE_STATS=stats is not None,
+        WRITE_LSE=lse is not None,
         ALIGN=vector_width(q.shape[3], q, k, v, out),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def row_max_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.float16) -> BlockConfig:
+    """Tiles of the row-max kernel (:func:`row_max`): QKᵀ alone, no V tile and no accumulator, so the query tile
+    can be as wide as the forward's largest. Key tiles of up to 64 keys (32 for head_dim 256; fp32, whose IEEE
+    dots hold both operand tiles in registers: 32, and 16 from head_dim 128), no wider than the padded key row;
+    4 warps. Depends on the key count only through that clip, so the static check compiles every config."""
+    block_d = max(MIN_BLOCK_D, next_pow2(head_dim))
+    if dtype == torch.float32:
+        cap, block_m = (32, 32) if block_d <= 64 else (16, 32 if block_d == 128 else 16)
+    else:
+        cap, block_m = (64, 64) if block_d <= 128 else (32, 32)
+    return BlockConfig(block_m, min(cap, max(16, next_pow2(len_k))), block_d, two_pass=False, num_warps=4)
+
+
+def row_max(q: torch.Tensor, k: torch.Tensor, params: TARParams, *,
+            config: BlockConfig | None = None) -> torch.Tensor:
+    """max_j scale * <q_i, k_j> of the unbiased logits: a float32 (batch, Lq, heads) contiguous tensor
+    (:func:`vstar_kernels.ops.tar_row_max`), the first pass of the two-pass forward alone (``_tar_row_max``: QKᵀ
+    tile by tile, no bias, no softmax, no V). Tiles from :func:`row_max_block_config` (or ``config``); only
+    ``params.scale`` is read. No autograd (ops routes calls that need gradients to torch)."""
+    batch, len_q, heads, head_dim = q.shape
+    len_k = k.shape[1]
+    cfg = config or row_max_block_config(len_k, head_dim, q.dtype)
+    if cfg.block_d < head_dim:
+        raise ValueError(f"block_d {cfg.block_d} < head_dim {head_dim}")
+    out = torch.empty((batch, len_q, heads), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out
+    if len_k == 0:
+        return out.fill_(float("-inf"))
+    check_launch_limits(len_q, len_k, batch * heads, cfg.block_m, params)
+    q, k = int32_slices(q, k, fits=in_slice_offsets_fit)
+    grid = (batch * heads * triton.cdiv(len_q, cfg.block_m),)
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _launch_row_max(grid, q, k, out, params, cfg)
+    return out
+
+
+def _launch_row_max(grid, q, k, out, params: TARParams, cfg: BlockConfig) -> None:
+    """One launch of the row-max kernel (``out`` contiguous (batch, Lq, heads) fp32)."""
+    _tar_row_max[grid](
+        q, k, out,
+        *q.stride(), *k.stride(),
+        q.shape[2], q.shape[1], k.shape[1], q.shape[3],
+        params.scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ALIGN=vector_width(q.shape[3], q, k),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -302,12 +426,15 @@ def skips_band(params: TARParams, cfg: BlockConfig, dtype: torch.dtype, saves_st
 
 # --------------------------------------------------------------------------------------------------- kernel
 if triton is not None:
+    _LOG2E = tl.constexpr(LOG2E)  # a given row max (natural units) in the kernel's log2 units
+    _LN2 = tl.constexpr(1.0 / LOG2E)  # the kernel's log2-sum-exp2 in natural units
 
     @triton.jit
     def unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          ALIGN: tl.constexpr):
-        """max_j of the unbiased log2 logits of each query row, over every key tile (relative mode's first pass)."""
+        """max_j of the unbiased logits (times ``qk_log2_scale``: log2 units in the forward) of each query row, over
+        every key tile (relative mode's first pass; :func:`row_max` with the natural scale)."""
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         for start_n in range(0, len_k, BLOCK_N):
             s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, start_n + offs_n, len_k, qk_log2_scale,
@@ -318,12 +445,12 @@ if triton is not None:
     @triton.jit
     def softmax_tiles(m_i, l_i, acc, start, stop, skip_start, skip_stop, q, k_base, v_base, stride_kn, stride_kd,
                       stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
-                      gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start, video_end_k,
-                      BIASED: tl.constexpr, RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, FRAMED: tl.constexpr,
-                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+                      gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start_k, video_end_k,
+                      BIASED: tl.constexpr, RELATIVE: tl.constexpr, ROW_MAX_KNOWN: tl.constexpr,
+                      FRAMED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
         """The online softmax over the key tiles [start, stop) minus [skip_start, skip_stop) (all multiples of
-        BLOCK_N): (m, l, P·V, row max) updated. BIASED: add the band (relative mode without TWO_PASS takes the row
-        max from this, the row's only tile)."""
+        BLOCK_N): (m, l, P·V, row max) updated. BIASED: add the band (relative mode takes the row max from this,
+        the row's only tile, unless ROW_MAX_KNOWN: from a first pass, or given)."""
         for tile in range(start, stop - (skip_stop - skip_start), BLOCK_N):
             start_n = tl.where(tile < skip_start, tile, tile + (skip_stop - skip_start))
             cols = start_n + offs_n
@@ -331,9 +458,9 @@ if triton is not None:
                             DOT_PRECISION, ALIGN)
             if BIASED:
                 if RELATIVE:  # noqa: SIM102 - nested constexpr branches, as Triton evaluates them
-                    if not TWO_PASS:
+                    if not ROW_MAX_KNOWN:
                         row_max = tl.max(s, 1)  # the whole key row is in this tile
-                col_pos = token_frames(cols, 0, tokens_per_frame, video_start, video_end_k, FRAMED)
+                col_pos = token_frames(cols, 0, tokens_per_frame, video_start_k, video_end_k, FRAMED)
                 s, _gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE,
                                           FRAMED)
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -347,16 +474,20 @@ if triton is not None:
         return m_i, l_i, acc, row_max
 
     @triton.jit
-    def band_window(row_pos, len_k, tokens_per_frame, video_start, video_end_k, band_reach, BLOCK_N: tl.constexpr):
+    def band_window(row_pos, len_k, tokens_per_frame, video_start_k, video_end_k, band_reach,
+                    BLOCK_N: tl.constexpr):
         """[start, stop): the key tiles the band reaches from this query block, tile-aligned. Keys of frames more than
         ``band_reach`` frames from every framed row have an exactly zero band (:func:`band_reach`), and text keys
-        have none, so tiles outside skip the bias. Empty when the block has no framed row."""
+        have none, so tiles outside skip the bias. Empty when the block has no framed row. ``row_pos`` holds the
+        rows' frames relative to the keys' (offset_delta + f_q), so key frame f starts at token
+        ``video_start_k + f * tokens_per_frame`` (a negative start: a key chunk that begins inside a frame; the
+        window is clipped to the chunk's tokens)."""
         framed = row_pos != -2147483648  # NO_FRAME
         lo = tl.min(tl.where(framed, row_pos, 2147483647), 0).to(tl.int64)
         hi = tl.max(tl.where(framed, row_pos, -2147483648), 0).to(tl.int64)
-        first = video_start + (lo - band_reach) * tokens_per_frame  # int64: frames x tokens may pass 2^31
-        last = video_start + (hi + band_reach + 1) * tokens_per_frame
-        first = tl.maximum(first, video_start.to(tl.int64))
+        first = video_start_k + (lo - band_reach) * tokens_per_frame  # int64: frames x tokens may pass 2^31
+        last = video_start_k + (hi + band_reach + 1) * tokens_per_frame
+        first = tl.maximum(first, tl.maximum(video_start_k, 0).to(tl.int64))
         last = tl.minimum(last, video_end_k.to(tl.int64))
         start = (first // BLOCK_N) * BLOCK_N
         stop = tl.minimum(tl.cdiv(last, BLOCK_N) * BLOCK_N, len_k)
@@ -366,61 +497,68 @@ if triton is not None:
     @triton.jit
     def online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k,
                        row_pos, row_max, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                       tokens_per_frame, video_start, video_end_k, band_reach,
-                       RELATIVE: tl.constexpr, TWO_PASS: tl.constexpr, FRAMED: tl.constexpr, SKIP_BAND: tl.constexpr,
-                       BLOCK_M: tl.constexpr,
+                       tokens_per_frame, video_start_k, video_end_k, band_reach,
+                       RELATIVE: tl.constexpr, ROW_MAX_KNOWN: tl.constexpr, FRAMED: tl.constexpr,
+                       SKIP_BAND: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        ALIGN: tl.constexpr):
         """The TAR softmax over every key tile, online: (running max m, sum l, unnormalised P·V, the unbiased row max),
-        all in log2 units. Relative mode takes ``row_max`` from a first pass (TWO_PASS) or from the single tile that
-        holds the row, and returns the one it used. SKIP_BAND (framed, several key tiles): the tiles outside the
-        band's reach (:func:`band_window`) run in a second, branch-free loop without the bias."""
+        all in log2 units. Relative mode takes ``row_max`` as passed (ROW_MAX_KNOWN: from a first pass, or given by
+        the caller) or from the single tile that holds the row, and returns the one it used. SKIP_BAND (framed,
+        several key tiles): the tiles outside the band's reach (:func:`band_window`) run in a second, branch-free
+        loop without the bias."""
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         band_start = 0
         band_stop = len_k
         if SKIP_BAND:
-            band_start, band_stop = band_window(row_pos, len_k, tokens_per_frame, video_start, video_end_k,
+            band_start, band_stop = band_window(row_pos, len_k, tokens_per_frame, video_start_k, video_end_k,
                                                 band_reach, BLOCK_N)
         # the tiles the band reaches, biased
         m_i, l_i, acc, row_max = softmax_tiles(
             m_i, l_i, acc, band_start, band_stop, 0, 0, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
             stride_vd, offs_n, offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale, gauss_log2_coeff,
-            bias_log2_scale, tokens_per_frame, video_start, video_end_k, True, RELATIVE, TWO_PASS, FRAMED, BLOCK_N,
-            DOT_PRECISION, ALIGN)
+            bias_log2_scale, tokens_per_frame, video_start_k, video_end_k, True, RELATIVE, ROW_MAX_KNOWN, FRAMED,
+            BLOCK_N, DOT_PRECISION, ALIGN)
         if SKIP_BAND:  # every other tile, before and after the window, without the bias
             m_i, l_i, acc, row_max = softmax_tiles(
                 m_i, l_i, acc, 0, len_k, band_start, band_stop, q, k_base, v_base, stride_kn, stride_kd,
                 stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
-                gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start, video_end_k, False, RELATIVE,
-                TWO_PASS, FRAMED, BLOCK_N, DOT_PRECISION, ALIGN)
+                gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start_k, video_end_k, False, RELATIVE,
+                ROW_MAX_KNOWN, FRAMED, BLOCK_N, DOT_PRECISION, ALIGN)
         return m_i, l_i, acc, row_max
 
     @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _tar_attention_fwd(
         Q, K, V, O,  # noqa: E741 - the kernel names its tensors like the math does
         STATS,  # (2, batch·heads, Lq) fp32 when SAVE_STATS, else unused
+        ROW_MAX,  # (batch, Lq, heads) fp32, natural units, any strides, when ROW_MAX_GIVEN, else unused
+        LSE,  # contiguous (batch, heads, Lq) fp32 when WRITE_LSE, else unused
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
         stride_ob, stride_om, stride_oh, stride_od,
+        stride_rb, stride_rm, stride_rh,  # of ROW_MAX (0 when unused)
         num_heads, len_q, len_k, head_dim,
-        offset_delta,      # int: q_offset - k_offset, |.| <= 2**30
+        offset_delta,      # int: the frame offset (TARParams.offset_delta), |.| <= 2**30
         qk_log2_scale,     # scale * log2(e)
         gauss_log2_coeff,  # log2(e) / (2 sigma^2)
         bias_log2_scale,   # strength (relative) or strength * log2(e) (absolute)
-        tokens_per_frame, video_start, video_end_q, video_end_k,  # the token layout (TokenFrames.kernel_args)
+        # the token layout, each side's own video span (TARParams.kernel_layout_args; starts may be negative)
+        tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
         band_reach,        # frames beyond which the band is exactly zero (band_reach())
         RELATIVE: tl.constexpr,
         FRAMED: tl.constexpr,  # False: token = frame (temporal attention), the layout arguments are unused
         SKIP_BAND: tl.constexpr,  # framed with several key tiles: the tiles out of the band's reach skip the bias
         TWO_PASS: tl.constexpr,
+        ROW_MAX_GIVEN: tl.constexpr,  # relative: the row max comes from ROW_MAX (no first pass, no tile max)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
         DOT_PRECISION: tl.constexpr,
         SAVE_STATS: tl.constexpr,
+        WRITE_LSE: tl.constexpr,  # store each row's natural log-sum-exp of S' in LSE
         ALIGN: tl.constexpr,  # every row starts 16-byte aligned: strides are multiples of ALIGN elements
     ):
         pid_bh, pid_m = slice_program(len_q, BLOCK_M)
@@ -438,19 +576,24 @@ if triton is not None:
         mask_d = channel_mask(offs_d, head_dim, ALIGN)
         q = tl.load(q_base + strided(offs_m, stride_qm, ALIGN)[:, None] + offs_d[None, :] * stride_qd,
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        # gi - k_offset per query row, in frames (int32; NO_FRAME for text rows)
-        row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start, video_end_q, FRAMED)
+        # offset_delta + the local frame of each query row: gi - gj = row_pos - col_pos (int32; NO_FRAME for text)
+        row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
 
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        if TWO_PASS:  # pass 1: the row max of the unbiased logits over every key tile
+        if ROW_MAX_GIVEN:  # the caller's row max (over every key chunk of the row), in log2 units like the logits
+            row_max = tl.load(ROW_MAX + b * stride_rb + offs_m.to(tl.int64) * stride_rm + h * stride_rh,
+                              mask=mask_m, other=0.0) * _LOG2E
+        elif TWO_PASS:  # pass 1: the row max of the unbiased logits over every key tile
             row_max = unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
                                        BLOCK_M, BLOCK_N, DOT_PRECISION, ALIGN)
         m_i, l_i, acc, row_max = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n,
                                                 offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
-                                                gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start,
-                                                video_end_k, band_reach, RELATIVE, TWO_PASS, FRAMED, SKIP_BAND,
-                                                BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, ALIGN)
+                                                gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start_k,
+                                                video_end_k, band_reach, RELATIVE, TWO_PASS or ROW_MAX_GIVEN, FRAMED,
+                                                SKIP_BAND, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, ALIGN)
 
+        if WRITE_LSE and TWO_PASS:  # the same, before the output (fewer registers after the two passes)
+            tl.store(LSE + pid_bh * len_q + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=mask_m)
         out = acc / l_i[:, None]
         tl.store(o_base + strided(offs_m, stride_om, ALIGN)[:, None] + offs_d[None, :] * stride_od,
                  out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
@@ -458,6 +601,39 @@ if triton is not None:
             rows = STATS + pid_bh * len_q + offs_m
             tl.store(rows, row_max, mask=mask_m)
             tl.store(rows + grid_slices(len_q, BLOCK_M) * len_q, m_i + tl.log2(l_i), mask=mask_m)
+        if WRITE_LSE and not TWO_PASS:  # the partial result's log-sum-exp of S' in natural log (log2 units * ln 2)
+            tl.store(LSE + pid_bh * len_q + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=mask_m)
+
+    @triton.jit(do_not_specialize=NOT_SPECIALIZED)
+    def _tar_row_max(
+        Q, K, OUT,  # OUT: contiguous (batch, Lq, heads) fp32
+        stride_qb, stride_qm, stride_qh, stride_qd,
+        stride_kb, stride_kn, stride_kh, stride_kd,
+        num_heads, len_q, len_k, head_dim,
+        qk_scale,  # the natural scale: max_j scale * <q_i, k_j>, as torch computes it in fp32
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_PRECISION: tl.constexpr,
+        ALIGN: tl.constexpr,
+    ):
+        """The row max of the unbiased logits over every key of this call (:func:`row_max`): the forward's first
+        pass alone, on the forward's one-axis slice-major grid."""
+        pid_bh, pid_m = slice_program(len_q, BLOCK_M)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        q_base = Q + slice_offset(b, h, stride_qb, stride_qh, ALIGN)
+        k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < len_q
+        mask_d = channel_mask(offs_d, head_dim, ALIGN)
+        q = tl.load(q_base + strided(offs_m, stride_qm, ALIGN)[:, None] + offs_d[None, :] * stride_qd,
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+        row_max = unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_scale,
+                                   BLOCK_M, BLOCK_N, DOT_PRECISION, ALIGN)
+        tl.store(OUT + (b * len_q + offs_m) * num_heads + h, row_max, mask=mask_m)
 
 
 def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -518,6 +694,9 @@ __all__ = [
     "in_slice_offsets_fit",
     "int32_slices",
     "next_pow2",
+    "partial_block_config",
+    "row_max",
+    "row_max_block_config",
     "runs_framed",
     "runs_relative",
     "scores_tile",

@@ -132,7 +132,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
         strides=(*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()),
         scalars=(heads, len_q, len_k, head_dim, params.offset_delta, params.qk_log2_scale,
                  params.gauss_log2_coeff, params.bias_log2_scale, params.strength,
-                 *params.layout.kernel_args(len_q, len_k)),
+                 *params.kernel_layout_args(len_q, len_k)),
         meta=dict(RELATIVE=relative, FRAMED=runs_framed(params), BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -172,12 +172,12 @@ if triton is not None:
     @triton.jit
     def _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d, cols, len_k,
                     row_pos, row_max, lse, delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                    tokens_per_frame, video_start, video_end_k,
+                    tokens_per_frame, video_start_k, video_end_k,
                     RELATIVE: tl.constexpr, FRAMED: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
         """For one (query, key) tile: the unbiased log2 logits s, G, P = exp2(S' − lse) and dS' = P ∘ (dP − D)."""
         s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale, DOT_PRECISION,
                         ALIGN)
-        col_pos = token_frames(cols, 0, tokens_per_frame, video_start, video_end_k, FRAMED)
+        col_pos = token_frames(cols, 0, tokens_per_frame, video_start_k, video_end_k, FRAMED)
         biased, gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE,
                                       FRAMED)
         p = tl.exp2(biased - lse[:, None])
@@ -197,7 +197,7 @@ if triton is not None:
         stride_ob, stride_om, stride_oh, stride_od,
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
-        tokens_per_frame, video_start, video_end_q, video_end_k,
+        tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
         RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
@@ -227,7 +227,7 @@ if triton is not None:
                            stride_qm, stride_qd, offs_m, offs_d, tile_mask, ALIGN)
             k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
             v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
-            row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start, video_end_q, FRAMED)
+            row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
             coupling = tl.zeros([BLOCK_M], dtype=tl.float32)
             # the row max as this tile shape computes it, and how many keys reach it (online)
             tile_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -237,7 +237,7 @@ if triton is not None:
                                                stride_vn, stride_vd,
                                                offs_d, mask_d, start_n + offs_n, len_k, row_pos, row_max, lse,
                                                delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                                               tokens_per_frame, video_start, video_end_k, RELATIVE, FRAMED,
+                                               tokens_per_frame, video_start_k, video_end_k, RELATIVE, FRAMED,
                                                DOT_PRECISION, ALIGN)
                 coupling += tl.sum(ds * gauss, 1)
                 block_max = tl.max(s, 1)
@@ -264,7 +264,7 @@ if triton is not None:
         stride_dqb, stride_dqm, stride_dqh, stride_dqd,
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
-        tokens_per_frame, video_start, video_end_q, video_end_k, scale,
+        tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k, scale,
         RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
@@ -283,7 +283,7 @@ if triton is not None:
                        stride_qd, offs_m, offs_d, tile_mask, ALIGN)
         do = _load_tile(DO + slice_offset(b, h, stride_gb, stride_gh, ALIGN), stride_gm,
                         stride_gd, offs_m, offs_d, tile_mask, ALIGN)
-        row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start, video_end_q, FRAMED)
+        row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
         row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m,
                                                                grid_slices(len_q, BLOCK_M) * len_q)
 
@@ -293,7 +293,7 @@ if triton is not None:
             s, _gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                             offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
                                             qk_log2_scale, gauss_log2_coeff, bias_log2_scale, tokens_per_frame,
-                                            video_start, video_end_k, RELATIVE, FRAMED, DOT_PRECISION, ALIGN)
+                                            video_start_k, video_end_k, RELATIVE, FRAMED, DOT_PRECISION, ALIGN)
             if RELATIVE:
                 ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
             kb = tl.load(k_base + strided(cols, stride_kn, ALIGN)[:, None] + offs_d[None, :] * stride_kd,
@@ -314,7 +314,7 @@ if triton is not None:
         stride_dvb, stride_dvn, stride_dvh, stride_dvd,
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
-        tokens_per_frame, video_start, video_end_q, video_end_k, scale,
+        tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k, scale,
         RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
@@ -341,11 +341,11 @@ if triton is not None:
             q = _load_tile(q_base, stride_qm, stride_qd, offs_m, offs_d, tile_mask, ALIGN)
             do = _load_tile(do_base, stride_gm, stride_gd, offs_m, offs_d, tile_mask, ALIGN)
             row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m, plane)
-            row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start, video_end_q, FRAMED)
+            row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
             s, _gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
                                            offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
                                            qk_log2_scale, gauss_log2_coeff, bias_log2_scale, tokens_per_frame,
-                                           video_start, video_end_k, RELATIVE, FRAMED, DOT_PRECISION, ALIGN)
+                                           video_start_k, video_end_k, RELATIVE, FRAMED, DOT_PRECISION, ALIGN)
             if RELATIVE:
                 ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
             p = tl.where(mask_m[:, None], p, 0.0)

@@ -10,10 +10,13 @@ of the runner.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -88,3 +91,23 @@ def run_child(module: str, payload: dict, timeout: float = 1800) -> dict:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
         return {"status": OOM if "out of memory" in tail.lower() else f"error: {tail[:200]}"}
     return json.loads(lines[-1])
+
+
+def run_torchrun(module: str, payload: dict, world: int, timeout: float = 1800) -> dict:
+    """``torchrun --standalone --nproc-per-node world -m module --child JSON`` with ``payload["report_dir"]`` set to
+    a fresh folder, where each rank writes ``rank<r>.json``: ``{"status": "ok", "reports": [...]}`` in rank order,
+    or ``{"status": "error: ..."}``. The ranks share the CPU cores (``OMP_NUM_THREADS`` = cores // world)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(world), "-m",
+               module, "--child", json.dumps({**payload, "report_dir": tmp})]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // world))}
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)
+        except subprocess.TimeoutExpired:
+            return {"status": f"error: timeout after {timeout:.0f} s"}
+        reports = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+        if proc.returncode != 0 or len(reports) != world:
+            errors = [line for line in proc.stderr.splitlines()
+                      if ("Error" in line or "terminate" in line) and "ChildFailedError" not in line]
+            return {"status": "error: " + (errors or [f"exit status {proc.returncode}"])[-1][:300]}
+    return {"status": "ok", "reports": sorted(reports, key=lambda r: r.get("rank", 0))}

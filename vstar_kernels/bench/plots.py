@@ -18,6 +18,7 @@ _STYLE = {  # one look per provider across every figure
     "naive": dict(color="tab:red"),
     "sdpa_bias": dict(color="tab:orange"),
     "flex": dict(color="tab:purple"),
+    "flex_two_pass": dict(color="tab:purple", linestyle=":"),
     "xformers": dict(color="tab:brown"),
     "triton": dict(color="tab:green", linewidth=2.5),
     "extension": dict(color="tab:blue", linewidth=2.5),

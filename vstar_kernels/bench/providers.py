@@ -2,7 +2,8 @@
 
 A provider turns (q, k, v) of shape (batch, frames, heads, head_dim) — diffusers' projection views — plus the TAR
 arguments into a zero-argument callable that computes the output. ``unavailable`` says why a provider cannot run
-on a device or a mode (FlexAttention's score_mod never sees the row max, so it has no relative mode).
+on a device or a mode (FlexAttention's score_mod never sees the row max, so its relative mode is two calls:
+``flex_two_pass``, the row max from the first, CUDA only).
 
 FlexAttention runs under ``torch.compile`` (a compile per shape: minutes on a CPU). ``VSTAR_BENCH_FLEX_COMPILE=0``
 runs it eagerly instead (PyTorch's unfused reference, which materialises the scores): same results, no compile, for
@@ -154,7 +155,40 @@ def _flex(case: Case) -> Thunk:
 
 def _flex_unavailable(case: Case) -> str | None:
     if case.mode == "relative":
-        return "relative mode needs the row max of S, which score_mod never sees"
+        return "relative mode needs the row max of S, which score_mod never sees (flex_two_pass reads it)"
+    return None
+
+
+def _flex_two_pass(case: Case) -> Thunk:
+    """VSTAR's relative form with FlexAttention alone: a first call returns the row max of the unbiased logits
+    (``return_aux=AuxRequest(max_scores=True)``), a second adds ``strength * row_max * G`` in a ``score_mod`` that
+    reads it. The first pass is a whole attention (FlexAttention has no row-max-only call)."""
+    from torch.nn.attention.flex_attention import AuxRequest
+
+    q, k, v = _heads_first(case.q, case.k, case.v)
+    coeff = 1.0 / (2.0 * case.sigma * case.sigma)
+    strength = case.strength
+    per_frame = case.tokens_per_frame
+    flex = _flex_attention(flex_compiled())
+
+    def run() -> torch.Tensor:
+        _, aux = flex(q, k, v, return_aux=AuxRequest(max_scores=True))
+        row_max = aux.max_scores  # (batch, heads, Lq), natural units: the scaled logits' max
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            dist = (q_idx // per_frame - kv_idx // per_frame).to(torch.float32)
+            return score + strength * row_max[b, h, q_idx] * torch.exp(-dist * dist * coeff)
+
+        return flex(q, k, v, score_mod=score_mod).transpose(1, 2)
+
+    return run
+
+
+def _flex_two_pass_unavailable(case: Case) -> str | None:
+    if case.mode != "relative":
+        return "the two-pass form is the relative mode's (absolute: flex)"
+    if case.q.device.type != "cuda":
+        return "FlexAttention returns max scores on CUDA only (PyTorch: not supported on CPU/MPS)"
     return None
 
 
@@ -208,6 +242,8 @@ PROVIDERS: dict[str, Provider] = {
         Provider("naive", "naive materialised TAR (official order)", _naive),
         Provider("sdpa_bias", "SDPA + materialised bias", _sdpa_bias),
         Provider("flex", "FlexAttention (compiled)", _flex, _flex_unavailable),
+        Provider("flex_two_pass", "FlexAttention, row max then bias (two calls)", _flex_two_pass,
+                 _flex_two_pass_unavailable),
         Provider("xformers", "xformers + bias tensor", _xformers, _xformers_unavailable),
         Provider("triton", "vstar triton kernel", _backend("triton"), _backend_unavailable("triton")),
         Provider("extension", "vstar C++/CUDA extension", _backend("extension"), _backend_unavailable("extension")),

@@ -248,7 +248,7 @@ def run_dit(args: argparse.Namespace) -> Path:
 
 
 def _note_eager_flex(args: argparse.Namespace, console) -> None:
-    if "flex" in args.providers and not flex_compiled():
+    if {"flex", "flex_two_pass"} & set(args.providers) and not flex_compiled():
         console.print(f"FlexAttention runs eagerly ({FLEX_COMPILE_ENV}=0): its times are not the compiled kernel's")
 
 

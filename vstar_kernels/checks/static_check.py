@@ -6,9 +6,12 @@ Run ``python -m vstar_kernels.checks.static_check [--arch 80 90] [--jobs N] [--c
 1. :func:`reachable_specialisations` enumerates the compiles :func:`~vstar_kernels.backends.triton_tar.forward`
    can trigger: every :class:`BlockConfig` that ``block_config`` returns over a grid of frame counts, head dims and
    both modes, times fp16/bf16/fp32, times the constexpr flags ``_launch`` passes for ``strength != 0`` and
-   ``strength == 0``. The flags are not re-derived here: ``_launch`` itself is called with the kernel swapped for a
-   recorder, so whatever ``_launch`` passes (today RELATIVE, TWO_PASS, BLOCK_*, DOT_PRECISION,
-   num_warps, num_stages) is what gets compiled. Identical compiles are deduplicated.
+   ``strength == 0``, with and without the partial results of a Ring chunk (a given row max, the lse: every
+   combination :data:`PARTIAL_RESULTS`); the row-max kernel (:func:`~vstar_kernels.backends.triton_tar.row_max`)
+   for every config ``row_max_block_config`` returns. The flags are not re-derived here: ``_launch`` itself is
+   called with the kernel swapped for a recorder, so whatever ``_launch`` passes (today RELATIVE, FRAMED,
+   SKIP_BAND, TWO_PASS, ROW_MAX_GIVEN, BLOCK_*, DOT_PRECISION, SAVE_STATS, WRITE_LSE, ALIGN, num_warps,
+   num_stages) is what gets compiled. Identical compiles are deduplicated.
 2. Each one is AOT-compiled for each requested arch (``triton.compile`` on a ``GPUTarget``; no driver needed).
 3. Registers, shared and local memory come from the cubin (bundled ``cuobjdump --dump-resource-usage``); spill
    stores/loads from re-running the ptxas triton used, with triton's flags, ``-v`` on the PTX. Triton's dynamic
@@ -23,7 +26,9 @@ Run ``python -m vstar_kernels.checks.static_check [--arch 80 90] [--jobs N] [--c
 ``--realistic`` checks, instead, the compiles that real calls trigger (:func:`realistic_specialisations`):
 AnimateDiff's 8 heads x {40, 80, 160} and ModelScope's {5, 10, 20} x 64, F in {14, 16, 24, 25, 64, 128, 256}, q/k/v
 as views of separate projections or of one fused QKV projection, fp16/bf16/fp32, both modes, on sm_80/86/89/90, with
-the tensors' own strides and alignment (no representative value class). There it also fails a row with fewer than
+the tensors' own strides and alignment (no representative value class); the video transformers' 3D attention
+(:data:`REALISTIC_DIT`), whole and as the chunks of a Ring over :data:`REALISTIC_RING_RANKS` ranks (a key chunk with
+the row max given and the lse returned, and the row-max pass). There it also fails a row with fewer than
 MIN_WARPS_PER_SM resident warps per SM.
 
 Runtime-argument specialisation. Triton also specialises non-constexpr arguments on their values: an int equal
@@ -75,7 +80,7 @@ from unittest import mock
 import torch
 
 from ..backends import triton_tar, triton_tar_backward
-from ..backends.triton_tar import BlockConfig, block_config
+from ..backends.triton_tar import BlockConfig, block_config, row_max_block_config
 from ..backends.triton_tar_backward import backward_block_config, training_block_config
 from ..contract import MODES, make_params
 
@@ -96,6 +101,9 @@ STRENGTHS: tuple[float, ...] = (1.0, 0.0)  # biased, and strength == 0 (launched
 LONG_ROW = 1024
 FRAMED_LAYOUT = {"tokens_per_frame": 256, "video_start": 0, "video_tokens": 768}
 BACKWARD_DTYPES: tuple[str, ...] = ("fp16", "bf16")  # the dtypes the Triton backward kernels are launched for
+# The partial results of an inference call (a chunk of keys, context parallelism's Ring): (row max given, lse
+# returned). A given row max applies to relative mode only (absolute launches ignore it: deduplicated).
+PARTIAL_RESULTS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
 
 # Representative calls (see the module docstring): (batch, frames, heads, head_dim) shape and strides.
 VALUE_CLASSES: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, int]]] = {
@@ -107,8 +115,10 @@ _FP_FUSION_WARNING = "TRITON_DEFAULT_FP_FUSION is unset"
 
 # Every kernel the launchers can start, by name, with the module that defines it.
 FORWARD_KERNEL = "_tar_attention_fwd"
+ROW_MAX_KERNEL = "_tar_row_max"
 KERNELS: dict[str, object] = {
     FORWARD_KERNEL: triton_tar,
+    ROW_MAX_KERNEL: triton_tar,
     "_tar_bwd_prep": triton_tar_backward,
     "_tar_bwd_dq": triton_tar_backward,
     "_tar_bwd_dkdv": triton_tar_backward,
@@ -138,16 +148,20 @@ class Spec:
 
     @property
     def variant(self) -> str:
-        """Forward: relative, relative-2pass or absolute (which strength == 0 also runs), with "+stats" for the
-        forward of a training call (it saves the row statistics). Backward: the kernel and the mode, e.g.
-        bwd_dq-relative."""
+        """Forward: relative, relative-2pass or absolute (which strength == 0 also runs), with "+framed" for a token
+        layout, "+stats" for the forward of a training call (it saves the row statistics), "+rowmax" where the row
+        max is given and "+lse" where the lse is stored (the partial results of a Ring chunk). Backward: the kernel
+        and the mode, e.g. bwd_dq-relative. The row-max kernel: row_max."""
         flags = dict(self.constexprs)
+        if self.kernel == ROW_MAX_KERNEL:
+            return "row_max"
         mode = "relative" if flags["RELATIVE"] else "absolute"
         framed = "+framed" if flags.get("FRAMED") else ""
         if self.kernel != FORWARD_KERNEL:
             return f"{self.kernel.removeprefix('_tar_')}-{mode}{framed}"
         variant = "relative-2pass" if flags["RELATIVE"] and flags["TWO_PASS"] else mode
-        return variant + framed + ("+stats" if flags.get("SAVE_STATS") else "")
+        return (variant + framed + ("+stats" if flags.get("SAVE_STATS") else "")
+                + ("+rowmax" if flags.get("ROW_MAX_GIVEN") else "") + ("+lse" if flags.get("WRITE_LSE") else ""))
 
 
 def reachable_configs() -> list[tuple[BlockConfig, str, str]]:
@@ -176,6 +190,14 @@ def reachable_training_forward_configs() -> list[tuple[BlockConfig, str, str]]:
             if dtype in BACKWARD_DTYPES]
 
 
+def reachable_row_max_configs() -> list[tuple[BlockConfig, str]]:
+    """Every distinct (BlockConfig, dtype) ``row_max_block_config`` returns over FRAME_COUNTS x HEAD_DIMS x DTYPES
+    (the row-max kernel of ``tar_row_max``)."""
+    found = {(row_max_block_config(len_k, head_dim, DTYPES[dtype]), dtype)
+             for dtype in DTYPES for len_k in FRAME_COUNTS for head_dim in HEAD_DIMS}
+    return sorted(found, key=lambda item: (_config_key(item[0]), item[1]))
+
+
 def reachable_framed_configs() -> list[tuple[BlockConfig, object, str, str]]:
     """(forward config, backward config, mode, dtype) of long-row calls, the ones that run the framed kernels."""
     found = {(block_config(LONG_ROW, LONG_ROW, head_dim, mode, DTYPES[dtype], framed=True),
@@ -186,19 +208,26 @@ def reachable_framed_configs() -> list[tuple[BlockConfig, object, str, str]]:
 
 def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list[Spec]:
     """Every distinct compile the launchers can choose: reachable (config, mode, dtype) x the flags ``_launch``
-    passes, for each representative call in ``value_classes`` (keys of :data:`VALUE_CLASSES`); the forward of a
-    training call (saving the row statistics) for every config it runs with; and the three kernels of the Triton
-    backward for every config ``backward_block_config`` returns.
+    passes, with every combination of :data:`PARTIAL_RESULTS`, for each representative call in ``value_classes``
+    (keys of :data:`VALUE_CLASSES`); the row-max kernel for every config it runs with; the forward of a training
+    call (saving the row statistics) for every config it runs with; and the three kernels of the Triton backward
+    for every config ``backward_block_config`` returns.
 
     Deterministic order (kernel, value class, dtype, block_d, block_n, block_m, variant); no two are equal.
     """
     specs: set[Spec] = set()
     with _recording_kernels() as calls:
-        for value_class, (config, mode, dtype), strength in itertools.product(value_classes, reachable_configs(),
-                                                                              STRENGTHS):
+        for value_class, (config, mode, dtype), strength, partial in itertools.product(
+                value_classes, reachable_configs(), STRENGTHS, PARTIAL_RESULTS):
             params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, strength=strength, mode=mode)
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
-            triton_tar._launch((1, 1), *tensors, params, config)
+            tiles = triton_tar.partial_block_config(config, params, DTYPES[dtype], *partial)  # config w/o partials
+            triton_tar._launch((1, 1), *tensors, params, tiles, None, *_partial_tensors(value_class, *partial))
+            specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
+        for value_class, (config, dtype) in itertools.product(value_classes, reachable_row_max_configs()):
+            params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0)
+            tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(2)]
+            triton_tar._launch_row_max((1, 1), *tensors, _representative_rows(value_class), params, config)
             specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
         for value_class, (config, mode, dtype), strength in itertools.product(
                 value_classes, reachable_training_forward_configs(), STRENGTHS):
@@ -218,8 +247,10 @@ def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list
                                                                                     reachable_framed_configs()):
             params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, mode=mode, **FRAMED_LAYOUT)
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
-            triton_tar._launch((1, 1), *tensors, params, config)
-            specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
+            for partial in PARTIAL_RESULTS:
+                tiles = triton_tar.partial_block_config(config, params, DTYPES[dtype], *partial)
+                triton_tar._launch((1, 1), *tensors, params, tiles, None, *_partial_tensors(value_class, *partial))
+                specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
             if dtype in BACKWARD_DTYPES:  # the training forward (saving the row statistics), then the backward
                 stats = _representative_tensor(torch.float32, value_class)
                 triton_tar._launch((1, 1), *tensors, params, training_block_config(config, framed=True), stats)
@@ -250,6 +281,9 @@ REALISTIC_DIT: dict[str, tuple[int, int, int, int, int, bool]] = {
     "ltx-video": (32, 64, 16 * 330, 330, 0, False),
     "hunyuanvideo": (24, 128, 33 * 2040 + 256, 2040, 256, False),
 }
+# Context parallelism's Ring over this many ranks: each rank's query chunk meets every key chunk, and biases with the
+# row max over all of them (relative mode: a row-max pass first).
+REALISTIC_RING_RANKS = 8
 # How q, k, v reach the op: views of separate to_q/to_k/to_v outputs (the processor), or of one fused QKV output.
 LAYOUTS: tuple[str, ...] = ("projection", "fused_qkv")
 REALISTIC_ARCHS: tuple[int, ...] = (80, 86, 89, 90)
@@ -297,6 +331,25 @@ def realistic_specialisations() -> dict[Spec, list[str]]:
             triton_tar._launch((1,), q, k, v, out, params, config)
             spec = _spec_from_call(dtype, REALISTIC, *calls.pop())
             found.setdefault(spec, []).append(f"{model} {heads}x{head_dim} L={tokens} {dtype} {mode}")
+            # a Ring chunk pairing (query chunk 3 with key chunk 5: both begin inside a frame)
+            chunk = -(-tokens // REALISTIC_RING_RANKS)
+            q, k, v, out = realistic_tensors("projection", chunk, heads, head_dim, DTYPES[dtype], batch=1)
+            params = make_params(head_dim, sigma=2.0, strength=1.0, mode=mode, tokens_per_frame=per_frame,
+                                 video_start=text if text_first else 0, video_tokens=tokens - text,
+                                 q_token_offset=3 * chunk, k_token_offset=5 * chunk)
+            rows = torch.empty((1, chunk, heads), dtype=torch.float32, device="meta")
+            config = triton_tar.partial_block_config(
+                block_config(chunk, chunk, head_dim, mode, DTYPES[dtype], framed=True), params, DTYPES[dtype],
+                mode == "relative", True)
+            ring = f"ring/{REALISTIC_RING_RANKS} {dtype} {mode}"
+            triton_tar._launch((1,), q, k, v, out, params, config, None, rows if mode == "relative" else None, rows)
+            found.setdefault(_spec_from_call(dtype, REALISTIC, *calls.pop()), []).append(
+                f"{model} {heads}x{head_dim} L={chunk} {ring}")
+            if mode == "relative":  # its row-max pass, with the tiles triton_tar.row_max picks
+                triton_tar._launch_row_max((1,), q, k, rows, params, row_max_block_config(chunk, head_dim,
+                                                                                          DTYPES[dtype]))
+                found.setdefault(_spec_from_call(dtype, REALISTIC, *calls.pop()), []).append(
+                    f"{model} {heads}x{head_dim} rows={chunk} {ring} row_max")
     return dict(sorted(found.items(), key=lambda item: _spec_key(item[0])))
 
 
@@ -333,6 +386,18 @@ def _representative_tensor(dtype: torch.dtype, value_class: str = "plain") -> to
     """A storage-free (meta) tensor of the value class's shape and strides; its data_ptr() is 0 (aligned)."""
     shape, strides = VALUE_CLASSES[value_class]
     return torch.empty_strided(shape, strides, dtype=dtype, device="meta")
+
+
+def _representative_rows(value_class: str = "plain") -> torch.Tensor:
+    """A storage-free contiguous fp32 (batch, Lq, heads) tensor: a row max or lse of the value class's call."""
+    return torch.empty(VALUE_CLASSES[value_class][0][:3], dtype=torch.float32, device="meta")
+
+
+def _partial_tensors(value_class: str, given: bool, lse: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(row_max, lse) for ``_launch``: a row max when ``given``, an lse output ((batch, heads, Lq), as the launcher
+    allocates it) when ``lse``, else None."""
+    rows = _representative_rows(value_class)
+    return (rows if given else None, rows.transpose(1, 2).contiguous() if lse else None)
 
 
 Call = tuple[str, tuple[object, ...], dict[str, object]]

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from ..call_state import Scoped
+from ..distributed.sequence_parallel import sequence_parallel_tar
 from ..ops import tar_attention
+from .context_parallel import context_parallel_config, sequence_mesh
 from .processor import TARSwitch, cond_on_flag
 from .video_transformers import FrameGeometry
 
@@ -198,15 +200,21 @@ class DiTTARProcessor:
         def plain(q, k, v):
             return original(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args, **kwargs)
 
-        if kwargs.get("parallel_config") is not None:
-            raise NotImplementedError("TAR on a video transformer does not run under diffusers' context parallelism "
-                                      "(parallel_config): remove TAR or disable context parallelism")
+        cp = context_parallel_config(kwargs.get("parallel_config"))
+        if cp is not None:
+            return self._attend(query, key, value, attn_mask, dropout_p, is_causal, scale, plain,
+                                lambda q, k, v: self._with_tar_parallel(q, k, v, attn_mask, dropout_p, is_causal,
+                                                                        scale, cp))
         return self._attend(query, key, value, attn_mask, dropout_p, is_causal, scale, plain)
 
     def _sdpa(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
               enable_gqa=False):
         """Stands in for ``F.scaled_dot_product_attention``: (batch, heads, tokens, head_dim) in and out."""
         original = self._route.original
+        if context_parallel_config(self._parallel_config) is not None:
+            raise NotImplementedError(f"{type(self.original).__name__} computes attention with "
+                                      "F.scaled_dot_product_attention, which diffusers' context parallelism does not "
+                                      "route (each rank would attend within its own shard): TAR cannot run under it")
 
         def plain(q, k, v):
             return original(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask,
@@ -217,26 +225,45 @@ class DiTTARProcessor:
                            is_causal, scale, plain)
         return out.transpose(1, 2)
 
-    def _attend(self, q, k, v, attn_mask, dropout_p, is_causal, scale, plain):
-        """TAR or the original attention on (batch, tokens, heads, head_dim), as the step window says."""
+    def _attend(self, q, k, v, attn_mask, dropout_p, is_causal, scale, plain, tar=None):
+        """TAR (``tar``, default :meth:`_with_tar`) or the original attention (``plain``) on (batch, tokens, heads,
+        head_dim), as the step window says."""
+        if tar is None:
+            def tar(q, k, v):
+                return self._with_tar(q, k, v, attn_mask, dropout_p, is_causal, scale)
         switch = self.state.switch
         if switch.flag is not None and torch.compiler.is_compiling():
-            return cond_on_flag(switch.flag, lambda q, k, v: self._with_tar(q, k, v, attn_mask, dropout_p, is_causal,
-                                                                            scale), plain, q, k, v)
+            return cond_on_flag(switch.flag, tar, plain, q, k, v)
         if not switch.active:
             return plain(q, k, v)
-        return self._with_tar(q, k, v, attn_mask, dropout_p, is_causal, scale)
+        return tar(q, k, v)
+
+    def _op_kwargs(self, scale, len_q: int, len_k: int) -> dict:
+        return dict(sigma=self.sigma, strength=self.strength, mode=self.mode, scale=scale, backend=self.backend,
+                    **self.layout(len_q, len_k))
 
     def _with_tar(self, q, k, v, attn_mask, dropout_p, is_causal, scale):
-        if dropout_p or is_causal:
-            raise NotImplementedError(f"TAR attention has no dropout or causal mask (dropout_p={dropout_p}, "
-                                      f"is_causal={is_causal})")
-        layout = self.layout(q.shape[1], k.shape[1])
-        kw = dict(sigma=self.sigma, strength=self.strength, mode=self.mode, scale=scale, backend=self.backend,
-                  **layout)
+        _check_plain_attention(dropout_p, is_causal)
+        kw = self._op_kwargs(scale, q.shape[1], k.shape[1])
         if attn_mask is None:
             return tar_attention(q, k, v, **kw)
         return self._with_key_padding(q, k, v, attn_mask, kw)
+
+    def _with_tar_parallel(self, q, k, v, attn_mask, dropout_p, is_causal, scale, cp):
+        """TAR on this rank's shard of the sequence under diffusers' context parallelism ``cp``
+        (:mod:`vstar_kernels.diffusers.context_parallel`): every check before the first collective."""
+        _check_plain_attention(dropout_p, is_causal)
+        if attn_mask is not None:
+            raise NotImplementedError("TAR under context parallelism takes no attention mask (the self-attention of "
+                                      "Wan and LTX-Video has none)")
+        if self.text != "none":
+            raise NotImplementedError(f"TAR under context parallelism needs a self-attention over the video tokens "
+                                      f"alone (Wan, LTX-Video); this model's text sits {self.text} in it")
+        geometry = self.state.geometry
+        if geometry is None:
+            raise RuntimeError("TAR has no frame geometry: the attention ran outside the transformer's forward")
+        tokens = geometry.video_tokens
+        return sequence_parallel_tar(q, k, v, sequence_mesh(cp, tokens), self._op_kwargs(scale, tokens, tokens))
 
     def layout(self, len_q: int, len_k: int) -> dict[str, int | None]:
         """The op's token layout for a self-attention call of ``len_q`` queries (the video tokens of the forward in
@@ -276,6 +303,12 @@ class DiTTARProcessor:
             return tar_attention(q, k[:, :counts[0]], v[:, :counts[0]], **kw)
         return torch.cat([tar_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], **kw)
                           for b, n in enumerate(counts)])
+
+
+def _check_plain_attention(dropout_p: float, is_causal: bool) -> None:
+    if dropout_p or is_causal:
+        raise NotImplementedError(f"TAR attention has no dropout or causal mask (dropout_p={dropout_p}, "
+                                  f"is_causal={is_causal})")
 
 
 class WanTARProcessor(DiTTARProcessor):

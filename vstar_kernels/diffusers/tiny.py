@@ -231,16 +231,30 @@ def i2vgen_pipeline(unet):
 # Each builder keeps the released model's structure (patch sizes, QK norm, RoPE tables and axes, text length, block
 # kinds) and narrows only widths, heads and depth. Released configs: Wan2.1-T2V-1.3B, CogVideoX-5b, LTX-Video 0.9,
 # HunyuanVideo.
-def tiny_wan_transformer(num_layers: int = 2):
-    """Wan 2.1 T2V: patch (1, 2, 2), rms_norm_across_heads, RoPE table of 1024 positions; 2 heads x 24 (released:
-    12 x 128 for 1.3B)."""
+def tiny_wan_transformer(num_layers: int = 2, heads: int = 2, head_dim: int = 24):
+    """Wan 2.1 T2V: patch (1, 2, 2), rms_norm_across_heads, RoPE table of 1024 positions; ``heads`` x ``head_dim``,
+    default 2 x 24 (released: 12 x 128 for 1.3B; context parallelism's Ulysses needs heads divisible by its
+    degree)."""
     from diffusers import WanTransformer3DModel
 
     torch.manual_seed(0)
-    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=24, in_channels=16,
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                                 in_channels=16,
                                  out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=num_layers,
                                  cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6,
                                  rope_max_seq_len=1024)
+
+
+def tiny_wan_i2v_transformer(num_layers: int = 2, heads: int = 2, head_dim: int = 24):
+    """Wan 2.1 I2V: :func:`tiny_wan_transformer` plus the image branch (36 input channels: noise, mask and the
+    image latent; CLIP image tokens through ``added_kv_proj_dim`` into the cross-attention)."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(0)
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim,
+                                 in_channels=36, out_channels=16, text_dim=32, freq_dim=32, ffn_dim=64,
+                                 num_layers=num_layers, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 eps=1e-6, image_dim=16, added_kv_proj_dim=heads * head_dim, rope_max_seq_len=1024)
 
 
 def tiny_cogvideox_transformer(num_layers: int = 2):
@@ -269,14 +283,14 @@ def cogvideox_rotary_embedding(model, frames: int, height: int, width: int):
                                    max_size=(base_h, base_w))
 
 
-def tiny_ltx_transformer(num_layers: int = 2):
-    """LTX-Video 0.9: patch 1 x 1 (the VAE patchifies), rms_norm_across_heads, cross-attention to the caption; 2
-    heads x 16 (released: 32 x 64, 128 latent channels)."""
+def tiny_ltx_transformer(num_layers: int = 2, heads: int = 2, head_dim: int = 16):
+    """LTX-Video 0.9: patch 1 x 1 (the VAE patchifies), rms_norm_across_heads, cross-attention to the caption;
+    ``heads`` x ``head_dim``, default 2 x 16 (released: 32 x 64, 128 latent channels)."""
     from diffusers import LTXVideoTransformer3DModel
 
     torch.manual_seed(0)
     return LTXVideoTransformer3DModel(in_channels=128, out_channels=128, patch_size=1, patch_size_t=1,
-                                      num_attention_heads=2, attention_head_dim=16, cross_attention_dim=32,
+                                      num_attention_heads=heads, attention_head_dim=head_dim, cross_attention_dim=32,
                                       num_layers=num_layers, qk_norm="rms_norm_across_heads", caption_channels=32)
 
 

@@ -1,0 +1,212 @@
+"""One rank of a context-parallel TAR check, launched by tests/test_context_parallel.py under torchrun (gloo, CPU).
+
+Every rank builds the same tiny released-layout transformer (Wan 2.1 or LTX-Video) and inputs, computes the
+single-process TAR output itself, then runs diffusers' own context parallelism
+(``enable_parallelism(config=ContextParallelConfig(...))``) with TAR, and writes ``rank<r>.json`` into
+``--report-dir``: the largest difference and what it checked. Exit status 1 on any mismatch.
+
+diffusers picks the device as ``rank % torch.accelerator.device_count()``, which divides by zero on a machine
+without an accelerator; the only thing patched here is that count, to 1, around ``enable_parallelism``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+
+from vstar_kernels import apply_tar, remove_tar
+from vstar_kernels.diffusers import tiny
+
+TOLERANCE = 1e-4
+
+
+def build(model: str):
+    if model == "wan":
+        transformer = tiny.tiny_wan_transformer(heads=4, head_dim=12)
+    elif model == "wan-i2v":
+        transformer = tiny.tiny_wan_i2v_transformer(heads=4, head_dim=12)
+    else:
+        transformer = tiny.tiny_ltx_transformer(heads=4, head_dim=8)
+    return transformer.eval()
+
+
+def inputs(model: str, frames: int, height: int, width: int, batch: int = 1) -> dict:
+    gen = torch.Generator().manual_seed(1)
+    if model == "wan-i2v":  # 257 CLIP image tokens, unsplit by Wan's _cp_plan (they reach the cross-attention only)
+        return dict(hidden_states=torch.randn(batch, 36, frames, height, width, generator=gen),
+                    timestep=torch.tensor([700] * batch),
+                    encoder_hidden_states=torch.randn(batch, 7, 32, generator=gen),
+                    encoder_hidden_states_image=torch.randn(batch, 257, 16, generator=gen))
+    if model == "wan":
+        return dict(hidden_states=torch.randn(batch, 16, frames, height, width, generator=gen),
+                    timestep=torch.tensor([700] * batch),
+                    encoder_hidden_states=torch.randn(batch, 7, 32, generator=gen))
+    # no encoder_attention_mask: diffusers' native Ulysses fails on LTX's masked cross-attention by itself (the
+    # mask's head axis after the all-to-all), with or without TAR, which sits in the self-attention only
+    return dict(hidden_states=torch.randn(batch, frames * height * width, 128, generator=gen),
+                encoder_hidden_states=torch.randn(batch, 8, 32, generator=gen), timestep=torch.tensor([700] * batch),
+                encoder_attention_mask=None, num_frames=frames, height=height, width=width)
+
+
+def enable_cp(transformer, args) -> None:
+    from diffusers import ContextParallelConfig
+
+    config = ContextParallelConfig(ulysses_degree=args.ulysses, ring_degree=args.ring,
+                                   ulysses_anything=args.anything and args.ulysses > 1,
+                                   ring_anything=args.anything and args.ring > 1)
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        transformer.enable_parallelism(config=config)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", choices=("wan", "wan-i2v", "ltx"), default="wan")
+    parser.add_argument("--ulysses", type=int, default=1)
+    parser.add_argument("--ring", type=int, default=1)
+    parser.add_argument("--anything", action="store_true", help="ulysses_anything / ring_anything (uneven shards)")
+    parser.add_argument("--frames", type=int, default=3)
+    parser.add_argument("--size", type=int, nargs=2, default=(8, 8), help="latent height and width")
+    parser.add_argument("--sigma", type=float, default=0.8)
+    parser.add_argument("--order", choices=("tar-first", "cp-first"), default="tar-first")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--backward", action="store_true", help="gradients of the input through CP + TAR")
+    parser.add_argument("--outside-window", action="store_true",
+                        help="TAR's window closed: bit-identical to diffusers' own CP")
+    parser.add_argument("--remove", action="store_true", help="remove_tar afterwards: diffusers' CP as before")
+    parser.add_argument("--pipeline", action="store_true", help="a WanPipeline end to end (2 steps, CFG)")
+    parser.add_argument("--experts", type=int, choices=(1, 2), default=1, help="--pipeline: Wan 2.2's two experts")
+    parser.add_argument("--report-dir", required=True)
+    args = parser.parse_args()
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    report: dict = {"rank": rank, "world": dist.get_world_size(), "checks": {}}
+    if args.pipeline:
+        return finish(report, run_pipeline(args, report), args)
+    ok = True
+    kw = inputs(args.model, args.frames, *args.size)
+    base = build(args.model)
+    window = "all" if not args.outside_window else (0, 1)
+    try:
+        for mode in ("relative", "absolute"):
+            single = copy.deepcopy(base)
+            apply_tar(single, sigma=args.sigma, strength=1.5, mode=mode, timesteps=window, backend=args.backend)
+            parallel = copy.deepcopy(base)
+            if args.order == "cp-first":
+                enable_cp(parallel, args)
+                apply_tar(parallel, sigma=args.sigma, strength=1.5, mode=mode, timesteps=window, backend=args.backend)
+            else:
+                apply_tar(parallel, sigma=args.sigma, strength=1.5, mode=mode, timesteps=window, backend=args.backend)
+                enable_cp(parallel, args)
+            if args.backward:
+                ok &= check_backward(single, parallel, kw, report, mode)
+                continue
+            with torch.no_grad():
+                want = single(**kw, return_dict=False)[0]
+                got = parallel(**kw, return_dict=False)[0]
+                plain = copy.deepcopy(base)(**kw, return_dict=False)[0]
+            err = (got - want).abs().max().item()
+            scale = want.abs().max().item()
+            report["checks"][mode] = {"max_err": err, "scale": scale,
+                                      "tar_changes_output": (want - plain).abs().max().item()}
+            if args.outside_window:
+                cp_plain = copy.deepcopy(base)
+                enable_cp(cp_plain, args)
+                with torch.no_grad():
+                    diffusers_cp = cp_plain(**kw, return_dict=False)[0]
+                report["checks"][mode]["bit_identical_to_diffusers_cp"] = bool(torch.equal(got, diffusers_cp))
+                ok &= torch.equal(got, diffusers_cp)
+            else:
+                ok &= err <= TOLERANCE * max(1.0, scale)
+                ok &= report["checks"][mode]["tar_changes_output"] > 100 * TOLERANCE  # the band is visible
+            if args.remove:
+                remove_tar(parallel)
+                cp_plain = copy.deepcopy(base)
+                enable_cp(cp_plain, args)
+                with torch.no_grad():
+                    after = parallel(**kw, return_dict=False)[0]
+                    diffusers_cp = cp_plain(**kw, return_dict=False)[0]
+                report["checks"][mode]["removed_equals_diffusers_cp"] = bool(torch.equal(after, diffusers_cp))
+                ok &= torch.equal(after, diffusers_cp)
+    except Exception as exc:  # reported, not hung: every rank raises the same check before any collective
+        report["error"] = f"{type(exc).__name__}: {exc}"
+        ok = False
+    return finish(report, ok, args)
+
+
+def finish(report: dict, ok: bool, args) -> int:
+    report["ok"] = bool(ok)
+    Path(args.report_dir, f"rank{report['rank']}.json").write_text(json.dumps(report))
+    dist.destroy_process_group()
+    return 0 if ok else 1
+
+
+def run_pipeline(args, report: dict) -> bool:
+    """WanPipeline (tiny UMT5, Wan VAE, a 4-head transformer) with TAR: one process, then diffusers' CP."""
+    latents = []
+    for parallel in (False, True):
+        pipe = tiny.wan_pipeline(tiny.tiny_wan_transformer(heads=4, head_dim=12))
+        experts = [pipe.transformer]
+        if args.experts == 2:  # Wan 2.2 A14B: the low-noise expert takes the steps below the boundary
+            from diffusers import WanPipeline
+
+            second = tiny.tiny_wan_transformer(heads=4, head_dim=12)
+            with torch.no_grad():
+                for param in second.parameters():
+                    param.mul_(0.9)  # another expert: other weights
+            pipe = WanPipeline(**{**pipe.components, "transformer_2": second}, boundary_ratio=0.5)
+            experts.append(second)
+        if parallel and args.order == "cp-first":
+            for expert in experts:
+                enable_cp(expert, args)
+        handle = apply_tar(pipe, sigma=args.sigma, strength=1.5, timesteps="all", backend=args.backend)
+        report["checks"]["patched_layers"] = handle.num_layers
+        if parallel and args.order == "tar-first":
+            for expert in experts:
+                enable_cp(expert, args)
+        calls = [0] * len(experts)
+        for index, expert in enumerate(experts):
+            expert.register_forward_pre_hook(lambda *_, i=index, c=calls: c.__setitem__(i, c[i] + 1))
+        with torch.no_grad():
+            out = pipe("w3 w4 w5", negative_prompt="w6", num_frames=9, height=32, width=32, num_inference_steps=2,
+                       guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(0))
+        latents.append(out.frames)
+        report["checks"]["calls_per_expert"] = calls
+    err = (latents[1] - latents[0]).abs().max().item()
+    report["checks"]["pipeline"] = {"max_err": err, "scale": latents[0].abs().max().item(),
+                                    "shape": list(latents[0].shape)}
+    return err <= TOLERANCE * max(1.0, latents[0].abs().max().item())
+
+
+def check_backward(single, parallel, kw, report, mode) -> bool:
+    """d(loss)/d(hidden_states) and one weight's gradient through CP + TAR equal one process's."""
+    grads = []
+    for model in (single, parallel):
+        x = kw["hidden_states"].clone().requires_grad_()
+        out = model(**{**kw, "hidden_states": x}, return_dict=False)[0]
+        weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        (out * weights).sum().backward()
+        grads.append((x.grad, model.blocks[0].attn1.to_q.weight.grad if hasattr(model, "blocks")
+                      else model.transformer_blocks[0].attn1.to_q.weight.grad))
+    (gx, gw), (px, pw) = grads
+    # each rank's gradients are its shard's contribution (diffusers' gather keeps a rank's own share of the output
+    # gradient): summed over the ranks they are the whole computation's
+    px, pw = px.clone(), pw.clone()
+    dist.all_reduce(px)
+    dist.all_reduce(pw)
+    err_x = (px - gx).abs().max().item()
+    err_w = (pw - gw).abs().max().item()
+    report["checks"][mode] = {"grad_input_err": err_x, "grad_weight_err": err_w,
+                              "scale": max(gx.abs().max().item(), gw.abs().max().item())}
+    return err_x <= TOLERANCE * max(1.0, gx.abs().max().item()) and err_w <= TOLERANCE * max(1.0, gw.abs().max().item())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""TAR under diffusers' own context parallelism (Ulysses, Ring, both) on CPU with gloo, against one process.
+
+Each case launches tests/context_parallel_worker.py under torchrun; every rank compares the context-parallel TAR
+output (or gradients) of a tiny Wan 2.1 / LTX-Video built from the released layout with the single-process TAR
+output (fp32, 1e-4). The sequence-parallel pieces (shard arithmetic, checks before any collective) are tested here
+in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vstar_kernels.distributed.layout import TIMEOUT_ENV, RankGroup
+from vstar_kernels.distributed.sequence_parallel import SequenceMesh, check_call
+
+pytest.importorskip("diffusers")
+WORKER = Path(__file__).with_name("context_parallel_worker.py")
+
+
+def _torchrun(nproc: int, *args: str, report_dir: Path, timeout_s: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(WORKER), "--report-dir", str(report_dir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+
+
+def _reports(report_dir: Path, nproc: int, proc: subprocess.CompletedProcess) -> list[dict]:
+    reports = [json.loads(path.read_text()) for path in sorted(report_dir.glob("rank*.json"))]
+    assert sorted(r["rank"] for r in reports) == list(range(nproc)), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return reports
+
+
+# (nproc, worker arguments): Wan's 3 x 8 x 8 latent is 48 tokens, 16 per frame: every split of 2 or 4 cuts a frame.
+# The backend is "auto" (the C++ extension on a CPU) unless a case names one.
+CASES = [
+    pytest.param(2, ("--ulysses", "2"), id="wan-ulysses2"),
+    pytest.param(4, ("--ulysses", "4", "--order", "cp-first"), id="wan-ulysses4-cp-first"),
+    pytest.param(2, ("--ring", "2"), id="wan-ring2"),
+    pytest.param(4, ("--ring", "4", "--order", "cp-first"), id="wan-ring4-cp-first"),
+    pytest.param(4, ("--ulysses", "2", "--ring", "2"), id="wan-unified2x2"),
+    pytest.param(2, ("--ring", "2", "--anything", "--size", "8", "6"), id="wan-ring-anything"),
+    pytest.param(2, ("--ulysses", "2", "--anything", "--backend", "triton"), id="wan-ulysses-anything-triton"),
+    pytest.param(2, ("--ring", "2", "--backend", "torch"), id="wan-ring2-torch"),
+    pytest.param(2, ("--ring", "2", "--backend", "triton"), id="wan-ring2-triton"),
+    pytest.param(2, ("--model", "wan-i2v", "--ulysses", "2"), id="wan-i2v-ulysses2"),
+    pytest.param(2, ("--model", "wan-i2v", "--ring", "2", "--order", "cp-first"), id="wan-i2v-ring2-cp-first"),
+    pytest.param(2, ("--model", "ltx", "--ulysses", "2", "--frames", "4", "--size", "3", "5"), id="ltx-ulysses2"),
+    pytest.param(4, ("--model", "ltx", "--ulysses", "4", "--frames", "4", "--size", "3", "5", "--order", "cp-first"),
+                 id="ltx-ulysses4-cp-first"),
+]
+
+
+@pytest.mark.parametrize(("nproc", "args"), CASES)
+def test_context_parallel_tar_equals_one_process(nproc, args, tmp_path):
+    proc = _torchrun(nproc, *args, report_dir=tmp_path)
+    for report in _reports(tmp_path, nproc, proc):
+        assert report["ok"], report
+        for mode in ("relative", "absolute"):
+            check = report["checks"][mode]
+            assert check["max_err"] <= 1e-4 * max(1.0, check["scale"]), (mode, check)
+            assert check["tar_changes_output"] > 1e-2  # the band is visible at this sigma
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(("nproc", "args"), [
+    pytest.param(2, ("--ulysses", "2"), id="ulysses2"),
+    pytest.param(2, ("--ring", "2"), id="ring2-gathered"),
+    pytest.param(4, ("--ulysses", "2", "--ring", "2"), id="unified2x2"),
+])
+def test_context_parallel_tar_gradients_equal_one_process(nproc, args, tmp_path):
+    proc = _torchrun(nproc, "--backward", *args, report_dir=tmp_path)
+    for report in _reports(tmp_path, nproc, proc):
+        assert report["ok"], report
+        for mode in ("relative", "absolute"):
+            check = report["checks"][mode]
+            assert check["grad_input_err"] <= 1e-4 * max(1.0, check["scale"]), check
+            assert check["grad_weight_err"] <= 1e-4 * max(1.0, check["scale"]), check
+    assert proc.returncode == 0
+
+
+def test_outside_the_window_and_after_remove_tar_diffusers_cp_is_bit_identical(tmp_path):
+    proc = _torchrun(2, "--ulysses", "2", "--outside-window", "--remove", report_dir=tmp_path)
+    for report in _reports(tmp_path, 2, proc):
+        assert report["ok"], report
+        for mode in ("relative", "absolute"):
+            assert report["checks"][mode]["bit_identical_to_diffusers_cp"] is True
+            assert report["checks"][mode]["removed_equals_diffusers_cp"] is True
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("--ring", "2", "--order", "tar-first"), id="ring-tar-first"),
+    pytest.param(("--ring", "2", "--order", "cp-first"), id="ring-cp-first"),
+    pytest.param(("--ulysses", "2", "--experts", "2"), id="ulysses-wan22-two-experts"),
+])
+def test_a_wan_pipeline_runs_end_to_end_under_cp_with_tar(args, tmp_path):
+    """WanPipeline (CFG, 2 steps, latents out) with TAR under CP: the single-process latents. Wan 2.2's two experts
+    (boundary 0.5: the first step on one, the second on the other) are both patched and both parallel."""
+    proc = _torchrun(2, "--pipeline", *args, report_dir=tmp_path)
+    experts = 2 if "--experts" in args else 1
+    for report in _reports(tmp_path, 2, proc):
+        assert report["ok"], report
+        check = report["checks"]["pipeline"]
+        assert check["max_err"] <= 1e-4 * max(1.0, check["scale"]), check
+        assert report["checks"]["patched_layers"] == 2 * experts
+        assert len(report["checks"]["calls_per_expert"]) == experts
+        assert all(calls >= 1 for calls in report["checks"]["calls_per_expert"])
+    assert proc.returncode == 0
+
+
+def test_heads_that_do_not_split_raise_the_same_error_on_every_rank(tmp_path):
+    """4 heads over 3 Ulysses ranks: every rank raises before any collective (no hang) and names the split."""
+    proc = _torchrun(3, "--ulysses", "3", "--frames", "3", "--size", "8", "8", report_dir=tmp_path)
+    reports = _reports(tmp_path, 3, proc)
+    assert proc.returncode != 0
+    for report in reports:
+        assert not report["ok"]
+        assert "4 attention heads do not split over 3 Ulysses ranks" in report["error"], report
+
+
+# --------------------------------------------------------------------------------------------- one process
+def _group(rank: int, world: int) -> RankGroup:
+    return RankGroup(None, rank, world, "gloo")
+
+
+def test_shards_and_spans_follow_the_flat_mesh():
+    mesh = SequenceMesh(tokens=50, ring=_group(1, 2), ulysses=_group(1, 3), uneven=True)
+    assert mesh.shard_sizes() == [9, 9, 8, 8, 8, 8]  # torch.tensor_split's rule: the first n % P one larger
+    assert mesh.flat_rank == 4
+    assert mesh.span_sizes() == [26, 24] and mesh.span_start(1) == 26
+
+
+def test_checks_before_any_collective():
+    q = torch.zeros(1, 12, 4, 8)
+    check_call(SequenceMesh(48, _group(0, 4), None), q, q, q)
+    with pytest.raises(ValueError, match="do not split evenly over 4 ranks"):
+        check_call(SequenceMesh(50, _group(0, 4), None), q, q, q)
+    with pytest.raises(ValueError, match="holds 12 query tokens"):
+        check_call(SequenceMesh(40, _group(0, 4), None), q, q, q)
+    with pytest.raises(ValueError, match="4 attention heads do not split over 3"):
+        check_call(SequenceMesh(36, None, _group(0, 3)), q, q, q)
+    with pytest.raises(ValueError, match="gloo"):
+        check_call(SequenceMesh(48, _group(0, 4), None), q.to("meta"), q.to("meta"), q.to("meta"))
+    tar = dict(sigma=1.0, strength=1.0, mode="relative", scale=None, tokens_per_frame=4, video_start=0,
+               video_tokens=48)
+    check_call(SequenceMesh(48, _group(0, 4), None), q, q, q, {**tar, "backend": "torch"})
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):  # the interpreter takes no bf16
+        check_call(SequenceMesh(48, _group(0, 4), None), *(q.bfloat16(),) * 3, {**tar, "backend": "triton"})
+    with pytest.raises(ValueError, match="sigma"):
+        check_call(SequenceMesh(48, _group(0, 4), None), q, q, q, {**tar, "sigma": -1.0, "backend": "torch"})

@@ -1,0 +1,252 @@
+"""TAR attention over a sequence split across ranks: Ulysses (heads), Ring (key chunks) and both composed.
+
+The sequence of one attention call (a video transformer's patch tokens, text included where the model puts it) is
+split into contiguous shards over the ranks of a context-parallel mesh, shard ``r`` on flat rank ``r`` (the first
+``n % P`` one token larger when the split is uneven, as ``torch.tensor_split`` does: :func:`split_sizes`). The
+layout of the whole sequence (:mod:`vstar_kernels.contract`: tokens per frame, where the video tokens are) decides
+every bias, so each rank must know where its tokens sit in it: that is all this module adds to the usual schemes.
+
+- **Ulysses** (a group of U ranks holding consecutive shards): one all-to-all gives each rank every token of the
+  group's shards for its share of the heads (:func:`ulysses_to_heads`), TAR runs on that span exactly as in one
+  process (its first token's index is the ``q_token_offset``/``k_token_offset`` of the call), and the inverse
+  all-to-all returns the output to the token layout (:func:`ulysses_to_tokens`). Both are differentiable (the
+  adjoint of a permutation is its inverse), so training works.
+- **Ring** (R ranks, each holding one span of queries and visiting every span of keys): every pairing gets the
+  band of its *global* token positions through token-granular offsets. The relative mode's row max runs over every
+  key of the row: a first ring pass rotates K alone and takes the max of :func:`~vstar_kernels.ops.tar_row_max`
+  over the chunks, then the second rotates K and V and merges each chunk's partial output through its log-sum-exp
+  (exact). Each step's transfer (``batch_isend_irecv`` to the next rank, from the previous) is posted before the
+  step's compute, so it overlaps it; a rank holds two key chunks at a time, never the whole sequence.
+  The ring loop is inference-only; with gradients the keys and values are all-gathered instead (differentiable:
+  the adjoint sums every rank's gradient of a shard on its owner) and one op call per rank covers the whole key
+  row, the memory diffusers' own ring needs (its ``rotate_method`` is "allgather").
+- **Both** (R x U): Ulysses inside each ring group's consecutive shards, then the ring over the groups' spans.
+
+Every check runs before the first collective and depends only on what every rank shares (the config, the global
+layout, the shapes), so a bad call raises the same error on every rank instead of hanging the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..contract import make_params
+from ..ops import select_backend, tar_attention, tar_row_max
+from .layout import RankGroup, _exchange, gather_frames, split_sizes
+
+
+@dataclass(frozen=True)
+class SequenceMesh:
+    """How one attention call's sequence of ``tokens`` lies over a context-parallel mesh of ``ring.world x
+    ulysses.world`` ranks (either may be a group of one, or None for one): flat rank ``ring.rank * U +
+    ulysses.rank`` holds shard ``flat rank`` of :func:`shard_sizes`. ``uneven``: shards may differ by one token
+    (diffusers' "anything" modes), else they must be equal."""
+
+    tokens: int
+    ring: RankGroup | None
+    ulysses: RankGroup | None
+    uneven: bool = False
+
+    @property
+    def ring_world(self) -> int:
+        return 1 if self.ring is None else self.ring.world
+
+    @property
+    def ulysses_world(self) -> int:
+        return 1 if self.ulysses is None else self.ulysses.world
+
+    @property
+    def flat_rank(self) -> int:
+        return (0 if self.ring is None else self.ring.rank) * self.ulysses_world + (
+            0 if self.ulysses is None else self.ulysses.rank)
+
+    def shard_sizes(self) -> list[int]:
+        """Tokens of each flat rank's shard, in rank order."""
+        return split_sizes(self.tokens, self.ring_world * self.ulysses_world)
+
+    def span_sizes(self) -> list[int]:
+        """Tokens of each ring rank's span (its Ulysses group's shards together), in ring order."""
+        shards, width = self.shard_sizes(), self.ulysses_world
+        return [sum(shards[g * width:(g + 1) * width]) for g in range(self.ring_world)]
+
+    def span_start(self, ring_rank: int) -> int:
+        return sum(self.span_sizes()[:ring_rank])
+
+
+def check_call(mesh: SequenceMesh, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               tar: dict | None = None) -> None:
+    """ValueError, before any collective, when the local q/k/v cannot be this rank's shard of ``mesh`` or the heads
+    cannot split over the Ulysses ranks; with ``tar`` (the op's keyword arguments) also the op's own checks of its
+    scalars and of the backend (RuntimeError when the requested backend cannot run these inputs)."""
+    if tar is not None:
+        params = make_params(q.shape[-1], **{name: value for name, value in tar.items() if name != "backend"})
+        select_backend(q, params, tar.get("backend", "auto"))
+    ranks = mesh.ring_world * mesh.ulysses_world
+    if mesh.tokens < ranks:
+        raise ValueError(f"context parallelism over {ranks} ranks needs at least {ranks} tokens, the sequence has "
+                         f"{mesh.tokens}")
+    if not mesh.uneven and mesh.tokens % ranks:
+        raise ValueError(f"the sequence's {mesh.tokens} tokens do not split evenly over {ranks} ranks (use "
+                         "ulysses_anything / ring_anything for uneven shards)")
+    expected = mesh.shard_sizes()[mesh.flat_rank]
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.shape[1] != expected:
+            raise ValueError(f"rank {mesh.flat_rank} holds {t.shape[1]} {name} tokens, its shard of the "
+                             f"{mesh.tokens}-token sequence over {ranks} ranks has {expected}")
+    heads, width = q.shape[2], mesh.ulysses_world
+    if width > 1 and (heads < width or (not mesh.uneven and heads % width)):
+        raise ValueError(f"{heads} attention heads do not split over {width} Ulysses ranks"
+                         + ("" if mesh.uneven else " evenly (ulysses_anything allows uneven shares)"))
+    for group in (mesh.ring, mesh.ulysses):
+        if group is not None:
+            group.check_device(q.device)
+
+
+# ------------------------------------------------------------------------------------------------------ Ulysses
+def ulysses_to_heads(x: torch.Tensor, shard_sizes: list[int], rg: RankGroup) -> torch.Tensor:
+    """(..., batch, shard_r, heads, dim) on each rank of ``rg`` -> (..., batch, sum(shard_sizes), heads_r, dim):
+    every token of the group's shards (in rank order), this rank's share of the heads (:func:`split_sizes`). One
+    all-to-all; differentiable."""
+    seq, head_axis = x.dim() - 3, x.dim() - 2
+    heads = split_sizes(x.shape[head_axis], rg.world)
+    starts = [sum(heads[:r]) for r in range(rg.world)]
+    send = [x.narrow(head_axis, s, n) for s, n in zip(starts, heads, strict=True)]
+    base = list(x.shape)
+    base[head_axis] = heads[rg.rank]
+    shapes = []
+    for size in shard_sizes:
+        shape = list(base)
+        shape[seq] = size
+        shapes.append(tuple(shape))
+    return torch.cat(_exchange(send, shapes, x, rg)[1], dim=seq)
+
+
+def ulysses_to_tokens(x: torch.Tensor, shard_sizes: list[int], heads: int, rg: RankGroup) -> torch.Tensor:
+    """The inverse of :func:`ulysses_to_heads`: (batch, sum(shard_sizes), heads_r, dim) -> (batch, shard_r, heads,
+    dim) of ``heads`` in all."""
+    starts = [sum(shard_sizes[:r]) for r in range(rg.world)]
+    send = [x.narrow(1, s, n) for s, n in zip(starts, shard_sizes, strict=True)]
+    shares = split_sizes(heads, rg.world)
+    shapes = [(x.shape[0], shard_sizes[rg.rank], share, x.shape[3]) for share in shares]
+    return torch.cat(_exchange(send, shapes, x, rg)[1], dim=2)
+
+
+# --------------------------------------------------------------------------------------------------------- Ring
+class _RingPeers:
+    """This rank's neighbours in the ring: chunks travel to the next rank and arrive from the previous one."""
+
+    def __init__(self, rg: RankGroup) -> None:
+        self.group = rg.group
+        self.next = dist.get_global_rank(rg.group, (rg.rank + 1) % rg.world)
+        self.prev = dist.get_global_rank(rg.group, (rg.rank - 1) % rg.world)
+
+    def rotate(self, send: torch.Tensor, recv_shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
+        """Post the transfer of ``send`` to the next rank and of a ``recv_shape`` tensor from the previous one;
+        returns the wait that gives the received tensor."""
+        recv = send.new_empty(recv_shape)
+        requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, self.next, self.group),
+                                           dist.P2POp(dist.irecv, recv, self.prev, self.group)])
+
+        def wait() -> torch.Tensor:
+            for request in requests:
+                request.wait()
+            return recv
+
+        return wait
+
+
+def ring_row_max(q: torch.Tensor, k: torch.Tensor, span_sizes: list[int], rg: RankGroup, *,
+                 scale: float | None, backend: str) -> torch.Tensor:
+    """max_j S_ij over the keys of every rank's span: K rotates once round the ring (QKᵀ only). (batch, Lq, heads)
+    float32."""
+    peers, chunk = _RingPeers(rg), k.contiguous()
+    best = None
+    for step in range(rg.world):
+        wait = None
+        if step < rg.world - 1:  # the chunk after this one: held by rank - step - 1
+            size = span_sizes[(rg.rank - step - 1) % rg.world]
+            wait = peers.rotate(chunk, (chunk.shape[0], size, *chunk.shape[2:]))
+        part = tar_row_max(q, chunk, scale=scale, backend=backend)
+        best = part if best is None else torch.maximum(best, part)
+        if wait is not None:
+            chunk = wait()
+    return best
+
+
+def ring_tar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span_sizes: list[int], rg: RankGroup,
+                       tar: dict) -> torch.Tensor:
+    """TAR attention of this rank's query span against every rank's key/value span (inference): the spans' global
+    token positions bias every pairing, the relative row max runs over all keys (:func:`ring_row_max`), and the
+    partials merge through their log-sum-exp in float32. ``tar``: the op's keyword arguments for the whole
+    sequence (sigma, strength, mode, scale, layout, backend)."""
+    starts = [sum(span_sizes[:r]) for r in range(rg.world)]
+    row_max = None
+    if tar["mode"] == "relative" and tar["strength"] != 0.0:
+        row_max = ring_row_max(q, k, span_sizes, rg, scale=tar.get("scale"), backend=tar["backend"])
+    peers, pair = _RingPeers(rg), torch.stack([k, v])
+    out = lse = None
+    for step in range(rg.world):
+        owner = (rg.rank - step) % rg.world
+        wait = None
+        if step < rg.world - 1:
+            size = span_sizes[(rg.rank - step - 1) % rg.world]
+            wait = peers.rotate(pair, (2, pair.shape[1], size, *pair.shape[3:]))
+        part, part_lse = tar_attention(q, pair[0], pair[1], q_token_offset=starts[rg.rank],
+                                       k_token_offset=starts[owner], row_max=row_max, return_lse=True, **tar)
+        if out is None:
+            out, lse = part.to(torch.float32), part_lse
+        else:
+            merged = torch.logaddexp(lse, part_lse)
+            out = out * torch.exp(lse - merged)[..., None] + part.to(torch.float32) * torch.exp(
+                part_lse - merged)[..., None]
+            lse = merged
+        if wait is not None:
+            pair = wait()
+    return out.to(q.dtype)
+
+
+def gathered_tar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span_sizes: list[int], rg: RankGroup,
+                           tar: dict) -> torch.Tensor:
+    """The Ring's differentiable form: every rank's key/value span all-gathered (the adjoint returns each span's
+    gradient, summed over the ranks, to its owner), then one op call for this rank's queries."""
+    keys = gather_frames(k, span_sizes, 1, rg)
+    values = gather_frames(v, span_sizes, 1, rg)
+    start = sum(span_sizes[:rg.rank])
+    return tar_attention(q, keys, values, q_token_offset=start, k_token_offset=0, **tar)
+
+
+# ----------------------------------------------------------------------------------------------------- composed
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def sequence_parallel_tar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mesh: SequenceMesh,
+                          tar: dict) -> torch.Tensor:
+    """TAR attention of this rank's shard ((batch, shard, heads, dim) q, k, v) of a sequence laid out as ``mesh``
+    says; the output is this rank's shard of the output over the whole sequence (the same numbers one process gives
+    for these tokens). ``tar``: the op's keyword arguments for the whole sequence."""
+    check_call(mesh, q, k, v, tar)
+    heads = q.shape[2]
+    shards = mesh.shard_sizes()
+    if mesh.ulysses is not None and mesh.ulysses.world > 1:
+        group_shards = shards[(mesh.flat_rank - mesh.ulysses.rank):][:mesh.ulysses.world]
+        if q.shape == k.shape == v.shape:  # self-attention: one all-to-all for the three
+            q, k, v = ulysses_to_heads(torch.stack([q, k, v]), group_shards, mesh.ulysses).unbind(0)
+        else:
+            q, k, v = (ulysses_to_heads(t, group_shards, mesh.ulysses) for t in (q, k, v))
+    else:
+        group_shards = None
+    if mesh.ring is not None and mesh.ring.world > 1:
+        spans = mesh.span_sizes()
+        attend = gathered_tar_attention if needs_grad(q, k, v) else ring_tar_attention
+        out = attend(q, k, v, spans, mesh.ring, tar)
+    else:
+        start = mesh.span_start(0 if mesh.ring is None else mesh.ring.rank)
+        out = tar_attention(q, k, v, q_token_offset=start, k_token_offset=start, **tar)
+    if group_shards is not None:
+        out = ulysses_to_tokens(out, group_shards, heads, mesh.ulysses)
+    return out
