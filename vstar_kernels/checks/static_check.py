@@ -43,10 +43,10 @@ checks both (twice the compiles). :func:`specialise_value` applies triton's rule
 cross-check it against triton's own binder.
 
 Configs passed explicitly to ``forward(config=...)`` (tests forcing two-pass) are not covered: only what
-``block_config`` can return.
+``block_config`` (with ``partial_block_config`` for the partial results) and ``row_max_block_config`` can return.
 
 ``--quick`` compiles one specialisation per kernel family (:func:`quick_specialisations`: per kernel, variant and
-precision, the largest tile per thread), about 50 compiles instead of 676: the test suite's fast check. ``--stamp``
+precision, the largest tile per thread), about 100 compiles instead of 1224: the test suite's fast check. ``--stamp``
 skips a check that already passed with the same options on the same kernel sources, triton and torch (a stamp file
 under ``~/.cache/vstar-kernels/static-check``, :func:`stamp_path`) and writes the stamp when it passes: CI's full
 steps, rerun on an unchanged tree, cost nothing.
@@ -850,7 +850,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                              "afterwards (the full run writes ~0.5 GB)")
     parser.add_argument("--quick", action="store_true",
                         help="one specialisation per kernel family (kernel, variant, precision: the largest tile per "
-                             "thread), about 50 compiles: the test suite's fast check")
+                             "thread), about 100 compiles: the test suite's fast check")
     parser.add_argument("--stamp", action="store_true",
                         help="skip when this check already passed with these options on the same kernel sources, "
                              "triton and torch (a stamp under ~/.cache/vstar-kernels/static-check); write the stamp "
