@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from vstar_kernels import apply_tar, remove_tar
 from vstar_kernels.diffusers import tiny
+from vstar_kernels.diffusers.context_parallel import enable_context_parallelism
 
 TOLERANCE = 1e-4
 
@@ -32,27 +33,41 @@ def build(model: str):
         transformer = tiny.tiny_wan_transformer(heads=4, head_dim=12)
     elif model == "wan-i2v":
         transformer = tiny.tiny_wan_i2v_transformer(heads=4, head_dim=12)
+    elif model == "hunyuan":
+        transformer = tiny.tiny_hunyuan_transformer(heads=4)
     else:
         transformer = tiny.tiny_ltx_transformer(heads=4, head_dim=8)
     return transformer.eval()
 
 
-def inputs(model: str, frames: int, height: int, width: int, batch: int = 1) -> dict:
+def inputs(model: str, frames: int, height: int, width: int, batch: int = 1, text_mask: bool = False) -> dict:
     gen = torch.Generator().manual_seed(1)
     if model == "wan-i2v":  # 257 CLIP image tokens, unsplit by Wan's _cp_plan (they reach the cross-attention only)
         return dict(hidden_states=torch.randn(batch, 36, frames, height, width, generator=gen),
                     timestep=torch.tensor([700] * batch),
                     encoder_hidden_states=torch.randn(batch, 7, 32, generator=gen),
                     encoder_hidden_states_image=torch.randn(batch, 257, 16, generator=gen))
+    if model == "hunyuan":  # 8 text tokens; with text_mask the last 3 padding (5 for a second batch element)
+        mask = torch.ones(batch, 8)
+        if text_mask:
+            mask[0, 5:] = 0
+            mask[1:, 3:] = 0
+        return dict(hidden_states=torch.randn(batch, 16, frames, height, width, generator=gen),
+                    timestep=torch.tensor([700] * batch),
+                    encoder_hidden_states=torch.randn(batch, 8, 32, generator=gen),
+                    encoder_attention_mask=mask, pooled_projections=torch.randn(batch, 8, generator=gen),
+                    guidance=torch.tensor([3.0] * batch))
     if model == "wan":
         return dict(hidden_states=torch.randn(batch, 16, frames, height, width, generator=gen),
                     timestep=torch.tensor([700] * batch),
                     encoder_hidden_states=torch.randn(batch, 7, 32, generator=gen))
-    # no encoder_attention_mask: diffusers' native Ulysses fails on LTX's masked cross-attention by itself (the
-    # mask's head axis after the all-to-all), with or without TAR, which sits in the self-attention only
+    # text_mask: the last 3 of the 8 text tokens are padding. diffusers' own CP cannot run LTX's masked
+    # cross-attention (Ulysses: the gathered mask keeps every head; Ring: the native backend has no LSE); TAR's patch
+    # gathers the text there (ShardedTextCrossAttention)
+    mask = torch.tensor([[1.0] * 5 + [0.0] * 3] * batch) if text_mask else None
     return dict(hidden_states=torch.randn(batch, frames * height * width, 128, generator=gen),
                 encoder_hidden_states=torch.randn(batch, 8, 32, generator=gen), timestep=torch.tensor([700] * batch),
-                encoder_attention_mask=None, num_frames=frames, height=height, width=width)
+                encoder_attention_mask=mask, num_frames=frames, height=height, width=width)
 
 
 def enable_cp(transformer, args) -> None:
@@ -62,26 +77,32 @@ def enable_cp(transformer, args) -> None:
                                    ulysses_anything=args.anything and args.ulysses > 1,
                                    ring_anything=args.anything and args.ring > 1)
     with mock.patch.object(torch.accelerator, "device_count", return_value=1):
-        transformer.enable_parallelism(config=config)
+        enable_context_parallelism(transformer, config)  # diffusers' enable_parallelism; HunyuanVideo: our plan
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--model", choices=("wan", "wan-i2v", "ltx"), default="wan")
+    parser.add_argument("--model", choices=("wan", "wan-i2v", "ltx", "hunyuan"), default="wan")
     parser.add_argument("--ulysses", type=int, default=1)
     parser.add_argument("--ring", type=int, default=1)
     parser.add_argument("--anything", action="store_true", help="ulysses_anything / ring_anything (uneven shards)")
     parser.add_argument("--frames", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--size", type=int, nargs=2, default=(8, 8), help="latent height and width")
     parser.add_argument("--sigma", type=float, default=0.8)
     parser.add_argument("--order", choices=("tar-first", "cp-first"), default="tar-first")
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--text-mask", action="store_true", help="ltx: padded text (a key mask in attn2)")
     parser.add_argument("--backward", action="store_true", help="gradients of the input through CP + TAR")
     parser.add_argument("--outside-window", action="store_true",
                         help="TAR's window closed: bit-identical to diffusers' own CP")
     parser.add_argument("--remove", action="store_true", help="remove_tar afterwards: diffusers' CP as before")
+    parser.add_argument("--plain-cp", action="store_true",
+                        help="also the model's CP without TAR against one process (checks a plan we ship)")
     parser.add_argument("--pipeline", action="store_true", help="a WanPipeline end to end (2 steps, CFG)")
     parser.add_argument("--experts", type=int, choices=(1, 2), default=1, help="--pipeline: Wan 2.2's two experts")
+    parser.add_argument("--plan-without-hook", action="store_true",
+                        help="hunyuan: our plan passed to enable_parallelism alone must raise, not mask wrongly")
     parser.add_argument("--report-dir", required=True)
     args = parser.parse_args()
 
@@ -90,8 +111,10 @@ def main() -> int:
     report: dict = {"rank": rank, "world": dist.get_world_size(), "checks": {}}
     if args.pipeline:
         return finish(report, run_pipeline(args, report), args)
+    if args.plan_without_hook:
+        return finish(report, run_plan_without_hook(args, report), args)
     ok = True
-    kw = inputs(args.model, args.frames, *args.size)
+    kw = inputs(args.model, args.frames, *args.size, batch=args.batch, text_mask=args.text_mask)
     base = build(args.model)
     window = "all" if not args.outside_window else (0, 1)
     try:
@@ -116,6 +139,20 @@ def main() -> int:
             scale = want.abs().max().item()
             report["checks"][mode] = {"max_err": err, "scale": scale,
                                       "tar_changes_output": (want - plain).abs().max().item()}
+            if args.text_mask:  # the padding is seen: without the mask, one process gives another output
+                with torch.no_grad():
+                    unmasked = single(**{**kw, "encoder_attention_mask": torch.ones_like(kw["encoder_attention_mask"])},
+                                      return_dict=False)[0]
+                report["checks"][mode]["mask_changes_output"] = (want - unmasked).abs().max().item()
+                # ten times the tolerance at least: a mask lost or misplaced under CP would fail the comparison
+                ok &= report["checks"][mode]["mask_changes_output"] > 10 * TOLERANCE * max(1.0, scale)
+            if args.plain_cp:
+                cp_plain = copy.deepcopy(base)
+                enable_cp(cp_plain, args)
+                with torch.no_grad():
+                    plain_cp = cp_plain(**kw, return_dict=False)[0]
+                report["checks"][mode]["plain_cp_err"] = (plain_cp - plain).abs().max().item()
+                ok &= report["checks"][mode]["plain_cp_err"] <= TOLERANCE * max(1.0, scale)
             if args.outside_window:
                 cp_plain = copy.deepcopy(base)
                 enable_cp(cp_plain, args)
@@ -146,6 +183,26 @@ def finish(report: dict, ok: bool, args) -> int:
     Path(args.report_dir, f"rank{report['rank']}.json").write_text(json.dumps(report))
     dist.destroy_process_group()
     return 0 if ok else 1
+
+
+def run_plan_without_hook(args, report: dict) -> bool:
+    """HunyuanVideo with hunyuan_video_cp_plan() given straight to enable_parallelism (no refiner-mask hook): the
+    token refiner gets a split mask for the whole text, and the forward raises instead of masking wrongly."""
+    from diffusers import ContextParallelConfig
+
+    from vstar_kernels.diffusers.context_parallel import hunyuan_video_cp_plan
+
+    transformer = build("hunyuan")
+    with mock.patch.object(torch.accelerator, "device_count", return_value=1):
+        transformer.enable_parallelism(config=ContextParallelConfig(ulysses_degree=args.ulysses),
+                                       cp_plan=hunyuan_video_cp_plan())
+    try:
+        with torch.no_grad():
+            transformer(**inputs("hunyuan", args.frames, *args.size, text_mask=True), return_dict=False)
+    except RuntimeError as exc:
+        report["checks"]["raised"] = f"{type(exc).__name__}: {exc}"[:300]
+        return True
+    return False
 
 
 def run_pipeline(args, report: dict) -> bool:
@@ -193,8 +250,9 @@ def check_backward(single, parallel, kw, report, mode) -> bool:
         out = model(**{**kw, "hidden_states": x}, return_dict=False)[0]
         weights = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
         (out * weights).sum().backward()
-        grads.append((x.grad, model.blocks[0].attn1.to_q.weight.grad if hasattr(model, "blocks")
-                      else model.transformer_blocks[0].attn1.to_q.weight.grad))
+        block = model.blocks[0] if hasattr(model, "blocks") else model.transformer_blocks[0]
+        attention = getattr(block, "attn1", None) or block.attn  # HunyuanVideo's blocks name it attn
+        grads.append((x.grad, attention.to_q.weight.grad))
     (gx, gw), (px, pw) = grads
     # each rank's gradients are its shard's contribution (diffusers' gather keeps a rank's own share of the output
     # gradient): summed over the ranks they are the whole computation's

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from vstar_kernels.distributed.layout import TIMEOUT_ENV, RankGroup
-from vstar_kernels.distributed.sequence_parallel import SequenceMesh, check_call
+from vstar_kernels.distributed.sequence_parallel import SequenceMesh, TwoSegmentShards, check_call, two_segment_tar
 
 pytest.importorskip("diffusers")
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
@@ -51,9 +51,28 @@ CASES = [
     pytest.param(2, ("--ring", "2", "--backend", "triton"), id="wan-ring2-triton"),
     pytest.param(2, ("--model", "wan-i2v", "--ulysses", "2"), id="wan-i2v-ulysses2"),
     pytest.param(2, ("--model", "wan-i2v", "--ring", "2", "--order", "cp-first"), id="wan-i2v-ring2-cp-first"),
-    pytest.param(2, ("--model", "ltx", "--ulysses", "2", "--frames", "4", "--size", "3", "5"), id="ltx-ulysses2"),
-    pytest.param(4, ("--model", "ltx", "--ulysses", "4", "--frames", "4", "--size", "3", "5", "--order", "cp-first"),
-                 id="ltx-ulysses4-cp-first"),
+    # LTX: 3 x 4 x 4 is 48 tokens of 16 per frame, every split of 2 or 4 cuts a frame; 8 text tokens, the last 3
+    # padding with --text-mask (the cross-attention's text gathered by TAR's patch where diffusers cannot run it)
+    pytest.param(2, ("--model", "ltx", "--ulysses", "2", "--frames", "3", "--size", "4", "4"), id="ltx-ulysses2"),
+    pytest.param(4, ("--model", "ltx", "--ulysses", "4", "--frames", "3", "--size", "4", "4", "--order", "cp-first",
+                     "--text-mask"), id="ltx-ulysses4-cp-first-text-mask"),
+    pytest.param(2, ("--model", "ltx", "--ring", "2", "--frames", "3", "--size", "4", "4", "--text-mask"),
+                 id="ltx-ring2-text-mask"),
+    pytest.param(4, ("--model", "ltx", "--ring", "4", "--frames", "3", "--size", "4", "4", "--order", "cp-first"),
+                 id="ltx-ring4-cp-first"),
+    pytest.param(4, ("--model", "ltx", "--ulysses", "2", "--ring", "2", "--frames", "3", "--size", "4", "4",
+                     "--text-mask"), id="ltx-unified2x2-text-mask"),
+    # HunyuanVideo under this package's plan: 3 x 8 x 8 latent, patch 2: 48 video tokens of 16 per frame, then 8
+    # text tokens of which the last 3 (5 for the second batch element) are padding; every rank's text shard holds
+    # a different share of it. --plain-cp: the plan without TAR equals one process too
+    pytest.param(2, ("--model", "hunyuan", "--ulysses", "2", "--text-mask", "--batch", "2", "--plain-cp"),
+                 id="hunyuan-ulysses2-text-mask"),
+    pytest.param(4, ("--model", "hunyuan", "--ulysses", "4", "--text-mask", "--plain-cp", "--order", "cp-first"),
+                 id="hunyuan-ulysses4-cp-first-text-mask"),
+    pytest.param(2, ("--model", "hunyuan", "--ring", "2", "--text-mask", "--batch", "2"),
+                 id="hunyuan-ring2-text-mask"),
+    pytest.param(4, ("--model", "hunyuan", "--ulysses", "2", "--ring", "2", "--text-mask", "--order", "cp-first"),
+                 id="hunyuan-unified2x2-cp-first-text-mask"),
 ]
 
 
@@ -66,6 +85,10 @@ def test_context_parallel_tar_equals_one_process(nproc, args, tmp_path):
             check = report["checks"][mode]
             assert check["max_err"] <= 1e-4 * max(1.0, check["scale"]), (mode, check)
             assert check["tar_changes_output"] > 1e-2  # the band is visible at this sigma
+            if "--text-mask" in args:  # the padding is masked, not attended: 10x the tolerance at least
+                assert check["mask_changes_output"] > 1e-3 * max(1.0, check["scale"])
+            if "--plain-cp" in args:  # the model's CP without TAR (a plan this package ships) is one process's too
+                assert check["plain_cp_err"] <= 1e-4 * max(1.0, check["scale"])
     assert proc.returncode == 0
 
 
@@ -73,6 +96,10 @@ def test_context_parallel_tar_equals_one_process(nproc, args, tmp_path):
     pytest.param(2, ("--ulysses", "2"), id="ulysses2"),
     pytest.param(2, ("--ring", "2"), id="ring2-gathered"),
     pytest.param(4, ("--ulysses", "2", "--ring", "2"), id="unified2x2"),
+    pytest.param(2, ("--model", "ltx", "--ring", "2", "--frames", "3", "--size", "4", "4", "--text-mask"),
+                 id="ltx-ring2-text-mask"),
+    pytest.param(4, ("--model", "hunyuan", "--ulysses", "2", "--ring", "2", "--text-mask"),
+                 id="hunyuan-unified2x2-text-mask"),
 ])
 def test_context_parallel_tar_gradients_equal_one_process(nproc, args, tmp_path):
     proc = _torchrun(nproc, "--backward", *args, report_dir=tmp_path)
@@ -85,8 +112,9 @@ def test_context_parallel_tar_gradients_equal_one_process(nproc, args, tmp_path)
     assert proc.returncode == 0
 
 
-def test_outside_the_window_and_after_remove_tar_diffusers_cp_is_bit_identical(tmp_path):
-    proc = _torchrun(2, "--ulysses", "2", "--outside-window", "--remove", report_dir=tmp_path)
+@pytest.mark.parametrize("model", ["wan", "hunyuan"])
+def test_outside_the_window_and_after_remove_tar_diffusers_cp_is_bit_identical(model, tmp_path):
+    proc = _torchrun(2, "--model", model, "--ulysses", "2", "--outside-window", "--remove", report_dir=tmp_path)
     for report in _reports(tmp_path, 2, proc):
         assert report["ok"], report
         for mode in ("relative", "absolute"):
@@ -112,6 +140,14 @@ def test_a_wan_pipeline_runs_end_to_end_under_cp_with_tar(args, tmp_path):
         assert report["checks"]["patched_layers"] == 2 * experts
         assert len(report["checks"]["calls_per_expert"]) == experts
         assert all(calls >= 1 for calls in report["checks"]["calls_per_expert"])
+    assert proc.returncode == 0
+
+
+def test_hunyuan_plan_without_the_refiner_mask_hook_raises_rather_than_masking_wrongly(tmp_path):
+    proc = _torchrun(2, "--model", "hunyuan", "--ulysses", "2", "--plan-without-hook", report_dir=tmp_path)
+    for report in _reports(tmp_path, 2, proc):
+        assert report["ok"], report
+        assert report["checks"]["raised"]
     assert proc.returncode == 0
 
 
@@ -155,3 +191,63 @@ def test_checks_before_any_collective():
         check_call(SequenceMesh(48, _group(0, 4), None), *(q.bfloat16(),) * 3, {**tar, "backend": "triton"})
     with pytest.raises(ValueError, match="sigma"):
         check_call(SequenceMesh(48, _group(0, 4), None), q, q, q, {**tar, "sigma": -1.0, "backend": "torch"})
+
+
+def test_two_segment_checks_before_any_collective():
+    """HunyuanVideo's [video shard, text shard] per rank: a wrong token count or a head count that cannot split
+    raises before any collective (the groups here have no process group behind them)."""
+    q = torch.zeros(1, 16, 4, 8)
+    tar = dict(sigma=1.0, strength=1.0, mode="relative", scale=None, tokens_per_frame=4, video_start=0,
+               video_tokens=48, backend="torch")
+    shards = TwoSegmentShards(SequenceMesh(48, _group(0, 4), None), video=[12] * 4, text=[3] * 4)
+    with pytest.raises(ValueError, match="holds 16 query tokens, its video and text shards have 12 \\+ 3"):
+        two_segment_tar(q, q, q, None, shards, tar)
+    shards = TwoSegmentShards(SequenceMesh(48, None, _group(0, 3)), video=[16] * 3, text=[0] * 3)
+    with pytest.raises(ValueError, match="4 attention heads do not split over 3"):
+        two_segment_tar(q, q, q, None, shards, tar)
+
+
+def test_ltx_cross_attention_companions_are_installed_with_tar_and_removed_exactly():
+    """apply_tar on LTX-Video puts ShardedTextCrossAttention on every attn2 (beside TAR on every attn1, which alone
+    counts as a TAR layer); without context parallelism it runs the original call, so the output is unchanged
+    with TAR's window closed; remove_tar puts back the very same processor objects; copies keep working."""
+    import copy
+    import pickle
+
+    from vstar_kernels import apply_tar, remove_tar
+    from vstar_kernels.diffusers import tiny
+    from vstar_kernels.diffusers.dit_processor import ShardedTextCrossAttention
+
+    model = tiny.tiny_ltx_transformer(heads=4, head_dim=8).eval()
+    originals = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+    kw = dict(hidden_states=torch.randn(1, 3 * 16, 128), encoder_hidden_states=torch.randn(1, 8, 32),
+              timestep=torch.tensor([700]), encoder_attention_mask=torch.tensor([[1.0] * 5 + [0.0] * 3]),
+              num_frames=3, height=4, width=4)
+    with torch.no_grad():
+        want = model(**kw, return_dict=False)[0]
+    handle = apply_tar(model, sigma=0.8, strength=1.5, timesteps=(0, 1))  # the window shut at t=700
+    cross = [block.attn2.processor for block in model.transformer_blocks]
+    assert all(isinstance(p, ShardedTextCrossAttention) for p in cross) and len(cross) == len(handle.layers)
+    assert all(name.endswith("attn1") for name in handle.layers)
+    with torch.no_grad():
+        assert torch.equal(model(**kw, return_dict=False)[0], want)
+        for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+            assert torch.equal(twin(**kw, return_dict=False)[0], want)
+    remove_tar(model)
+    after = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
+    assert after.keys() == originals.keys() and all(after[name] is originals[name] for name in originals)
+
+
+def test_hunyuan_image_to_video_token_replace_is_refused_before_anything():
+    from diffusers import ContextParallelConfig, HunyuanVideoTransformer3DModel
+
+    from vstar_kernels.diffusers.context_parallel import enable_context_parallelism
+
+    model = HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=2,
+                                           attention_head_dim=32, num_layers=1, num_single_layers=1,
+                                           num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+                                           pooled_projection_dim=8, rope_axes_dim=(4, 14, 14),
+                                           image_condition_type="token_replace")
+    with pytest.raises(NotImplementedError, match="token_replace"):
+        enable_context_parallelism(model, ContextParallelConfig(ulysses_degree=2))
+    assert model._parallel_config is None

@@ -32,6 +32,7 @@ DIFFUSERS_VERSION = _check_diffusers()
 
 from ..presets import DEFAULT_PRESET, PRESETS  # noqa: E402
 from .analysis import TemporalAttentionMaps, plot_temporal_attention, record_temporal_attention  # noqa: E402
+from .context_parallel import enable_context_parallelism, hunyuan_video_cp_plan  # noqa: E402
 from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
 from .dit_patching import DiTTARHandle  # noqa: E402
 from .dit_processor import DiTTARProcessor  # noqa: E402
@@ -66,9 +67,11 @@ __all__ = [
     "TemporalLayer",
     "apply_synopsis",
     "apply_tar",
+    "enable_context_parallelism",
     "extend_frame_positions",
     "find_temporal_attention",
     "frame_positions_state",
+    "hunyuan_video_cp_plan",
     "plot_temporal_attention",
     "record_temporal_attention",
     "remove_synopsis",

@@ -18,19 +18,26 @@ from ..contract import MODES, make_params
 from ..ops import requested_backend
 from ..presets import StepWindow, resolve_window
 from .components import remove_pre_hook, restore_processors
-from .dit_processor import PROCESSORS, DiTState, DiTTARProcessor
+from .dit_processor import PROCESSORS, DiTState, RoutedProcessor, ShardedTextCrossAttention
 from .gates import DiTGate, SchedulerSource
-from .video_transformers import cache_forward_signature, find_self_attention, select_blocks, spec_of
+from .video_transformers import (
+    cache_forward_signature,
+    find_self_attention,
+    find_sharded_text_cross_attention,
+    select_blocks,
+    spec_of,
+)
 
 STATE_ATTR = "_vstar_tar_state"  # the same attribute as on UNets: one TAR application per model
 
 
 @dataclass
 class _ModelPatch:
-    """What one apply_tar changed on one transformer."""
+    """What one apply_tar changed on one transformer: the TAR layers and their companions (processors TAR needs
+    beside them, e.g. :class:`ShardedTextCrossAttention`), by module path."""
 
     originals: dict[str, object]
-    installed: dict[str, DiTTARProcessor]
+    installed: dict[str, RoutedProcessor]
     gate: DiTGate
     state: DiTState
 
@@ -90,13 +97,16 @@ def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, 
         processor_cls = PROCESSORS[spec.class_name]
         for layer in chosen:
             _check_signature(processor_cls, layer.module.processor, layer.name)
-        plans[prefix] = (transformer, spec, chosen, processor_cls)
+        companions = find_sharded_text_cross_attention(transformer, spec)
+        for layer in companions:
+            _check_signature(ShardedTextCrossAttention, layer.module.processor, layer.name)
+        plans[prefix] = (transformer, spec, chosen, processor_cls, companions)
 
     first_chosen = next(iter(plans.values()))[2]
     handle = DiTTARHandle(layers={}, sigma=params.sigma, strength=params.strength, mode=mode, window=window,
                           blocks=None if blocks is None else tuple(layer.block for layer in first_chosen))
     scheduler = SchedulerSource(model) if not isinstance(model, nn.Module) else None
-    for prefix, (transformer, spec, chosen, processor_cls) in plans.items():
+    for prefix, (transformer, spec, chosen, processor_cls, companions) in plans.items():
         remove_transformer_tar(transformer)
         state = DiTState()
         patch = _ModelPatch({}, {}, DiTGate(window, state, spec, scheduler), state)
@@ -107,6 +117,11 @@ def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, 
             patch.installed[layer.name] = installed
             handle.layers[f"{prefix}.{layer.name}" if prefix else layer.name] = params.sigma
             layer.module.set_processor(installed)
+        for layer in companions:
+            companion = ShardedTextCrossAttention(layer.module.processor)
+            patch.originals[layer.name] = layer.module.processor
+            patch.installed[layer.name] = companion
+            layer.module.set_processor(companion)
         transformer.register_forward_pre_hook(patch.gate, with_kwargs=True)
         keep_state_in_checkpoints(transformer)
         cache_forward_signature(type(transformer))  # what the gate binds, known before any traced call
@@ -115,10 +130,10 @@ def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, 
     return handle
 
 
-def _check_signature(processor_cls: type[DiTTARProcessor], original: object, name: str) -> None:
+def _check_signature(processor_cls: type[RoutedProcessor], original: object, name: str) -> None:
     """TypeError when the TAR processor would not take the original's arguments (diffusers drops keyword arguments a
     processor does not name, e.g. ``image_rotary_emb``): a processor of another class than the model's default."""
-    if isinstance(original, DiTTARProcessor):
+    if isinstance(original, RoutedProcessor):
         original = original.original
     ours = list(inspect.signature(processor_cls.__call__).parameters)[1:]
     theirs = list(inspect.signature(type(original).__call__).parameters)[1:]

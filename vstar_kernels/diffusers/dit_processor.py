@@ -10,12 +10,16 @@ forward (:class:`DiTState`, set by the transformer's pre-hook): ``tokens_per_fra
 tokens without a frame. With TAR off (outside the step window) they call the original attention function with the
 original arguments, so those steps are bit-identical to diffusers.
 
+The same routing serves :class:`ShardedTextCrossAttention`, which TAR puts beside it on LTX-Video's cross-attention
+so that it runs under every context-parallel scheme TAR runs under.
+
 One subclass per model only to expose that model's ``__call__`` parameters: diffusers' attention modules drop keyword
 arguments a processor's signature does not name (``image_rotary_emb`` among them).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import sys
 import types
@@ -25,9 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from ..call_state import Scoped
-from ..distributed.sequence_parallel import sequence_parallel_tar
+from ..distributed.sequence_parallel import TwoSegmentShards, sequence_parallel_tar, two_segment_tar
 from ..ops import tar_attention
-from .context_parallel import context_parallel_config, sequence_mesh
+from .context_parallel import context_parallel_config, flat_group, gather_text, sequence_mesh, shard_sizes
 from .processor import TARSwitch, cond_on_flag
 from .video_transformers import FrameGeometry
 
@@ -85,8 +89,8 @@ class Route:
     module: str
 
 
-_RUNNING: Scoped[DiTTARProcessor] = Scoped("running TAR processor")  # set by DiTTARProcessor._run, per thread
-_ROUTES: dict[type, Route] = {}
+_RUNNING: Scoped[RoutedProcessor] = Scoped("running routed processor")  # set by RoutedProcessor._run, per thread
+_ROUTES: dict[tuple[type, Callable | None], Route] = {}
 
 
 def _routed_dispatch(*args, **kwargs):
@@ -99,7 +103,7 @@ def _routed_sdpa(*args, **kwargs):
     return _RUNNING.get()._sdpa(*args, **kwargs)
 
 
-def route_of(processor_cls: type) -> Route:
+def route_of(processor_cls: type, redirect: Callable[[Callable], Callable] | None = None) -> Route:
     """The :class:`Route` of ``processor_cls``, built on first use (at ``apply_tar``, outside any traced call: a
     module object cannot be built inside ``torch.compile``) and kept.
 
@@ -109,7 +113,7 @@ def route_of(processor_cls: type) -> Route:
     (importing it for guards), so sharing the original's name, spec or file would route the original's calls too.
     Relative imports inside the code resolve through ``__package__``, which stays.
     """
-    route = _ROUTES.get(processor_cls)
+    route = _ROUTES.get((processor_cls, redirect))
     if route is not None:
         return route
     fn = processor_cls.__call__
@@ -118,9 +122,12 @@ def route_of(processor_cls: type) -> Route:
     module = types.ModuleType(name)
     scope = module.__dict__
     scope.update({key: value for key, value in fn.__globals__.items() if key not in _MODULE_IDENTITY})
+    if redirect is not None and kind != DISPATCH_NAME:
+        raise TypeError(f"{processor_cls.__name__} computes attention with {SDPA_MODULE}.{SDPA_NAME}, not "
+                        f"{DISPATCH_NAME}: it cannot be redirected")
     if kind == DISPATCH_NAME:
         original = scope[DISPATCH_NAME]
-        scope[DISPATCH_NAME] = _routed_dispatch
+        scope[DISPATCH_NAME] = _routed_dispatch if redirect is None else redirect(original)
     else:
         functional = scope[SDPA_MODULE]
         original = getattr(functional, SDPA_NAME)
@@ -131,32 +138,30 @@ def route_of(processor_cls: type) -> Route:
     sys.modules[name] = module
     call = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     call.__kwdefaults__ = fn.__kwdefaults__
-    route = _ROUTES[processor_cls] = Route(call, original, name)
+    route = _ROUTES[(processor_cls, redirect)] = Route(call, original, name)
     return route
 
 
-class DiTTARProcessor:
-    """A video transformer's self-attention processor with TAR (a plain object, not an nn.Module).
+class RoutedProcessor:
+    """A diffusers processor whose original ``__call__`` runs with its attention call routed to this object's
+    ``_dispatch`` / ``_sdpa`` (a plain object, not an nn.Module). ``original`` is the processor it replaces.
+    Picklable and deep-copyable: the routed copy of the original ``__call__`` is one per processor class
+    (:func:`route_of`), not per instance.
 
-    ``original`` is the processor it replaces; its code runs unchanged (see the module docstring). ``text`` says
-    where text tokens sit in the attention sequence ("none", "first", "last"). Picklable and deep-copyable: the
-    routed copy of the original ``__call__`` is one per processor class (:func:`route_of`), not per instance.
+    ``_redirect`` (a class attribute): None routes the attention call to this processor's ``_dispatch`` /
+    ``_sdpa`` (through :data:`_RUNNING`); a function of the original ``dispatch_attention_fn`` gives the function to
+    call instead, for a processor with no state of its own to consult (its own route, so two kinds of processor on
+    one model never share one traced function).
     """
 
-    def __init__(self, original: object, *, sigma: float, strength: float, mode: str, backend: str, text: str,
-                 state: DiTState) -> None:
+    _redirect: Callable[[Callable], Callable] | None = None
+
+    def __init__(self, original: object) -> None:
         self.original = original
-        self.sigma = sigma
-        self.strength = strength
-        self.mode = mode
-        self.backend = backend
-        self.text = text
-        self.state = state
-        route_of(type(original))  # fail now, not at the first forward; built outside any traced call
+        route_of(type(original), self._redirect)  # fail now, not at the first forward; outside any traced call
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(sigma={self.sigma}, strength={self.strength}, mode={self.mode!r}, "
-                f"original={type(self.original).__name__})")
+        return f"{type(self).__name__}(original={type(self.original).__name__})"
 
     # diffusers' set_attention_backend / context parallel set these on the processor: they belong to the original,
     # whose code reads them
@@ -176,7 +181,6 @@ class DiTTARProcessor:
     def _parallel_config(self, value) -> None:
         self.original._parallel_config = value
 
-    # ------------------------------------------------------------------------------------------------ running
     def _run(self, attn, *args):
         """The original processor's ``__call__`` on ``attn`` and ``args``, its attention routed here."""
         _RUNNING.put(self)  # written, never read back here: a traced read would guard on the last call's processor
@@ -187,11 +191,34 @@ class DiTTARProcessor:
 
     @property
     def _route(self) -> Route:
-        return route_of(type(self.original))
+        return route_of(type(self.original), self._redirect)
 
     def release(self) -> None:
         """Nothing per instance to release: the routed code is per processor class (kept for the next patch)."""
 
+
+class DiTTARProcessor(RoutedProcessor):
+    """A video transformer's self-attention processor with TAR.
+
+    ``original`` is the processor it replaces; its code runs unchanged (see the module docstring). ``text`` says
+    where text tokens sit in the attention sequence ("none", "first", "last").
+    """
+
+    def __init__(self, original: object, *, sigma: float, strength: float, mode: str, backend: str, text: str,
+                 state: DiTState) -> None:
+        self.sigma = sigma
+        self.strength = strength
+        self.mode = mode
+        self.backend = backend
+        self.text = text
+        self.state = state
+        super().__init__(original)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(sigma={self.sigma}, strength={self.strength}, mode={self.mode!r}, "
+                f"original={type(self.original).__name__})")
+
+    # ------------------------------------------------------------------------------------------------ running
     def _dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                   enable_gqa=False, *args, **kwargs):
         """Stands in for ``dispatch_attention_fn``: (batch, tokens, heads, head_dim) in and out."""
@@ -253,17 +280,40 @@ class DiTTARProcessor:
         """TAR on this rank's shard of the sequence under diffusers' context parallelism ``cp``
         (:mod:`vstar_kernels.diffusers.context_parallel`): every check before the first collective."""
         _check_plain_attention(dropout_p, is_causal)
-        if attn_mask is not None:
-            raise NotImplementedError("TAR under context parallelism takes no attention mask (the self-attention of "
-                                      "Wan and LTX-Video has none)")
-        if self.text != "none":
-            raise NotImplementedError(f"TAR under context parallelism needs a self-attention over the video tokens "
-                                      f"alone (Wan, LTX-Video); this model's text sits {self.text} in it")
         geometry = self.state.geometry
         if geometry is None:
             raise RuntimeError("TAR has no frame geometry: the attention ran outside the transformer's forward")
         tokens = geometry.video_tokens
-        return sequence_parallel_tar(q, k, v, sequence_mesh(cp, tokens), self._op_kwargs(scale, tokens, tokens))
+        mesh = sequence_mesh(cp, tokens)
+        if self.text == "last":
+            return self._with_tar_two_segments(q, k, v, attn_mask, scale, cp, mesh)
+        if attn_mask is not None:
+            raise NotImplementedError("TAR under context parallelism takes no attention mask over the video alone "
+                                      "(the self-attention of Wan and LTX-Video has none)")
+        if self.text != "none":
+            raise NotImplementedError(f"TAR under context parallelism needs the video tokens alone or the text last "
+                                      f"in the self-attention; this model's text sits {self.text} in it")
+        return sequence_parallel_tar(q, k, v, mesh, self._op_kwargs(scale, tokens, tokens))
+
+    def _with_tar_two_segments(self, q, k, v, attn_mask, scale, cp, mesh):
+        """HunyuanVideo's ``[video shard, text shard]`` on each rank (:func:`hunyuan_video_cp_plan`), its key mask
+        (the text padding) as a boolean (batch, 1, 1, tokens)."""
+        video = mesh.shard_sizes()
+        batch, local = q.shape[0], q.shape[1]
+        text_local = local - video[mesh.flat_rank]
+        if text_local < 0:
+            raise ValueError(f"rank {mesh.flat_rank} holds {local} tokens, fewer than its {video[mesh.flat_rank]} "
+                             "video tokens")
+        keep = None
+        if attn_mask is not None:
+            if attn_mask.dtype != torch.bool or attn_mask.numel() != batch * local or attn_mask.shape[0] != batch:
+                raise NotImplementedError(f"TAR under context parallelism supports only boolean key masks of shape "
+                                          f"(batch, 1, 1, keys), got {attn_mask.dtype} {tuple(attn_mask.shape)}")
+            keep = attn_mask.reshape(batch, local)
+        text = shard_sizes(text_local, flat_group(cp), mesh.uneven, q.device)
+        total = sum(video) + sum(text)
+        return two_segment_tar(q, k, v, keep, TwoSegmentShards(mesh, video, text),
+                               self._op_kwargs(scale, total, total))
 
     def layout(self, len_q: int, len_k: int) -> dict[str, int | None]:
         """The op's token layout for a self-attention call of ``len_q`` queries (the video tokens of the forward in
@@ -337,6 +387,40 @@ class HunyuanVideoTARProcessor(DiTTARProcessor):
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+
+class ShardedTextCrossAttention(RoutedProcessor):
+    """LTX-Video's cross-attention (``attn2``, ``LTXVideoAttnProcessor``) where diffusers' context parallelism
+    cannot run it.
+
+    LTX-Video's ``_cp_plan`` splits the text over the ranks with the video, so diffusers runs its cross-attention
+    context-parallel too. Under ``ring_degree > 1`` that is a ring, which needs a backend that returns the
+    log-sum-exp (flash, sage, cuDNN): the backends TAR's self-attention runs on under Ring (this package's own)
+    leave it without one. Under Ulysses with a text mask, diffusers' gathered mask keeps every head while the
+    queries hold a share of them, and the attention fails. In those two cases this processor all-gathers the text's
+    keys, values and mask over the context-parallel mesh instead (a few hundred tokens against the video's
+    thousands) and runs the original attention function on the local queries: the same numbers, on any backend,
+    and differentiable. Otherwise (one process; Ulysses without a mask) the original runs with the original
+    arguments, so the output stays bit-identical to diffusers'. Installed on every block's ``attn2`` by
+    ``apply_tar`` on an LTX-Video transformer, removed with TAR.
+    """
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        return self._run(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+
+    _redirect = staticmethod(lambda original: functools.partial(sharded_text_dispatch, original))
+
+
+def sharded_text_dispatch(original: Callable, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                          scale=None, enable_gqa=False, *args, **kwargs):
+    """``dispatch_attention_fn`` (``original``) inside :class:`ShardedTextCrossAttention`'s routed code: the text
+    gathered where diffusers' context parallelism cannot run the cross-attention, else the original call."""
+    cp = context_parallel_config(kwargs.get("parallel_config"))
+    if cp is None or (cp.ring_degree <= 1 and attn_mask is None):
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args, **kwargs)
+    key, value, attn_mask = gather_text(cp, key, value, attn_mask)
+    return original(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, *args,
+                    **{**kwargs, "parallel_config": None})
 
 
 PROCESSORS: dict[str, type[DiTTARProcessor]] = {

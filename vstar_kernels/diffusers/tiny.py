@@ -294,13 +294,14 @@ def tiny_ltx_transformer(num_layers: int = 2, heads: int = 2, head_dim: int = 16
                                       num_layers=num_layers, qk_norm="rms_norm_across_heads", caption_channels=32)
 
 
-def tiny_hunyuan_transformer(num_layers: int = 1, num_single_layers: int = 1):
+def tiny_hunyuan_transformer(num_layers: int = 1, num_single_layers: int = 1, heads: int = 2):
     """HunyuanVideo: patch 2 (1 in time), double- then single-stream blocks with the text last, RoPE axes split like
-    the released (16, 56, 56) of 128; 2 heads x 32 (released: 24 x 128, 20 + 40 blocks)."""
+    the released (16, 56, 56) of 128; ``heads`` x 32 (released: 24 x 128, 20 + 40 blocks)."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(0)
-    return HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=32,
+    return HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=heads,
+                                          attention_head_dim=32,
                                           num_layers=num_layers, num_single_layers=num_single_layers,
                                           num_refiner_layers=1, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
                                           text_embed_dim=32, pooled_projection_dim=8, rope_axes_dim=(4, 14, 14))

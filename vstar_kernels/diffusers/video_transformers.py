@@ -82,6 +82,9 @@ class VideoTransformerSpec:
     text: str
     geometry: Callable[[nn.Module, dict[str, object]], FrameGeometry]
     temporal_compression: int = 4  # latent frames per 4 pixel frames (each model's VAE)
+    # each block's cross-attention over text that the model's _cp_plan splits with the video (LTX-Video's attn2):
+    # under Ring, TAR's patch gathers that text (dit_processor.ShardedTextCrossAttention)
+    sharded_text_cross_attention: str | None = None
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_POSITIONS:
@@ -94,7 +97,8 @@ SPECS: dict[str, VideoTransformerSpec] = {
         VideoTransformerSpec("WanTransformer3DModel", ("blocks",), "attn1", "none", _wan_geometry),
         VideoTransformerSpec("CogVideoXTransformer3DModel", ("transformer_blocks",), "attn1", "first",
                              _cogvideox_geometry),
-        VideoTransformerSpec("LTXVideoTransformer3DModel", ("transformer_blocks",), "attn1", "none", _ltx_geometry),
+        VideoTransformerSpec("LTXVideoTransformer3DModel", ("transformer_blocks",), "attn1", "none", _ltx_geometry,
+                             sharded_text_cross_attention="attn2"),
         VideoTransformerSpec("HunyuanVideoTransformer3DModel", ("transformer_blocks", "single_transformer_blocks"),
                              "attn", "last", _hunyuan_geometry),
     )
@@ -141,11 +145,23 @@ class SelfAttentionLayer:
 
 def find_self_attention(model: nn.Module, spec: VideoTransformerSpec) -> list[SelfAttentionLayer]:
     """Every block's self-attention module of ``model``, in forward order."""
+    return _block_attention(model, spec, spec.attention)
+
+
+def find_sharded_text_cross_attention(model: nn.Module, spec: VideoTransformerSpec) -> list[SelfAttentionLayer]:
+    """Every block's cross-attention over text split with the video by the model's ``_cp_plan`` (none for most
+    models), in forward order."""
+    if spec.sharded_text_cross_attention is None:
+        return []
+    return _block_attention(model, spec, spec.sharded_text_cross_attention)
+
+
+def _block_attention(model: nn.Module, spec: VideoTransformerSpec, attribute: str) -> list[SelfAttentionLayer]:
     layers = []
     for list_name in spec.block_lists:
         for index, block in enumerate(getattr(model, list_name)):
-            layers.append(SelfAttentionLayer(f"{list_name}.{index}.{spec.attention}", len(layers),
-                                             getattr(block, spec.attention)))
+            layers.append(SelfAttentionLayer(f"{list_name}.{index}.{attribute}", len(layers),
+                                             getattr(block, attribute)))
     return layers
 
 

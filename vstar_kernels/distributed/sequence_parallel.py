@@ -21,6 +21,9 @@ every bias, so each rank must know where its tokens sit in it: that is all this 
   the adjoint sums every rank's gradient of a shard on its owner) and one op call per rank covers the whole key
   row, the memory diffusers' own ring needs (its ``rotate_method`` is "allgather").
 - **Both** (R x U): Ulysses inside each ring group's consecutive shards, then the ring over the groups' spans.
+- **Video, then text** (HunyuanVideo): each rank holds ``[video shard, text shard]`` (:func:`two_segment_tar`).
+  Ulysses as above; under Ring the keys are all-gathered, put in sequence order, and the queries' two parts (each
+  one span of the sequence) take one op call each.
 
 Every check runs before the first collective and depends only on what every rank shares (the config, the global
 layout, the shapes), so a bad call raises the same error on every rank instead of hanging the others.
@@ -97,13 +100,21 @@ def check_call(mesh: SequenceMesh, q: torch.Tensor, k: torch.Tensor, v: torch.Te
         if t.shape[1] != expected:
             raise ValueError(f"rank {mesh.flat_rank} holds {t.shape[1]} {name} tokens, its shard of the "
                              f"{mesh.tokens}-token sequence over {ranks} ranks has {expected}")
-    heads, width = q.shape[2], mesh.ulysses_world
+    _check_heads(mesh, q.shape[2])
+    _check_devices(mesh, q.device)
+
+
+def _check_heads(mesh: SequenceMesh, heads: int) -> None:
+    width = mesh.ulysses_world
     if width > 1 and (heads < width or (not mesh.uneven and heads % width)):
         raise ValueError(f"{heads} attention heads do not split over {width} Ulysses ranks"
                          + ("" if mesh.uneven else " evenly (ulysses_anything allows uneven shares)"))
+
+
+def _check_devices(mesh: SequenceMesh, device: torch.device) -> None:
     for group in (mesh.ring, mesh.ulysses):
         if group is not None:
-            group.check_device(q.device)
+            group.check_device(device)
 
 
 # ------------------------------------------------------------------------------------------------------ Ulysses
@@ -250,3 +261,131 @@ def sequence_parallel_tar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mes
     if group_shards is not None:
         out = ulysses_to_tokens(out, group_shards, heads, mesh.ulysses)
     return out
+
+
+# ------------------------------------------------------------------------------------------ video, then text
+@dataclass(frozen=True)
+class TwoSegmentShards:
+    """A sequence of ``video`` tokens then ``text`` tokens (HunyuanVideo's attention) whose two segments are each
+    split over the flat ranks of ``mesh``: flat rank ``f`` holds ``[video shard f, text shard f]``. ``video`` and
+    ``text``: every flat rank's share of each, in rank order."""
+
+    mesh: SequenceMesh
+    video: list[int]
+    text: list[int]
+
+    def local(self, rank: int) -> int:
+        return self.video[rank] + self.text[rank]
+
+
+def _reorder(x: torch.Tensor, pieces: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` along dim 1 is ``[video_i, text_i]`` for each (video_i, text_i) of ``pieces``; returns (every video
+    part, every text part), each concatenated in order (dim 1)."""
+    videos, texts, at = [], [], 0
+    for video, text in pieces:
+        videos.append(x.narrow(1, at, video))
+        texts.append(x.narrow(1, at + video, text))
+        at += video + text
+    return torch.cat(videos, dim=1), torch.cat(texts, dim=1)
+
+
+def two_segment_tar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor | None,
+                    shards: TwoSegmentShards, tar: dict) -> torch.Tensor:
+    """TAR attention of this rank's ``[video shard, text shard]`` ((batch, tokens, heads, dim) q, k, v) of a
+    video-then-text sequence (:class:`TwoSegmentShards`), text unbiased; ``keep`` ((batch, this rank's tokens)
+    bool) masks keys: every video token kept, a prefix of the text (HunyuanVideo's padding; None: all kept). The
+    output is this rank's shard, the numbers one process gives for the whole sequence.
+
+    Ulysses gives each rank the whole of its group's shards for a share of the heads; under Ring the keys and
+    values of every group are all-gathered (the memory of diffusers' ``rotate_method="allgather"``: the two
+    segments' chunks are not one span of the sequence, so the ring loop of :func:`ring_tar_attention` does not
+    apply). The keys are put in sequence order (all video, then all text); the queries' video and text parts are
+    each one span of it, so two op calls with token offsets cover them. Differentiable throughout."""
+    mesh = shards.mesh
+    video_total = sum(shards.video)
+    f = mesh.flat_rank
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if t.shape[1] != shards.local(f):
+            raise ValueError(f"rank {f} holds {t.shape[1]} {name} tokens, its video and text shards have "
+                             f"{shards.video[f]} + {shards.text[f]}")
+    heads, width = q.shape[2], mesh.ulysses_world
+    _check_heads(mesh, heads)
+    params = make_params(q.shape[-1], **{name: value for name, value in tar.items() if name != "backend"})
+    select_backend(q, params, tar.get("backend", "auto"))
+    _check_devices(mesh, q.device)
+    group = _ulysses_ranks(mesh)
+    local = [shards.local(r) for r in range(mesh.ring_world * width)]
+    if width > 1:
+        q, k, v = ulysses_to_heads(torch.stack([q, k, v]), [local[r] for r in group], mesh.ulysses).unbind(0)
+    key_ranks = group
+    if mesh.ring_world > 1:
+        k, v = (gather_frames(t.contiguous(), _ring_spans(local, mesh), 1, mesh.ring) for t in (k, v))
+        key_ranks = list(range(len(local)))
+    key_pieces = [(shards.video[r], shards.text[r]) for r in key_ranks]
+    keys = torch.cat(_reorder(k, key_pieces), dim=1)
+    values = torch.cat(_reorder(v, key_pieces), dim=1)
+    q_video, q_text = _reorder(q, [(shards.video[r], shards.text[r]) for r in group])
+    video_start, text_start = sum(shards.video[:group[0]]), sum(shards.text[:group[0]])
+    lengths = None if keep is None else _kept_text(keep, shards, mesh)
+    outs = []
+    for part, offset in ((q_video, video_start), (q_text, video_total + text_start)):
+        outs.append(_attend_kept(part, keys, values, lengths, offset, tar))
+    out_video, out_text = outs
+    pieces, at_v, at_t = [], 0, 0
+    for r in group:
+        pieces.append(out_video.narrow(1, at_v, shards.video[r]))
+        pieces.append(out_text.narrow(1, at_t, shards.text[r]))
+        at_v, at_t = at_v + shards.video[r], at_t + shards.text[r]
+    out = torch.cat(pieces, dim=1)
+    if width > 1:
+        out = ulysses_to_tokens(out, [shards.local(r) for r in group], heads, mesh.ulysses)
+    return out
+
+
+def _ulysses_ranks(mesh: SequenceMesh) -> list[int]:
+    """The flat ranks of this rank's Ulysses group, in order."""
+    first = mesh.flat_rank - (0 if mesh.ulysses is None else mesh.ulysses.rank)
+    return list(range(first, first + mesh.ulysses_world))
+
+
+def _ring_spans(per_rank: list[int], mesh: SequenceMesh) -> list[int]:
+    """Each ring rank's span: the sum of ``per_rank`` (flat-rank order) over its Ulysses group."""
+    width = mesh.ulysses_world
+    return [sum(per_rank[g * width:(g + 1) * width]) for g in range(mesh.ring_world)]
+
+
+def _kept_text(keep: torch.Tensor, shards: TwoSegmentShards, mesh: SequenceMesh) -> list[int]:
+    """The kept keys of each batch element over the whole sequence, from every rank's ``keep`` ((batch, this rank's
+    tokens) bool over its ``[video shard, text shard]``, gathered in flat-rank order: within the Ulysses group,
+    then over the ring). NotImplementedError, the same on every rank, unless every video token is kept and the
+    kept text is a prefix of the text (padding last, as HunyuanVideo pads)."""
+    keep = keep.to(torch.uint8).contiguous()
+    local = [shards.local(r) for r in range(mesh.ring_world * mesh.ulysses_world)]
+    key_ranks = _ulysses_ranks(mesh)
+    if mesh.ulysses_world > 1:
+        keep = gather_frames(keep, [local[r] for r in key_ranks], 1, mesh.ulysses)
+    if mesh.ring_world > 1:
+        keep = gather_frames(keep, _ring_spans(local, mesh), 1, mesh.ring)
+        key_ranks = list(range(len(local)))
+    video, text = (part.bool() for part in _reorder(keep, [(shards.video[r], shards.text[r]) for r in key_ranks]))
+    counts = text.sum(-1)
+    prefix = torch.arange(text.shape[1], device=text.device) < counts[:, None]
+    if not (bool(video.all()) and torch.equal(prefix, text)):
+        raise NotImplementedError("TAR under context parallelism supports key masks that keep every video token "
+                                  "and a prefix of the text (padding last)")
+    return [video.shape[1] + int(count) for count in counts.tolist()]
+
+
+def _attend_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int] | None, q_offset: int,
+                 tar: dict) -> torch.Tensor:
+    """The op on queries ``q`` (one span of the sequence from token ``q_offset``) against the whole sequence's keys,
+    each batch element's keys cut to its kept ``lengths`` (None: all kept)."""
+    if q.shape[1] == 0:
+        return q.new_empty((*q.shape[:3], v.shape[-1]))
+    kw = dict(q_token_offset=q_offset, k_token_offset=0, **tar)
+    if lengths is None:
+        return tar_attention(q, k, v, **kw)
+    if len(set(lengths)) == 1:
+        return tar_attention(q, k[:, :lengths[0]], v[:, :lengths[0]], **kw)
+    return torch.cat([tar_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], **kw)
+                      for b, n in enumerate(lengths)])
