@@ -103,6 +103,8 @@ def main() -> int:
     parser.add_argument("--experts", type=int, choices=(1, 2), default=1, help="--pipeline: Wan 2.2's two experts")
     parser.add_argument("--plan-without-hook", action="store_true",
                         help="hunyuan: our plan passed to enable_parallelism alone must raise, not mask wrongly")
+    parser.add_argument("--synopsis", action="store_true",
+                        help="per-frame prompts and TAR under CP against one process")
     parser.add_argument("--report-dir", required=True)
     args = parser.parse_args()
 
@@ -113,6 +115,8 @@ def main() -> int:
         return finish(report, run_pipeline(args, report), args)
     if args.plan_without_hook:
         return finish(report, run_plan_without_hook(args, report), args)
+    if args.synopsis:
+        return finish(report, run_synopsis(args, report), args)
     ok = True
     kw = inputs(args.model, args.frames, *args.size, batch=args.batch, text_mask=args.text_mask)
     base = build(args.model)
@@ -203,6 +207,41 @@ def run_plan_without_hook(args, report: dict) -> bool:
         report["checks"]["raised"] = f"{type(exc).__name__}: {exc}"[:300]
         return True
     return False
+
+
+def run_synopsis(args, report: dict) -> bool:
+    """Per-frame prompts (and TAR) under diffusers' CP against one process: every rank's shard of the video, which
+    may begin inside a frame, attends to the text of each token's global frame."""
+    from vstar_kernels.diffusers import apply_synopsis
+
+    base = build(args.model)
+    kw = inputs(args.model, args.frames, *args.size, text_mask=args.text_mask)
+    context = kw["encoder_hidden_states"]
+    embeds = torch.randn(args.frames, *context.shape[1:], generator=torch.Generator().manual_seed(3))
+    embeds[0] = context[0]  # the call's prompt is the first state
+    mask = None
+    if args.model == "ltx" and args.text_mask:
+        mask = torch.ones(args.frames, context.shape[1])
+        mask[0] = kw["encoder_attention_mask"][0]
+        mask[-1, 3:] = 0
+    outputs = {}
+    for name in ("single", "parallel", "tar-only"):
+        model = copy.deepcopy(base)
+        if name == "parallel" and args.order == "cp-first":
+            enable_cp(model, args)
+        apply_tar(model, sigma=args.sigma, strength=1.5, timesteps="all", backend=args.backend)
+        if name != "tar-only":
+            apply_synopsis(model, embeds, mask)
+        if name == "parallel" and args.order == "tar-first":
+            enable_cp(model, args)
+        with torch.no_grad():
+            outputs[name] = model(**kw, return_dict=False)[0]
+    want = outputs["single"]
+    check = {"max_err": (outputs["parallel"] - want).abs().max().item(), "scale": want.abs().max().item(),
+             "synopsis_changes_output": (want - outputs["tar-only"]).abs().max().item()}
+    report["checks"]["synopsis"] = check
+    return (check["max_err"] <= TOLERANCE * max(1.0, check["scale"])
+            and check["synopsis_changes_output"] > 100 * TOLERANCE)
 
 
 def run_pipeline(args, report: dict) -> bool:

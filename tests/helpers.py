@@ -1,6 +1,13 @@
-"""Shared test helpers: input layouts as diffusers makes them, and the precision-aware criterion."""
+"""Shared test helpers: input layouts as diffusers makes them, the precision-aware criterion, and a torchrun
+launcher for the multi-process workers."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 
@@ -114,3 +121,21 @@ def assert_grads_match_reference(backend: str, q, k, v, seed: int = 0, **kw) -> 
         base = (s.double() - r).abs().max().item() if q.dtype != torch.float64 else 0.0
         atol = ATOL[q.dtype] * max(1.0, r.abs().max().item())
         assert err <= 2 * base + atol, f"d{name}: {err:.3e} > 2 * {base:.3e} + {atol:.3e} ({backend}, {kw})"
+
+
+def torchrun(worker: Path, nproc: int, *args: str, report_dir: Path, timeout_s: float = 300
+             ) -> subprocess.CompletedProcess:
+    """``worker`` on ``nproc`` local processes (``torch.distributed.run --standalone``, one thread each), writing
+    its per-rank reports into ``report_dir``; the process group's timeout is 60 s, so a rank left waiting fails
+    instead of hanging the suite."""
+    from vstar_kernels.distributed.layout import TIMEOUT_ENV
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           str(worker), "--report-dir", str(report_dir), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+
+
+def rank_reports(report_dir: Path) -> list[dict]:
+    """The ``rank<r>.json`` reports a worker wrote, in rank order."""
+    return [json.loads(path.read_text()) for path in sorted(report_dir.glob("rank*.json"))]

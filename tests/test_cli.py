@@ -124,3 +124,18 @@ def test_demo_with_synopsis(tmp_path):
     assert "synopsis: 3 states over 10 frames: a snowy field -> a green meadow -> a golden wheat field" in res.stdout
     bad = _cli("demo", "--frames", "2", "--synopsis", "a", "b", "c")
     assert bad.returncode == 2 and "3 states for 2 frames" in bad.stderr
+
+
+def test_demo_wan_family_with_synopsis_and_tar(tmp_path):
+    """The tiny WanPipeline: TAR on every block's self-attention, per-frame prompts over its latent frames."""
+    res = _cli("demo", "--family", "wan", "--frames", "9", "--steps", "1", "--size", "32", "--out", str(tmp_path),
+               "--synopsis", "a snowy field", "a green meadow")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "2 TAR layers (sigma=2.0 latent frames)" in res.stdout
+    assert "synopsis: 2 states over 9 frames (3 latent frames): a snowy field -> a green meadow" in res.stdout
+    from PIL import Image
+
+    with Image.open(tmp_path / "video.gif") as gif:
+        assert gif.n_frames == 9 and gif.size == (32, 32)
+    bad = _cli("demo", "--family", "wan", "--frames", "10")
+    assert bad.returncode == 2 and "--frames must be 4n + 1 (its VAE), e.g. 9 or 13" in bad.stderr

@@ -8,16 +8,14 @@ in one process.
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import rank_reports, torchrun
 
-from vstar_kernels.distributed.layout import TIMEOUT_ENV, RankGroup
+from vstar_kernels.distributed.layout import RankGroup
 from vstar_kernels.distributed.sequence_parallel import SequenceMesh, TwoSegmentShards, check_call, two_segment_tar
 
 pytest.importorskip("diffusers")
@@ -25,14 +23,11 @@ WORKER = Path(__file__).with_name("context_parallel_worker.py")
 
 
 def _torchrun(nproc: int, *args: str, report_dir: Path, timeout_s: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(WORKER), "--report-dir", str(report_dir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    return torchrun(WORKER, nproc, *args, report_dir=report_dir, timeout_s=timeout_s)
 
 
 def _reports(report_dir: Path, nproc: int, proc: subprocess.CompletedProcess) -> list[dict]:
-    reports = [json.loads(path.read_text()) for path in sorted(report_dir.glob("rank*.json"))]
+    reports = rank_reports(report_dir)
     assert sorted(r["rank"] for r in reports) == list(range(nproc)), proc.stdout[-3000:] + proc.stderr[-3000:]
     return reports
 
@@ -148,6 +143,27 @@ def test_hunyuan_plan_without_the_refiner_mask_hook_raises_rather_than_masking_w
     for report in _reports(tmp_path, 2, proc):
         assert report["ok"], report
         assert report["checks"]["raised"]
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(("nproc", "args"), [
+    pytest.param(2, ("--model", "wan", "--ulysses", "2"), id="wan-ulysses2"),
+    pytest.param(4, ("--model", "wan", "--ulysses", "2", "--ring", "2", "--order", "cp-first"), id="wan-unified2x2"),
+    pytest.param(2, ("--model", "wan-i2v", "--ring", "2"), id="wan-i2v-ring2"),
+    pytest.param(2, ("--model", "ltx", "--ring", "2", "--frames", "3", "--size", "4", "4", "--text-mask"),
+                 id="ltx-ring2-text-mask"),
+    pytest.param(2, ("--model", "ltx", "--ulysses", "2", "--frames", "3", "--size", "4", "4", "--text-mask",
+                     "--order", "cp-first"), id="ltx-ulysses2-cp-first-text-mask"),
+])
+def test_per_frame_prompts_with_tar_under_cp_equal_one_process(nproc, args, tmp_path):
+    """apply_synopsis and apply_tar under diffusers' CP: every rank's video shard (cut inside a frame: 16 tokens per
+    frame, shards of 24 or 12) attends to the text of each token's global frame, as in one process."""
+    proc = _torchrun(nproc, "--synopsis", *args, report_dir=tmp_path)
+    for report in _reports(tmp_path, nproc, proc):
+        assert report["ok"], report
+        check = report["checks"]["synopsis"]
+        assert check["max_err"] <= 1e-4 * max(1.0, check["scale"]), check
+        assert check["synopsis_changes_output"] > 1e-2, check
     assert proc.returncode == 0
 
 

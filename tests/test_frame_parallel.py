@@ -4,7 +4,6 @@ before any collective)."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import rank_reports, torchrun
 
 from vstar_kernels.distributed import disable_frame_parallel, enable_frame_parallel, split_sizes
 from vstar_kernels.distributed.layout import TIMEOUT_ENV, timeout
@@ -21,14 +21,11 @@ WORKER = Path(__file__).with_name("frame_parallel_worker.py")
 
 
 def _torchrun(nproc: int, *args: str, report_dir: Path, timeout_s: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
-           str(WORKER), "--report-dir", str(report_dir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    return torchrun(WORKER, nproc, *args, report_dir=report_dir, timeout_s=timeout_s)
 
 
 def _reports(report_dir: Path) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(report_dir.glob("rank*.json"))]
+    return rank_reports(report_dir)
 
 
 @pytest.mark.parametrize(("nproc", "args"), [

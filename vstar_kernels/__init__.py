@@ -14,7 +14,7 @@ from .synopsis import SYNOPSIS_TEMPLATE, generate_synopsis, parse_synopsis, syno
 _DIFFUSERS_EXPORTS = ("POSITION_MODES", "PRESETS", "DiTTARHandle", "TARAttnProcessor", "TARHandle", "apply_synopsis",
                       "apply_tar",
                       "extend_frame_positions", "plot_temporal_attention", "record_temporal_attention",
-                      "remove_synopsis", "remove_tar", "restore_frame_positions")
+                      "remove_synopsis", "remove_tar", "restore_frame_positions", "synopsis_prompt_embeds")
 
 
 def __getattr__(name: str):

@@ -2,9 +2,11 @@
 
 Without ``--model`` it builds a small random pipeline offline (:mod:`vstar_kernels.diffusers.tiny`: real diffusers
 classes, random weights, so the video is noise but memory and time behave like the real thing) of ``--family``:
-"modelscope" (TextToVideoSDPipeline, the default) or "animatediff" (AnimateDiffPipeline whose motion adapter has the
-released 32-row position tables, interpolated to the frame count); with ``--model PATH`` it loads a local diffusers
-pipeline folder. It applies TAR, records the temporal attention
+"modelscope" (TextToVideoSDPipeline, the default), "animatediff" (AnimateDiffPipeline whose motion adapter has the
+released 32-row position tables, interpolated to the frame count) or "wan" (WanPipeline: a video transformer with a
+tiny UMT5 encoder and the Wan VAE; TAR with ``--sigma`` in latent frames, default 2, and per-frame prompts over its
+latent frames with ``--synopsis``; no attention figure, which records UNet temporal attention); with
+``--model PATH`` it loads a local diffusers pipeline folder. It applies TAR, records the temporal attention
 maps of one denoising call with and without TAR on the same noisy latents, generates the video (one pass, a
 progress bar per step; with ``--synopsis`` each frame is conditioned on its interpolated state), and writes
 ``video.gif`` (``video.mp4`` too when imageio is installed) and
@@ -36,7 +38,10 @@ class DemoError(Exception):
 
 # the demo extra: the pipeline (diffusers, transformers for its text encoder) and the figure (matplotlib)
 DEMO_MODULES = ("diffusers", "transformers", "matplotlib")
-FAMILIES = ("modelscope", "animatediff")
+FAMILIES = ("modelscope", "animatediff", "wan")
+TRANSFORMER_FAMILIES = ("wan",)
+DEFAULT_FRAMES = {"wan": 33}  # a valid Wan length (4n + 1); the UNets' default is 128
+DEFAULT_TRANSFORMER_SIGMA = 2.0  # latent frames
 DEFAULT_FAMILY = "modelscope"
 
 
@@ -45,12 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", help="a local diffusers text-to-video pipeline folder (default: tiny, offline)")
     parser.add_argument("--family", choices=FAMILIES,
-                        help=f"the tiny offline pipeline: {' or '.join(FAMILIES)} (default {DEFAULT_FAMILY}; "
-                             "animatediff has the released 32-position motion adapter)")
+                        help=f"the tiny offline pipeline: {', '.join(FAMILIES)} (default {DEFAULT_FAMILY}; "
+                             "animatediff has the released 32-position motion adapter; wan is a video "
+                             "transformer, frames 4n + 1)")
     parser.add_argument("--prompt", default="a red balloon drifting over a city at sunset")
-    parser.add_argument("--frames", type=int, default=128, help="frames generated in one pass (default 128)")
+    parser.add_argument("--frames", type=int, help="frames generated in one pass (default 128; wan: 33)")
     parser.add_argument("--preset", default=DEFAULT_PRESET, help=f"TAR preset: {', '.join(PRESETS)}")
-    parser.add_argument("--sigma", type=float, help="one sigma at level 0 instead of a preset")
+    parser.add_argument("--sigma", type=float,
+                        help="one sigma at level 0 instead of a preset (wan: the band in latent frames, default 2)")
     parser.add_argument("--steps", type=int, default=10, help="denoising steps (default 10)")
     parser.add_argument("--size", type=int, default=32, help="height = width in pixels (default 32, tiny model)")
     parser.add_argument("--seed", type=int, default=0)
@@ -63,6 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _validate(args: argparse.Namespace) -> Path:
     from .presets import PRESETS
 
+    if args.frames is None:
+        args.frames = DEFAULT_FRAMES.get(args.family, 128)
     if args.frames < 1:
         raise DemoError(f"--frames must be >= 1, got {args.frames}")
     if args.steps < 1 or args.size < 8:
@@ -77,6 +86,13 @@ def _validate(args: argparse.Namespace) -> Path:
         raise DemoError("--family picks the tiny offline pipeline; it cannot be combined with --model")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise DemoError("--device cuda but CUDA is not available")
+    if args.family in TRANSFORMER_FAMILIES:
+        if (args.frames - 1) % 4:
+            lower = (args.frames - 1) // 4 * 4 + 1
+            raise DemoError(f"--family {args.family}: --frames must be 4n + 1 (its VAE), e.g. {lower} or {lower + 4}")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise DemoError(f"--family {args.family}: the demo runs a video transformer in one process (frame "
+                            "parallelism is for UNets; transformers use diffusers' context parallelism)")
     if args.synopsis is not None:
         if any(not state.strip() for state in args.synopsis):
             raise DemoError("--synopsis states must be non-empty")
@@ -99,6 +115,8 @@ def _pipeline(args: argparse.Namespace):
 
         if (args.family or DEFAULT_FAMILY) == "animatediff":
             return tiny.animatediff_pipeline(*tiny.tiny_animatediff_unet("animatediff"))
+        if args.family == "wan":
+            return tiny.wan_pipeline()
         return tiny.text_to_video_pipeline()
     from diffusers import DiffusionPipeline
 
@@ -187,6 +205,8 @@ def run_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     pipe = _pipeline(args).to(device)
+    if args.family in TRANSFORMER_FAMILIES:
+        return _run_transformer(pipe, args, out, device, start)
     if not hasattr(pipe, "unet"):
         raise DemoError(f"--model {args.model}: the pipeline has no UNet")
     tar_kwargs = {"sigma": args.sigma} if args.sigma is not None else {"preset": args.preset}
@@ -236,6 +256,37 @@ def run_demo(args: argparse.Namespace) -> int:
         import torch.distributed as dist
 
         dist.destroy_process_group()
+    return 0
+
+
+def _run_transformer(pipe, args: argparse.Namespace, out: Path, device: torch.device, start: float) -> int:
+    """The demo on a video-transformer pipeline: TAR (sigma in latent frames) and, with ``--synopsis``, per-frame
+    prompts from :func:`vstar_kernels.diffusers.synopsis_prompt_embeds` over its latent frames."""
+    from .diffusers import apply_synopsis, apply_tar, synopsis_prompt_embeds
+
+    sigma = DEFAULT_TRANSFORMER_SIGMA if args.sigma is None else args.sigma
+    handle = apply_tar(pipe, sigma=sigma)
+    attention = pipe.transformer.get_submodule(next(iter(handle.layers)).removeprefix("transformer."))
+    backend = backend_for(device, pipe.transformer.dtype, attention.inner_dim // attention.heads)
+    print(f"vstar-kernels demo: {args.frames} frames, {args.size}x{args.size}, {args.steps} steps, "
+          f"{handle.num_layers} TAR layers (sigma={sigma} latent frames), backend {backend} on {device.type}",
+          flush=True)
+    prompt = args.prompt
+    if args.synopsis:
+        prompts = synopsis_prompt_embeds(pipe, args.synopsis, args.frames)
+        apply_synopsis(pipe, prompts)
+        prompt = args.synopsis[0]  # the conditional call carries the first state; its rows are replaced per frame
+        print(f"synopsis: {len(args.synopsis)} states over {args.frames} frames ({prompts.embeds.shape[0]} latent "
+              "frames): " + " -> ".join(args.synopsis), flush=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    frames = pipe(prompt, num_frames=args.frames, num_inference_steps=args.steps, height=args.size,
+                  width=args.size, generator=generator, output_type="pt").frames[0]
+    written = _write_video(frames, out)
+    for path in written:
+        print(f"wrote {path}")
+    print("attention.png skipped: the figure records a UNet's temporal attention")
+    print(f"peak memory {_peak_mib(device):.0f} MiB ({'CUDA allocator' if device.type == 'cuda' else 'process RSS'})"
+          f", time {time.perf_counter() - start:.1f} s, backend {backend}", flush=True)
     return 0
 
 

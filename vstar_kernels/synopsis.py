@@ -99,13 +99,21 @@ def keyframe_indices(num_keyframes: int, num_frames: int) -> torch.Tensor:
     return torch.round(positions).to(torch.int64)
 
 
-def synopsis_embeddings(keyframe_embeds: torch.Tensor, num_frames: int, mode: str = "linear") -> torch.Tensor:
-    """Per-frame text embeddings (num_frames, tokens, dim) from K keyframe embeddings (K, tokens, dim).
+def synopsis_embeddings(keyframe_embeds: torch.Tensor, num_frames: int, mode: str = "linear", *,
+                        pipe: object | None = None) -> torch.Tensor:
+    """Per-frame text embeddings (frames, tokens, dim) from K keyframe embeddings (K, tokens, dim).
 
     Keyframes sit at evenly spaced frames, the first and the last frame included, and their embeddings are exact
     there. ``mode="linear"`` interpolates linearly between neighbouring keyframes; ``"same"`` holds each keyframe
     until the next. K = 1 repeats it; K > num_frames is an error. Index arithmetic is int64/float64 (any frame
     count); values are computed in float32 or better and returned in the input dtype.
+
+    ``pipe``: the pipeline (or video transformer) the embeddings are for. With a video transformer, which
+    conditions *latent* frames, ``num_frames`` is the video's frame count and the rows are its latent frames: a VAE
+    of temporal compression c (Wan 4, LTX-Video 8) turns c·n + 1 frames into n + 1 latent frames, latent frame 0
+    holding video frame 0 and latent frame j >= 1 video frames c(j-1)+1 .. cj. Each keyframe sits at the evenly
+    spaced *video* frame, as above, and takes the latent frame that holds it; another frame count raises a
+    ValueError naming the nearest valid ones. With a UNet pipeline (or None) the rows are the video frames.
     """
     if not isinstance(keyframe_embeds, torch.Tensor) or keyframe_embeds.dim() != 3:
         shape = tuple(keyframe_embeds.shape) if isinstance(keyframe_embeds, torch.Tensor) else type(keyframe_embeds)
@@ -122,19 +130,60 @@ def synopsis_embeddings(keyframe_embeds: torch.Tensor, num_frames: int, mode: st
         raise ValueError("keyframe_embeds needs at least one keyframe")
     if k > num_frames:
         raise ValueError(f"{k} keyframes do not fit in {num_frames} frames (K must be <= num_frames)")
+    keys = keyframe_indices(k, num_frames)
+    compression = None if pipe is None else _temporal_compression(pipe)
+    if compression is not None:
+        num_frames, keys = latent_keyframes(keys, num_frames, compression)
+    return interpolate_keyframes(keyframe_embeds, keys.to(keyframe_embeds.device), num_frames, mode)
+
+
+def _temporal_compression(pipe: object) -> int | None:
+    from .diffusers.synopsis import temporal_compression  # the diffusers integration, only with a pipeline
+
+    return temporal_compression(pipe)
+
+
+def latent_keyframes(keys: torch.Tensor, num_frames: int, compression: int) -> tuple[int, torch.Tensor]:
+    """The latent frame count of ``num_frames`` video frames under a VAE of temporal ``compression`` (c·n + 1 ->
+    n + 1) and the latent frame holding each keyframe (video frame v -> ceil(v / c)). ValueError for a frame count
+    that is not c·n + 1 (naming the nearest valid ones) or two keyframes in one latent frame."""
+    if (num_frames - 1) % compression:
+        lower = (num_frames - 1) // compression * compression + 1
+        raise ValueError(f"{num_frames} frames is not a valid length for this model: its VAE turns {compression}·n "
+                         f"+ 1 frames into n + 1 latent frames; the nearest valid lengths are {lower} and "
+                         f"{lower + compression}")
+    latent = (num_frames - 1) // compression + 1
+    latent_keys = (keys + compression - 1) // compression
+    if latent_keys.numel() > 1 and bool((latent_keys[1:] == latent_keys[:-1]).any()):
+        raise ValueError(f"{keys.numel()} keyframes over {num_frames} frames put two keyframes in one of the "
+                         f"{latent} latent frames: use at most {latent} states")
+    return latent, latent_keys
+
+
+def interpolate_keyframes(keyframe_embeds: torch.Tensor, keys: torch.Tensor, num_frames: int,
+                          mode: str = "linear") -> torch.Tensor:
+    """(num_frames, tokens, dim) from keyframe embeddings (K, tokens, dim) at the increasing frames ``keys``
+    (int64; the first is 0 and the last num_frames - 1 when K > 1), as :func:`synopsis_embeddings` describes."""
+    k = keyframe_embeds.shape[0]
     if k == 1:
         return keyframe_embeds.expand(num_frames, -1, -1).clone()
-    device = keyframe_embeds.device
-    keys = keyframe_indices(k, num_frames).to(device)
-    frames = torch.arange(num_frames, dtype=torch.int64, device=device)
+    segment, weight = keyframe_weights(keys, num_frames, mode)
+    compute = torch.promote_types(keyframe_embeds.dtype, torch.float32)
+    w = weight.to(compute)[:, None, None]
+    embeds = keyframe_embeds.to(compute)
+    out = embeds[segment] * (1 - w) + embeds[segment + 1] * w
+    return out.to(keyframe_embeds.dtype)
+
+
+def keyframe_weights(keys: torch.Tensor, num_frames: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each frame: the segment s (between keyframes s and s + 1) it lies in and the weight of keyframe s + 1
+    (float64; 0 at keyframe s, 1 at keyframe s + 1)."""
+    k = keys.numel()
+    frames = torch.arange(num_frames, dtype=torch.int64, device=keys.device)
     # segment s covers frames keys[s] .. keys[s + 1]; the last keyframe's frame belongs to the last segment
     segment = (torch.searchsorted(keys, frames, right=True) - 1).clamp(0, k - 2)
     left, right = keys[segment], keys[segment + 1]
     weight = (frames - left).to(torch.float64) / (right - left).to(torch.float64)
     if mode == "same":
         weight = (frames >= right).to(torch.float64)  # hold the left keyframe until the next one starts
-    compute = torch.promote_types(keyframe_embeds.dtype, torch.float32)
-    w = weight.to(compute)[:, None, None]
-    embeds = keyframe_embeds.to(compute)
-    out = embeds[segment] * (1 - w) + embeds[segment + 1] * w
-    return out.to(keyframe_embeds.dtype)
+    return segment, weight

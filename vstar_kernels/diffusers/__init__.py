@@ -36,6 +36,7 @@ from .context_parallel import enable_context_parallelism, hunyuan_video_cp_plan 
 from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
 from .dit_patching import DiTTARHandle  # noqa: E402
 from .dit_processor import DiTTARProcessor  # noqa: E402
+from .dit_synopsis import DiTSynopsisHandle  # noqa: E402
 from .patching import TARHandle, apply_tar, remove_tar, tar_state  # noqa: E402
 from .positions import (  # noqa: E402
     POSITION_MODES,
@@ -45,7 +46,14 @@ from .positions import (  # noqa: E402
     restore_frame_positions,
 )
 from .processor import MaterialisedTARProcessor, TARAttnProcessor, TARSwitch  # noqa: E402
-from .synopsis import SynopsisCrossAttnProcessor, SynopsisHandle, apply_synopsis, remove_synopsis  # noqa: E402
+from .synopsis import (  # noqa: E402
+    FramePrompts,
+    SynopsisCrossAttnProcessor,
+    SynopsisHandle,
+    apply_synopsis,
+    remove_synopsis,
+    synopsis_prompt_embeds,
+)
 from .video_transformers import SPECS as VIDEO_TRANSFORMERS  # noqa: E402
 
 __all__ = [
@@ -54,9 +62,11 @@ __all__ = [
     "PRESETS",
     "TEMPORAL_CONTAINERS",
     "VIDEO_TRANSFORMERS",
+    "DiTSynopsisHandle",
     "DiTTARHandle",
     "DiTTARProcessor",
     "FramePositionEmbedding",
+    "FramePrompts",
     "MaterialisedTARProcessor",
     "SynopsisCrossAttnProcessor",
     "SynopsisHandle",
@@ -77,5 +87,6 @@ __all__ = [
     "remove_synopsis",
     "remove_tar",
     "restore_frame_positions",
+    "synopsis_prompt_embeds",
     "tar_state",
 ]

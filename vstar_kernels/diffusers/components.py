@@ -34,3 +34,68 @@ def remove_pre_hook(module: nn.Module, hook: object) -> None:
         if registered is hook:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def replace_processor(module: nn.Module, ours: object, original: object) -> bool:
+    """Put ``original`` where ``ours`` is: the module's processor itself, or a link of a chain of wrapping
+    processors (each holding the next as ``inner`` or ``original``). False when ``ours`` is not there (something
+    replaced it since: that newer choice stays)."""
+    current = module.processor
+    if current is ours:
+        module.set_processor(original)
+        return True
+    while current is not None:
+        for attribute in ("inner", "original"):
+            if getattr(current, attribute, None) is ours:
+                setattr(current, attribute, original)
+                return True
+        current = getattr(current, "inner", None) or getattr(current, "original", None)
+    return False
+
+
+def install_processor(module: nn.Module, make: Callable[[object], object],
+                      beneath: tuple[type, ...] = ()) -> tuple[object, object]:
+    """``make(current)`` as ``module``'s processor, or, when the current processor is a wrapper of a class in
+    ``beneath`` (one that must stay outermost), as that wrapper's ``inner``. Returns (what it replaced, what it
+    installed), for :func:`replace_processor` to undo."""
+    current = module.processor
+    if isinstance(current, beneath):
+        original = current.inner
+        current.inner = installed = make(original)
+        return original, installed
+    installed = make(current)
+    module.set_processor(installed)
+    return current, installed
+
+
+def replace_processors(model: nn.Module, originals: Mapping[str, object], installed: Mapping[str, object]) -> None:
+    """:func:`replace_processor` for each module path of ``originals``: ``installed[name]`` back to
+    ``originals[name]``, wherever it sits in a chain of wrappers."""
+    modules = dict(model.named_modules())
+    for name, original in originals.items():
+        if name in modules:
+            replace_processor(modules[name], installed[name], original)
+
+
+class WrappedSettings:
+    """Mixin for a processor that wraps another (the attribute named by ``_WRAPPED``): diffusers'
+    ``set_attention_backend`` and context parallelism set ``_attention_backend`` / ``_parallel_config`` on every
+    processor, and they belong to the wrapped one, whose code reads them."""
+
+    _WRAPPED = "original"
+
+    @property
+    def _attention_backend(self):
+        return getattr(getattr(self, self._WRAPPED), "_attention_backend", None)
+
+    @_attention_backend.setter
+    def _attention_backend(self, value) -> None:
+        getattr(self, self._WRAPPED)._attention_backend = value
+
+    @property
+    def _parallel_config(self):
+        return getattr(getattr(self, self._WRAPPED), "_parallel_config", None)
+
+    @_parallel_config.setter
+    def _parallel_config(self, value) -> None:
+        getattr(self, self._WRAPPED)._parallel_config = value

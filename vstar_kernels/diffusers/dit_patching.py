@@ -17,8 +17,9 @@ from ..call_state import keep_state_in_checkpoints, release_checkpoints
 from ..contract import MODES, make_params
 from ..ops import requested_backend
 from ..presets import StepWindow, resolve_window
-from .components import remove_pre_hook, restore_processors
+from .components import install_processor, remove_pre_hook, replace_processors
 from .dit_processor import PROCESSORS, DiTState, RoutedProcessor, ShardedTextCrossAttention
+from .dit_synopsis import DiTSynopsisProcessor
 from .gates import DiTGate, SchedulerSource
 from .video_transformers import (
     cache_forward_signature,
@@ -99,7 +100,9 @@ def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, 
             _check_signature(processor_cls, layer.module.processor, layer.name)
         companions = find_sharded_text_cross_attention(transformer, spec)
         for layer in companions:
-            _check_signature(ShardedTextCrossAttention, layer.module.processor, layer.name)
+            current = layer.module.processor
+            _check_signature(ShardedTextCrossAttention,
+                             current.inner if isinstance(current, DiTSynopsisProcessor) else current, layer.name)
         plans[prefix] = (transformer, spec, chosen, processor_cls, companions)
 
     first_chosen = next(iter(plans.values()))[2]
@@ -117,11 +120,10 @@ def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, 
             patch.installed[layer.name] = installed
             handle.layers[f"{prefix}.{layer.name}" if prefix else layer.name] = params.sigma
             layer.module.set_processor(installed)
-        for layer in companions:
-            companion = ShardedTextCrossAttention(layer.module.processor)
-            patch.originals[layer.name] = layer.module.processor
+        for layer in companions:  # beneath a synopsis' per-frame regrouping, which stays outermost
+            original, companion = install_processor(layer.module, ShardedTextCrossAttention, (DiTSynopsisProcessor,))
+            patch.originals[layer.name] = original
             patch.installed[layer.name] = companion
-            layer.module.set_processor(companion)
         transformer.register_forward_pre_hook(patch.gate, with_kwargs=True)
         keep_state_in_checkpoints(transformer)
         cache_forward_signature(type(transformer))  # what the gate binds, known before any traced call
@@ -149,11 +151,7 @@ def remove_transformer_tar(transformer: nn.Module) -> bool:
         return False
     handle, prefix = entry
     patch = handle._patches[prefix]
-
-    def still_ours(name: str, current: object) -> bool:
-        return current is patch.installed[name]
-
-    restore_processors(transformer, patch.originals, still_ours)
+    replace_processors(transformer, patch.originals, patch.installed)  # a synopsis may wrap a companion since
     for installed in patch.installed.values():
         installed.release()
     remove_pre_hook(transformer, patch.gate)

@@ -31,6 +31,7 @@ import torch
 from ..call_state import Scoped
 from ..distributed.sequence_parallel import TwoSegmentShards, sequence_parallel_tar, two_segment_tar
 from ..ops import tar_attention
+from .components import WrappedSettings
 from .context_parallel import context_parallel_config, flat_group, gather_text, sequence_mesh, shard_sizes
 from .processor import TARSwitch, cond_on_flag
 from .video_transformers import FrameGeometry
@@ -142,7 +143,7 @@ def route_of(processor_cls: type, redirect: Callable[[Callable], Callable] | Non
     return route
 
 
-class RoutedProcessor:
+class RoutedProcessor(WrappedSettings):
     """A diffusers processor whose original ``__call__`` runs with its attention call routed to this object's
     ``_dispatch`` / ``_sdpa`` (a plain object, not an nn.Module). ``original`` is the processor it replaces.
     Picklable and deep-copyable: the routed copy of the original ``__call__`` is one per processor class
@@ -163,26 +164,10 @@ class RoutedProcessor:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(original={type(self.original).__name__})"
 
-    # diffusers' set_attention_backend / context parallel set these on the processor: they belong to the original,
-    # whose code reads them
-    @property
-    def _attention_backend(self):
-        return getattr(self.original, "_attention_backend", None)
-
-    @_attention_backend.setter
-    def _attention_backend(self, value) -> None:
-        self.original._attention_backend = value
-
-    @property
-    def _parallel_config(self):
-        return getattr(self.original, "_parallel_config", None)
-
-    @_parallel_config.setter
-    def _parallel_config(self, value) -> None:
-        self.original._parallel_config = value
-
     def _run(self, attn, *args):
         """The original processor's ``__call__`` on ``attn`` and ``args``, its attention routed here."""
+        if self._redirect is not None:  # its route calls the redirect directly: no per-thread state to write (a
+            return self._route.call(self.original, attn, *args)  # side effect torch.cond would refuse)
         _RUNNING.put(self)  # written, never read back here: a traced read would guard on the last call's processor
         try:
             return self._route.call(self.original, attn, *args)

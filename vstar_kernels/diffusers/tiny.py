@@ -332,3 +332,26 @@ def wan_pipeline(transformer=None):
     return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae,
                        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
                        transformer=transformer if transformer is not None else tiny_wan_transformer())
+
+
+def ltx_pipeline(transformer=None):
+    """LTXPipeline with a tiny T5 encoder, an LTX-Video VAE of the released compression (8 in time, 32 in space: three
+    spatio-temporal downsamplings and patch 4; 128 latent channels) and ``transformer`` (default
+    :func:`tiny_ltx_transformer`)."""
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                           relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+    vae = AutoencoderKLLTXVideo(in_channels=3, out_channels=3, latent_channels=128, block_out_channels=(8, 8, 8, 8),
+                                decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+                                decoder_layers_per_block=(1, 1, 1, 1, 1),
+                                spatio_temporal_scaling=(True, True, True, False),
+                                decoder_spatio_temporal_scaling=(True, True, True, False),
+                                decoder_inject_noise=(False,) * 5, upsample_residual=(False,) * 4,
+                                upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=4, patch_size_t=1,
+                                encoder_causal=True, decoder_causal=False)
+    return LTXPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                       tokenizer=tiny_t5_tokenizer(),
+                       transformer=transformer if transformer is not None else tiny_ltx_transformer())

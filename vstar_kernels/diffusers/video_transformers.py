@@ -81,10 +81,14 @@ class VideoTransformerSpec:
     attention: str
     text: str
     geometry: Callable[[nn.Module, dict[str, object]], FrameGeometry]
-    temporal_compression: int = 4  # latent frames per 4 pixel frames (each model's VAE)
-    # each block's cross-attention over text that the model's _cp_plan splits with the video (LTX-Video's attn2):
-    # under Ring, TAR's patch gathers that text (dit_processor.ShardedTextCrossAttention)
-    sharded_text_cross_attention: str | None = None
+    temporal_compression: int = 4  # video frames per latent frame after the first (each model's VAE: 4n+1 -> n+1)
+    # each block's cross-attention to the text (None: the text is inside the self-attention) and the module path of
+    # the model's text projection (raw text-encoder output -> the cross-attention's context), for per-frame prompts
+    cross_attention: str | None = None
+    text_projection: str | None = None
+    # the model's _cp_plan splits the text with the video (LTX-Video): under Ring, TAR's patch gathers that text in
+    # the cross-attention (dit_processor.ShardedTextCrossAttention)
+    cp_plan_splits_text: bool = False
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_POSITIONS:
@@ -94,11 +98,13 @@ class VideoTransformerSpec:
 SPECS: dict[str, VideoTransformerSpec] = {
     spec.class_name: spec
     for spec in (
-        VideoTransformerSpec("WanTransformer3DModel", ("blocks",), "attn1", "none", _wan_geometry),
+        VideoTransformerSpec("WanTransformer3DModel", ("blocks",), "attn1", "none", _wan_geometry,
+                             cross_attention="attn2", text_projection="condition_embedder.text_embedder"),
         VideoTransformerSpec("CogVideoXTransformer3DModel", ("transformer_blocks",), "attn1", "first",
                              _cogvideox_geometry),
         VideoTransformerSpec("LTXVideoTransformer3DModel", ("transformer_blocks",), "attn1", "none", _ltx_geometry,
-                             sharded_text_cross_attention="attn2"),
+                             temporal_compression=8, cross_attention="attn2", text_projection="caption_projection",
+                             cp_plan_splits_text=True),
         VideoTransformerSpec("HunyuanVideoTransformer3DModel", ("transformer_blocks", "single_transformer_blocks"),
                              "attn", "last", _hunyuan_geometry),
     )
@@ -151,9 +157,15 @@ def find_self_attention(model: nn.Module, spec: VideoTransformerSpec) -> list[Se
 def find_sharded_text_cross_attention(model: nn.Module, spec: VideoTransformerSpec) -> list[SelfAttentionLayer]:
     """Every block's cross-attention over text split with the video by the model's ``_cp_plan`` (none for most
     models), in forward order."""
-    if spec.sharded_text_cross_attention is None:
+    if not spec.cp_plan_splits_text or spec.cross_attention is None:
         return []
-    return _block_attention(model, spec, spec.sharded_text_cross_attention)
+    return _block_attention(model, spec, spec.cross_attention)
+
+
+def find_cross_attention(model: nn.Module, spec: VideoTransformerSpec) -> list[SelfAttentionLayer]:
+    """Every block's cross-attention to the text, in forward order (empty when the text is inside the
+    self-attention: CogVideoX, HunyuanVideo)."""
+    return [] if spec.cross_attention is None else _block_attention(model, spec, spec.cross_attention)
 
 
 def _block_attention(model: nn.Module, spec: VideoTransformerSpec, attribute: str) -> list[SelfAttentionLayer]:
