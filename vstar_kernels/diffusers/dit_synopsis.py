@@ -95,35 +95,25 @@ def _text_projection(model: nn.Module, spec: VideoTransformerSpec) -> nn.Module:
 
 
 def conditional_flags(context: torch.Tensor, mask: torch.Tensor | None, state: SynopsisState) -> torch.Tensor | None:
-    """:func:`conditional_rows` as a (batch,) bool tensor, for traced calls (no data-dependent Python branch); None
-    when no row can be (another text shape)."""
+    """Which batch rows of a call's ``encoder_hidden_states`` (and text mask: a call without one keeps every token)
+    are the synopsis' first state, bit for bit after the cast to the call's dtype: a (batch,) bool tensor (traced
+    calls use it as it is, with no data-dependent Python branch); None when no row can be (another text shape)."""
     first = state.frame_embeds[0].to(device=context.device, dtype=context.dtype)
     if context.shape[1:] != first.shape:
         return None
     flags = (context == first).flatten(1).all(1)
     if state.frame_mask is not None:
         want = state.frame_mask[0].to(context.device)
-        given = torch.ones_like(want).expand(context.shape[0], -1) if mask is None else mask.to(want.dtype)
+        given = torch.ones_like(want).expand(context.shape[0], -1) if mask is None else mask.to(want.device,
+                                                                                                   want.dtype)
         flags = flags & (given == want).all(1)
     return flags
 
 
 def conditional_rows(context: torch.Tensor, mask: torch.Tensor | None, state: SynopsisState) -> tuple[int, ...]:
-    """The batch rows of a call's ``encoder_hidden_states`` (and text mask) that are the synopsis' first state."""
-    first = state.frame_embeds[0].to(device=context.device, dtype=context.dtype)
-    if context.shape[1:] != first.shape:
-        return ()
-    rows = []
-    for row in range(context.shape[0]):
-        if not torch.equal(context[row], first):
-            continue
-        if state.frame_mask is not None:  # a call without a mask keeps every text token
-            want = state.frame_mask[0].to(context.device)
-            given = torch.ones_like(want) if mask is None else mask[row].to(device=want.device, dtype=want.dtype)
-            if not torch.equal(given, want):
-                continue
-        rows.append(row)
-    return tuple(rows)
+    """:func:`conditional_flags` as the indices of the conditional rows (eager calls)."""
+    flags = conditional_flags(context, mask, state)
+    return () if flags is None else tuple(flags.nonzero().flatten().tolist())
 
 
 class SynopsisGate:
@@ -203,21 +193,28 @@ class DiTSynopsisProcessor(WrappedSettings):
         return out
 
     def _traced(self, attn, hidden_states, context, mask, rotary, call: FrameContext):
-        """The traced form (torch.compile): the rows ``call.flags`` marks per frame, the others as the original
-        runs them on the whole batch; with no row marked only the original runs (``torch.cond``: no graph break,
-        no recompile between the conditional and the unconditional call). Outputs are flattened through the cond,
-        as :func:`~vstar_kernels.diffusers.processor.cond_on_flag` does."""
+        """The traced form (torch.compile), as eager computes it: every row marked by ``call.flags`` per frame, none
+        marked the original alone, a mix the original on the whole batch with the marked rows replaced
+        (``torch.cond``: no graph break, no recompile between the conditional and the unconditional call). Outputs
+        are flattened through the cond, as :func:`~vstar_kernels.diffusers.processor.cond_on_flag` does."""
         flags = call.flags
 
+        def plain(hidden_states, context):
+            return self.inner(attn, hidden_states, context, mask, rotary)
+
+        def every(hidden_states, context):
+            return self._per_frame(attn, hidden_states, context, call, rotary).reshape(-1)
+
+        def mixed(hidden_states, context):
+            out = plain(hidden_states, context)
+            per_frame = self._per_frame(attn, hidden_states, context, call, rotary).to(out.dtype)
+            return torch.where(flags[:, None, None], per_frame, out).reshape(-1)
+
         def some(hidden_states, context):
-            plain = self.inner(attn, hidden_states, context, mask, rotary)
-            per_frame = self._per_frame(attn, hidden_states, context, call, rotary).to(plain.dtype)
-            return torch.where(flags[:, None, None], per_frame, plain).reshape(-1)
+            return torch.cond(flags.all(), every, mixed, (hidden_states, context))
 
-        def none(hidden_states, context):
-            return self.inner(attn, hidden_states, context, mask, rotary).reshape(-1)
-
-        out = torch.cond(flags.any(), some, none, (hidden_states, context))
+        out = torch.cond(flags.any(), some, lambda hidden_states, context: plain(hidden_states, context).reshape(-1),
+                         (hidden_states, context))
         return out.view(*hidden_states.shape[:2], -1)
 
     def _per_frame(self, attn, hidden_states, context, call: FrameContext, rotary):
@@ -355,8 +352,7 @@ def apply_transformer_synopsis(transformers: dict[str, nn.Module], frame_embeds:
                 f"{spec.class_name} attends to its text inside the self-attention (joint attention), not through a "
                 "cross-attention: per-frame prompts would need a text segment per frame in one sequence, which "
                 "changes what every video token attends to; synopsis prompting supports Wan and LTX-Video")
-        text_dim = _text_projection(transformer, spec)
-        expected = getattr(text_dim, "linear_1", None)
+        expected = getattr(_text_projection(transformer, spec), "linear_1", None)
         if expected is not None and frame_embeds.shape[-1] != expected.in_features:
             raise ValueError(f"frame_embeds have {frame_embeds.shape[-1]} channels, {spec.class_name}'s text "
                              f"projection takes {expected.in_features} (the text encoder's output)")
