@@ -18,7 +18,6 @@ Rows go to ``context_parallel.csv``; ``context_parallel_cpu.png`` plots them.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -31,6 +30,7 @@ import torch
 import torch.distributed
 
 from vstar_kernels.bench.measure import peak_in_process, run_torchrun
+from vstar_kernels.bench.sweep import append_csv
 
 CSV_FIELDS = ("run_id", "timestamp", "scheme", "mode", "frames", "tokens", "world", "status", "peak_mib_max_rank",
               "seconds_max_rank")
@@ -197,12 +197,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     path = out / "context_parallel.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(path, rows, {}, CSV_FIELDS)
     plot(rows, out / "context_parallel_cpu.png")
     print(f"wrote {path} and {out / 'context_parallel_cpu.png'} (run {run_id})")
     return 0

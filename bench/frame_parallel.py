@@ -17,7 +17,6 @@ input shapes recorded in the P = 1 run. Rows go to ``frame_parallel.csv``; ``fra
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
@@ -27,6 +26,7 @@ import torch
 import torch.distributed
 
 from vstar_kernels.bench.measure import peak_in_process, run_torchrun
+from vstar_kernels.bench.sweep import append_csv
 
 CSV_FIELDS = ("run_id", "timestamp", "model", "latent", "frames", "world", "status", "peak_mib_max_rank",
               "seconds_max_rank", "temporal_bytes", "alltoall_bytes_model", "gather_bytes_model")
@@ -171,12 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
     path = out / "frame_parallel.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    append_csv(path, rows, {}, CSV_FIELDS)
     plot(rows, out / "frame_parallel_cpu.png")
     print(f"wrote {path} and {out / 'frame_parallel_cpu.png'} (run {run_id})")
     return 0

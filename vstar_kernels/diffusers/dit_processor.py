@@ -29,7 +29,12 @@ from dataclasses import dataclass
 import torch
 
 from ..call_state import Scoped
-from ..distributed.sequence_parallel import TwoSegmentShards, sequence_parallel_tar, two_segment_tar
+from ..distributed.sequence_parallel import (
+    TwoSegmentShards,
+    sequence_parallel_tar,
+    tar_on_key_prefixes,
+    two_segment_tar,
+)
 from ..ops import tar_attention
 from .components import WrappedSettings
 from .context_parallel import context_parallel_config, flat_group, gather_text, sequence_mesh, shard_sizes
@@ -333,11 +338,7 @@ class DiTTARProcessor(RoutedProcessor):
         prefix = torch.arange(len_k, device=keep.device) < lengths[:, None]
         if not torch.equal(prefix, keep):
             raise NotImplementedError("TAR supports key-padding masks that keep a prefix of the keys (padding last)")
-        counts = lengths.tolist()
-        if len(set(counts)) == 1:
-            return tar_attention(q, k[:, :counts[0]], v[:, :counts[0]], **kw)
-        return torch.cat([tar_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], **kw)
-                          for b, n in enumerate(counts)])
+        return tar_on_key_prefixes(q, k, v, lengths.tolist(), kw)
 
 
 def _check_plain_attention(dropout_p: float, is_causal: bool) -> None:

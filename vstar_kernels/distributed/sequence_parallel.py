@@ -86,8 +86,7 @@ def check_call(mesh: SequenceMesh, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     cannot split over the Ulysses ranks; with ``tar`` (the op's keyword arguments) also the op's own checks of its
     scalars and of the backend (RuntimeError when the requested backend cannot run these inputs)."""
     if tar is not None:
-        params = make_params(q.shape[-1], **{name: value for name, value in tar.items() if name != "backend"})
-        select_backend(q, params, tar.get("backend", "auto"))
+        _check_op(q, tar)
     ranks = mesh.ring_world * mesh.ulysses_world
     if mesh.tokens < ranks:
         raise ValueError(f"context parallelism over {ranks} ranks needs at least {ranks} tokens, the sequence has "
@@ -109,6 +108,12 @@ def _check_heads(mesh: SequenceMesh, heads: int) -> None:
     if width > 1 and (heads < width or (not mesh.uneven and heads % width)):
         raise ValueError(f"{heads} attention heads do not split over {width} Ulysses ranks"
                          + ("" if mesh.uneven else " evenly (ulysses_anything allows uneven shares)"))
+
+
+def _check_op(q: torch.Tensor, tar: dict) -> None:
+    """The op's own checks of its scalars and of the backend, for ``tar`` (its keyword arguments)."""
+    params = make_params(q.shape[-1], **{name: value for name, value in tar.items() if name != "backend"})
+    select_backend(q, params, tar.get("backend", "auto"))
 
 
 def _check_devices(mesh: SequenceMesh, device: torch.device) -> None:
@@ -310,8 +315,7 @@ def two_segment_tar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: tor
                              f"{shards.video[f]} + {shards.text[f]}")
     heads, width = q.shape[2], mesh.ulysses_world
     _check_heads(mesh, heads)
-    params = make_params(q.shape[-1], **{name: value for name, value in tar.items() if name != "backend"})
-    select_backend(q, params, tar.get("backend", "auto"))
+    _check_op(q, tar)
     _check_devices(mesh, q.device)
     group = _ulysses_ranks(mesh)
     local = [shards.local(r) for r in range(mesh.ring_world * width)]
@@ -326,7 +330,7 @@ def two_segment_tar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: tor
     values = torch.cat(_reorder(v, key_pieces), dim=1)
     q_video, q_text = _reorder(q, [(shards.video[r], shards.text[r]) for r in group])
     video_start, text_start = sum(shards.video[:group[0]]), sum(shards.text[:group[0]])
-    lengths = None if keep is None else _kept_text(keep, shards, mesh)
+    lengths = None if keep is None else _kept_lengths(keep, shards, mesh)
     outs = []
     for part, offset in ((q_video, video_start), (q_text, video_total + text_start)):
         outs.append(_attend_kept(part, keys, values, lengths, offset, tar))
@@ -354,7 +358,7 @@ def _ring_spans(per_rank: list[int], mesh: SequenceMesh) -> list[int]:
     return [sum(per_rank[g * width:(g + 1) * width]) for g in range(mesh.ring_world)]
 
 
-def _kept_text(keep: torch.Tensor, shards: TwoSegmentShards, mesh: SequenceMesh) -> list[int]:
+def _kept_lengths(keep: torch.Tensor, shards: TwoSegmentShards, mesh: SequenceMesh) -> list[int]:
     """The kept keys of each batch element over the whole sequence, from every rank's ``keep`` ((batch, this rank's
     tokens) bool over its ``[video shard, text shard]``, gathered in flat-rank order: within the Ulysses group,
     then over the ring). NotImplementedError, the same on every rank, unless every video token is kept and the
@@ -385,6 +389,14 @@ def _attend_kept(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: lis
     kw = dict(q_token_offset=q_offset, k_token_offset=0, **tar)
     if lengths is None:
         return tar_attention(q, k, v, **kw)
+    return tar_on_key_prefixes(q, k, v, lengths, kw)
+
+
+def tar_on_key_prefixes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                        kw: dict) -> torch.Tensor:
+    """The op (keyword arguments ``kw``) with batch element b's keys cut to its first ``lengths[b]``: exactly what
+    a key-padding mask that keeps a prefix does (the relative row max runs over the kept keys). One call when the
+    lengths agree, one per element otherwise."""
     if len(set(lengths)) == 1:
         return tar_attention(q, k[:, :lengths[0]], v[:, :lengths[0]], **kw)
     return torch.cat([tar_attention(q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], **kw)
