@@ -406,3 +406,25 @@ def test_wan22_two_experts_are_both_conditioned():
         with torch.no_grad():  # unpatched, the same inputs give the same bits: any change is the synopsis'
             assert (calls[0][1] - base(**calls[0][0])[0]).abs().max() > 1e-5
             assert torch.equal(calls[1][1], base(**calls[1][0])[0])
+
+
+def test_gradient_checkpointing_recomputes_each_call_with_its_own_text():
+    """Training with checkpointed blocks: the conditional and the unconditional forward run first, then one backward
+    through both (the recompute of the conditional call must see the per-frame text, not the last call's). The
+    gradients equal the unchecked model's."""
+    base = tiny.tiny_wan_transformer()
+    embeds, _ = _frame_prompts("wan")
+    other = torch.randn(1, *embeds.shape[1:], generator=torch.Generator().manual_seed(9))
+    grads = []
+    for checkpointed in (False, True):
+        model = copy.deepcopy(base).train()
+        apply_synopsis(model, embeds)
+        if checkpointed:
+            model.enable_gradient_checkpointing()
+        cond = model(**_inputs("wan", embeds[:1]), return_dict=False)[0]
+        uncond = model(**_inputs("wan", other), return_dict=False)[0]
+        (cond.square().mean() + 0.5 * uncond.square().mean()).backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for unchecked, checked in zip(*grads, strict=True):
+        torch.testing.assert_close(checked, unchecked, rtol=1e-5, atol=1e-6)

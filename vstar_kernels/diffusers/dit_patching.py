@@ -19,6 +19,7 @@ from ..ops import requested_backend
 from ..presets import StepWindow, resolve_window
 from .components import install_processor, remove_pre_hook, replace_processors
 from .dit_processor import PROCESSORS, DiTState, RoutedProcessor, ShardedTextCrossAttention
+from .dit_synopsis import STATE_ATTR as SYNOPSIS_STATE_ATTR
 from .dit_synopsis import DiTSynopsisProcessor
 from .gates import DiTGate, SchedulerSource
 from .video_transformers import (
@@ -155,7 +156,8 @@ def remove_transformer_tar(transformer: nn.Module) -> bool:
     for installed in patch.installed.values():
         installed.release()
     remove_pre_hook(transformer, patch.gate)
-    release_checkpoints(transformer)
+    if SYNOPSIS_STATE_ATTR not in transformer.__dict__:  # a synopsis keeps the checkpoint wrapper while it stays
+        release_checkpoints(transformer)
     return True
 
 

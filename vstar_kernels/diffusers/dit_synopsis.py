@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..call_state import Scoped
+from ..call_state import Scoped, keep_state_in_checkpoints, release_checkpoints
 from .components import WrappedSettings, remove_pre_hook, replace_processors
 from .context_parallel import context_parallel_config, sequence_mesh
 from .dit_processor import route_of
@@ -47,6 +47,7 @@ from .video_transformers import (
 )
 
 STATE_ATTR = "_vstar_synopsis_state"
+TAR_STATE_ATTR = "_vstar_tar_state"  # dit_patching.STATE_ATTR (which imports this module)
 _LTX_MASK_BIAS = -10000.0  # LTX-Video's forward turns its 0/1 text mask into this additive bias (diffusers 0.42)
 
 
@@ -127,6 +128,8 @@ class SynopsisGate:
         self.spec = spec
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            keep_state_in_checkpoints(module)  # a checkpointed block's recompute sees this call's text, not the last
         bound = bind_forward(module, args, kwargs)
         geometry = self.spec.geometry(module, bound)
         frames = self.state.frame_embeds.shape[0]
@@ -372,6 +375,7 @@ def apply_transformer_synopsis(transformers: dict[str, nn.Module], frame_embeds:
             handle.layers.append(f"{prefix}.{layer.name}" if prefix else layer.name)
             layer.module.set_processor(installed)
         transformer.register_forward_pre_hook(patch.gate, with_kwargs=True)
+        keep_state_in_checkpoints(transformer)
         cache_forward_signature(type(transformer))
         handle._patches[prefix] = patch
         setattr(transformer, STATE_ATTR, (handle, prefix))
@@ -389,6 +393,8 @@ def remove_transformer_synopsis(transformer: nn.Module) -> bool:
     patch = handle._patches[prefix]
     replace_processors(transformer, patch.originals, patch.installed)
     remove_pre_hook(transformer, patch.gate)
+    if TAR_STATE_ATTR not in transformer.__dict__:  # TAR keeps the checkpoint wrapper while it stays
+        release_checkpoints(transformer)
     return True
 
 
