@@ -428,3 +428,58 @@ def test_gradient_checkpointing_recomputes_each_call_with_its_own_text():
     assert len(grads[0]) == len(grads[1]) > 0
     for unchecked, checked in zip(*grads, strict=True):
         torch.testing.assert_close(checked, unchecked, rtol=1e-5, atol=1e-6)
+
+
+def _ltx_padded_call(embeds: torch.Tensor, kept: int) -> dict:
+    """An LTXPipeline-like call of [another prompt, the first state] whose text mask keeps ``kept`` tokens of the
+    first state's (the padding LTXPipeline always masks) and 6 of the other's."""
+    gen = torch.Generator().manual_seed(11)
+    context = torch.cat([torch.randn(1, *embeds.shape[1:], generator=gen), embeds[:1]])
+    mask = torch.zeros(2, embeds.shape[1], dtype=torch.int64)
+    mask[0, :6], mask[1, :kept] = 1, 1
+    return _inputs("ltx", context, mask)
+
+
+def test_ltx_raw_frame_embeddings_without_a_mask_keep_the_calls_text_mask():
+    """A synopsis of raw per-frame embeddings and no frame_attention_mask, called with a padded text mask: every
+    frame's text keeps the tokens the call keeps. With every frame's state equal to the prompt the output equals the
+    unpatched model (float64); with different frames it equals the per-frame reference under the call's mask."""
+    base = _models()["ltx"]().eval()
+    embeds, _ = _frame_prompts("ltx")
+    same = embeds[:1].double().expand(FRAMES, -1, -1).clone()
+    kw = {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+          for k, v in _ltx_padded_call(same, kept=3).items()}
+    model = copy.deepcopy(base).double()
+    apply_synopsis(model, same)
+    got, plain = _run(model, kw)[0], _run(copy.deepcopy(base).double(), kw)[0]
+    torch.testing.assert_close(got, plain, rtol=1e-12, atol=1e-12)
+
+    kw = _ltx_padded_call(embeds, kept=3)
+    mask = kw["encoder_attention_mask"][1:].expand(FRAMES, -1)  # the call's mask, on every frame's text
+    want, want_blocks = _reference(base, "ltx", embeds, mask, kw, rows=[1])
+    model = copy.deepcopy(base)
+    apply_synopsis(model, embeds)
+    got, got_blocks = _run(model, kw)
+    for ref, out in zip(want_blocks, got_blocks, strict=True):
+        torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)
+    unmasked, _ = _reference(base, "ltx", embeds, None, kw, rows=[1])
+    assert (got[1].double() - unmasked[1]).abs().max() > 1e-2  # the padding is really masked
+    assert torch.equal(got[0], _run(base, kw)[0][0])  # the other prompt's row: bit-identical
+
+
+def test_ltx_raw_frame_embeddings_without_a_mask_keep_the_calls_text_mask_when_compiled():
+    base = _models()["ltx"]().eval()
+    embeds, _ = _frame_prompts("ltx")
+    kw = _ltx_padded_call(embeds, kept=3)
+    model = copy.deepcopy(base)
+    apply_synopsis(model, embeds)
+    eager = _run(model, kw)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    with torch.no_grad():
+        out = compiled(**kw, return_dict=False)[0]
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    mask = kw["encoder_attention_mask"][1:].expand(FRAMES, -1)
+    want, _ = _reference(base, "ltx", embeds, mask, kw, rows=[1])
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-5)

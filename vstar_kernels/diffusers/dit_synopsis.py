@@ -15,7 +15,10 @@ Which call is conditional: the pipelines call the transformer with the positive 
 call per CFG branch; LTX-Video: [negative, positive] in one batch). A batch row whose ``encoder_hidden_states``
 equals the synopsis' first row (the first state, as ``pipe(states[0], ...)`` encodes it), bit for bit after the cast
 to the call's dtype, and whose text mask (LTX-Video) equals the first row's, is conditioned per frame; any other row
-(a negative prompt, the empty default) runs unchanged.
+(a negative prompt, the empty default) runs unchanged. Each frame's text is masked by the synopsis' own per-frame
+mask (``frame_attention_mask``, what :func:`~vstar_kernels.diffusers.synopsis_prompt_embeds` returns for LTX-Video);
+a synopsis without one keeps, in every frame's text, the tokens the call's ``encoder_attention_mask`` keeps for that
+row (LTXPipeline always masks its padding), so a synopsis whose every frame is the prompt gives the unpatched model.
 
 Under diffusers' context parallelism a rank's cross-attention holds its shard of the video tokens, which may begin
 and end inside a frame: the shard is grouped by the tokens' global latent frames (partial frames at the ends are
@@ -54,8 +57,12 @@ _LTX_MASK_BIAS = -10000.0  # LTX-Video's forward turns its 0/1 text mask into th
 @dataclass(frozen=True)
 class FrameContext:
     """One call's per-frame text: ``rows`` of the batch it conditions (eager) or, in a traced call, ``flags`` (batch,)
-    bool saying which, the projected per-frame context (frames, tokens, dim), its additive key bias (frames, 1,
-    tokens) or None, and the call's frame geometry."""
+    bool saying which, the projected per-frame context (frames, tokens, dim), its additive key bias or None, and the
+    call's frame geometry.
+
+    ``bias`` is (1, frames, 1, tokens) from the synopsis' own per-frame text mask, or (batch, 1, 1, tokens) from the
+    call's ``encoder_attention_mask`` when the synopsis has none (each frame's text then keeps the tokens the call
+    keeps for that row, as the model does for its one prompt)."""
 
     rows: tuple[int, ...] | None
     text: torch.Tensor
@@ -93,6 +100,11 @@ class SynopsisState:
 
 def _text_projection(model: nn.Module, spec: VideoTransformerSpec) -> nn.Module:
     return model.get_submodule(spec.text_projection)
+
+
+def _mask_bias(mask: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A 0/1 text mask as LTX-Video's forward turns it into an additive key bias (the same numbers)."""
+    return (1 - mask.to(device=device, dtype=dtype)) * _LTX_MASK_BIAS
 
 
 def conditional_flags(context: torch.Tensor, mask: torch.Tensor | None, state: SynopsisState) -> torch.Tensor | None:
@@ -152,7 +164,9 @@ class SynopsisGate:
         text = _text_projection(module, self.spec)(embeds)
         bias = None
         if self.state.frame_mask is not None:
-            bias = ((1 - self.state.frame_mask.to(device=context.device, dtype=text.dtype)) * _LTX_MASK_BIAS)[:, None]
+            bias = _mask_bias(self.state.frame_mask, context.device, text.dtype)[None, :, None]
+        elif mask is not None:  # the call masks its text (LTXPipeline's padding): every frame's text keeps those
+            bias = _mask_bias(mask, context.device, text.dtype)[:, None, None]
         self.state.call = FrameContext(rows if flags is None else None, text, bias, geometry, flags)
 
     def __deepcopy__(self, memo: dict) -> SynopsisGate:
@@ -186,7 +200,7 @@ class DiTSynopsisProcessor(WrappedSettings):
         if call.flags is not None:
             return self._traced(attn, hidden_states, context, mask, rotary, call)
         rows = list(call.rows)
-        per_frame = self._per_frame(attn, hidden_states[rows], context[rows], call, rotary)
+        per_frame = self._per_frame(attn, hidden_states[rows], context[rows], call, rotary, rows)
         if len(rows) == hidden_states.shape[0]:
             return per_frame
         # a batch of both kinds (LTX-Video's [negative, positive]): the original call on the whole batch, as
@@ -220,11 +234,15 @@ class DiTSynopsisProcessor(WrappedSettings):
                          (hidden_states, context))
         return out.view(*hidden_states.shape[:2], -1)
 
-    def _per_frame(self, attn, hidden_states, context, call: FrameContext, rotary):
-        """The rows' video tokens regrouped by latent frame, each group attending to its frame's text. Under
+    def _per_frame(self, attn, hidden_states, context, call: FrameContext, rotary, rows: list[int] | None = None):
+        """The rows' video tokens (``rows`` of the call's batch; None: all of it) regrouped by latent frame, each
+        group attending to its frame's text. Under
         diffusers' context parallelism the rows hold this rank's shard of the video, which may begin and end
         inside a frame: the partial frames at either end are groups of their own, and the original attention runs
         without the parallel config (every group's text is whole here)."""
+        row_bias = call.bias
+        if row_bias is not None and row_bias.shape[0] > 1 and rows is not None:  # the call's own mask, per row
+            row_bias = row_bias[rows]
         rows, tokens, width = hidden_states.shape
         frames, per_frame = call.geometry.frames, call.geometry.tokens_per_frame
         start, attend = 0, self.inner
@@ -250,9 +268,9 @@ class DiTSynopsisProcessor(WrappedSettings):
                 image = context[:, :shared].unsqueeze(1).expand(-1, count, -1, -1)
                 text = torch.cat([image, text.to(image.dtype)], dim=2)
             bias = None
-            if call.bias is not None:
-                bias = call.bias[first:first + count].unsqueeze(0).expand(rows, -1, -1, -1)
-                bias = bias.reshape(rows * count, *bias.shape[2:])
+            if row_bias is not None:
+                bias = row_bias if row_bias.shape[1] == 1 else row_bias[:, first:first + count]
+                bias = bias.expand(rows, count, -1, -1).reshape(rows * count, *bias.shape[2:])
             return attend(attn, queries, text.reshape(rows * count, *text.shape[2:]), bias, rotary)
 
         head = min(tokens, -start % per_frame)  # the end of a frame the shard begins inside

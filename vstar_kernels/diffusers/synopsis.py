@@ -111,7 +111,8 @@ def apply_synopsis(model: nn.Module, frame_embeds: torch.Tensor | tuple,
     - A video transformer whose text enters through cross-attention (Wan T2V/I2V, Wan 2.2's two experts, LTX-Video;
       a bare transformer or a pipeline): latent frame f on ``frame_embeds[f]`` ((latent frames, tokens, text_dim):
       the raw text-encoder output a pipeline passes as ``encoder_hidden_states``, one row per latent frame), with
-      ``frame_attention_mask`` ((latent frames, tokens), LTX-Video's text mask). A call whose
+      ``frame_attention_mask`` ((latent frames, tokens), LTX-Video's text mask; without it each frame's text keeps
+      the tokens the call's own ``encoder_attention_mask`` keeps). A call whose
       ``encoder_hidden_states`` is the first row is conditioned per frame; any other (a negative prompt) runs
       unchanged (see :mod:`vstar_kernels.diffusers.dit_synopsis`). CogVideoX and HunyuanVideo (text inside the
       self-attention) raise NotImplementedError.
