@@ -190,3 +190,56 @@ def test_chunk_arguments_are_validated_before_any_launch():
     with pytest.raises(ValueError, match="beyond the sequence"):
         ops.tar_attention(q.detach(), k, v, sigma=1.0, video_tokens=10)
     ops.tar_attention(q.detach(), k, v, sigma=1.0, video_tokens=10, q_token_offset=0, k_token_offset=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_row_max_holding_nan_is_refused_and_infinities_are_kept(backend):
+    """NaN in row_max is no row maximum: refused on every backend before any launch (Triton's clamp once turned it
+    into the saturated coefficient, the others returned NaN). ±inf stays valid: the saturated bias."""
+    _supported(backend, torch.float32)
+    q, k, v = make_qkv(1, 7, 2, 16, seed=8)
+    row_max = torch.linspace(-2.0, 3.0, 14).reshape(1, 7, 2)
+    row_max[0, 3, 1] = float("nan")
+    with pytest.raises(ValueError, match="row_max holds NaN"):
+        ops.tar_attention(q, k, v, sigma=1.0, row_max=row_max, backend=backend)
+    row_max[0, 3, 1], row_max[0, 5, 0] = float("inf"), float("-inf")
+    out = ops.tar_attention(q, k, v, sigma=1.0, row_max=row_max, backend=backend)
+    ref = tar_attention_reference(q.double(), k.double(), v.double(), sigma=1.0, row_max=row_max.double())
+    assert torch.isfinite(out).all()
+    assert (out.double() - ref).abs().max().item() <= 2 * ATOL[torch.float32]
+
+
+def test_a_row_max_holding_nan_is_refused_in_a_compiled_call():
+    q, k, v = make_qkv(1, 5, 2, 8, seed=9)
+
+    def call(q, k, v, row_max):
+        return ops.tar_attention(q, k, v, sigma=1.0, row_max=row_max, backend="torch")
+
+    compiled = torch.compile(call, fullgraph=True, backend="eager")
+    row_max = torch.zeros(1, 5, 2)
+    torch.testing.assert_close(compiled(q, k, v, row_max), call(q, k, v, row_max))
+    row_max[0, 1, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="row_max holds NaN"):
+        compiled(q, k, v, row_max)
+
+
+@pytest.mark.parametrize("value", ["False", 0, 1, None, torch.tensor(True)])
+def test_return_lse_takes_only_a_bool(value):
+    q, k, v = make_qkv(1, 5, 2, 8)
+    with pytest.raises(TypeError, match="return_lse must be a bool"):
+        ops.tar_attention(q, k, v, sigma=1.0, return_lse=value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_the_lse_is_float32_and_float64_for_float64_inputs(backend, dtype):
+    """The contract: lse float32, float64 for float64 inputs (the backends that take float64: torch), also for an
+    empty batch."""
+    _supported(backend, dtype)
+    for batch in (2, 0):
+        q, k, v = make_qkv(batch, 6, 2, 16, dtype=dtype, seed=3) if batch else (
+            torch.empty(0, 6, 2, 16, dtype=dtype),) * 3
+        _, lse = ops.tar_attention(q, k, v, sigma=1.0, return_lse=True, backend=backend)
+        assert lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert lse.shape == (batch, 6, 2)
+        assert ops.tar_row_max(q, k, backend=backend).dtype == lse.dtype

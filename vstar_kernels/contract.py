@@ -29,8 +29,9 @@ Partial results over key chunks merge exactly. Two more call arguments make that
 - ``row_max`` (relative mode): a (batch, Lq, heads) tensor that replaces ``max_j S_ij`` in c_i, so every chunk of
   a row biases with the row max over all of the row's keys (:func:`vstar_kernels.ops.tar_row_max` computes it
   for one chunk; the max over chunks is the row's).
-- ``return_lse=True``: the call also returns ``lse_i = log sum_j exp(S'_ij)`` (natural log, float32, (batch, Lq,
-  heads)). For key chunks c with outputs o_c and lse_c of one row, ``lse = logsumexp_c lse_c`` and
+- ``return_lse=True``: the call also returns ``lse_i = log sum_j exp(S'_ij)`` (natural log, (batch, Lq,
+  heads), float32; float64 for float64 inputs). For key chunks c with outputs o_c and lse_c of one row,
+  ``lse = logsumexp_c lse_c`` and
   ``out = sum_c exp(lse_c - lse) o_c`` is the output over all keys (:func:`vstar_kernels.ops.merge_partials`).
 A video transformer's row-major (frame, height, width) patch sequence has ``tokens_per_frame = h * w``; text tokens
 joined before it (CogVideoX) or after it (HunyuanVideo) have no frame, so their rows and columns get no bias.

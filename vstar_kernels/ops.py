@@ -66,7 +66,8 @@ def tar_attention(
 
     Returns:
         (batch, Lq, heads, head_dim) in the input dtype, laid out so that ``.reshape(batch, Lq, heads * head_dim)``
-        is a free view; with ``return_lse=True`` the pair ``(out, lse)``, lse float32 (batch, Lq, heads).
+        is a free view; with ``return_lse=True`` the pair ``(out, lse)``, lse (batch, Lq, heads) float32
+        (float64 for float64 inputs, like :func:`tar_row_max`).
         Differentiable in q, k and v on every backend (``row_max`` and ``return_lse`` are forward-only); with no
         input requiring grad nothing is saved.
 
@@ -80,7 +81,9 @@ def tar_attention(
                          k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
                          video_tokens=video_tokens, q_token_offset=q_token_offset, k_token_offset=k_token_offset)
     validate_layout(params, q.shape[1], k.shape[1])
-    partial = row_max is not None or bool(return_lse)
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}")
+    partial = row_max is not None or return_lse
     if row_max is not None:
         row_max = _checked_row_max(row_max, q, params)
     impl = select_backend(q, params, backend)
@@ -96,7 +99,7 @@ def tar_attention(
         return (out, q.new_empty(q.shape[:3], dtype=lse_dtype)) if return_lse else out
     if not partial:
         return impl.forward(q, k, v, params)  # inference: nothing saved, nothing recorded
-    return impl.forward(q, k, v, params, row_max=row_max, return_lse=bool(return_lse))
+    return impl.forward(q, k, v, params, row_max=row_max, return_lse=return_lse)
 
 
 def _checked_row_max(row_max: object, q: torch.Tensor, params: TARParams) -> torch.Tensor:
@@ -113,7 +116,14 @@ def _checked_row_max(row_max: object, q: torch.Tensor, params: TARParams) -> tor
         raise TypeError(f"row_max must be a floating tensor, got {row_max.dtype}")
     if row_max.device != q.device:
         raise ValueError(f"mismatched device: q is on {q.device}, row_max is on {row_max.device}")
-    return row_max.detach().to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    row_max = row_max.detach()
+    holds_nan = torch.isnan(row_max).any()
+    if torch.compiler.is_compiling():  # no host sync in a traced call: the check runs in the graph
+        torch._assert_async(~holds_nan, "tar_attention: row_max holds NaN (a row maximum must be a number or ±inf)")
+    elif holds_nan:
+        raise ValueError("row_max holds NaN: a row maximum must be a number or ±inf (tar_row_max of every key chunk, "
+                         "merged with torch.maximum)")
+    return row_max.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
 def tar_row_max(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,

@@ -77,7 +77,7 @@ def forward(
     return_lse: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TAR attention on (batch, frames, heads, head_dim) inputs; output contiguous (batch, Lq, heads, dim).
-    ``row_max`` (float32 (batch, Lq, heads)) and ``return_lse`` as in :func:`vstar_kernels.ops.tar_attention`."""
+    ``row_max`` (float32 (batch, Lq, heads); float64 for float64 inputs, and so is the lse) and ``return_lse`` as in :func:`vstar_kernels.ops.tar_attention`."""
     budget = memory_budget or memory_budget_bytes()
     if not return_lse and (params.strength == 0.0 or (
             not params.relative and q.dtype in (torch.float32, torch.float64)
