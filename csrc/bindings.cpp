@@ -141,6 +141,24 @@ void check_row_max(const at::Tensor& q, const at::Tensor& row_max, bool relative
               ", got ", row_max.device());
 }
 
+// Varlen keys: a contiguous int64 (batch,) CPU tensor whose values lie in [1, Lk] (the CUDA fallback has no varlen
+// kernel: the Triton backend runs those calls), checked here, before any launch.
+void set_key_lengths(TARParams& p, const at::Tensor& q, const std::optional<at::Tensor>& k_lengths, const char* op) {
+  if (!k_lengths) return;
+  const at::Tensor& lengths = *k_lengths;
+  TORCH_CHECK(q.is_cpu(), op, ": k_lengths (varlen keys) runs on the CPU kernel only; on CUDA use the triton backend");
+  TORCH_CHECK(lengths.device() == q.device(), op, ": k_lengths must be on q's device ", q.device());
+  TORCH_CHECK(lengths.scalar_type() == at::kLong && lengths.dim() == 1 && lengths.size(0) == p.batch &&
+                  lengths.is_contiguous(),
+              op, ": k_lengths must be a contiguous int64 (batch,) = (", p.batch, ",) tensor, got ",
+              lengths.scalar_type(), " ", lengths.sizes());
+  const int64_t* values = lengths.const_data_ptr<int64_t>();
+  for (int64_t b = 0; b < p.batch; ++b)
+    TORCH_CHECK(values[b] >= 1 && values[b] <= p.len_k, op, ": k_lengths[", b, "] = ", values[b],
+                " must be in [1, Lk = ", p.len_k, "]");
+  p.k_lengths = values;
+}
+
 // The kernels' parameters of checked inputs, but for the layout (set by the caller; the output strides by the
 // caller that owns the output).
 TARParams make_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
@@ -309,19 +327,22 @@ std::tuple<at::Tensor, at::Tensor> tar_attention_kernel(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
     c10::string_view mode, double scale, int64_t offset_delta, int64_t tokens_per_frame, int64_t video_start_q,
     int64_t video_start_k, int64_t video_end_q, int64_t video_end_k, const std::optional<at::Tensor>& row_max,
-    bool return_lse) {
-  const TARParams p = make_kernel_params(q, k, v, sigma, strength, view_of(mode), scale, offset_delta,
-                                         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k);
+    bool return_lse, const std::optional<at::Tensor>& k_lengths) {
+  TARParams p = make_kernel_params(q, k, v, sigma, strength, view_of(mode), scale, offset_delta, tokens_per_frame,
+                                   video_start_q, video_start_k, video_end_q, video_end_k);
   if (row_max) check_row_max(q, *row_max, p.relative);
+  set_key_lengths(p, q, k_lengths, "tar_attention_kernel");
   return run_forward(q, k, v, p, row_max, return_lse, "tar_attention_kernel");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_kernel_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
     double strength, c10::string_view mode, double scale, int64_t offset_delta, int64_t tokens_per_frame,
-    int64_t video_start_q, int64_t video_start_k, int64_t video_end_q, int64_t video_end_k) {
-  const TARParams p = make_kernel_params(q, k, v, sigma, strength, view_of(mode), scale, offset_delta,
-                                         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k);
+    int64_t video_start_q, int64_t video_start_k, int64_t video_end_q, int64_t video_end_k,
+    const std::optional<at::Tensor>& k_lengths) {
+  TARParams p = make_kernel_params(q, k, v, sigma, strength, view_of(mode), scale, offset_delta, tokens_per_frame,
+                                   video_start_q, video_start_k, video_end_q, video_end_k);
+  set_key_lengths(p, q, k_lengths, "tar_attention_kernel_backward");
   return run_backward(grad_out, q, k, v, p, "tar_attention_kernel_backward");
 }
 
@@ -341,11 +362,11 @@ TORCH_LIBRARY(vstar_kernels, m) {
   m.def(
       "tar_attention_kernel(Tensor q, Tensor k, Tensor v, float sigma, float strength, str mode, float scale, "
       "int offset_delta, int tokens_per_frame, int video_start_q, int video_start_k, int video_end_q, "
-      "int video_end_k, Tensor? row_max=None, bool return_lse=False) -> (Tensor, Tensor)");
+      "int video_end_k, Tensor? row_max=None, bool return_lse=False, Tensor? k_lengths=None) -> (Tensor, Tensor)");
   m.def(
       "tar_attention_kernel_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, float sigma, float strength, "
       "str mode, float scale, int offset_delta, int tokens_per_frame, int video_start_q, int video_start_k, "
-      "int video_end_q, int video_end_k) -> (Tensor, Tensor, Tensor)");
+      "int video_end_q, int video_end_k, Tensor? k_lengths=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vstar_kernels, CPU, m) {

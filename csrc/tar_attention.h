@@ -69,7 +69,16 @@ struct TARParams {
   // When not nullptr: lse_i = log sum_j exp(S'_ij) (natural log) of every row is written here, at lse_s.
   float* lse = nullptr;
   RowStrides lse_s{};
+  // Varlen keys, when not nullptr: batch element b attends to its first k_lengths[b] keys only (each in [1, len_k],
+  // checked by the caller); the others get no weight, no part in the row max and zero gradients. CPU kernels only.
+  const int64_t* k_lengths = nullptr;
 };
+
+// The keys batch element b attends to: its k_lengths[b], or every one of the len_k.
+TAR_HOST_DEVICE int64_t tar_key_count(const TARParams& p, int64_t b) {
+  if (p.k_lengths == nullptr) return p.len_k;
+  return p.k_lengths[b] < p.len_k ? p.k_lengths[b] : p.len_k;
+}
 
 // Element offset of (batch b, query row i, head h) in a per-row tensor.
 TAR_HOST_DEVICE int64_t tar_row_offset(const RowStrides& s, int64_t b, int64_t i, int64_t h) {

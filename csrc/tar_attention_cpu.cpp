@@ -53,12 +53,13 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
     int64_t packed_bh = -1, band_frame = GaussianRows::kNoRow;
     for (int64_t task = begin; task < end; ++task) {
       const auto [slice, b, h, m0, mb] = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
+      const int64_t keys = tar_key_count(p, b);  // the keys past it: -inf logits, never read by P V
 
       gemm_rows(qp, d, kt, ld_k, s, ld_k, mb, d, lk_pad);  // natural-unit logits
       float inv_sum[64];
       for (int64_t r = 0; r < mb; ++r) {
         float* row = s + r * ld_k;
-        std::fill(row + lk, row + lk_pad, -std::numeric_limits<float>::infinity());
+        std::fill(row + keys, row + lk_pad, -std::numeric_limits<float>::infinity());
         const float* gauss_row = has_bias ? gauss.row(p, m0 + r, band, band_frame) : nullptr;
         float max;
         if (!has_bias) {
@@ -75,7 +76,7 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
         if (p.lse != nullptr) p.lse[tar_row_offset(p.lse_s, b, m0 + r, h)] = max + std::log(sum);
       }
 
-      gemm_rows(s, ld_k, vp, ld_v, acc, ld_v, mb, lk, d_pad);
+      gemm_rows(s, ld_k, vp, ld_v, acc, ld_v, mb, keys, d_pad);
       scalar_t* orow = o + b * p.o.batch + h * p.o.head + m0 * p.o.frame;
       for (int64_t r = 0; r < mb; ++r) store_row(acc + r * ld_v, d, inv_sum[r], orow + r * p.o.frame, p.o.dim);
     }
@@ -124,6 +125,7 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
 
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
+      const int64_t keys = tar_key_count(p, b);  // the keys past it: P = dS = 0, zero dK and dV rows
       const Strided<scalar_t> ks{k + b * p.k.batch + h * p.k.head, p.k.frame, p.k.dim};
       const Strided<scalar_t> vs{v + b * p.v.batch + h * p.v.head, p.v.frame, p.v.dim};
       const Strided<scalar_t> qs{q + b * p.q.batch + h * p.q.head, p.q.frame, p.q.dim};
@@ -150,7 +152,7 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
         for (int64_t r = 0; r < mb; ++r) {
           float* row = s + r * ld_k;
           float* drow = ds + r * ld_k;
-          std::fill(row + lk, row + lk_pad, minus_inf);
+          std::fill(row + keys, row + lk_pad, minus_inf);
           const float* gauss_row = has_bias ? gauss.row(p, m0 + r, band, band_frame) : nullptr;
           const float unbiased_max = row_max(row, lk_pad);
           float max = unbiased_max;
@@ -160,25 +162,25 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
           }
           const float inv_sum = 1.f / exp_sum(row, max, lk_pad);
           float dot = 0.f;  // rowsum(P dP)
-          for (int64_t j = 0; j < lk; ++j) {
+          for (int64_t j = 0; j < keys; ++j) {
             row[j] *= inv_sum;
             dot += row[j] * drow[j];
           }
           float coupling = 0.f;  // rowsum(dS' G)
           for (int64_t j = 0; j < lk_pad; ++j) {
-            drow[j] = j < lk ? row[j] * (drow[j] - dot) : 0.f;
+            drow[j] = j < keys ? row[j] * (drow[j] - dot) : 0.f;
             if (has_bias) coupling += drow[j] * gauss_row[j];
           }
           if (has_bias && p.relative && coupling != 0.f) {
             const float* unbiased = s0 + r * ld_k;
             int64_t ties = 0;
-            for (int64_t j = 0; j < lk; ++j) ties += unbiased[j] == unbiased_max;
+            for (int64_t j = 0; j < keys; ++j) ties += unbiased[j] == unbiased_max;
             const float share = tar_bias_coeff_slope(p, unbiased_max, 1.f) * coupling / static_cast<float>(ties);
-            for (int64_t j = 0; j < lk; ++j)
+            for (int64_t j = 0; j < keys; ++j)
               if (unbiased[j] == unbiased_max) drow[j] += share;
           }
         }
-        gemm_rows(ds, ld_k, kp, ld_d, dq_acc, ld_d, mb, lk, d_pad);  // dQ / scale
+        gemm_rows(ds, ld_k, kp, ld_d, dq_acc, ld_d, mb, keys, d_pad);  // dQ / scale
         scalar_t* dqrow = dq + b * dq_s.batch + h * dq_s.head + m0 * dq_s.frame;
         for (int64_t r = 0; r < mb; ++r) store_row(dq_acc + r * ld_d, d, p.scale, dqrow + r * dq_s.frame, dq_s.dim);
         for (int64_t j = 0; j < lk; ++j)

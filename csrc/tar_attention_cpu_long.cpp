@@ -101,10 +101,11 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
       std::fill(acc, acc + stats * ld_v, 0.f);
       std::fill(run_max, run_max + stats, minus_inf);
       std::fill(run_sum, run_sum + stats, 0.f);
+      const int64_t keys = tar_key_count(p, b);  // varlen keys: the tiles stop there
 
       // one online softmax per (row, key group) over the unbiased logits
-      for (int64_t j0 = 0; j0 < lk;) {
-        const int64_t j1 = groups.run_end(j0, kBlockN), g = groups.of(j0);
+      for (int64_t j0 = 0; j0 < keys;) {
+        const int64_t j1 = std::min(groups.run_end(j0, kBlockN), keys), g = groups.of(j0);
         const int64_t n = j1 - j0, n_pad = round_up(n, kVec);
         gemm_rows(qp, d, kt + j0, ld_k, s, ld_s, mb, d, n_pad);
         float* acc_g = acc + g * bm * ld_v;

@@ -35,6 +35,7 @@ def tar_attention(
     k_token_offset: int | None = None,
     row_max: torch.Tensor | None = None,
     return_lse: bool = False,
+    k_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Temporal attention with VSTAR's Temporal Attention Regularization, fused where a kernel exists.
 
@@ -63,6 +64,11 @@ def tar_attention(
             own (the max over every key chunk of a row, :func:`tar_row_max`); any float dtype, any strides.
         return_lse: also return the rows' log-sum-exp of the biased logits (natural log), for an exact merge of key
             chunks (:func:`merge_partials`).
+        k_lengths: (batch,) integer tensor on q's device: batch element b attends to its first ``k_lengths[b]`` keys
+            only (varlen keys: a key-padding mask that keeps a prefix, e.g. HunyuanVideo's padded text after its
+            video). The keys past it get no weight, stay out of the relative row max and get zero gradients. Each
+            length in [1, Lk]; checked before any launch (in a compiled call by an assert in the graph: no host
+            sync, so HunyuanVideo's masked calls trace).
 
     Returns:
         (batch, Lq, heads, head_dim) in the input dtype, laid out so that ``.reshape(batch, Lq, heads * head_dim)``
@@ -86,20 +92,44 @@ def tar_attention(
     partial = row_max is not None or return_lse
     if row_max is not None:
         row_max = _checked_row_max(row_max, q, params)
-    impl = select_backend(q, params, backend)
+    varlen = {} if k_lengths is None else {"k_lengths": _checked_k_lengths(k_lengths, q, k)}
+    impl = select_backend(InputSpec.of(q, varlen=bool(varlen)), params, backend)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         if partial:
             raise NotImplementedError("tar_attention: row_max= and return_lse=True are forward-only (the partial "
                                       "results of context parallelism's Ring inference); call without them, or "
                                       "under torch.no_grad()")
-        return _TARAttentionFunction.apply(q, k, v, params, impl.NAME)
+        return _TARAttentionFunction.apply(q, k, v, params, impl.NAME, varlen.get("k_lengths"))
     if q.numel() == 0:
         out = _empty_output(q, v)
         lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
         return (out, q.new_empty(q.shape[:3], dtype=lse_dtype)) if return_lse else out
     if not partial:
-        return impl.forward(q, k, v, params)  # inference: nothing saved, nothing recorded
-    return impl.forward(q, k, v, params, row_max=row_max, return_lse=return_lse)
+        return impl.forward(q, k, v, params, **varlen)  # inference: nothing saved, nothing recorded
+    return impl.forward(q, k, v, params, row_max=row_max, return_lse=return_lse, **varlen)
+
+
+def _checked_k_lengths(k_lengths: object, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """``k_lengths`` validated against q and k ((batch,) integers in [1, Lk] on q's device), as a contiguous int64
+    tensor. The range check syncs with the device in eager calls; a traced call asserts it in the graph instead."""
+    if not isinstance(k_lengths, torch.Tensor):
+        raise TypeError(f"k_lengths must be a torch.Tensor, got {type(k_lengths).__name__}")
+    if k_lengths.dtype.is_floating_point or k_lengths.dtype.is_complex or k_lengths.dtype == torch.bool:
+        raise TypeError(f"k_lengths must be an integer tensor, got {k_lengths.dtype}")
+    if tuple(k_lengths.shape) != (q.shape[0],):
+        raise ValueError(f"k_lengths must have shape (batch,) = ({q.shape[0]},), got {tuple(k_lengths.shape)}")
+    if k_lengths.device != q.device:
+        raise ValueError(f"mismatched device: q is on {q.device}, k_lengths is on {k_lengths.device}")
+    lengths = k_lengths.detach().to(torch.int64).contiguous()
+    if lengths.numel() == 0:
+        return lengths
+    in_range = ((lengths >= 1) & (lengths <= k.shape[1])).all()
+    if torch.compiler.is_compiling():
+        torch._assert_async(in_range, "tar_attention: every k_lengths value must be in [1, Lk]")
+    elif not in_range:
+        raise ValueError(f"every k_lengths value must be in [1, Lk = {k.shape[1]}] (a row needs a key to attend "
+                         f"to), got {lengths.tolist()}")
+    return lengths
 
 
 def _checked_row_max(row_max: object, q: torch.Tensor, params: TARParams) -> torch.Tensor:
@@ -176,36 +206,38 @@ class _TARAttentionFunction(torch.autograd.Function):
     backward kernel is differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, params: TARParams, name: str):
+    def forward(ctx, q, k, v, params: TARParams, name: str, k_lengths: torch.Tensor | None = None):
         impl = BACKENDS[name]
+        varlen = {} if k_lengths is None else {"k_lengths": k_lengths}
         forward_with_residuals = getattr(impl, "forward_with_residuals", None)
         if q.numel() == 0:  # an empty batch still joins the graph: its gradients are zeros
             out, residuals = _empty_output(q, v), ()
         elif forward_with_residuals is None:
-            out, residuals = impl.forward(q, k, v, params), ()
+            out, residuals = impl.forward(q, k, v, params, **varlen), ()
         else:
-            out, residuals = forward_with_residuals(q, k, v, params)
-        ctx.save_for_backward(q, k, v, *residuals)
-        ctx.params, ctx.backend = params, name
+            out, residuals = forward_with_residuals(q, k, v, params, **varlen)
+        ctx.save_for_backward(q, k, v, *residuals, *varlen.values())
+        ctx.params, ctx.backend, ctx.varlen = params, name, bool(varlen)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, *residuals = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
+        varlen = {"k_lengths": residuals.pop()} if ctx.varlen else {}
         if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
-            dq, dk, dv = differentiable_grads(q, k, v, grad_out, ctx.params, needs)
+            dq, dk, dv = differentiable_grads(q, k, v, grad_out, ctx.params, needs, **varlen)
         elif q.numel() == 0:
             dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         else:
             extra = {"residuals": tuple(residuals)} if residuals else {}
-            dq, dk, dv = BACKENDS[ctx.backend].backward(q, k, v, grad_out, ctx.params, **extra)
-        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None
+            dq, dk, dv = BACKENDS[ctx.backend].backward(q, k, v, grad_out, ctx.params, **extra, **varlen)
+        return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None
 
 
 def differentiable_grads(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
-    needs: tuple[bool, bool, bool] = (True, True, True),
+    needs: tuple[bool, bool, bool] = (True, True, True), k_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(dq, dk, dv) of TAR attention for the output gradient ``grad_out``, recorded by autograd: the backward of a
     call differentiated with ``create_graph=True`` (double backward, Hessian-vector products, gradient penalties).
@@ -221,7 +253,7 @@ def differentiable_grads(
     """
     with torch.enable_grad():
         leaves = tuple(_graph_alias(t) if need else t.detach() for t, need in zip((q, k, v), needs, strict=True))
-        out = tar_attention_reference(*leaves, **_reference_kwargs(params))
+        out = tar_attention_reference(*leaves, **_reference_kwargs(params), k_lengths=k_lengths)
         wanted = tuple(t for t, need in zip(leaves, needs, strict=True) if need)
         found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
     dq, dk, dv = (_or_zeros(next(found), t) if need else None for t, need in zip(leaves, needs, strict=True))

@@ -182,10 +182,12 @@ def tar_attention_reference(
     k_token_offset: int | None = None,
     row_max: torch.Tensor | None = None,
     return_lse: bool = False,
+    k_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TAR attention, materialised. Inputs and output are (batch, tokens, heads, head_dim); the token layout
-    arguments, ``row_max`` and ``return_lse`` are those of :func:`~vstar_kernels.ops.tar_attention` (with
-    ``return_lse=True``: ``(out, lse)``, lse (batch, Lq, heads) in the compute dtype).
+    arguments, ``row_max``, ``return_lse`` and ``k_lengths`` are those of :func:`~vstar_kernels.ops.tar_attention`
+    (with ``return_lse=True``: ``(out, lse)``, lse (batch, Lq, heads) in the compute dtype; ``k_lengths`` is the
+    boolean key mask ``j < k_lengths[b]``, joined to ``attn_mask``).
 
     Args:
         upcast: compute in float32 when the inputs are float16/bfloat16 (float64 inputs compute in float64).
@@ -197,6 +199,14 @@ def tar_attention_reference(
     """
     validate_tensors(q, k, v)
     compute_dtype = torch.float32 if (upcast and q.dtype in (torch.float16, torch.bfloat16)) else q.dtype
+    if k_lengths is not None:
+        keep = key_prefix_mask(k_lengths, k.shape[1])[:, None, None, :]  # (batch, 1, 1, Lk)
+        if attn_mask is None:
+            attn_mask = keep
+        elif attn_mask.dtype == torch.bool:
+            attn_mask = attn_mask & keep
+        else:
+            attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
     logits = _biased_logits(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
                             k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
                             video_tokens=video_tokens, attn_mask=attn_mask, compute_dtype=compute_dtype,
@@ -206,6 +216,11 @@ def tar_attention_reference(
     if return_lse:
         return out, logits.logsumexp(dim=-1).transpose(1, 2)
     return out
+
+
+def key_prefix_mask(k_lengths: torch.Tensor, len_k: int) -> torch.Tensor:
+    """(batch, Lk) bool: key j of batch element b attends when ``j < k_lengths[b]`` (varlen keys)."""
+    return torch.arange(len_k, device=k_lengths.device) < k_lengths.to(torch.int64)[:, None]
 
 
 def row_max_reference(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:

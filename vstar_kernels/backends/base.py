@@ -23,11 +23,12 @@ class InputSpec:
     dtype: torch.dtype
     head_dim: int
     batch_heads: int = 1
+    varlen: bool = False  # a per-sequence key count (``k_lengths``) is given
 
     @classmethod
-    def of(cls, q: torch.Tensor) -> InputSpec:
-        """The spec of a (batch, frames, heads, head_dim) query tensor."""
-        return cls(q.device, q.dtype, q.shape[3], q.shape[0] * q.shape[2])
+    def of(cls, q: torch.Tensor, varlen: bool = False) -> InputSpec:
+        """The spec of a (batch, frames, heads, head_dim) query tensor (``varlen``: the call gives ``k_lengths``)."""
+        return cls(q.device, q.dtype, q.shape[3], q.shape[0] * q.shape[2], varlen)
 
 
 @runtime_checkable
@@ -48,11 +49,14 @@ class Backend(Protocol):
         """Called when "auto" passes this backend over for ``reason`` (e.g. to warn once about a failed build)."""
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams) -> torch.Tensor:
-        """(batch, Lq, heads, head_dim) output of the op contract (no autograd: ops wraps it)."""
+        """(batch, Lq, heads, head_dim) output of the op contract (no autograd: ops wraps it). Keyword arguments,
+        given only when the call has them: ``row_max``, ``return_lse`` and ``k_lengths`` (a validated contiguous
+        int64 (batch,) tensor on q's device, each in [1, Lk]: keys at or past it do not attend)."""
 
     def backward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
                  params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(dq, dk, dv) for the output gradient ``grad_out``, shaped and typed like q, k, v. A backend that defines
         ``forward_with_residuals(q, k, v, params) -> (out, residuals)`` (optional: the forward of a call whose
         inputs require grad, saving what its backward needs beyond q, k, v) also takes
-        ``backward(..., residuals=residuals)``."""
+        ``backward(..., residuals=residuals)``. A call with ``k_lengths`` passes it to both, as a keyword; the
+        gradients of the keys at or past it are zero."""

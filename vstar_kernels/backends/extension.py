@@ -128,7 +128,7 @@ def _register_fake_once() -> None:
 
     @torch.library.register_fake(KERNEL_OP_NAME)
     def _fake_kernel(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame, video_start_q,
-                     video_start_k, video_end_q, video_end_k, row_max=None, return_lse=False):
+                     video_start_k, video_end_q, video_end_k, row_max=None, return_lse=False, k_lengths=None):
         _check_like_the_kernel_op(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame,
                                   video_start_q, video_start_k, video_end_q, video_end_k)
         if row_max is not None:
@@ -139,7 +139,7 @@ def _register_fake_once() -> None:
 
     @torch.library.register_fake(KERNEL_BACKWARD_OP_NAME)
     def _fake_kernel_backward(grad_out, q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame,
-                              video_start_q, video_start_k, video_end_q, video_end_k):
+                              video_start_q, video_start_k, video_end_q, video_end_k, k_lengths=None):
         _check_like_the_kernel_op(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame,
                                   video_start_q, video_start_k, video_end_q, video_end_k)
         if grad_out.shape != (*q.shape[:3], v.shape[3]) or grad_out.dtype != q.dtype:
@@ -322,6 +322,8 @@ def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     """None when the kernel supports these inputs, else why not."""
     if spec.dtype not in DTYPES:
         return f"dtype {spec.dtype} is not supported (float16, bfloat16, float32)"
+    if spec.device.type == "cuda" and spec.varlen:
+        return "k_lengths (varlen keys) runs on its CPU kernel only: the CUDA fallback has none (triton runs it)"
     if spec.device.type == "cuda" and spec.head_dim > MAX_CUDA_HEAD_DIM:
         return f"head_dim {spec.head_dim} exceeds the CUDA kernel's maximum of {MAX_CUDA_HEAD_DIM}"
     if spec.device.type == "cuda" and abs(params.offset_delta) > MAX_CUDA_OFFSET_DELTA:
@@ -340,17 +342,18 @@ def note_fallback(reason: str) -> None:
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
-            row_max: torch.Tensor | None = None,
-            return_lse: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+            row_max: torch.Tensor | None = None, return_lse: bool = False,
+            k_lengths: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TAR attention by ``vstar_kernels::tar_attention_kernel``: the output (batch, Lq, heads, head_dim) in q's dtype,
     or ``(out, lse)`` with ``return_lse=True``, lse the natural-log log-sum-exp of each row's biased logits, float32
     (batch, Lq, heads). ``row_max`` (relative mode; (batch, Lq, heads), any strides; float32, converted otherwise)
     replaces each row's own max of the unbiased logits in the bias coefficient. The call may be a chunk of a longer
-    sequence (``params.q_token_offset`` / ``k_token_offset``): the kernels take the layout folded to local tokens."""
+    sequence (``params.q_token_offset`` / ``k_token_offset``): the kernels take the layout folded to local tokens.
+    ``k_lengths`` (varlen keys, CPU only) as in :func:`vstar_kernels.ops.tar_attention`."""
     if row_max is not None and row_max.dtype != torch.float32:
         row_max = row_max.float()
     out, lse = torch.ops.vstar_kernels.tar_attention_kernel(q, k, v, *_kernel_args(params, q, k), row_max,
-                                                            bool(return_lse))
+                                                            bool(return_lse), k_lengths)
     return (out, lse) if return_lse else out
 
 
@@ -362,10 +365,11 @@ def _kernel_args(params: TARParams, q: torch.Tensor, k: torch.Tensor) -> tuple[f
             *params.kernel_layout_args(q.shape[1], k.shape[1]))
 
 
-def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor,
-             params: TARParams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams, *,
+             k_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv) from the fused ``vstar_kernels::tar_attention_kernel_backward`` (the folded layout, so chunks
     too), never an Lq x Lk tensor. CPU: scores recomputed per (batch, head) and query block (at::vec,
     at::parallel_for). CUDA: two kernels in the .cu, one warp per query row (dQ and four fp32 statistics per row) and
     one warp per key (dK, dV)."""
-    return torch.ops.vstar_kernels.tar_attention_kernel_backward(grad_out, q, k, v, *_kernel_args(params, q, k))
+    return torch.ops.vstar_kernels.tar_attention_kernel_backward(grad_out, q, k, v, *_kernel_args(params, q, k),
+                                                                 k_lengths)

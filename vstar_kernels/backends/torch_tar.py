@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import TARParams
-from ..reference import apply_tar_bias, band_rows, bias_coefficient, tar_bias_backward
+from ..reference import apply_tar_bias, band_rows, bias_coefficient, key_prefix_mask, tar_bias_backward
 from .base import InputSpec
 
 NAME = "torch"
@@ -75,15 +75,18 @@ def forward(
     memory_budget: int | None = None,
     row_max: torch.Tensor | None = None,
     return_lse: bool = False,
+    k_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TAR attention on (batch, frames, heads, head_dim) inputs; output contiguous (batch, Lq, heads, dim).
-    ``row_max`` (float32 (batch, Lq, heads); float64 for float64 inputs, and so is the lse) and ``return_lse`` as in :func:`vstar_kernels.ops.tar_attention`."""
+    ``row_max`` (float32 (batch, Lq, heads); float64 for float64 inputs, and so is the lse), ``return_lse`` and
+    ``k_lengths`` (the keys past it masked out of the logits before the bias) as in
+    :func:`vstar_kernels.ops.tar_attention`."""
     budget = memory_budget or memory_budget_bytes()
-    if not return_lse and (params.strength == 0.0 or (
+    if not return_lse and k_lengths is None and (params.strength == 0.0 or (
             not params.relative and q.dtype in (torch.float32, torch.float64)
             and q.shape[1] * k.shape[1] * q.element_size() <= budget)):
         return _forward_sdpa(q, k, v, params)
-    out, lse = _forward_chunked(q, k, v, params, budget, row_max, return_lse)
+    out, lse = _forward_chunked(q, k, v, params, budget, row_max, return_lse, k_lengths)
     return (out, lse) if return_lse else out
 
 
@@ -119,7 +122,7 @@ def query_chunks(len_q: int, q_chunk: int) -> list[slice]:
 
 def _forward_chunked(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, budget: int,
-    row_max: torch.Tensor | None = None, return_lse: bool = False,
+    row_max: torch.Tensor | None = None, return_lse: bool = False, k_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     batch, len_q, heads, dim = q.shape
     len_k = k.shape[1]
@@ -133,7 +136,7 @@ def _forward_chunked(
             bs = slice(b0, b0 + b_chunk)
             qh = q[bs, qs].transpose(1, 2).to(compute)  # (b, heads, rows, dim)
             kh = k[bs].transpose(1, 2).to(compute)  # (b, heads, Lk, dim)
-            scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale)
+            scores = _masked(torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale), k_lengths, bs)
             peak = None if row_max is None else row_max[bs, qs].transpose(1, 2)[..., None]
             scores = apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode, row_max=peak)
             if lse is not None:
@@ -142,6 +145,15 @@ def _forward_chunked(
             del scores
             out[bs, qs] = torch.matmul(probs, v[bs].transpose(1, 2).to(compute)).transpose(1, 2)
     return out, lse
+
+
+def _masked(scores: torch.Tensor, k_lengths: torch.Tensor | None, batches: slice) -> torch.Tensor:
+    """Logits (b, heads, rows, Lk) of the batch elements ``batches`` with the keys at or past their ``k_lengths``
+    set to -inf (in place): no weight, no part in the row max, exactly zero gradients."""
+    if k_lengths is None:
+        return scores
+    keep = key_prefix_mask(k_lengths[batches], scores.shape[-1])
+    return scores.masked_fill_(~keep[:, None, None, :], float("-inf"))
 
 
 def row_max(q: torch.Tensor, k: torch.Tensor, params: TARParams, *,
@@ -178,8 +190,10 @@ def backward(
     params: TARParams,
     *,
     memory_budget: int | None = None,
+    k_lengths: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of TAR attention for the output gradient ``grad_out``, each shaped and typed like its input.
+    """(dq, dk, dv) of TAR attention for the output gradient ``grad_out``, each shaped and typed like its input
+    (``k_lengths``: the masked keys' gradients are zero).
 
     Memory-bounded like the forward: per chunk of the query frames (its band built once) and of the batch it
     recomputes S, S' and P = softmax(S') in float32 (float64 for float64 inputs) and applies
@@ -211,7 +225,7 @@ def backward(
             vh = v[bs].transpose(1, 2).to(compute)
             qh = q[bs, qs].transpose(1, 2).to(compute)
             doh = grad_out[bs, qs].transpose(1, 2).to(compute)
-            scores = torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale)
+            scores = _masked(torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale), k_lengths, bs)
             probs = torch.softmax(apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode), -1)
             dprobs = torch.matmul(doh, vh.transpose(-1, -2))
             grad_biased = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))

@@ -40,7 +40,7 @@ BAND_ZERO_EXPONENT = 152.0
 # the token layout (TARParams.kernel_layout_args; the starts may be negative), the band's reach, and the strides of a
 # given row max (a (batch, Lq, heads) tensor of any strides, read once per query row)
 NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start_q", "video_start_k", "video_end_q", "video_end_k",
-                   "band_reach", "stride_rb", "stride_rm", "stride_rh"]
+                   "band_reach", "stride_rb", "stride_rm", "stride_rh", "has_k_lengths"]
 # frames: the largest int32 frame distance (see MAX_OFFSET_DELTA), so a reach this long means "the band reaches every
 # key"; an int32 kernel argument like the other layout integers
 MAX_BAND_REACH = 2**31 - 1
@@ -146,6 +146,15 @@ if triton is not None:
                      mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_log2_scale
         return tl.where(mask_n[None, :], s, float("-inf"))
+
+    @triton.jit
+    def sequence_keys(K_LENGTHS, b, len_k, has_k_lengths):
+        """The keys sequence ``b`` attends to: its ``K_LENGTHS[b]`` (varlen keys, when ``has_k_lengths``; an int64
+        (batch,) tensor, checked to lie in [1, Lk] by the op) or every one of the ``len_k``. Branch-free: the load
+        is masked off without varlen keys, where ``K_LENGTHS`` is any valid pointer."""
+        varlen = has_k_lengths != 0
+        count = tl.load(K_LENGTHS + b, mask=varlen, other=0).to(tl.int32)
+        return tl.where(varlen, tl.minimum(count, len_k), len_k)
 
     @triton.jit
     def slice_program(len_rows, BLOCK: tl.constexpr):

@@ -71,6 +71,7 @@ from .triton_common import (
     runs_framed,
     runs_relative,
     scores_tile,
+    sequence_keys,
     slice_offset,
     slice_program,
     strided,
@@ -239,8 +240,13 @@ def forward(
     stats: torch.Tensor | None = None,
     row_max: torch.Tensor | None = None,
     return_lse: bool = False,
+    k_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Launch the kernel on (batch, frames, heads, head_dim) inputs of any strides.
+
+    ``k_lengths`` (a contiguous int64 (batch,) tensor of values in [1, Lk]): each sequence attends to its first
+    ``k_lengths[b]`` keys only; the kernel reads the count once per program and runs every key loop, mask and band
+    window up to it (a runtime argument: no extra specialisation).
 
     ``config`` overrides :func:`block_config` (tests use it to force the two-pass path); a relative-mode config
     must be two-pass unless its key tile covers Lk. ``stats``, a contiguous fp32 (2, batch·heads, Lq) tensor,
@@ -271,12 +277,12 @@ def forward(
                                 or row_max.device != q.device):
         raise ValueError(f"row_max must be a float32 {tuple(q.shape[:3])} tensor on {q.device}, got "
                          f"{row_max.dtype} {tuple(row_max.shape)} on {row_max.device}")
-    return _run(q, k, v, params, cfg, stats, row_max if params.relative else None, return_lse)
+    return _run(q, k, v, params, cfg, stats, row_max if params.relative else None, return_lse, k_lengths)
 
 
 def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, cfg: BlockConfig,
          stats: torch.Tensor | None = None, row_max: torch.Tensor | None = None, return_lse: bool = False,
-         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+         k_lengths: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Allocate the output (and the lse when ``return_lse``) and launch with ``cfg`` (checked by :func:`forward`)."""
     batch, len_q, heads, head_dim = q.shape
     out = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
@@ -291,12 +297,13 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, c
     q, k, v = int32_slices(q, k, v, fits=in_slice_offsets_fit)
     grid = (batch * heads * triton.cdiv(len_q, cfg.block_m),)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _launch(grid, q, k, v, out, params, cfg, stats, row_max, lse)
+        _launch(grid, q, k, v, out, params, cfg, stats, row_max, lse, k_lengths)
     return out if lse is None else (out, lse.transpose(1, 2))
 
 
 def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torch.Tensor | None = None,
-            row_max: torch.Tensor | None = None, lse: torch.Tensor | None = None) -> None:
+            row_max: torch.Tensor | None = None, lse: torch.Tensor | None = None,
+            k_lengths: torch.Tensor | None = None) -> None:
     """One launch of the forward kernel: its flags follow from the call (``row_max`` only in relative mode;
     ``stats`` for the training forward, ``row_max`` / ``lse`` (contiguous (batch, heads, Lq)) for the partial
     results of inference)."""
@@ -304,12 +311,12 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
     given = relative and row_max is not None
     _tar_attention_fwd[grid](
         q, k, v, out, out if stats is None else stats,
-        row_max if given else out, out if lse is None else lse,
+        row_max if given else out, out if lse is None else lse, out if k_lengths is None else k_lengths,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *(row_max.stride() if given else (0, 0, 0)),
         q.shape[2], q.shape[1], k.shape[1], q.shape[3],
         params.offset_delta, params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
-        *params.kernel_layout_args(q.shape[1], k.shape[1]), band_reach(params),
+        *params.kernel_layout_args(q.shape[1], k.shape[1]), band_reach(params), int(k_lengths is not None),
         RELATIVE=relative,
         FRAMED=runs_framed(params),
         SKIP_BAND=skips_band(params, cfg, q.dtype, saves_stats=stats is not None),
@@ -535,6 +542,7 @@ if triton is not None:
         STATS,  # (2, batch·heads, Lq) fp32 when SAVE_STATS, else unused
         ROW_MAX,  # (batch, Lq, heads) fp32, natural units, any strides, when ROW_MAX_GIVEN, else unused
         LSE,  # contiguous (batch, heads, Lq) fp32 when WRITE_LSE, else unused
+        K_LENGTHS,  # (batch,) int64 when has_k_lengths, else unused
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
@@ -548,6 +556,7 @@ if triton is not None:
         # the token layout, each side's own video span (TARParams.kernel_layout_args; starts may be negative)
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
         band_reach,        # frames beyond which the band is exactly zero (band_reach())
+        has_k_lengths,     # 1: sequence b attends to its first K_LENGTHS[b] keys only (varlen keys)
         RELATIVE: tl.constexpr,
         FRAMED: tl.constexpr,  # False: token = frame (temporal attention), the layout arguments are unused
         SKIP_BAND: tl.constexpr,  # framed with several key tiles: the tiles out of the band's reach skip the bias
@@ -568,6 +577,7 @@ if triton is not None:
         k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
         v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
         o_base = O + slice_offset(b, h, stride_ob, stride_oh, ALIGN)
+        len_k = sequence_keys(K_LENGTHS, b, len_k, has_k_lengths)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
@@ -636,17 +646,18 @@ if triton is not None:
         tl.store(OUT + (b * len_q + offs_m) * num_heads + h, row_max, mask=mask_m)
 
 
-def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           params: TARParams) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
+                           k_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """The forward of a call whose inputs require grad: (out, residuals for :func:`backward`). fp16/bf16: the
     output and each row's max and log-sum-exp (:func:`training_forward`); fp32: nothing beyond q, k, v."""
     if q.dtype == torch.float32:
-        return forward(q, k, v, params), ()
-    return training_forward(q, k, v, params)
+        return forward(q, k, v, params, k_lengths=k_lengths), ()
+    return training_forward(q, k, v, params, k_lengths=k_lengths)
 
 
 def training_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
-                     config: BlockConfig | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+                     config: BlockConfig | None = None,
+                     k_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(out, (out, stats)): the forward (``config``, default
     :func:`~.triton_tar_backward.training_block_config` of :func:`block_config`), saving per query row the unbiased
     row max and the log-sum-exp of S' (log2 units) in ``stats``, a (2, batch·heads, Lq) fp32 tensor: the residuals
@@ -656,17 +667,18 @@ def training_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: 
     cfg = config or training_block_config(block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype,
                                                        framed=framed), framed=framed)
     stats = torch.empty((2, batch * heads, len_q), dtype=torch.float32, device=q.device)
-    return (out := forward(q, k, v, params, config=cfg, stats=stats)), (out, stats)
+    return (out := forward(q, k, v, params, config=cfg, stats=stats, k_lengths=k_lengths)), (out, stats)
 
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
-             residuals: tuple[torch.Tensor, ...] = ()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             residuals: tuple[torch.Tensor, ...] = (), k_lengths: torch.Tensor | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): fp16/bf16 by the fused Triton backward kernels (:mod:`.triton_tar_backward`), from the
     ``residuals`` of :func:`forward_with_residuals` (recomputed when not given); fp32 by the torch backend's chunked
     backward (the fused kernels' IEEE fp32 tiles spill; fp32 training is rare)."""
     if q.dtype == torch.float32:
-        return torch_tar.backward(q, k, v, grad_out, params)
-    return triton_tar_backward.backward(q, k, v, grad_out, params, residuals=residuals)
+        return torch_tar.backward(q, k, v, grad_out, params, k_lengths=k_lengths)
+    return triton_tar_backward.backward(q, k, v, grad_out, params, residuals=residuals, k_lengths=k_lengths)
 
 
 # The backward recomputes missing residuals with training_forward; it cannot import this module (which imports

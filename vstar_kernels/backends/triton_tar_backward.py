@@ -39,6 +39,7 @@ from .triton_common import (
     runs_framed,
     runs_relative,
     scores_tile,
+    sequence_keys,
     slice_offset,
     slice_program,
     strided,
@@ -104,11 +105,13 @@ def use_training_forward(forward: Callable[[torch.Tensor, torch.Tensor, torch.Te
 
 def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
              *, residuals: tuple[torch.Tensor, ...] = (), config: BackwardConfig | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+             k_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv), contiguous (batch, frames, heads, head_dim) in the input dtype; any input strides.
 
     ``residuals`` are what the training forward (:func:`~.triton_tar.forward_with_residuals`) saved, (out,
-    stats); without them that forward (:func:`use_training_forward`) runs here first."""
+    stats); without them that forward (:func:`use_training_forward`) runs here first. ``k_lengths`` (varlen keys,
+    as the forward had them): every kernel runs its key loops up to the sequence's count, and the dK/dV kernel
+    writes zeros for the keys past it."""
     batch, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
     cfg = config or backward_block_config(len_k, head_dim, q.dtype)
@@ -121,7 +124,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
         if _training_forward is None:
             raise RuntimeError("the Triton backward has no residuals and no forward to recompute them: import "
                                "vstar_kernels.backends.triton_tar")
-        residuals = _training_forward(q, k, v, params)[1]
+        residuals = _training_forward(q, k, v, params, k_lengths=k_lengths)[1]
     out, fwd_stats = residuals
     check_launch_limits(len_q, len_k, batch * heads, cfg.block_m, params)  # grid_q
     check_launch_limits(len_k, len_q, batch * heads, cfg.block_n, params)  # grid_k
@@ -132,7 +135,8 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
         strides=(*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()),
         scalars=(heads, len_q, len_k, head_dim, params.offset_delta, params.qk_log2_scale,
                  params.gauss_log2_coeff, params.bias_log2_scale, params.strength,
-                 *params.kernel_layout_args(len_q, len_k)),
+                 *params.kernel_layout_args(len_q, len_k), dq if k_lengths is None else k_lengths,
+                 int(k_lengths is not None)),
         meta=dict(RELATIVE=relative, FRAMED=runs_framed(params), BLOCK_M=cfg.block_m,
                   BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -198,6 +202,7 @@ if triton is not None:
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
+        K_LENGTHS, has_k_lengths,  # varlen keys (sequence_keys)
         RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
@@ -205,6 +210,7 @@ if triton is not None:
         plane = grid_slices(len_q, BLOCK_M) * len_q  # elements per statistic
         b = pid_bh // num_heads
         h = pid_bh % num_heads
+        len_k = sequence_keys(K_LENGTHS, b, len_k, has_k_lengths)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -264,13 +270,16 @@ if triton is not None:
         stride_dqb, stride_dqm, stride_dqh, stride_dqd,
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
-        tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k, scale,
+        tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
+        K_LENGTHS, has_k_lengths,  # varlen keys (sequence_keys)
+        scale,
         RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid_bh, pid_m = slice_program(len_q, BLOCK_M)
         b = pid_bh // num_heads
         h = pid_bh % num_heads
+        len_k = sequence_keys(K_LENGTHS, b, len_k, has_k_lengths)
         k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
         v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -314,7 +323,9 @@ if triton is not None:
         stride_dvb, stride_dvn, stride_dvh, stride_dvd,
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
-        tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k, scale,
+        tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
+        K_LENGTHS, has_k_lengths,  # varlen keys (sequence_keys)
+        scale,
         RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
@@ -330,7 +341,8 @@ if triton is not None:
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = channel_mask(offs_d, head_dim, ALIGN)
-        mask_n = cols < len_k
+        mask_n = cols < len_k  # every key's gradient is written: zeros past the sequence's own keys
+        keys = sequence_keys(K_LENGTHS, b, len_k, has_k_lengths)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -343,7 +355,7 @@ if triton is not None:
             row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m, plane)
             row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
             s, _gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                           offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
+                                           offs_d, mask_d, cols, keys, row_pos, row_max, lse, delta_row,
                                            qk_log2_scale, gauss_log2_coeff, bias_log2_scale, tokens_per_frame,
                                            video_start_k, video_end_k, RELATIVE, FRAMED, DOT_PRECISION, ALIGN)
             if RELATIVE:
