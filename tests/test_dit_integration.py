@@ -337,16 +337,21 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(compiled(**inputs).sample, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["wan", "ltx"])  # HunyuanVideo always passes a text mask: raises under compile
+@pytest.mark.parametrize("name", ["wan", "ltx", "hunyuan"])
 @pytest.mark.parametrize("regional", [False, True], ids=["whole", "repeated-blocks"])
 def test_compiled_before_any_eager_call(name, regional):
     """diffusers' recipe (patch, compile, call) with no eager call first, whole-model ``fullgraph=True`` and regional
-    ``compile_repeated_blocks``: the window closing between calls recompiles nothing, outputs equal eager."""
+    ``compile_repeated_blocks``: the window closing between calls recompiles nothing, outputs equal eager.
+    HunyuanVideo (whose forward always builds a boolean text mask) runs a batch of two elements with different text
+    lengths: the op's varlen keys, traced without a host sync. (diffusers' own test_compile_works_with_aot,
+    test_torch_compile_recompilation_and_graph_break and test_torch_compile_repeated_blocks patterns.)"""
     torch._dynamo.reset()
     case = CASES[name]
     model = case.build()
     apply_tar(model, sigma=2.0)  # "paper" on a bare transformer: on at t >= 440
-    calls = {t: {**case.inputs(model), "timestep": torch.tensor([t])} for t in (700, 100)}
+    batch = 2 if name == "hunyuan" else 1
+    inputs_of = (lambda m: _hunyuan_inputs(m, batch=2)) if name == "hunyuan" else case.inputs
+    calls = {t: {**inputs_of(model), "timestep": torch.tensor([t] * batch)} for t in (700, 100)}
     if regional:
         model.compile_repeated_blocks(fullgraph=True, backend="eager")
         runner = model

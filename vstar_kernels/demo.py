@@ -252,10 +252,13 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"{f'rank {rank}: ' if world > 1 else ''}peak memory {_peak_mib(device):.0f} MiB "
           f"({'CUDA allocator' if device.type == 'cuda' else 'process RSS'}), time {elapsed:.1f} s, "
           f"backend {backend}", flush=True)
-    if world > 1:
-        import torch.distributed as dist
+    if world > 1:  # the group closed on every rank together, the pipeline's hold on it released first
+        from .distributed import disable_frame_parallel
+        from .distributed.layout import close_process_group
 
-        dist.destroy_process_group()
+        disable_frame_parallel(pipe)
+        del state
+        close_process_group()
     return 0
 
 

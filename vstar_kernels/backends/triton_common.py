@@ -8,6 +8,7 @@ Imports nothing from either kernel module, so the import graph has no cycle: tri
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ BAND_ZERO_EXPONENT = 152.0
 # the token layout (TARParams.kernel_layout_args; the starts may be negative), the band's reach, and the strides of a
 # given row max (a (batch, Lq, heads) tensor of any strides, read once per query row)
 NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start_q", "video_start_k", "video_end_q", "video_end_k",
-                   "band_reach", "stride_rb", "stride_rm", "stride_rh", "has_k_lengths"]
+                   "band_reach", "stride_rb", "stride_rm", "stride_rh"]
 # frames: the largest int32 frame distance (see MAX_OFFSET_DELTA), so a reach this long means "the band reaches every
 # key"; an int32 kernel argument like the other layout integers
 MAX_BAND_REACH = 2**31 - 1
@@ -121,6 +122,17 @@ def int32_slices(*tensors: torch.Tensor, fits=in_slice_offsets_fit) -> tuple[tor
     return out
 
 
+@functools.cache
+def _no_key_lengths(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def key_lengths_arg(k_lengths: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The kernels' ``K_LENGTHS`` pointer: the call's int64 lengths, or one int64 placeholder per device (never read
+    without ``VARLEN``), so that every call passes the same argument types."""
+    return _no_key_lengths(device) if k_lengths is None else k_lengths
+
+
 def check_launch_limits(len_q: int, len_k: int, slices: int, rows_per_program: int, params: TARParams) -> None:
     """ValueError, before any launch, for a call beyond the kernels' integer limits: frame counts and the offset
     difference (int32 frame distances) and the program count of the one-axis grid."""
@@ -148,13 +160,13 @@ if triton is not None:
         return tl.where(mask_n[None, :], s, float("-inf"))
 
     @triton.jit
-    def sequence_keys(K_LENGTHS, b, len_k, has_k_lengths):
-        """The keys sequence ``b`` attends to: its ``K_LENGTHS[b]`` (varlen keys, when ``has_k_lengths``; an int64
-        (batch,) tensor, checked to lie in [1, Lk] by the op) or every one of the ``len_k``. Branch-free: the load
-        is masked off without varlen keys, where ``K_LENGTHS`` is any valid pointer."""
-        varlen = has_k_lengths != 0
-        count = tl.load(K_LENGTHS + b, mask=varlen, other=0).to(tl.int32)
-        return tl.where(varlen, tl.minimum(count, len_k), len_k)
+    def sequence_keys(K_LENGTHS, b, len_k, VARLEN: tl.constexpr):
+        """The keys sequence ``b`` attends to: its ``K_LENGTHS[b]`` (VARLEN: varlen keys, an int64 (batch,) tensor
+        checked to lie in [1, Lk] by the op) or every one of the ``len_k`` (without VARLEN the kernel is the same
+        code as before varlen keys existed: the pointer is a placeholder, never read)."""
+        if VARLEN:
+            len_k = tl.minimum(tl.load(K_LENGTHS + b).to(tl.int32), len_k)
+        return len_k
 
     @triton.jit
     def slice_program(len_rows, BLOCK: tl.constexpr):

@@ -67,6 +67,7 @@ from .triton_common import (
     grid_slices,
     in_slice_offsets_fit,
     int32_slices,
+    key_lengths_arg,
     next_pow2,
     runs_framed,
     runs_relative,
@@ -245,8 +246,8 @@ def forward(
     """Launch the kernel on (batch, frames, heads, head_dim) inputs of any strides.
 
     ``k_lengths`` (a contiguous int64 (batch,) tensor of values in [1, Lk]): each sequence attends to its first
-    ``k_lengths[b]`` keys only; the kernel reads the count once per program and runs every key loop, mask and band
-    window up to it (a runtime argument: no extra specialisation).
+    ``k_lengths[b]`` keys only; the kernel (``VARLEN``) reads the count once per program and runs every key loop,
+    mask and band window up to it.
 
     ``config`` overrides :func:`block_config` (tests use it to force the two-pass path); a relative-mode config
     must be two-pass unless its key tile covers Lk. ``stats``, a contiguous fp32 (2, batch·heads, Lq) tensor,
@@ -311,17 +312,18 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
     given = relative and row_max is not None
     _tar_attention_fwd[grid](
         q, k, v, out, out if stats is None else stats,
-        row_max if given else out, out if lse is None else lse, out if k_lengths is None else k_lengths,
+        row_max if given else out, out if lse is None else lse, key_lengths_arg(k_lengths, q.device),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *(row_max.stride() if given else (0, 0, 0)),
         q.shape[2], q.shape[1], k.shape[1], q.shape[3],
         params.offset_delta, params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
-        *params.kernel_layout_args(q.shape[1], k.shape[1]), band_reach(params), int(k_lengths is not None),
+        *params.kernel_layout_args(q.shape[1], k.shape[1]), band_reach(params),
         RELATIVE=relative,
         FRAMED=runs_framed(params),
         SKIP_BAND=skips_band(params, cfg, q.dtype, saves_stats=stats is not None),
         TWO_PASS=relative and cfg.two_pass,
         ROW_MAX_GIVEN=given,
+        VARLEN=k_lengths is not None,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SAVE_STATS=stats is not None,
@@ -542,7 +544,7 @@ if triton is not None:
         STATS,  # (2, batch·heads, Lq) fp32 when SAVE_STATS, else unused
         ROW_MAX,  # (batch, Lq, heads) fp32, natural units, any strides, when ROW_MAX_GIVEN, else unused
         LSE,  # contiguous (batch, heads, Lq) fp32 when WRITE_LSE, else unused
-        K_LENGTHS,  # (batch,) int64 when has_k_lengths, else unused
+        K_LENGTHS,  # (batch,) int64 when VARLEN, else a placeholder
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
@@ -556,12 +558,12 @@ if triton is not None:
         # the token layout, each side's own video span (TARParams.kernel_layout_args; starts may be negative)
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
         band_reach,        # frames beyond which the band is exactly zero (band_reach())
-        has_k_lengths,     # 1: sequence b attends to its first K_LENGTHS[b] keys only (varlen keys)
         RELATIVE: tl.constexpr,
         FRAMED: tl.constexpr,  # False: token = frame (temporal attention), the layout arguments are unused
         SKIP_BAND: tl.constexpr,  # framed with several key tiles: the tiles out of the band's reach skip the bias
         TWO_PASS: tl.constexpr,
         ROW_MAX_GIVEN: tl.constexpr,  # relative: the row max comes from ROW_MAX (no first pass, no tile max)
+        VARLEN: tl.constexpr,  # sequence b attends to its first K_LENGTHS[b] keys only (varlen keys)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -577,7 +579,7 @@ if triton is not None:
         k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
         v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
         o_base = O + slice_offset(b, h, stride_ob, stride_oh, ALIGN)
-        len_k = sequence_keys(K_LENGTHS, b, len_k, has_k_lengths)
+        len_k = sequence_keys(K_LENGTHS, b, len_k, VARLEN)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)

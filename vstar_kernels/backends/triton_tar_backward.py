@@ -34,6 +34,7 @@ from .triton_common import (
     check_launch_limits,
     grid_slices,
     int32_slices,
+    key_lengths_arg,
     next_pow2,
     relative_bias_slope,
     runs_framed,
@@ -135,10 +136,9 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
         strides=(*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()),
         scalars=(heads, len_q, len_k, head_dim, params.offset_delta, params.qk_log2_scale,
                  params.gauss_log2_coeff, params.bias_log2_scale, params.strength,
-                 *params.kernel_layout_args(len_q, len_k), dq if k_lengths is None else k_lengths,
-                 int(k_lengths is not None)),
-        meta=dict(RELATIVE=relative, FRAMED=runs_framed(params), BLOCK_M=cfg.block_m,
-                  BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
+                 *params.kernel_layout_args(len_q, len_k), key_lengths_arg(k_lengths, q.device)),
+        meta=dict(RELATIVE=relative, FRAMED=runs_framed(params), VARLEN=k_lengths is not None,
+                  BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   ALIGN=vector_width(head_dim, q, k, v, grad_out, out, dq, dk, dv), num_warps=cfg.num_warps,
                   num_stages=cfg.num_stages),
@@ -202,15 +202,16 @@ if triton is not None:
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
-        K_LENGTHS, has_k_lengths,  # varlen keys (sequence_keys)
-        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        K_LENGTHS,  # (batch,) int64 when VARLEN (sequence_keys), else a placeholder
+        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid_bh, pid_m = slice_program(len_q, BLOCK_M)
         plane = grid_slices(len_q, BLOCK_M) * len_q  # elements per statistic
         b = pid_bh // num_heads
         h = pid_bh % num_heads
-        len_k = sequence_keys(K_LENGTHS, b, len_k, has_k_lengths)
+        len_k = sequence_keys(K_LENGTHS, b, len_k, VARLEN)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -271,15 +272,16 @@ if triton is not None:
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
-        K_LENGTHS, has_k_lengths,  # varlen keys (sequence_keys)
+        K_LENGTHS,  # (batch,) int64 when VARLEN (sequence_keys), else a placeholder
         scale,
-        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid_bh, pid_m = slice_program(len_q, BLOCK_M)
         b = pid_bh // num_heads
         h = pid_bh % num_heads
-        len_k = sequence_keys(K_LENGTHS, b, len_k, has_k_lengths)
+        len_k = sequence_keys(K_LENGTHS, b, len_k, VARLEN)
         k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
         v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -324,9 +326,10 @@ if triton is not None:
         num_heads, len_q, len_k, head_dim,
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
-        K_LENGTHS, has_k_lengths,  # varlen keys (sequence_keys)
+        K_LENGTHS,  # (batch,) int64 when VARLEN (sequence_keys), else a placeholder
         scale,
-        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
         pid_bh, pid_n = slice_program(len_k, BLOCK_N)
@@ -342,7 +345,7 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = channel_mask(offs_d, head_dim, ALIGN)
         mask_n = cols < len_k  # every key's gradient is written: zeros past the sequence's own keys
-        keys = sequence_keys(K_LENGTHS, b, len_k, has_k_lengths)
+        keys = sequence_keys(K_LENGTHS, b, len_k, VARLEN)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)

@@ -88,7 +88,7 @@ ARCHS: tuple[int, ...] = (80, 90)
 # Largest dynamic shared memory one block may request (opt-in), as the launcher checks ``metadata.shared``.
 SHARED_LIMIT: dict[int, int] = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448}
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_TRITON_TYPES: dict[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
+_TRITON_TYPES: dict[torch.dtype, str] = {**{dt: name for name, dt in DTYPES.items()}, torch.int64: "i64"}
 
 # Shapes fed to block_config: every head_dim, powers of two and their neighbours plus a few odd frame counts.
 HEAD_DIMS: tuple[int, ...] = tuple(range(1, triton_tar.MAX_HEAD_DIM + 1))

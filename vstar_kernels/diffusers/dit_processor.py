@@ -32,7 +32,6 @@ from ..call_state import Scoped
 from ..distributed.sequence_parallel import (
     TwoSegmentShards,
     sequence_parallel_tar,
-    tar_on_key_prefixes,
     two_segment_tar,
 )
 from ..ops import tar_attention
@@ -323,22 +322,24 @@ class DiTTARProcessor(RoutedProcessor):
 
     def _with_key_padding(self, q, k, v, attn_mask: torch.Tensor, kw: dict) -> torch.Tensor:
         """A boolean key-padding mask that keeps a prefix of the keys per batch element (HunyuanVideo's padded text,
-        which follows the video): the keys past each prefix are dropped, exactly what the mask does (the relative
-        row max runs over the kept keys). Any other mask raises."""
+        which follows the video) is the op's varlen keys (``k_lengths``): the keys past each prefix get no weight and
+        no part in the relative row max, exactly what the mask does. No host sync, so it traces under torch.compile
+        (diffusers' HunyuanVideo builds this mask on every call). A mask that is not a prefix raises: before any
+        launch in eager calls, by an assert in the graph in compiled ones. Any other mask raises."""
         batch, len_k = k.shape[0], k.shape[1]
         keep = attn_mask
         if keep.dtype != torch.bool or keep.numel() != batch * len_k or keep.shape[0] != batch:
             raise NotImplementedError(f"TAR supports only boolean key-padding masks of shape (batch, 1, 1, keys), "
                                       f"got {keep.dtype} {tuple(keep.shape)}")
-        if torch.compiler.is_compiling():
-            raise NotImplementedError("TAR with a key-padding mask (HunyuanVideo's text padding) splits the batch by "
-                                      "each element's key count, which torch.compile cannot trace")
         keep = keep.reshape(batch, len_k)
         lengths = keep.sum(-1)
-        prefix = torch.arange(len_k, device=keep.device) < lengths[:, None]
-        if not torch.equal(prefix, keep):
-            raise NotImplementedError("TAR supports key-padding masks that keep a prefix of the keys (padding last)")
-        return tar_on_key_prefixes(q, k, v, lengths.tolist(), kw)
+        is_prefix = (keep == (torch.arange(len_k, device=keep.device) < lengths[:, None])).all()
+        message = "TAR supports key-padding masks that keep a prefix of the keys (padding last)"
+        if torch.compiler.is_compiling():
+            torch._assert_async(is_prefix, message)
+        elif not is_prefix:
+            raise NotImplementedError(message)
+        return tar_attention(q, k, v, k_lengths=lengths, **kw)
 
 
 def _check_plain_attention(dropout_p: float, is_causal: bool) -> None:

@@ -23,8 +23,11 @@ ranks it is the whole computation's):
 from __future__ import annotations
 
 import atexit
+import gc
 import math
 import os
+import sys
+import weakref
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -77,8 +80,8 @@ class RankGroup:
 
 def resolve_group(group: object | None, device: torch.device) -> RankGroup:
     """``group``, or the default process group (initialised from torchrun's environment when it is not yet, with
-    the backend for ``device`` and :func:`timeout`, and destroyed at exit), checked against ``device``. Clear
-    errors, no collective."""
+    the backend for ``device`` and :func:`timeout`, and closed at exit by :func:`close_process_group`), checked
+    against ``device``. Clear errors, no collective."""
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this build of torch")
     if group is None and not dist.is_initialized():
@@ -90,7 +93,7 @@ def resolve_group(group: object | None, device: torch.device) -> RankGroup:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend, timeout=timeout())
-        atexit.register(_destroy_if_initialised)  # ours to close: a gloo group left open aborts at exit
+        atexit.register(_close_at_exit)  # ours to close: a gloo group left open may abort at exit
     if group is not None and not isinstance(group, dist.ProcessGroup):
         raise TypeError(f"group must be a torch.distributed.ProcessGroup or None, got {type(group).__name__}")
     if group is not None and dist.get_rank(group) < 0:
@@ -102,9 +105,44 @@ def resolve_group(group: object | None, device: torch.device) -> RankGroup:
     return rank_group
 
 
-def _destroy_if_initialised() -> None:
-    if dist.is_initialized():
+def close_process_group(barrier: bool = True) -> list[str]:
+    """Tear the default process group (and every group made from it) down so that no rank aborts at exit; returns
+    a description of each group that is still alive afterwards (empty: the close is complete).
+
+    ``destroy_process_group`` only drops torch's own references: a C++ ``ProcessGroupGloo`` (its sockets, its
+    device thread) lives until the last reference to it goes, and a model's device mesh (diffusers'
+    ``enable_parallelism``) or a :class:`RankGroup` keeps one. Left to interpreter shutdown, the group is freed
+    after the peers have exited and closed their ends, with its threads still running while the process exits:
+    the rank can die with SIGABRT although it did all its work. So, on every rank:
+
+    1. ``barrier`` (the default): a barrier on the default group, so that no rank closes a socket while a peer is
+       still moving data (skip it when a peer may be gone, e.g. while an exception takes this rank down);
+    2. a garbage collection, so the groups held only by unreachable objects (models with hooks are cycles) go;
+    3. ``destroy_process_group``; the groups nothing else holds are freed now, while every peer still holds its
+       end of their connections; 4. another garbage collection.
+
+    Call it once the models and meshes of the run are no longer referenced (after the function that used them
+    has returned): a group still held then is reported, not freed. Nothing to do (an empty list) when no process
+    group is initialised."""
+    if not dist.is_initialized():
+        return []
+    groups = [(weakref.ref(pg), f"{name!r} ({dist.get_backend(pg)}, {pg.size()} ranks)")
+              for pg, name in list(dist.distributed_c10d._world.pg_names.items())]
+    try:
+        if barrier:
+            dist.barrier()
+    finally:
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
+    return [name for ref, name in groups if ref() is not None]
+
+
+def _close_at_exit() -> None:
+    """atexit: :func:`close_process_group` of a group this package initialised and the program left open; no
+    barrier when an uncaught exception ends the program (the peers may be waiting on this rank elsewhere)."""
+    if dist.is_initialized():
+        close_process_group(barrier=getattr(sys, "last_value", None) is None)
 
 
 def _records(t: torch.Tensor) -> bool:

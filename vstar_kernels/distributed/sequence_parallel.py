@@ -16,7 +16,8 @@ every bias, so each rank must know where its tokens sit in it: that is all this 
   key of the row: a first ring pass rotates K alone and takes the max of :func:`~vstar_kernels.ops.tar_row_max`
   over the chunks, then the second rotates K and V and merges each chunk's partial output through its log-sum-exp
   (exact). Each step's transfer (``batch_isend_irecv`` to the next rank, from the previous) is posted before the
-  step's compute, so it overlaps it; a rank holds two key chunks at a time, never the whole sequence.
+  step's compute, so it overlaps it, and waited even when that compute raises (no transfer is left in flight); a
+  rank holds two key chunks at a time, never the whole sequence.
   The ring loop is inference-only; with gradients the keys and values are all-gathered instead (differentiable:
   the adjoint sums every rank's gradient of a shard on its owner) and one op call per rank covers the whole key
   row, the memory diffusers' own ring needs (its ``rotate_method`` is "allgather").
@@ -153,12 +154,31 @@ def ulysses_to_tokens(x: torch.Tensor, shard_sizes: list[int], heads: int, rg: R
 
 # --------------------------------------------------------------------------------------------------------- Ring
 class _RingPeers:
-    """This rank's neighbours in the ring: chunks travel to the next rank and arrive from the previous one."""
+    """This rank's neighbours in the ring: chunks travel to the next rank and arrive from the previous one.
+
+    A context manager: every transfer :meth:`rotate` posts is waited, by the step that uses it or, when the loop
+    stops between posting and waiting (an exception in the step's compute), on leaving the ``with`` block. A posted
+    isend/irecv that nobody waits leaves the process group with a transfer in flight on a buffer Python may free,
+    and the peer's matching transfer unfinished: a rank hangs or aborts later (at exit, when the group is torn
+    down). The exception that stopped the loop is the one raised; a wait that fails while draining does not hide
+    it."""
 
     def __init__(self, rg: RankGroup) -> None:
         self.group = rg.group
         self.next = dist.get_global_rank(rg.group, (rg.rank + 1) % rg.world)
         self.prev = dist.get_global_rank(rg.group, (rg.rank - 1) % rg.world)
+        self._pending: list = []  # posted requests not yet waited, in posting order
+
+    def __enter__(self) -> _RingPeers:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.drain(raising=exc is None)
+
+    @property
+    def pending(self) -> int:
+        """How many posted transfers (sends and receives) are not yet waited."""
+        return len(self._pending)
 
     def rotate(self, send: torch.Tensor, recv_shape: tuple[int, ...]) -> Callable[[], torch.Tensor]:
         """Post the transfer of ``send`` to the next rank and of a ``recv_shape`` tensor from the previous one;
@@ -166,30 +186,47 @@ class _RingPeers:
         recv = send.new_empty(recv_shape)
         requests = dist.batch_isend_irecv([dist.P2POp(dist.isend, send, self.next, self.group),
                                            dist.P2POp(dist.irecv, recv, self.prev, self.group)])
+        self._pending.extend(requests)
 
         def wait() -> torch.Tensor:
             for request in requests:
-                request.wait()
+                self._wait(request)
             return recv
 
         return wait
+
+    def _wait(self, request) -> None:
+        if any(request is held for held in self._pending):
+            self._pending = [held for held in self._pending if held is not request]
+            request.wait()
+
+    def drain(self, raising: bool = True) -> None:
+        """Wait every posted transfer not yet waited. ``raising=False`` (an exception is already on its way): a
+        failing wait is swallowed, the rest are still waited."""
+        while self._pending:
+            request = self._pending.pop(0)
+            try:
+                request.wait()
+            except Exception:
+                if raising:
+                    raise
 
 
 def ring_row_max(q: torch.Tensor, k: torch.Tensor, span_sizes: list[int], rg: RankGroup, *,
                  scale: float | None, backend: str) -> torch.Tensor:
     """max_j S_ij over the keys of every rank's span: K rotates once round the ring (QKᵀ only). (batch, Lq, heads)
     float32."""
-    peers, chunk = _RingPeers(rg), k.contiguous()
-    best = None
-    for step in range(rg.world):
-        wait = None
-        if step < rg.world - 1:  # the chunk after this one: held by rank - step - 1
-            size = span_sizes[(rg.rank - step - 1) % rg.world]
-            wait = peers.rotate(chunk, (chunk.shape[0], size, *chunk.shape[2:]))
-        part = tar_row_max(q, chunk, scale=scale, backend=backend)
-        best = part if best is None else torch.maximum(best, part)
-        if wait is not None:
-            chunk = wait()
+    chunk, best = k.contiguous(), None
+    with _RingPeers(rg) as peers:
+        for step in range(rg.world):
+            wait = None
+            if step < rg.world - 1:  # the chunk after this one: held by rank - step - 1
+                size = span_sizes[(rg.rank - step - 1) % rg.world]
+                wait = peers.rotate(chunk, (chunk.shape[0], size, *chunk.shape[2:]))
+            part = tar_row_max(q, chunk, scale=scale, backend=backend)
+            best = part if best is None else torch.maximum(best, part)
+            if wait is not None:
+                chunk = wait()
     return best
 
 
@@ -203,25 +240,25 @@ def ring_tar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span_s
     row_max = None
     if tar["mode"] == "relative" and tar["strength"] != 0.0:
         row_max = ring_row_max(q, k, span_sizes, rg, scale=tar.get("scale"), backend=tar["backend"])
-    peers, pair = _RingPeers(rg), torch.stack([k, v])
-    out = lse = None
-    for step in range(rg.world):
-        owner = (rg.rank - step) % rg.world
-        wait = None
-        if step < rg.world - 1:
-            size = span_sizes[(rg.rank - step - 1) % rg.world]
-            wait = peers.rotate(pair, (2, pair.shape[1], size, *pair.shape[3:]))
-        part, part_lse = tar_attention(q, pair[0], pair[1], q_token_offset=starts[rg.rank],
-                                       k_token_offset=starts[owner], row_max=row_max, return_lse=True, **tar)
-        if out is None:
-            out, lse = part.to(torch.float32), part_lse
-        else:
-            merged = torch.logaddexp(lse, part_lse)
-            out = out * torch.exp(lse - merged)[..., None] + part.to(torch.float32) * torch.exp(
-                part_lse - merged)[..., None]
-            lse = merged
-        if wait is not None:
-            pair = wait()
+    pair, out, lse = torch.stack([k, v]), None, None
+    with _RingPeers(rg) as peers:
+        for step in range(rg.world):
+            owner = (rg.rank - step) % rg.world
+            wait = None
+            if step < rg.world - 1:
+                size = span_sizes[(rg.rank - step - 1) % rg.world]
+                wait = peers.rotate(pair, (2, pair.shape[1], size, *pair.shape[3:]))
+            part, part_lse = tar_attention(q, pair[0], pair[1], q_token_offset=starts[rg.rank],
+                                           k_token_offset=starts[owner], row_max=row_max, return_lse=True, **tar)
+            if out is None:
+                out, lse = part.to(torch.float32), part_lse
+            else:
+                merged = torch.logaddexp(lse, part_lse)
+                out = out * torch.exp(lse - merged)[..., None] + part.to(torch.float32) * torch.exp(
+                    part_lse - merged)[..., None]
+                lse = merged
+            if wait is not None:
+                pair = wait()
     return out.to(q.dtype)
 
 
