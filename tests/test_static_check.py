@@ -261,7 +261,10 @@ def test_realistic_calls_are_all_enumerated(realistic: dict[static_check.Spec, l
     temporal = shapes * len(static_check.REALISTIC_FRAMES) * len(static_check.LAYOUTS) * len(static_check.DTYPES) * 2
     dit = len(static_check.REALISTIC_DIT) * len(static_check.DTYPES) * 2
     ring = len(static_check.REALISTIC_DIT) * len(static_check.DTYPES) * 3  # a key chunk per mode, the row-max pass
-    assert len(labels) == len(set(labels)) == temporal + dit + ring
+    text_last = sum(text > 0 and not first for *_, text, first in static_check.REALISTIC_DIT.values())
+    varlen = text_last * len(static_check.DTYPES) * 2  # HunyuanVideo's text mask: varlen keys, both modes
+    assert len(labels) == len(set(labels)) == temporal + dit + ring + varlen
+    assert any(dict(spec.constexprs)["VARLEN"] for spec in realistic if spec.kernel == static_check.FORWARD_KERNEL)
     framed = {label for spec, calls in realistic.items() if "framed" in spec.variant for label in calls}
     assert framed == {label for label in labels if " L=" in label}  # every DiT call runs the framed kernels
     assert {spec.value_class for spec in realistic} == {static_check.REALISTIC}

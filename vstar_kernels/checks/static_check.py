@@ -10,7 +10,7 @@ Run ``python -m vstar_kernels.checks.static_check [--arch 80 90] [--jobs N] [--c
    combination :data:`PARTIAL_RESULTS`); the row-max kernel (:func:`~vstar_kernels.backends.triton_tar.row_max`)
    for every config ``row_max_block_config`` returns. The flags are not re-derived here: ``_launch`` itself is
    called with the kernel swapped for a recorder, so whatever ``_launch`` passes (today RELATIVE, FRAMED,
-   SKIP_BAND, TWO_PASS, ROW_MAX_GIVEN, BLOCK_*, DOT_PRECISION, SAVE_STATS, WRITE_LSE, ALIGN, num_warps,
+   SKIP_BAND, TWO_PASS, ROW_MAX_GIVEN, VARLEN, BLOCK_*, DOT_PRECISION, SAVE_STATS, WRITE_LSE, ALIGN, num_warps,
    num_stages) is what gets compiled. Identical compiles are deduplicated.
 2. Each one is AOT-compiled for each requested arch (``triton.compile`` on a ``GPUTarget``; no driver needed).
 3. Registers, shared and local memory come from the cubin (bundled ``cuobjdump --dump-resource-usage``); spill
@@ -331,6 +331,11 @@ def realistic_specialisations() -> dict[Spec, list[str]]:
             triton_tar._launch((1,), q, k, v, out, params, config)
             spec = _spec_from_call(dtype, REALISTIC, *calls.pop())
             found.setdefault(spec, []).append(f"{model} {heads}x{head_dim} L={tokens} {dtype} {mode}")
+            if text and not text_first:  # HunyuanVideo's text mask on every call: the op's varlen keys
+                lengths = torch.empty((1,), dtype=torch.int64, device="meta")
+                triton_tar._launch((1,), q, k, v, out, params, config, k_lengths=lengths)
+                found.setdefault(_spec_from_call(dtype, REALISTIC, *calls.pop()), []).append(
+                    f"{model} {heads}x{head_dim} L={tokens} {dtype} {mode} varlen")
             # a Ring chunk pairing (query chunk 3 with key chunk 5: both begin inside a frame)
             chunk = -(-tokens // REALISTIC_RING_RANKS)
             q, k, v, out = realistic_tensors("projection", chunk, heads, head_dim, DTYPES[dtype], batch=1)
