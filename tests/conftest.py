@@ -14,11 +14,12 @@ os.environ.pop("VSTAR_KERNELS_BACKEND", None)  # tests choose backends explicitl
 
 @pytest.fixture
 def world_of_one(tmp_path):
-    """A gloo process group of one process (rank 0), destroyed after the test."""
+    """A gloo process group of one process (rank 0), destroyed after the test (unless the test closed it)."""
     import torch.distributed as dist
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
-    dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()

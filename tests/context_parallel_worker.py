@@ -3,7 +3,9 @@
 Every rank builds the same tiny released-layout transformer (Wan 2.1 or LTX-Video) and inputs, computes the
 single-process TAR output itself, then runs diffusers' own context parallelism
 (``enable_parallelism(config=ContextParallelConfig(...))``) with TAR, and writes ``rank<r>.json`` into
-``--report-dir``: the largest difference and what it checked. Exit status 1 on any mismatch.
+``--report-dir``: the largest difference and what it checked. Exit status 1 on any mismatch. ``--ring-error``: the
+Ring's compute raises after a step's transfer was posted (:func:`run_ring_error`). Every rank closes the process
+group through ``helpers.run_rank`` once ``main`` has returned.
 
 diffusers picks the device as ``rank % torch.accelerator.device_count()``, which divides by zero on a machine
 without an accelerator; the only thing patched here is that count, to 1, around ``enable_parallelism``.
@@ -20,6 +22,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+from helpers import run_rank
 
 from vstar_kernels import apply_tar, remove_tar
 from vstar_kernels.diffusers import tiny
@@ -105,12 +108,18 @@ def main() -> int:
                         help="hunyuan: our plan passed to enable_parallelism alone must raise, not mask wrongly")
     parser.add_argument("--synopsis", action="store_true",
                         help="per-frame prompts and TAR under CP against one process")
+    parser.add_argument("--ring-error", type=int, default=-1, metavar="STEP",
+                        help="the Ring's op raises at this step on every rank, after the step's transfer was posted")
+    parser.add_argument("--ring-error-op", choices=("row_max", "attention"), default="attention",
+                        help="--ring-error: which pass of the Ring raises")
     parser.add_argument("--report-dir", required=True)
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     report: dict = {"rank": rank, "world": dist.get_world_size(), "checks": {}}
+    if args.ring_error >= 0:
+        return finish(report, run_ring_error(args, report), args)
     if args.pipeline:
         return finish(report, run_pipeline(args, report), args)
     if args.plan_without_hook:
@@ -183,10 +192,70 @@ def main() -> int:
 
 
 def finish(report: dict, ok: bool, args) -> int:
+    """Writes this rank's report; the process group is closed by ``run_rank`` after ``main`` returns."""
     report["ok"] = bool(ok)
     Path(args.report_dir, f"rank{report['rank']}.json").write_text(json.dumps(report))
-    dist.destroy_process_group()
     return 0 if ok else 1
+
+
+class _Tracked:
+    """A posted transfer's request that records whether it was waited."""
+
+    def __init__(self, request) -> None:
+        self.request, self.waited = request, False
+
+    def wait(self, *args, **kwargs):
+        self.waited = True
+        return self.request.wait(*args, **kwargs)
+
+
+def run_ring_error(args, report: dict) -> bool:
+    """The Ring (inference: the ring loop of ``ring_tar_attention``) with its op raising at step ``--ring-error`` on
+    every rank (``--ring-error-op``: the row-max pass or the attention pass), right after that step's transfer was
+    posted: the error reaches the caller, every transfer posted was waited (none left in flight for the exit), and
+    the group still works afterwards (the Ring run again equals one process)."""
+    from vstar_kernels.distributed import sequence_parallel
+    from vstar_kernels.distributed.layout import RankGroup, split_sizes
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rg = RankGroup(dist.group.WORLD, rank, world, "gloo")
+    gen = torch.Generator().manual_seed(5)
+    tokens = 8 * world
+    q, k, v = (torch.randn(1, tokens, 2, 8, generator=gen) for _ in range(3))
+    spans = split_sizes(tokens, world)
+    start = sum(spans[:rank])
+    mine = [t[:, start:start + spans[rank]].contiguous() for t in (q, k, v)]
+    tar = dict(sigma=3.0, strength=1.5, mode="relative", scale=None, tokens_per_frame=4, video_start=0,
+               video_tokens=tokens, backend="torch")
+    name = "tar_row_max" if args.ring_error_op == "row_max" else "tar_attention"
+    real_op, real_post, calls, posted = getattr(sequence_parallel, name), dist.batch_isend_irecv, [0], []
+
+    def failing_op(*a, **kw):
+        calls[0] += 1
+        if calls[0] == args.ring_error + 1:
+            raise RuntimeError(f"injected failure at step {args.ring_error}")
+        return real_op(*a, **kw)
+
+    def post(ops):
+        requests = [_Tracked(request) for request in real_post(ops)]
+        posted.extend(requests)
+        return requests
+
+    error = ""
+    with mock.patch.object(sequence_parallel, name, failing_op), mock.patch.object(dist, "batch_isend_irecv", post):
+        try:
+            with torch.no_grad():
+                sequence_parallel.ring_tar_attention(*mine, spans, rg, tar)
+        except RuntimeError as exc:
+            error = str(exc)
+    unwaited = sum(not request.waited for request in posted)
+    with torch.no_grad():
+        again = sequence_parallel.ring_tar_attention(*mine, spans, rg, tar)
+        want = sequence_parallel.tar_attention(mine[0], k, v, q_token_offset=start, k_token_offset=0, **tar)
+    err = (again - want).abs().max().item()
+    report["checks"]["ring_error"] = {"error": error, "posted": len(posted), "unwaited": unwaited, "max_err": err}
+    return (error == f"injected failure at step {args.ring_error}" and len(posted) > 0 and unwaited == 0
+            and err <= TOLERANCE)
 
 
 def run_plan_without_hook(args, report: dict) -> bool:
@@ -306,4 +375,4 @@ def check_backward(single, parallel, kw, report, mode) -> bool:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_rank(main))

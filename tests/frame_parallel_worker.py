@@ -4,6 +4,8 @@ Every rank builds the same tiny released-layout UNet (or pipeline) and inputs, c
 itself, then the frame-parallel output, and writes ``rank<r>.json`` into ``--report-dir``: the largest difference
 and what it checked. Exit status 1 on any mismatch. ``--backward``: gradients through the split instead
 (:func:`run_backward`); ``--functions``: gradcheck of the differentiable collectives (:func:`run_functions`).
+The library initialises the process group; every rank closes it through ``helpers.run_rank`` once ``main`` has
+returned.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import json
 import sys
 
 import torch
-import torch.distributed as dist
+from helpers import run_rank
 
 from vstar_kernels import apply_tar, remove_tar
 from vstar_kernels.diffusers import apply_synopsis
@@ -69,7 +71,6 @@ def main() -> int:
     if args.tar:
         remove_tar(unet)
     write_report(args, report)
-    dist.destroy_process_group()
     ok = diff <= 1e-4 * max(1.0, report["scale"]) and report["repeat_equal"] and report["restored"]
     return 0 if ok else 1
 
@@ -205,7 +206,6 @@ def run_backward(args) -> int:
         ok &= report["checkpointing_inference_ok"]
     remove_tar(unet)
     write_report(args, report)
-    dist.destroy_process_group()
     return 0 if ok else 1
 
 
@@ -304,7 +304,6 @@ def run_functions(args) -> int:
         plain = switch(x)
     checks["no_grad equals recording"] = torch.equal(plain, switch(x.requires_grad_()).detach())
     write_report(args, dict(rank=rg.rank, world=rg.world, checks=checks))
-    dist.destroy_process_group()
     return 0 if all(checks.values()) else 1
 
 
@@ -336,9 +335,8 @@ def run_pipeline(args) -> int:
                   max_abs_diff=(out - ref).abs().max().item(), scale=ref.abs().max().item(), repeat_equal=True,
                   restored=type(pipe.vae) is vae_class and vae_switched)
     write_report(args, report)
-    dist.destroy_process_group()
     return 0 if report["max_abs_diff"] <= 1e-4 * max(1.0, report["scale"]) and report["restored"] else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_rank(main))

@@ -1,5 +1,6 @@
-"""Shared test helpers: input layouts as diffusers makes them, the precision-aware criterion, and a torchrun
-launcher for the multi-process workers."""
+"""Shared test helpers: input layouts as diffusers makes them, the precision-aware criterion, a torchrun launcher
+for the multi-process workers (:func:`torchrun`, :func:`run_output`) and the workers' way to run a rank
+(:func:`run_rank`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -127,13 +129,47 @@ def torchrun(worker: Path, nproc: int, *args: str, report_dir: Path, timeout_s: 
              ) -> subprocess.CompletedProcess:
     """``worker`` on ``nproc`` local processes (``torch.distributed.run --standalone``, one thread each), writing
     its per-rank reports into ``report_dir``; the process group's timeout is 60 s, so a rank left waiting fails
-    instead of hanging the suite."""
+    instead of hanging the suite. The ranks dump every thread's Python stack on a fatal signal (faulthandler); when
+    torchrun fails, :func:`run_output` goes to stderr (pytest shows it with the failing test) so that a rank that
+    aborted or hung says where."""
     from vstar_kernels.distributed.layout import TIMEOUT_ENV
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", TIMEOUT_ENV: "60", "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            str(worker), "--report-dir", str(report_dir), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout_s, check=False)
+    if proc.returncode != 0:
+        print(run_output(proc), file=sys.stderr, flush=True)
+    return proc
+
+
+def run_output(proc: subprocess.CompletedProcess, limit: int = 6000) -> str:
+    """What a torchrun run said, for an assertion message: its exit status, the command, and the tails of its
+    stdout and of its stderr (the ranks' stderr, with torchrun's summary of which rank failed and how: an exit
+    code, or a signal such as SIGABRT)."""
+    command = " ".join(str(part) for part in proc.args) if isinstance(proc.args, list) else str(proc.args)
+    return (f"torchrun exited with {proc.returncode}: {command}\n"
+            f"--- stdout (last {limit} characters) ---\n{(proc.stdout or '')[-limit:]}\n"
+            f"--- stderr (last {limit} characters) ---\n{(proc.stderr or '')[-limit:]}")
+
+
+def run_rank(main: Callable[[], int]) -> int:
+    """One rank of a torchrun worker: ``main()`` (which initialises the default process group, itself or through
+    the library, and returns the exit status), then, once it has returned and its models and device meshes are
+    gone, the group closed on every rank together by
+    :func:`vstar_kernels.distributed.layout.close_process_group` (barrier, collection, destroy). A process group
+    still referenced after that would outlive the peers' sockets and may abort the rank at exit: it is named on
+    stderr and the status becomes 1. An exception from ``main`` propagates (the run fails; the library closes a
+    group it opened itself at exit, without the barrier)."""
+    from vstar_kernels.distributed.layout import close_process_group
+
+    status = main()
+    alive = close_process_group()
+    if alive:
+        print(f"rank {os.environ.get('RANK', '?')}: process groups still referenced after close_process_group: "
+              f"{', '.join(alive)}", file=sys.stderr, flush=True)
+        return status or 1
+    return status
 
 
 def rank_reports(report_dir: Path) -> list[dict]:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import rank_reports, torchrun
+from helpers import rank_reports, run_output, torchrun
 
+from vstar_kernels.distributed import sequence_parallel
 from vstar_kernels.distributed.layout import RankGroup
 from vstar_kernels.distributed.sequence_parallel import SequenceMesh, TwoSegmentShards, check_call, two_segment_tar
 
@@ -28,7 +29,7 @@ def _torchrun(nproc: int, *args: str, report_dir: Path, timeout_s: float = 300) 
 
 def _reports(report_dir: Path, nproc: int, proc: subprocess.CompletedProcess) -> list[dict]:
     reports = rank_reports(report_dir)
-    assert sorted(r["rank"] for r in reports) == list(range(nproc)), proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(r["rank"] for r in reports) == list(range(nproc)), run_output(proc)
     return reports
 
 
@@ -84,7 +85,7 @@ def test_context_parallel_tar_equals_one_process(nproc, args, tmp_path):
                 assert check["mask_changes_output"] > 1e-3 * max(1.0, check["scale"])
             if "--plain-cp" in args:  # the model's CP without TAR (a plan this package ships) is one process's too
                 assert check["plain_cp_err"] <= 1e-4 * max(1.0, check["scale"])
-    assert proc.returncode == 0
+    assert proc.returncode == 0, run_output(proc)
 
 
 @pytest.mark.parametrize(("nproc", "args"), [
@@ -104,7 +105,7 @@ def test_context_parallel_tar_gradients_equal_one_process(nproc, args, tmp_path)
             check = report["checks"][mode]
             assert check["grad_input_err"] <= 1e-4 * max(1.0, check["scale"]), check
             assert check["grad_weight_err"] <= 1e-4 * max(1.0, check["scale"]), check
-    assert proc.returncode == 0
+    assert proc.returncode == 0, run_output(proc)
 
 
 @pytest.mark.parametrize("model", ["wan", "hunyuan"])
@@ -115,7 +116,7 @@ def test_outside_the_window_and_after_remove_tar_diffusers_cp_is_bit_identical(m
         for mode in ("relative", "absolute"):
             assert report["checks"][mode]["bit_identical_to_diffusers_cp"] is True
             assert report["checks"][mode]["removed_equals_diffusers_cp"] is True
-    assert proc.returncode == 0
+    assert proc.returncode == 0, run_output(proc)
 
 
 @pytest.mark.parametrize("args", [
@@ -135,7 +136,7 @@ def test_a_wan_pipeline_runs_end_to_end_under_cp_with_tar(args, tmp_path):
         assert report["checks"]["patched_layers"] == 2 * experts
         assert len(report["checks"]["calls_per_expert"]) == experts
         assert all(calls >= 1 for calls in report["checks"]["calls_per_expert"])
-    assert proc.returncode == 0
+    assert proc.returncode == 0, run_output(proc)
 
 
 def test_hunyuan_plan_without_the_refiner_mask_hook_raises_rather_than_masking_wrongly(tmp_path):
@@ -143,7 +144,7 @@ def test_hunyuan_plan_without_the_refiner_mask_hook_raises_rather_than_masking_w
     for report in _reports(tmp_path, 2, proc):
         assert report["ok"], report
         assert report["checks"]["raised"]
-    assert proc.returncode == 0
+    assert proc.returncode == 0, run_output(proc)
 
 
 @pytest.mark.parametrize(("nproc", "args"), [
@@ -164,17 +165,37 @@ def test_per_frame_prompts_with_tar_under_cp_equal_one_process(nproc, args, tmp_
         check = report["checks"]["synopsis"]
         assert check["max_err"] <= 1e-4 * max(1.0, check["scale"]), check
         assert check["synopsis_changes_output"] > 1e-2, check
-    assert proc.returncode == 0
+    assert proc.returncode == 0, run_output(proc)
 
 
 def test_heads_that_do_not_split_raise_the_same_error_on_every_rank(tmp_path):
     """4 heads over 3 Ulysses ranks: every rank raises before any collective (no hang) and names the split."""
     proc = _torchrun(3, "--ulysses", "3", "--frames", "3", "--size", "8", "8", report_dir=tmp_path)
     reports = _reports(tmp_path, 3, proc)
-    assert proc.returncode != 0
+    assert proc.returncode != 0, run_output(proc)
     for report in reports:
         assert not report["ok"]
         assert "4 attention heads do not split over 3 Ulysses ranks" in report["error"], report
+
+
+@pytest.mark.parametrize(("nproc", "args"), [
+    pytest.param(2, ("--ring-error", "0"), id="ring2-first-step"),
+    pytest.param(3, ("--ring-error", "1"), id="ring3-second-step"),
+    pytest.param(3, ("--ring-error", "1", "--ring-error-op", "row_max"), id="ring3-row-max-second-step"),
+])
+def test_an_error_inside_the_ring_leaves_no_transfer_pending_and_every_rank_exits_cleanly(nproc, args, tmp_path):
+    """The Ring's op raises on every rank right after a step's transfer was posted (issue 29): the error reaches
+    the caller, every posted isend/irecv was waited first, the group still works (the Ring again equals one
+    process) and every rank exits 0 after reporting, the group closed on every rank together."""
+    proc = _torchrun(nproc, *args, report_dir=tmp_path)
+    step = args[1]
+    for report in _reports(tmp_path, nproc, proc):
+        check = report["checks"]["ring_error"]
+        assert check["error"] == f"injected failure at step {step}", report
+        assert check["posted"] > 0 and check["unwaited"] == 0, report
+        assert check["max_err"] <= 1e-4, report
+        assert report["ok"], report
+    assert proc.returncode == 0, run_output(proc)
 
 
 # --------------------------------------------------------------------------------------------- one process
@@ -267,3 +288,67 @@ def test_hunyuan_image_to_video_token_replace_is_refused_before_anything():
     with pytest.raises(NotImplementedError, match="token_replace"):
         enable_context_parallelism(model, ContextParallelConfig(ulysses_degree=2))
     assert model._parallel_config is None
+
+
+class _Request:
+    """A posted transfer's request in a faked ring: records its wait; ``fails``: the wait raises."""
+
+    def __init__(self, log: list, name: str, fails: bool = False) -> None:
+        self.log, self.name, self.fails = log, name, fails
+
+    def wait(self) -> bool:
+        self.log.append(self.name)
+        if self.fails:
+            raise RuntimeError(f"{self.name} failed")
+        return True
+
+
+def _fake_ring(monkeypatch, fail_wait: bool = False) -> tuple[list, list]:
+    """A ring of 2 in one process: peers resolved, every batch_isend_irecv returns two recorded requests (posted,
+    waited)."""
+    posted, waited = [], []
+
+    def post(ops):
+        index = len(posted) // 2
+        requests = [_Request(waited, f"send{index}", fail_wait), _Request(waited, f"recv{index}")]
+        posted.extend(request.name for request in requests)
+        return requests
+
+    monkeypatch.setattr(sequence_parallel.dist, "get_global_rank", lambda group, rank: rank)
+    monkeypatch.setattr(sequence_parallel.dist, "P2POp", lambda *args: args)
+    monkeypatch.setattr(sequence_parallel.dist, "batch_isend_irecv", post)
+    return posted, waited
+
+
+@pytest.mark.parametrize("op", ["tar_attention", "tar_row_max"])
+def test_a_ring_step_that_raises_waits_every_transfer_it_posted(op, monkeypatch):
+    """One process, a faked ring of 2 (issue 29): the step's op raises after the step's transfer was posted; every
+    posted send and receive is waited before the error leaves the Ring, and the error is the op's."""
+    posted, waited = _fake_ring(monkeypatch)
+
+    def fails(*args, **kwargs):
+        raise ValueError("the op failed")
+
+    monkeypatch.setattr(sequence_parallel, op, fails)
+    q = torch.randn(1, 8, 2, 4)
+    tar = dict(sigma=1.0, strength=1.0, mode="relative", scale=None, tokens_per_frame=4, video_start=0,
+               video_tokens=16, backend="torch")
+    with pytest.raises(ValueError, match="the op failed"), torch.no_grad():
+        sequence_parallel.ring_tar_attention(q, q, q, [8, 8], _group(0, 2), tar)
+    # the row-max pass (its first step's transfer) then, for tar_attention, the attention pass's first step's
+    assert posted == ["send0", "recv0"] + (["send1", "recv1"] if op == "tar_attention" else [])
+    assert sorted(waited) == sorted(posted)
+
+
+def test_a_failing_wait_while_draining_does_not_hide_the_error_that_stopped_the_ring(monkeypatch):
+    """The drain after an exception waits every request even when one wait fails, and the exception that stopped
+    the loop is the one raised; without an exception a failing wait raises its own error."""
+    _posted, waited = _fake_ring(monkeypatch, fail_wait=True)
+    peers = sequence_parallel._RingPeers(_group(0, 2))
+    with pytest.raises(KeyError, match="stopped"), peers:
+        peers.rotate(torch.zeros(2), (2,))
+        raise KeyError("stopped")
+    assert waited == ["send0", "recv0"] and peers.pending == 0
+    with pytest.raises(RuntimeError, match="send1 failed"), sequence_parallel._RingPeers(_group(0, 2)) as peers:
+        peers.rotate(torch.zeros(2), (2,))()
+    assert peers.pending == 0 and waited[2:] == ["send1", "recv1"]

@@ -126,8 +126,10 @@ def close_process_group(barrier: bool = True) -> list[str]:
     group is initialised."""
     if not dist.is_initialized():
         return []
-    groups = [(weakref.ref(pg), f"{name!r} ({dist.get_backend(pg)}, {pg.size()} ranks)")
-              for pg, name in list(dist.distributed_c10d._world.pg_names.items())]
+    world = getattr(dist.distributed_c10d, "_world", None)  # every group torch knows of (private: else the default)
+    named = dict(getattr(world, "pg_names", None) or {dist.group.WORLD: "default"})
+    groups = [(weakref.ref(pg), f"{name!r} ({dist.get_backend(pg)}, {pg.size()} ranks)") for pg, name in named.items()]
+    del world, named
     try:
         if barrier:
             dist.barrier()
