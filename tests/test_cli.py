@@ -40,6 +40,18 @@ def test_console_script_entry_point():
     assert bad.returncode == 2 and "invalid choice" in bad.stderr
 
 
+def test_python_m_vstar_kernels_prints_the_info_report():
+    """``python -m vstar_kernels`` (the ecosystem's ``python -m xformers.info`` habit) prints what ``vstar-kernels
+    info`` prints; arguments go to the command."""
+    res = subprocess.run([sys.executable, "-m", "vstar_kernels"], capture_output=True, text=True, timeout=300)
+    info = subprocess.run([sys.executable, "-m", "vstar_kernels.cli", "info"], capture_output=True, text=True,
+                          timeout=300)
+    assert res.returncode == 0 == info.returncode, res.stderr
+    assert res.stdout == info.stdout and "backend" in res.stdout
+    version = subprocess.run([sys.executable, "-m", "vstar_kernels", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and __version__ in version.stdout
+
+
 def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "vstar_kernels.cli", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=900)

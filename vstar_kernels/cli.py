@@ -100,22 +100,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return _missing_extra("demo", exc)
 
 
-def missing_modules(names: Sequence[str]) -> list[str]:
-    """Those of ``names`` that cannot be imported (no import is run: ``importlib.util.find_spec``), so a command
-    can refuse before it does any work rather than fail on an import after it."""
-    import importlib.util
-
-    missing = []
-    for name in names:
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ImportError, ValueError):  # a parent package missing, or sys.modules[name] = None
-            found = False
-        if not found:
-            missing.append(name)
-    return missing
-
-
 def _missing_extra(extra: str, exc: ImportError) -> int:
     print(f"vstar-kernels {extra} needs the {extra} extra ({exc.name} is missing): "
           f"pip install 'vstar-kernels[{extra}]'", file=sys.stderr)

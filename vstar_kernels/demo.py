@@ -193,7 +193,7 @@ def _apply_synopsis(pipe, states: list[str], num_frames: int, device: torch.devi
 
 def run_demo(args: argparse.Namespace) -> int:
     """The demo; raises DemoError for bad arguments (the CLI prints it as one line)."""
-    from .cli import missing_modules
+    from .extras import missing_modules
 
     missing = missing_modules(DEMO_MODULES)
     if missing:  # before any work: the figure is drawn after the pipeline has run

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Sequence
 
@@ -10,7 +9,7 @@ import torch
 
 from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, Backend, InputSpec, torch_tar
 from .contract import TARParams, make_params, validate_layout, validate_tensors
-from .reference import tar_attention_reference
+from .differentiable import differentiable_grads
 
 BACKEND_ENV = "VSTAR_KERNELS_BACKEND"
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
@@ -233,46 +232,6 @@ class _TARAttentionFunction(torch.autograd.Function):
             extra = {"residuals": tuple(residuals)} if residuals else {}
             dq, dk, dv = BACKENDS[ctx.backend].backward(q, k, v, grad_out, ctx.params, **extra, **varlen)
         return dq if needs[0] else None, dk if needs[1] else None, dv if needs[2] else None, None, None, None
-
-
-def differentiable_grads(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.Tensor, params: TARParams,
-    needs: tuple[bool, bool, bool] = (True, True, True), k_lengths: torch.Tensor | None = None,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """(dq, dk, dv) of TAR attention for the output gradient ``grad_out``, recorded by autograd: the backward of a
-    call differentiated with ``create_graph=True`` (double backward, Hessian-vector products, gradient penalties).
-
-    The gradients are those of the materialised reference (:func:`~vstar_kernels.reference.tar_attention_reference`,
-    plain torch ops, float32 math for float16/bfloat16 inputs), recomputed from q, k, v under grad mode and taken
-    with ``torch.autograd.grad(..., create_graph=True)``. They are differentiable functions of q, k, v and
-    ``grad_out``, joined to the graph those came from, so the second order is exact on every backend. Costs the
-    reference's memory: (batch, heads, Lq, Lk) score tensors, kept for the second backward.
-
-    Each input gets its own gradient even when q, k and v are one tensor (self-attention). None where ``needs`` is
-    False; zeros for an input the output does not depend on. Each gradient is shaped and typed like its input.
-    """
-    with torch.enable_grad():
-        leaves = tuple(_graph_alias(t) if need else t.detach() for t, need in zip((q, k, v), needs, strict=True))
-        out = tar_attention_reference(*leaves, **_reference_kwargs(params), k_lengths=k_lengths)
-        wanted = tuple(t for t, need in zip(leaves, needs, strict=True) if need)
-        found = iter(torch.autograd.grad(out, wanted, grad_out, create_graph=True, allow_unused=True))
-    dq, dk, dv = (_or_zeros(next(found), t) if need else None for t, need in zip(leaves, needs, strict=True))
-    return dq, dk, dv
-
-
-def _or_zeros(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if grad is None else grad
-
-
-def _graph_alias(t: torch.Tensor) -> torch.Tensor:
-    """A distinct autograd node standing for ``t``: gradients taken with respect to it are this argument's alone
-    (q, k and v may be one tensor), and flow on into ``t``'s graph."""
-    return t.view_as(t) if t.requires_grad else t.detach().requires_grad_()
-
-
-def _reference_kwargs(params: TARParams) -> dict[str, object]:
-    """``params`` as :func:`~vstar_kernels.reference.tar_attention_reference` keyword arguments (same names)."""
-    return {field.name: getattr(params, field.name) for field in dataclasses.fields(params) if field.name != "chunked"}
 
 
 def requested_backend(backend: str) -> str:

@@ -29,6 +29,7 @@ import warnings
 import torch
 
 from ..contract import FLOAT32_MAX, MAX_OFFSET, MAX_TOKENS, TARParams, validate_layout, validate_tensors
+from ..differentiable import differentiable_grads
 from . import extension_build as build
 from .base import InputSpec
 
@@ -119,8 +120,6 @@ def _register_fake_once() -> None:
         q, k, v = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:3])
         if torch.is_grad_enabled():  # create_graph=True: the fused backward is not differentiable
-            from ..ops import differentiable_grads
-
             dq, dk, dv = differentiable_grads(q, k, v, grad_out, ctx.params, needs)
         else:
             dq, dk, dv = backward(q, k, v, grad_out, ctx.params)

@@ -375,7 +375,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None, default_out: Pat
 def missing_modules(args: argparse.Namespace) -> list[str]:
     """The bench extra's modules this run needs that are not installed: rich always, matplotlib unless
     ``--no-plot``. Checked before any work (an import error after the sweep would lose it)."""
-    from vstar_kernels.cli import missing_modules as absent
+    from vstar_kernels.extras import missing_modules as absent
 
     return absent(["rich", *([] if args.no_plot else ["matplotlib"])])
 

@@ -25,7 +25,7 @@ from ..synopsis import keyframe_indices, keyframe_weights, latent_keyframes, syn
 from .components import remove_pre_hook, restore_processors, unet_of
 from .discovery import temporal_container_paths
 from .dit_synopsis import DiTSynopsisHandle, apply_transformer_synopsis, remove_transformer_synopsis
-from .video_transformers import spec_of, video_transformers_of
+from .video_transformers import temporal_compression, video_transformers_of
 
 _STATE_ATTR = "_vstar_synopsis_state"
 
@@ -175,21 +175,6 @@ class FramePrompts(NamedTuple):
 
     embeds: torch.Tensor
     attention_mask: torch.Tensor | None
-
-
-def temporal_compression(pipe: object) -> int | None:
-    """Video frames per latent frame (after the first) of the video transformer in ``pipe`` (a pipeline or the
-    transformer itself): the pipeline's VAE factor (Wan's ``vae_scale_factor_temporal``, LTX-Video's
-    ``vae_temporal_compression_ratio``), else the model's released VAE's. None for a UNet (it conditions video
-    frames)."""
-    transformers = video_transformers_of(pipe)
-    if not transformers:
-        return None
-    for name in ("vae_scale_factor_temporal", "vae_temporal_compression_ratio"):
-        value = getattr(pipe, name, None)
-        if isinstance(value, int) and value >= 1:
-            return value
-    return spec_of(next(iter(transformers.values()))).temporal_compression
 
 
 def encode_states(pipe: object, states: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:

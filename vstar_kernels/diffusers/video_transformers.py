@@ -209,3 +209,18 @@ def cache_forward_signature(cls: type) -> inspect.Signature:
 def bind_forward(model: nn.Module, args: tuple, kwargs: dict) -> dict[str, object]:
     """The forward call's arguments by name (a pre-hook sees them as given, positional or not)."""
     return dict(cache_forward_signature(type(model)).bind_partial(model, *args, **kwargs).arguments)
+
+
+def temporal_compression(pipe: object) -> int | None:
+    """Video frames per latent frame (after the first) of the video transformer in ``pipe`` (a pipeline or the
+    transformer itself): the pipeline's VAE factor (Wan's ``vae_scale_factor_temporal``, LTX-Video's
+    ``vae_temporal_compression_ratio``), else the model's released VAE's. None for a UNet (it conditions video
+    frames)."""
+    transformers = video_transformers_of(pipe)
+    if not transformers:
+        return None
+    for name in ("vae_scale_factor_temporal", "vae_temporal_compression_ratio"):
+        value = getattr(pipe, name, None)
+        if isinstance(value, int) and value >= 1:
+            return value
+    return spec_of(next(iter(transformers.values()))).temporal_compression
