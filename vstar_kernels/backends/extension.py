@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+from ..compile_markers import assume_constant_result
 from ..contract import FLOAT32_MAX, MAX_OFFSET, MAX_TOKENS, TARParams, validate_layout, validate_tensors
 from ..differentiable import differentiable_grads
 from . import extension_build as build
@@ -296,7 +297,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     return _availability(device.type)
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _availability(device_type: str) -> str | None:
     # Final once computed (load() remembers its outcome for the process), so kept per device type: eager calls skip
     # the lock and the dispatcher query. A constant for torch.compile: evaluated once while tracing, so a compiled
