@@ -26,7 +26,7 @@ from helpers import run_rank
 
 from vstar_kernels import apply_tar, remove_tar
 from vstar_kernels.diffusers import tiny
-from vstar_kernels.diffusers.context_parallel import enable_context_parallelism
+from vstar_kernels.diffusers.dit.context_parallel import enable_context_parallelism
 
 TOLERANCE = 1e-4
 
@@ -263,7 +263,7 @@ def run_plan_without_hook(args, report: dict) -> bool:
     token refiner gets a split mask for the whole text, and the forward raises instead of masking wrongly."""
     from diffusers import ContextParallelConfig
 
-    from vstar_kernels.diffusers.context_parallel import hunyuan_video_cp_plan
+    from vstar_kernels.diffusers.dit.context_parallel import hunyuan_video_cp_plan
 
     transformer = build("hunyuan")
     with mock.patch.object(torch.accelerator, "device_count", return_value=1):

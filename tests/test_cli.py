@@ -57,10 +57,54 @@ def _cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
                           timeout=900)
 
 
+def _assert_no_known_noise(res: subprocess.CompletedProcess) -> None:
+    """The library warnings the demo's own choices cause are not shown (see ``tiny.KnownNoise``)."""
+    output = res.stdout + res.stderr
+    for noise in ("has been deprecated", "should be kept in float32: []", "requires torchvision"):
+        assert noise not in output, output[-3000:]
+
+
+def test_known_noise_filter_drops_only_its_records_and_only_while_installed():
+    import logging
+
+    from vstar_kernels.diffusers.tiny import KnownNoise, known_noise_silenced
+
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    handler = Collect()
+    for name, _, _ in KnownNoise.RULES:
+        logging.getLogger(name).addHandler(handler)
+    try:
+        noise = {"diffusers.pipelines.pipeline_utils": "The TextToVideoSDPipeline has been deprecated and will not ...",
+                 "diffusers.models.modeling_utils": "There are modules in X that should be kept in float32: [].",
+                 "transformers.utils.import_utils": "`CLIPImageProcessor` requires torchvision (not installed); "
+                                                    "falling back to `CLIPImageProcessorPil`"}
+        assert set(noise) == {name for name, _, _ in KnownNoise.RULES}
+        kept = {"diffusers.pipelines.pipeline_utils": "The FooPipeline has been deprecated",
+                "diffusers.models.modeling_utils": "should be kept in float32: ['norm']",
+                "transformers.utils.import_utils": "something else"}
+        with known_noise_silenced():
+            for name, message in [*noise.items(), *kept.items()]:
+                logging.getLogger(name).warning(message)
+        assert seen == list(kept.values())
+        seen.clear()
+        for name, message in noise.items():  # removed afterwards
+            logging.getLogger(name).warning(message)
+        assert seen == list(noise.values())
+    finally:
+        for name, _, _ in KnownNoise.RULES:
+            logging.getLogger(name).removeHandler(handler)
+
+
 def test_demo_writes_video_and_attention_figure(tmp_path):
     res = _cli("demo", "--frames", "12", "--steps", "2", "--size", "16", "--out", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "backend extension on cpu" in res.stdout and "peak memory" in res.stdout and "time" in res.stdout
+    _assert_no_known_noise(res)
     from PIL import Image
 
     with Image.open(tmp_path / "out" / "video.gif") as gif:
@@ -73,6 +117,7 @@ def test_demo_animatediff_family_runs_past_the_32_position_tables(tmp_path):
                "--out", str(tmp_path / "out"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "motion tables of 32 rows, 40 frames: positions='interpolate' beyond them" in res.stdout
+    _assert_no_known_noise(res)
     from PIL import Image
 
     with Image.open(tmp_path / "out" / "video.gif") as gif:
@@ -151,3 +196,15 @@ def test_demo_wan_family_with_synopsis_and_tar(tmp_path):
         assert gif.n_frames == 9 and gif.size == (32, 32)
     bad = _cli("demo", "--family", "wan", "--frames", "10")
     assert bad.returncode == 2 and "--frames must be 4n + 1 (its VAE), e.g. 9 or 13" in bad.stderr
+
+
+def test_a_missing_module_of_ours_is_not_reported_as_a_missing_extra(capsys):
+    """Only a third-party module names the extra; an ImportError of vstar_kernels itself is a bug and propagates."""
+    from vstar_kernels.cli import _missing_extra
+
+    assert _missing_extra("demo", ImportError("no matplotlib", name="matplotlib")) == 1
+    assert "pip install 'vstar-kernels[demo]'" in capsys.readouterr().err
+    for exc in (ImportError("gone", name="vstar_kernels.diffusers.analysis"), ImportError("no name")):
+        with pytest.raises(ImportError) as raised:
+            _missing_extra("demo", exc)
+        assert raised.value is exc

@@ -253,7 +253,7 @@ def test_ltx_cross_attention_companions_are_installed_with_tar_and_removed_exact
 
     from vstar_kernels import apply_tar, remove_tar
     from vstar_kernels.diffusers import tiny
-    from vstar_kernels.diffusers.dit_processor import ShardedTextCrossAttention
+    from vstar_kernels.diffusers.dit.processor import ShardedTextCrossAttention
 
     model = tiny.tiny_ltx_transformer(heads=4, head_dim=8).eval()
     originals = {name: module.processor for name, module in model.named_modules() if hasattr(module, "processor")}
@@ -278,7 +278,7 @@ def test_ltx_cross_attention_companions_are_installed_with_tar_and_removed_exact
 def test_hunyuan_image_to_video_token_replace_is_refused_before_anything():
     from diffusers import ContextParallelConfig, HunyuanVideoTransformer3DModel
 
-    from vstar_kernels.diffusers.context_parallel import enable_context_parallelism
+    from vstar_kernels.diffusers.dit.context_parallel import enable_context_parallelism
 
     model = HunyuanVideoTransformer3DModel(in_channels=16, out_channels=16, num_attention_heads=2,
                                            attention_head_dim=32, num_layers=1, num_single_layers=1,

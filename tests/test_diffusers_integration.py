@@ -524,3 +524,26 @@ def test_load_ip_adapter_drops_tar_remove_restores_and_apply_after_works():
     assert all(unet.attn_processors[k] is v for k, v in ip_procs.items())
     with_ip_tar = run()
     assert torch.isfinite(with_ip_tar).all() and not torch.equal(with_ip_tar, with_ip)
+
+
+def test_handles_print_as_one_readable_line():
+    """``print(handle)`` says what was patched in one line: counts per level and sigma, the window with round
+    bounds (the paper's 440, not 439.99999999999994), the position tables; the layer paths stay in ``.layers``."""
+    from vstar_kernels.diffusers import tiny
+
+    unet, adapter = tiny.tiny_animatediff_unet("animatediff")
+    handle = apply_tar(unet)
+    text = repr(handle)
+    assert "\n" not in text and "999" not in text and len(text) < 300
+    n0 = sum(level == 0 for level, _ in handle.layers.values())
+    assert text.startswith(f"TARHandle({handle.num_layers} layers {{level 0: sigma 1 ({n0} layers), level 1: sigma 8 ")
+    assert "window=StepWindow(first 56% of steps, else t >= 440)" in text
+    assert f"{len(handle.position_tables)} position tables of 32 rows" in text
+    remove_tar(unet)
+    assert ("{level 0: sigma 2.5 (" in repr(apply_tar(unet, sigma=2.5, timesteps=(0, 500), positions="keep"))
+            and "window=StepWindow(0 <= t <= 500), positions='keep'" in repr(tar_state(unet)))
+
+    pipe = tiny.wan_pipeline()
+    text = repr(apply_tar(pipe, sigma=1.5, blocks=[1], timesteps="all"))
+    assert text == ("DiTTARHandle(1 layers (1 on transformer), sigma=1.5 latent frames, mode='relative', strength=1, "
+                    "window=StepWindow(every t), blocks=[1])")

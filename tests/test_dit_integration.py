@@ -24,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 pytest.importorskip("diffusers")
 
 from vstar_kernels.diffusers import apply_tar, remove_tar, tar_state, tiny
-from vstar_kernels.diffusers.dit_processor import DiTTARProcessor
+from vstar_kernels.diffusers.dit.processor import DiTTARProcessor
 
 
 @dataclass
@@ -278,8 +278,8 @@ def test_ltx_needs_its_token_grid():
 def test_layout_from_geometry_and_mismatch():
     """The op's layout per text position; a sequence that is not frames x patches (plus text) is refused, never
     mis-banded."""
-    from vstar_kernels.diffusers.dit_processor import DiTState
-    from vstar_kernels.diffusers.video_transformers import FrameGeometry
+    from vstar_kernels.diffusers.dit.processor import DiTState
+    from vstar_kernels.diffusers.dit.video_transformers import FrameGeometry
 
     state = DiTState(geometry=FrameGeometry(frames=3, tokens_per_frame=10))
     model = CASES["wan"].build()

@@ -19,7 +19,7 @@ pytest.importorskip("diffusers")
 
 from vstar_kernels import apply_tar, remove_tar
 from vstar_kernels.diffusers import apply_synopsis, remove_synopsis, tiny
-from vstar_kernels.diffusers.dit_synopsis import DiTSynopsisProcessor
+from vstar_kernels.diffusers.dit.synopsis import DiTSynopsisProcessor
 
 FRAMES, HEIGHT, WIDTH = 3, 8, 6  # latent frames; 4 x 3 patches of 2 x 2 per frame for Wan
 

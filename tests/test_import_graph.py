@@ -87,3 +87,37 @@ def test_the_circle_finder_finds_a_circle():
     edges = import_graph()  # relative imports resolve, lazy ones count
     assert "vstar_kernels.differentiable" in edges["vstar_kernels.backends.extension"]
     assert "vstar_kernels.bench.sweep" in edges["vstar_kernels.cli"]  # imported inside a function
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or through others (not ``start`` itself unless in a circle)."""
+    seen: set[str] = set()
+    todo = list(graph[start])
+    while todo:
+        module = todo.pop()
+        if module not in seen:
+            seen.add(module)
+            todo.extend(graph[module])
+    return seen
+
+
+def test_the_unet_and_transformer_integrations_never_import_each_other():
+    """``vstar_kernels.diffusers``: ``shared`` <- ``unet``, ``shared`` <- ``dit``, the entry points -> both; ``unet``
+    and ``dit`` never reach each other, directly or through any module (a package's ``__init__`` running first is
+    not an import edge), and ``shared`` reaches neither."""
+    graph = import_graph()
+    parts = {part: {m for m in graph if m == f"vstar_kernels.diffusers.{part}"
+                    or m.startswith(f"vstar_kernels.diffusers.{part}.")} for part in ("unet", "dit", "shared")}
+    assert all(len(modules) > 2 for modules in parts.values()), parts
+    for part, other in (("unet", "dit"), ("dit", "unet"), ("shared", "unet"), ("shared", "dit")):
+        for module in sorted(parts[part]):
+            crossing = sorted(reachable(graph, module) & parts[other])
+            assert not crossing, f"{module} reaches {other}: {crossing}"
+    entry_points = set().union(*(reachable(graph, f"vstar_kernels.diffusers.{name}") for name in ("tar", "synopsis")))
+    assert entry_points & parts["unet"] and entry_points & parts["dit"]
+
+
+def test_reachable_follows_imports_through_other_modules():
+    graph = {"a": {"b"}, "b": {"c"}, "c": set(), "d": {"a"}}
+    assert reachable(graph, "a") == {"b", "c"}
+    assert reachable(graph, "c") == set()

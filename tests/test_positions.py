@@ -18,7 +18,6 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding  # noqa: E
 
 from vstar_kernels import apply_tar, extend_frame_positions, remove_tar, restore_frame_positions  # noqa: E402
 from vstar_kernels.diffusers import TARAttnProcessor  # noqa: E402
-from vstar_kernels.diffusers.positions import FramePositionEmbedding, frame_positions_state  # noqa: E402
 from vstar_kernels.diffusers.tiny import (  # noqa: E402
     RELEASED_MOTION_POSITIONS,
     tiny_animatediff_unet,
@@ -26,6 +25,7 @@ from vstar_kernels.diffusers.tiny import (  # noqa: E402
     tiny_svd_unet,
     tiny_unet3d,
 )
+from vstar_kernels.diffusers.unet.frame_positions import FramePositionEmbedding, frame_positions_state  # noqa: E402
 
 ROWS = RELEASED_MOTION_POSITIONS
 

@@ -348,7 +348,7 @@ def _remove(name: str, unet) -> None:
 
 
 def _in_force(name: str, unet) -> bool:
-    from vstar_kernels.diffusers.synopsis import _STATE_ATTR as SYNOPSIS
+    from vstar_kernels.diffusers.shared.components import SYNOPSIS_STATE_ATTR as SYNOPSIS
     from vstar_kernels.distributed import frame_parallel_state
 
     return {"positions": lambda: any(frame_positions_state(unet).values()),

@@ -128,7 +128,7 @@ def _unets():
 @torch.no_grad()
 def test_each_frame_sees_its_embedding_and_uncond_keeps_its_own(model, cfg):
     from vstar_kernels import apply_synopsis, remove_synopsis
-    from vstar_kernels.diffusers.synopsis import SynopsisCrossAttnProcessor
+    from vstar_kernels.diffusers.unet.synopsis import SynopsisCrossAttnProcessor
 
     unet = _unets()[model]()
     frames, batch = 8, (2 if cfg else 1)

@@ -76,6 +76,20 @@ class StepWindow:
     hi: float
     fraction: float | None = None
 
+    def __repr__(self) -> str:
+        """Readable: ``StepWindow(first 56% of steps, else t >= 440)``; bounds rounded to 6 significant digits."""
+        if self.lo == -math.inf and self.hi == math.inf:
+            bounds = "every t"
+        elif self.hi == math.inf:
+            bounds = f"t >= {self.lo:g}"
+        elif self.lo == -math.inf:
+            bounds = f"t <= {self.hi:g}"
+        else:
+            bounds = f"{self.lo:g} <= t <= {self.hi:g}"
+        if self.fraction is None:
+            return f"StepWindow({bounds})"
+        return f"StepWindow(first {self.fraction:.0%} of steps, else {bounds})"
+
     def active(self, t: float | None, schedule: Sequence[float] | torch.Tensor | None = None) -> bool:
         """Whether TAR is on at timestep ``t`` (None: no timestep given, on)."""
         if t is None:

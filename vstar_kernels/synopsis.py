@@ -138,7 +138,7 @@ def synopsis_embeddings(keyframe_embeds: torch.Tensor, num_frames: int, mode: st
 
 
 def _temporal_compression(pipe: object) -> int | None:
-    from .diffusers.video_transformers import temporal_compression  # the integration, only with a pipeline
+    from .diffusers.dit.video_transformers import temporal_compression  # the integration, only with a pipeline
 
     return temporal_compression(pipe)
 

@@ -159,8 +159,8 @@ def jit_build() -> Path:
     library = target / f"{LIB_NAME}.so"
     with file_lock(target.parent / f"{target.name}.lock"):
         if cached_library() is None:  # another process may have finished while we waited
-            print(f"vstar-kernels: building the C++ extension (first use, about 15 s on 2 cores) in {target}",
-                  file=sys.stderr, flush=True)
+            print("vstar-kernels: building the C++ extension (first use: about 17 CPU-seconds of g++, cached) in "
+                  f"{target}", file=sys.stderr, flush=True)
             target.mkdir(parents=True, exist_ok=True)
             src = source_dir()
             cpp_extension.load(

@@ -2,6 +2,15 @@
 ``apply_tar(pipe.transformer, sigma=...)`` for the video diffusion transformers Wan, CogVideoX, LTX-Video and
 HunyuanVideo (the band over latent-frame distance on their 3D self-attention; an extension beyond the paper).
 
+Layout (imports point one way: ``shared`` <- ``unet``, ``shared`` <- ``dit``, entry points -> both):
+
+- :mod:`.tar`, :mod:`.synopsis`: the public entry points (``apply_tar``, ``remove_tar``, ``tar_state``;
+  ``apply_synopsis``, ``remove_synopsis``, ``synopsis_prompt_embeds``), each choosing the UNet or the transformer path.
+- :mod:`.unet`: the UNet integration (discovery, processor, patching, frame positions, synopsis, attention maps).
+- :mod:`.dit`: the video-transformer integration (specs, processor, patching, synopsis, context parallelism).
+- :mod:`.shared`: what both use (model components, the step window, argument validation).
+- :mod:`.tiny`: small random models and pipelines built offline.
+
 Importing this package checks that the installed diffusers is in the supported range (SUPPORTED_DIFFUSERS, the
 same range as the ``diffusers`` extra in pyproject.toml).
 """
@@ -31,30 +40,30 @@ def _check_diffusers() -> str:
 DIFFUSERS_VERSION = _check_diffusers()
 
 from ..presets import DEFAULT_PRESET, PRESETS  # noqa: E402
-from .analysis import TemporalAttentionMaps, plot_temporal_attention, record_temporal_attention  # noqa: E402
-from .context_parallel import enable_context_parallelism, hunyuan_video_cp_plan  # noqa: E402
-from .discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
-from .dit_patching import DiTTARHandle  # noqa: E402
-from .dit_processor import DiTTARProcessor  # noqa: E402
-from .dit_synopsis import DiTSynopsisHandle  # noqa: E402
-from .patching import TARHandle, apply_tar, remove_tar, tar_state  # noqa: E402
-from .positions import (  # noqa: E402
+from .dit.context_parallel import enable_context_parallelism, hunyuan_video_cp_plan  # noqa: E402
+from .dit.patching import DiTTARHandle  # noqa: E402
+from .dit.processor import DiTTARProcessor  # noqa: E402
+from .dit.synopsis import DiTSynopsisHandle  # noqa: E402
+from .dit.video_transformers import SPECS as VIDEO_TRANSFORMERS  # noqa: E402
+from .shared.step_window import TARSwitch  # noqa: E402
+from .synopsis import FramePrompts, apply_synopsis, remove_synopsis, synopsis_prompt_embeds  # noqa: E402
+from .tar import apply_tar, remove_tar, tar_state  # noqa: E402
+from .unet.attention_maps import (  # noqa: E402
+    TemporalAttentionMaps,
+    plot_temporal_attention,
+    record_temporal_attention,
+)
+from .unet.discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
+from .unet.frame_positions import (  # noqa: E402
     POSITION_MODES,
     FramePositionEmbedding,
     extend_frame_positions,
     frame_positions_state,
     restore_frame_positions,
 )
-from .processor import MaterialisedTARProcessor, TARAttnProcessor, TARSwitch  # noqa: E402
-from .synopsis import (  # noqa: E402
-    FramePrompts,
-    SynopsisCrossAttnProcessor,
-    SynopsisHandle,
-    apply_synopsis,
-    remove_synopsis,
-    synopsis_prompt_embeds,
-)
-from .video_transformers import SPECS as VIDEO_TRANSFORMERS  # noqa: E402
+from .unet.patching import TARHandle  # noqa: E402
+from .unet.processor import MaterialisedTARProcessor, TARAttnProcessor  # noqa: E402
+from .unet.synopsis import SynopsisCrossAttnProcessor, SynopsisHandle  # noqa: E402
 
 __all__ = [
     "DEFAULT_PRESET",

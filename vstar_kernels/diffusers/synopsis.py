@@ -1,105 +1,20 @@
-"""Per-frame text conditioning for diffusers video UNets: frame f's spatial cross-attention sees embedding f.
-
-The UNets repeat one text embedding for every frame: UNet3DConditionModel repeats it internally, and
-AnimateDiff's pipeline repeats it before calling UNetMotionModel. Either way each spatial cross-attention layer
-receives ``encoder_hidden_states`` of shape (batch·frames, tokens, dim), frame-major within each batch item. The
-synopsis processor wraps those layers' processors and swaps in the per-frame embeddings for the conditional
-batch items; everything else passes through to the wrapped processor.
-
-Classifier-free guidance: diffusers pipelines stack (unconditional, conditional). With an even batch the last half
-is conditional and gets the per-frame embeddings; the unconditional half keeps its single embedding. With an odd
-batch (no CFG) every item is conditional.
+"""The public synopsis entry points: ``apply_synopsis`` / ``remove_synopsis`` (per-frame text, for every supported
+model: :mod:`.dit.synopsis` for a video transformer or a pipeline holding one, :mod:`.unet.synopsis` otherwise),
+and ``synopsis_prompt_embeds``, which builds the per-frame prompts from a pipeline of either kind.
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..distributed.context import frame_window
 from ..synopsis import keyframe_indices, keyframe_weights, latent_keyframes, synopsis_embeddings
-from .components import remove_pre_hook, restore_processors, unet_of
-from .discovery import temporal_container_paths
-from .dit_synopsis import DiTSynopsisHandle, apply_transformer_synopsis, remove_transformer_synopsis
-from .video_transformers import temporal_compression, video_transformers_of
-
-_STATE_ATTR = "_vstar_synopsis_state"
-
-
-class SynopsisCrossAttnProcessor:
-    """Wraps a spatial cross-attention processor; replaces the conditional rows of ``encoder_hidden_states`` with
-    the per-frame embeddings (frames, tokens, dim). A plain object, like the processors it wraps."""
-
-    def __init__(self, inner, frame_embeds: torch.Tensor) -> None:
-        self.inner = inner
-        self.frame_embeds = frame_embeds
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
-                 **kwargs):
-        if encoder_hidden_states is not None:
-            frame_embeds = self.frame_embeds
-            window = frame_window()  # frame parallelism: this rank holds frames start..start+count
-            if window is not None:
-                frame_embeds = frame_embeds[window[0]:window[0] + window[1]]
-            encoder_hidden_states = per_frame_context(encoder_hidden_states, frame_embeds)
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
-
-
-def per_frame_context(context: torch.Tensor, frame_embeds: torch.Tensor) -> torch.Tensor:
-    """(batch·frames, tokens, dim) context with the conditional batch items' rows replaced by ``frame_embeds``."""
-    frames = frame_embeds.shape[0]
-    rows = context.shape[0]
-    if rows % frames:
-        raise ValueError(f"cross-attention batch {rows} is not a multiple of the synopsis' {frames} frames: the "
-                         f"video must have as many frames as the per-frame embeddings")
-    if context.shape[1:] != frame_embeds.shape[1:]:
-        raise ValueError(f"per-frame embeddings are (frames, {tuple(frame_embeds.shape[1:])}), the text "
-                         f"embedding is (…, {tuple(context.shape[1:])}): encode the states like the prompt")
-    batch = rows // frames
-    first_cond = batch // 2 if batch % 2 == 0 else 0
-    out = context.clone()
-    view = out.view(batch, frames, *context.shape[1:])
-    view[first_cond:] = frame_embeds.to(device=context.device, dtype=context.dtype)
-    return out
-
-
-class SynopsisFrameCheck:
-    """UNet forward pre-hook: a call must have as many frames as the synopsis. The sample is (batch, channels,
-    frames, height, width); a mismatch is a ValueError naming both counts, before anything runs (otherwise frames
-    and CFG halves would silently be conditioned on the wrong embeddings)."""
-
-    def __init__(self, frames: int) -> None:
-        self.frames = frames
-
-    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        sample = kwargs.get("sample", args[0] if args else None)
-        if isinstance(sample, torch.Tensor) and sample.dim() == 5 and sample.shape[2] != self.frames:
-            raise ValueError(f"the synopsis has {self.frames} per-frame embeddings but this call has "
-                             f"{sample.shape[2]} frames: build it with synopsis_embeddings(..., num_frames="
-                             f"{sample.shape[2]}) and apply_synopsis again")
-
-
-@dataclass
-class SynopsisHandle:
-    """What ``apply_synopsis`` patched: the spatial cross-attention layers and the per-frame embeddings."""
-
-    layers: list[str]
-    frame_embeds: torch.Tensor
-    _originals: dict[str, object] = field(default_factory=dict, repr=False)
-    _installed: dict[str, SynopsisCrossAttnProcessor] = field(default_factory=dict, repr=False)
-    _check: SynopsisFrameCheck | None = field(default=None, repr=False)
-
-
-def spatial_cross_attention(unet: nn.Module) -> list[str]:
-    """Module paths of the cross-attention layers outside temporal containers (the spatial text conditioning)."""
-    temporal = tuple(temporal_container_paths(unet))
-    return [name for name, module in unet.named_modules()
-            if getattr(module, "is_cross_attention", False) and hasattr(module, "processor")
-            and not name.startswith(temporal)]
+from .dit.synopsis import DiTSynopsisHandle, apply_transformer_synopsis, remove_transformer_synopsis
+from .dit.video_transformers import temporal_compression, video_transformers_of
+from .unet.synopsis import SynopsisHandle, apply_unet_synopsis, remove_unet_synopsis
 
 
 def apply_synopsis(model: nn.Module, frame_embeds: torch.Tensor | tuple,
@@ -114,7 +29,7 @@ def apply_synopsis(model: nn.Module, frame_embeds: torch.Tensor | tuple,
       ``frame_attention_mask`` ((latent frames, tokens), LTX-Video's text mask; without it each frame's text keeps
       the tokens the call's own ``encoder_attention_mask`` keeps). A call whose
       ``encoder_hidden_states`` is the first row is conditioned per frame; any other (a negative prompt) runs
-      unchanged (see :mod:`vstar_kernels.diffusers.dit_synopsis`). CogVideoX and HunyuanVideo (text inside the
+      unchanged (see :mod:`vstar_kernels.diffusers.dit.synopsis`). CogVideoX and HunyuanVideo (text inside the
       self-attention) raise NotImplementedError.
 
     ``frame_embeds`` may be what :func:`synopsis_prompt_embeds` returns (embeddings and mask together). Applying
@@ -131,25 +46,7 @@ def apply_synopsis(model: nn.Module, frame_embeds: torch.Tensor | tuple,
     if frame_attention_mask is not None:
         raise ValueError("frame_attention_mask applies to video transformers with a text mask (LTX-Video); a UNet's "
                          "text has none")
-    unet = unet_of(model)
-    if not isinstance(frame_embeds, torch.Tensor) or frame_embeds.dim() != 3:
-        raise ValueError("frame_embeds must be a (frames, tokens, dim) tensor")
-    names = spatial_cross_attention(unet)
-    if not names:
-        raise ValueError(f"{type(unet).__name__} has no spatial cross-attention to condition per frame")
-    remove_synopsis(unet)
-    handle = SynopsisHandle(layers=names, frame_embeds=frame_embeds)
-    modules = dict(unet.named_modules())
-    for name in names:
-        module = modules[name]
-        installed = SynopsisCrossAttnProcessor(module.processor, frame_embeds)
-        handle._originals[name] = module.processor
-        handle._installed[name] = installed
-        module.set_processor(installed)
-    handle._check = SynopsisFrameCheck(frame_embeds.shape[0])
-    unet.register_forward_pre_hook(handle._check, with_kwargs=True)
-    setattr(unet, _STATE_ATTR, handle)
-    return handle
+    return apply_unet_synopsis(model, frame_embeds)
 
 
 def remove_synopsis(model: nn.Module) -> bool:
@@ -158,14 +55,7 @@ def remove_synopsis(model: nn.Module) -> bool:
     transformers = video_transformers_of(model)
     if transformers:
         return any([remove_transformer_synopsis(transformer) for transformer in transformers.values()])
-    unet = unet_of(model)
-    handle: SynopsisHandle | None = unet.__dict__.pop(_STATE_ATTR, None)
-    if handle is None:
-        return False
-    restore_processors(unet, handle._originals, lambda name, current: current is handle._installed[name])
-    if handle._check is not None:
-        remove_pre_hook(unet, handle._check)
-    return True
+    return remove_unet_synopsis(model)
 
 
 # ------------------------------------------------------------------------------------------ from a pipeline

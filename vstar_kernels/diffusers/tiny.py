@@ -6,7 +6,51 @@ configs in a second, producing noise (the weights are random) with the memory an
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+
 import torch
+
+
+class KnownNoise(logging.Filter):
+    """Drops the library warnings that these tiny builders and the demo cause, which say nothing about the user's
+    setup.
+
+    Each entry: (logger, message pattern, why it is noise here). What is not listed still prints.
+    """
+
+    RULES = (
+        ("diffusers.pipelines.pipeline_utils", r"^The TextToVideoSDPipeline has been deprecated",
+         "the tiny modelscope pipeline is a TextToVideoSDPipeline on purpose: the released UNet3D's class"),
+        ("diffusers.models.modeling_utils", r"should be kept in float32: \[\]",
+         "an empty list: no module is kept in float32, so moving the pipeline changes nothing"),
+        ("transformers.utils.import_utils", r"requires torchvision \(not installed\); falling back to",
+         "diffusers' IP-adapter loader imports image processors the tiny pipelines never use; PIL serves them"),
+    )
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
+@contextlib.contextmanager
+def known_noise_silenced():
+    """Installs :class:`KnownNoise` on the loggers that emit the listed records (a filter on a logger sees only
+    its own records, not its children's) for the duration."""
+    installed = []
+    for name, pattern, _why in KnownNoise.RULES:
+        logger, noise = logging.getLogger(name), KnownNoise(pattern)
+        logger.addFilter(noise)
+        installed.append((logger, noise))
+    try:
+        yield
+    finally:
+        for logger, noise in installed:
+            logger.removeFilter(noise)
 
 
 def byte_level_alphabet() -> list[str]:
@@ -147,6 +191,7 @@ def tiny_unet2d(block_out_channels: tuple[int, ...] = (32, 64, 64, 64), layers_p
     )
 
 
+@known_noise_silenced()
 def tiny_animatediff_unet(family: str = "animatediff", block_out_channels: tuple[int, ...] | None = None,
                           layers_per_block: int = 2):
     """A UNetMotionModel with a released family's layer structure and 32-row position tables, narrower:
@@ -168,6 +213,7 @@ def tiny_animatediff_unet(family: str = "animatediff", block_out_channels: tuple
     return UNetMotionModel.from_unet2d(unet2d, adapter).eval(), adapter
 
 
+@known_noise_silenced()
 def text_to_video_pipeline(unet=None):
     """TextToVideoSDPipeline (the ModelScope/zeroscope pipeline) around ``unet`` (default :func:`tiny_unet3d`)."""
     from diffusers import DDIMScheduler, TextToVideoSDPipeline
@@ -178,6 +224,7 @@ def text_to_video_pipeline(unet=None):
                                  unet=unet, scheduler=DDIMScheduler())
 
 
+@known_noise_silenced()
 def animatediff_pipeline(unet, motion_adapter):
     from diffusers import AnimateDiffPipeline, DDIMScheduler
 
@@ -204,6 +251,7 @@ def tiny_feature_extractor():
     return Processor(crop_size=32, size=32)
 
 
+@known_noise_silenced()
 def svd_pipeline(unet):
     """StableVideoDiffusionPipeline with SVD's own scheduler configuration (EDM, continuous timesteps)."""
     from diffusers import AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline
@@ -218,6 +266,7 @@ def svd_pipeline(unet):
                                         feature_extractor=tiny_feature_extractor())
 
 
+@known_noise_silenced()
 def i2vgen_pipeline(unet):
     from diffusers import DDIMScheduler, I2VGenXLPipeline
 
@@ -318,6 +367,7 @@ def tiny_t5_tokenizer(vocab_size: int = 64):
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
+@known_noise_silenced()
 def wan_pipeline(transformer=None):
     """WanPipeline with a tiny UMT5 encoder, Wan VAE and ``transformer`` (default :func:`tiny_wan_transformer`)."""
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline
@@ -334,6 +384,7 @@ def wan_pipeline(transformer=None):
                        transformer=transformer if transformer is not None else tiny_wan_transformer())
 
 
+@known_noise_silenced()
 def ltx_pipeline(transformer=None):
     """LTXPipeline with a tiny T5 encoder, an LTX-Video VAE of the released compression (8 in time, 32 in space: three
     spatio-temporal downsamplings and patch 4; 128 latent channels) and ``transformer`` (default

@@ -488,7 +488,7 @@ def enable_frame_parallel(model, group=None) -> FrameParallelState:
     UNetSpatioTemporalConditionModel (Stable Video Diffusion). Composes with ``apply_tar`` and frame positions. A
     world of 1 is a no-op. Raises TypeError for other models and a clear error for a bad group or a device the
     group's backend cannot move, before any collective. Returns the state (its ``rg`` names rank and world)."""
-    from ..diffusers.components import unet_of
+    from ..diffusers.shared.components import unet_of
 
     unet = unet_of(model)
     if type(unet) not in UNET_CLASSES and type(unet) not in UNET_CLASSES.values():
@@ -522,7 +522,7 @@ def enable_frame_parallel(model, group=None) -> FrameParallelState:
 def disable_frame_parallel(model) -> bool:
     """Undo :func:`enable_frame_parallel` on a UNet or a pipeline (its UNet and VAE): every switched module gets
     its class back. False if it was not on."""
-    from ..diffusers.components import unet_of
+    from ..diffusers.shared.components import unet_of
 
     found = False
     for module in (unet_of(model), getattr(model, "vae", None)):
@@ -538,7 +538,7 @@ def disable_frame_parallel(model) -> bool:
 
 def frame_parallel_state(model) -> FrameParallelState | None:
     """The state of an enabled model, else None."""
-    from ..diffusers.components import unet_of
+    from ..diffusers.shared.components import unet_of
 
     return getattr(unet_of(model), _STATE_ATTR, None)
 

@@ -36,21 +36,26 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..call_state import Scoped, keep_state_in_checkpoints, release_checkpoints
-from .components import WrappedSettings, remove_pre_hook, replace_processors
+from ...call_state import Scoped
+from ..shared.components import (
+    SYNOPSIS_STATE_ATTR,
+    TAR_STATE_ATTR,
+    WrappedSettings,
+    prepare_checkpoints,
+    set_processor_tracked,
+    wrapped_processor,
+)
 from .context_parallel import context_parallel_config, sequence_mesh
-from .dit_processor import route_of
+from .model_patch import TransformerPatch, attach_patch, attached_handle, detach_patch
+from .processor import route_of
 from .video_transformers import (
     FrameGeometry,
     VideoTransformerSpec,
     bind_forward,
-    cache_forward_signature,
     find_cross_attention,
     spec_of,
 )
 
-STATE_ATTR = "_vstar_synopsis_state"
-TAR_STATE_ATTR = "_vstar_tar_state"  # dit_patching.STATE_ATTR (which imports this module)
 _LTX_MASK_BIAS = -10000.0  # LTX-Video's forward turns its 0/1 text mask into this additive bias (diffusers 0.42)
 
 
@@ -140,8 +145,7 @@ class SynopsisGate:
         self.spec = spec
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            keep_state_in_checkpoints(module)  # a checkpointed block's recompute sees this call's text, not the last
+        prepare_checkpoints(module)  # a checkpointed block's recompute sees this call's text, not the last
         bound = bind_forward(module, args, kwargs)
         geometry = self.spec.geometry(module, bound)
         frames = self.state.frame_embeds.shape[0]
@@ -189,8 +193,8 @@ class DiTSynopsisProcessor(WrappedSettings):
 
     def _innermost(self) -> object:
         innermost = self.inner
-        while getattr(innermost, "inner", None) is not None or getattr(innermost, "original", None) is not None:
-            innermost = getattr(innermost, "inner", None) or innermost.original
+        while (below := wrapped_processor(innermost)) is not None:
+            innermost = below
         return innermost
 
     def _run(self, attn, hidden_states, context, mask, rotary):
@@ -213,7 +217,7 @@ class DiTSynopsisProcessor(WrappedSettings):
         """The traced form (torch.compile), as eager computes it: every row marked by ``call.flags`` per frame, none
         marked the original alone, a mix the original on the whole batch with the marked rows replaced
         (``torch.cond``: no graph break, no recompile between the conditional and the unconditional call). Outputs
-        are flattened through the cond, as :func:`~vstar_kernels.diffusers.processor.cond_on_flag` does."""
+        are flattened through the cond, as :func:`~vstar_kernels.diffusers.shared.step_window.cond_on_flag` does."""
         flags = call.flags
 
         def plain(hidden_states, context):
@@ -334,14 +338,7 @@ class DiTSynopsisHandle:
     layers: list[str]
     frame_embeds: torch.Tensor
     frame_mask: torch.Tensor | None = None
-    _patches: dict[str, _Patch] = field(default_factory=dict, repr=False)
-
-
-@dataclass
-class _Patch:
-    originals: dict[str, object]
-    installed: dict[str, DiTSynopsisProcessor]
-    gate: SynopsisGate
+    _patches: dict[str, TransformerPatch] = field(default_factory=dict, repr=False)
 
 
 def check_frame_inputs(frame_embeds: torch.Tensor, frame_mask: torch.Tensor | None) -> None:
@@ -385,37 +382,22 @@ def apply_transformer_synopsis(transformers: dict[str, nn.Module], frame_embeds:
     for prefix, (transformer, spec, layers) in plans.items():
         remove_transformer_synopsis(transformer)
         state = SynopsisState(frame_embeds, frame_mask)
-        patch = _Patch({}, {}, SynopsisGate(state, spec))
+        patch = TransformerPatch({}, {}, SynopsisGate(state, spec))
         for layer in layers:
             installed = PROCESSORS[spec.class_name](layer.module.processor, state)
-            patch.originals[layer.name] = layer.module.processor
-            patch.installed[layer.name] = installed
             handle.layers.append(f"{prefix}.{layer.name}" if prefix else layer.name)
-            layer.module.set_processor(installed)
-        transformer.register_forward_pre_hook(patch.gate, with_kwargs=True)
-        keep_state_in_checkpoints(transformer)
-        cache_forward_signature(type(transformer))
-        handle._patches[prefix] = patch
-        setattr(transformer, STATE_ATTR, (handle, prefix))
+            set_processor_tracked(layer.module, installed, layer.name, patch.originals, patch.installed)
+        attach_patch(transformer, SYNOPSIS_STATE_ATTR, handle, prefix, patch)
     return handle
 
 
 def remove_transformer_synopsis(transformer: nn.Module) -> bool:
     """Restore the cross-attention processors and remove the hook of the synopsis on ``transformer``; False if
     none. A processor that another patch wrapped since (TAR's, for instance) keeps its wrapper, around the
-    original."""
-    entry = transformer.__dict__.pop(STATE_ATTR, None)
-    if entry is None:
-        return False
-    handle, prefix = entry
-    patch = handle._patches[prefix]
-    replace_processors(transformer, patch.originals, patch.installed)
-    remove_pre_hook(transformer, patch.gate)
-    if TAR_STATE_ATTR not in transformer.__dict__:  # TAR keeps the checkpoint wrapper while it stays
-        release_checkpoints(transformer)
-    return True
+    original. TAR still applied keeps the checkpoint wrapper."""
+    return detach_patch(transformer, SYNOPSIS_STATE_ATTR, TAR_STATE_ATTR)
 
 
 def transformer_synopsis_state(transformer: nn.Module) -> DiTSynopsisHandle | None:
-    entry = transformer.__dict__.get(STATE_ATTR)
-    return None if entry is None else entry[0]
+    """The :class:`DiTSynopsisHandle` of the synopsis on ``transformer``, or None."""
+    return attached_handle(transformer, SYNOPSIS_STATE_ATTR)

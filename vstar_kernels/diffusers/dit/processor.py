@@ -28,16 +28,17 @@ from dataclasses import dataclass
 
 import torch
 
-from ..call_state import Scoped
-from ..distributed.sequence_parallel import (
+from ...call_state import Scoped
+from ...distributed.sequence_parallel import (
     TwoSegmentShards,
     sequence_parallel_tar,
     two_segment_tar,
 )
-from ..ops import tar_attention
-from .components import WrappedSettings
+from ...ops import tar_attention
+from ...reference import key_prefix_mask
+from ..shared.components import WrappedSettings
+from ..shared.step_window import TARSwitch, by_step_window
 from .context_parallel import context_parallel_config, flat_group, gather_text, sequence_mesh, shard_sizes
-from .processor import TARSwitch, cond_on_flag
 from .video_transformers import FrameGeometry
 
 # The names a processor's code reaches attention through, and the attribute looked up on a global for the second.
@@ -182,9 +183,6 @@ class RoutedProcessor(WrappedSettings):
     def _route(self) -> Route:
         return route_of(type(self.original), self._redirect)
 
-    def release(self) -> None:
-        """Nothing per instance to release: the routed code is per processor class (kept for the next patch)."""
-
 
 class DiTTARProcessor(RoutedProcessor):
     """A video transformer's self-attention processor with TAR.
@@ -247,12 +245,7 @@ class DiTTARProcessor(RoutedProcessor):
         if tar is None:
             def tar(q, k, v):
                 return self._with_tar(q, k, v, attn_mask, dropout_p, is_causal, scale)
-        switch = self.state.switch
-        if switch.flag is not None and torch.compiler.is_compiling():
-            return cond_on_flag(switch.flag, tar, plain, q, k, v)
-        if not switch.active:
-            return plain(q, k, v)
-        return tar(q, k, v)
+        return by_step_window(self.state.switch, tar, plain, q, k, v)
 
     def _op_kwargs(self, scale, len_q: int, len_k: int) -> dict:
         return dict(sigma=self.sigma, strength=self.strength, mode=self.mode, scale=scale, backend=self.backend,
@@ -267,12 +260,9 @@ class DiTTARProcessor(RoutedProcessor):
 
     def _with_tar_parallel(self, q, k, v, attn_mask, dropout_p, is_causal, scale, cp):
         """TAR on this rank's shard of the sequence under diffusers' context parallelism ``cp``
-        (:mod:`vstar_kernels.diffusers.context_parallel`): every check before the first collective."""
+        (:mod:`vstar_kernels.diffusers.dit.context_parallel`): every check before the first collective."""
         _check_plain_attention(dropout_p, is_causal)
-        geometry = self.state.geometry
-        if geometry is None:
-            raise RuntimeError("TAR has no frame geometry: the attention ran outside the transformer's forward")
-        tokens = geometry.video_tokens
+        tokens = self._geometry().video_tokens
         mesh = sequence_mesh(cp, tokens)
         if self.text == "last":
             return self._with_tar_two_segments(q, k, v, attn_mask, scale, cp, mesh)
@@ -293,12 +283,7 @@ class DiTTARProcessor(RoutedProcessor):
         if text_local < 0:
             raise ValueError(f"rank {mesh.flat_rank} holds {local} tokens, fewer than its {video[mesh.flat_rank]} "
                              "video tokens")
-        keep = None
-        if attn_mask is not None:
-            if attn_mask.dtype != torch.bool or attn_mask.numel() != batch * local or attn_mask.shape[0] != batch:
-                raise NotImplementedError(f"TAR under context parallelism supports only boolean key masks of shape "
-                                          f"(batch, 1, 1, keys), got {attn_mask.dtype} {tuple(attn_mask.shape)}")
-            keep = attn_mask.reshape(batch, local)
+        keep = None if attn_mask is None else _key_mask(attn_mask, batch, local, " under context parallelism")
         text = shard_sizes(text_local, flat_group(cp), mesh.uneven, q.device)
         total = sum(video) + sum(text)
         return two_segment_tar(q, k, v, keep, TwoSegmentShards(mesh, video, text),
@@ -307,10 +292,7 @@ class DiTTARProcessor(RoutedProcessor):
     def layout(self, len_q: int, len_k: int) -> dict[str, int | None]:
         """The op's token layout for a self-attention call of ``len_q`` queries (the video tokens of the forward in
         progress plus text where this model puts it). ValueError when the tokens do not fit the geometry."""
-        geometry = self.state.geometry
-        if geometry is None:
-            raise RuntimeError("TAR has no frame geometry: the attention ran outside the transformer's forward (its "
-                               "pre-hook reads the geometry from the input shape)")
+        geometry = self._geometry()
         video = geometry.video_tokens
         if len_q != len_k or len_q < video or (self.text == "none" and len_q != video):
             raise ValueError(f"TAR expected self-attention over {video} video tokens ({geometry.frames} latent frames "
@@ -320,26 +302,39 @@ class DiTTARProcessor(RoutedProcessor):
             return dict(tokens_per_frame=geometry.tokens_per_frame, video_start=len_q - video, video_tokens=None)
         return dict(tokens_per_frame=geometry.tokens_per_frame, video_start=0, video_tokens=video)
 
+    def _geometry(self) -> FrameGeometry:
+        """The frame geometry of the forward in progress; RuntimeError outside one."""
+        geometry = self.state.geometry
+        if geometry is None:
+            raise RuntimeError("TAR has no frame geometry: the attention ran outside the transformer's forward (its "
+                               "pre-hook reads the geometry from the input shape)")
+        return geometry
+
     def _with_key_padding(self, q, k, v, attn_mask: torch.Tensor, kw: dict) -> torch.Tensor:
         """A boolean key-padding mask that keeps a prefix of the keys per batch element (HunyuanVideo's padded text,
         which follows the video) is the op's varlen keys (``k_lengths``): the keys past each prefix get no weight and
         no part in the relative row max, exactly what the mask does. No host sync, so it traces under torch.compile
         (diffusers' HunyuanVideo builds this mask on every call). A mask that is not a prefix raises: before any
         launch in eager calls, by an assert in the graph in compiled ones. Any other mask raises."""
-        batch, len_k = k.shape[0], k.shape[1]
-        keep = attn_mask
-        if keep.dtype != torch.bool or keep.numel() != batch * len_k or keep.shape[0] != batch:
-            raise NotImplementedError(f"TAR supports only boolean key-padding masks of shape (batch, 1, 1, keys), "
-                                      f"got {keep.dtype} {tuple(keep.shape)}")
-        keep = keep.reshape(batch, len_k)
+        len_k = k.shape[1]
+        keep = _key_mask(attn_mask, k.shape[0], len_k)
         lengths = keep.sum(-1)
-        is_prefix = (keep == (torch.arange(len_k, device=keep.device) < lengths[:, None])).all()
+        is_prefix = (keep == key_prefix_mask(lengths, len_k)).all()
         message = "TAR supports key-padding masks that keep a prefix of the keys (padding last)"
         if torch.compiler.is_compiling():
             torch._assert_async(is_prefix, message)
         elif not is_prefix:
             raise NotImplementedError(message)
         return tar_attention(q, k, v, k_lengths=lengths, **kw)
+
+
+def _key_mask(mask: torch.Tensor, batch: int, keys: int, where: str = "") -> torch.Tensor:
+    """A boolean key-padding mask of shape (batch, 1, 1, keys) as (batch, keys); NotImplementedError for any other
+    mask (``where`` qualifies what does not support it, e.g. " under context parallelism")."""
+    if mask.dtype != torch.bool or mask.numel() != batch * keys or mask.shape[0] != batch:
+        raise NotImplementedError(f"TAR{where} supports only boolean key-padding masks of shape (batch, 1, 1, keys), "
+                                  f"got {mask.dtype} {tuple(mask.shape)}")
+    return mask.reshape(batch, keys)
 
 
 def _check_plain_attention(dropout_p: float, is_causal: bool) -> None:

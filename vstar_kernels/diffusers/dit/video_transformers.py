@@ -5,7 +5,7 @@ text tokens joined before it (CogVideoX), after it (HunyuanVideo) or kept in sep
 TAR on such a model biases the *self*-attention logits by latent-frame distance: token t of the video part belongs
 to latent frame ``t // tokens_per_frame``. Each :class:`VideoTransformerSpec` says, for one diffusers class, which
 blocks hold that self-attention, where its text sits, and how a forward's arguments give the frame geometry after
-patchify. Facts from diffusers 0.42 (the processors' own code is what runs; see :mod:`.dit_processor`).
+patchify. Facts from diffusers 0.42 (the processors' own code is what runs; see :mod:`.processor`).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class VideoTransformerSpec:
     cross_attention: str | None = None
     text_projection: str | None = None
     # the model's _cp_plan splits the text with the video (LTX-Video): under Ring, TAR's patch gathers that text in
-    # the cross-attention (dit_processor.ShardedTextCrossAttention)
+    # the cross-attention (dit.processor.ShardedTextCrossAttention)
     cp_plan_splits_text: bool = False
 
     def __post_init__(self) -> None:

@@ -11,7 +11,7 @@ runs with the original arguments.
 Also here: what a model needs beyond diffusers to run under its context parallelism, with or without TAR:
 HunyuanVideo's plan (:func:`hunyuan_video_cp_plan`, installed by :func:`enable_context_parallelism` with the hook
 that gives its token refiner the whole text mask), and :func:`gather_text` for a cross-attention whose text the
-model's plan splits (LTX-Video's, see ``dit_processor.ShardedTextCrossAttention``).
+model's plan splits (LTX-Video's, see ``dit.processor.ShardedTextCrossAttention``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from diffusers.hooks.context_parallel import EquipartitionSharder, PartitionAnyt
 from diffusers.hooks.hooks import HookRegistry, ModelHook
 from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
 
-from ..distributed.layout import RankGroup, gather_frames
-from ..distributed.sequence_parallel import SequenceMesh
+from ...distributed.layout import RankGroup, gather_frames
+from ...distributed.sequence_parallel import SequenceMesh
 
 
 def context_parallel_config(parallel_config: object) -> object | None:

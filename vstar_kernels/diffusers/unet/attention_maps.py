@@ -1,5 +1,5 @@
 """Temporal attention analysis (the paper's look at attention maps): record the averaged F x F temporal attention map
-of each layer while a model runs, and plot them.
+of each temporal layer of a video UNet while it runs, and plot them.
 
     with record_temporal_attention(pipe.unet, positions=64) as maps:
         pipe(prompt, num_frames=64)
@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..reference import tar_attention_probs
-from .components import unet_of
+from ...reference import tar_attention_probs
+from ..shared.components import unet_of
 from .discovery import find_temporal_attention
-from .patching import tar_state
+from .patching import unet_tar_state
 from .processor import TARAttnProcessor, project_heads
 
 
@@ -105,7 +105,7 @@ def record_temporal_attention(model: nn.Module, *, positions: int = 64, layers: 
         raise ValueError(f"positions must be >= 1, got {positions}")
     unet = unet_of(model)
     if layers is None:
-        handle = tar_state(unet)
+        handle = unet_tar_state(unet)
         names = list(handle.layers) if handle else [layer.name for layer in find_temporal_attention(unet)]
     else:
         names = list(layers)

@@ -1,10 +1,19 @@
-"""Reaching the parts of a diffusers model or pipeline that the integrations patch, and putting them back."""
+"""Reaching the parts of a diffusers model or pipeline that the integrations patch, installing processors and hooks
+there, and putting them back: the mechanics both the UNet and the transformer integrations use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 
+import torch
 from torch import nn
+
+from ...call_state import keep_state_in_checkpoints
+
+# Where an application keeps its record on the model it patched (one of each kind per model). A UNet holds its handle
+# there; a video transformer holds (handle, pipeline attribute), since one handle may patch a pipeline's two experts.
+TAR_STATE_ATTR = "_vstar_tar_state"
+SYNOPSIS_STATE_ATTR = "_vstar_synopsis_state"
 
 
 def unet_of(model: object) -> nn.Module:
@@ -26,6 +35,23 @@ def restore_processors(unet: nn.Module, originals: Mapping[str, object],
             module.set_processor(original)
 
 
+def set_processor_tracked(module: nn.Module, processor: object, name: str, originals: MutableMapping[str, object],
+                          installed: MutableMapping[str, object]) -> None:
+    """``processor`` as ``module``'s processor, noting the one it replaces as ``originals[name]`` and itself as
+    ``installed[name]`` (what :func:`restore_processors` and :func:`replace_processors` undo)."""
+    originals[name] = module.processor
+    installed[name] = processor
+    module.set_processor(processor)
+
+
+def prepare_checkpoints(module: nn.Module) -> None:
+    """A forward pre-hook's first step: before a forward that records gradients (eager, not traced), checkpointed
+    blocks of ``module`` keep this call's per-thread state for their recompute (``enable_gradient_checkpointing`` may
+    have come after the patch)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        keep_state_in_checkpoints(module)
+
+
 def remove_pre_hook(module: nn.Module, hook: object) -> None:
     """Unregister ``hook`` from ``module``'s forward pre-hooks by identity. The integrations keep their hooks as
     plain objects on the module rather than a RemovableHandle, which would not survive ``copy.deepcopy`` or pickling
@@ -34,6 +60,12 @@ def remove_pre_hook(module: nn.Module, hook: object) -> None:
         if registered is hook:
             del module._forward_pre_hooks[key]
             module._forward_pre_hooks_with_kwargs.pop(key, None)
+
+
+def wrapped_processor(processor: object) -> object | None:
+    """The processor ``processor`` wraps (its ``inner`` or ``original``: the link below it in a chain of wrapping
+    processors), or None."""
+    return getattr(processor, "inner", None) or getattr(processor, "original", None)
 
 
 def replace_processor(module: nn.Module, ours: object, original: object) -> bool:
@@ -49,7 +81,7 @@ def replace_processor(module: nn.Module, ours: object, original: object) -> bool
             if getattr(current, attribute, None) is ours:
                 setattr(current, attribute, original)
                 return True
-        current = getattr(current, "inner", None) or getattr(current, "original", None)
+        current = wrapped_processor(current)
     return False
 
 

@@ -1,47 +1,63 @@
-"""apply_tar / remove_tar for video diffusion transformers (Wan, CogVideoX, LTX-Video, HunyuanVideo).
+"""TAR on video diffusion transformers (Wan, CogVideoX, LTX-Video, HunyuanVideo): put on, taken off exactly.
 
 TAR on a DiT is an extension beyond the paper (which evaluated UNets): the Gaussian band acts on *latent-frame*
 distance inside the 3D self-attention of every chosen block, text tokens unbiased. As for UNets, everything a run
 needs lives on the transformer: the processors, one forward pre-hook (:class:`DiTGate`: the step window and the
-frame geometry of each call) and the handle, so deep copies, pickling and ``.to()`` carry it.
+frame geometry of each call) and the handle, so deep copies, pickling and ``.to()`` carry it. The public
+``apply_tar`` / ``remove_tar`` / ``tar_state`` (:mod:`vstar_kernels.diffusers.tar`) call these for a transformer.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..call_state import keep_state_in_checkpoints, release_checkpoints
-from ..contract import MODES, make_params
-from ..ops import requested_backend
-from ..presets import StepWindow, resolve_window
-from .components import install_processor, remove_pre_hook, replace_processors
-from .dit_processor import PROCESSORS, DiTState, RoutedProcessor, ShardedTextCrossAttention
-from .dit_synopsis import STATE_ATTR as SYNOPSIS_STATE_ATTR
-from .dit_synopsis import DiTSynopsisProcessor
-from .gates import DiTGate, SchedulerSource
+from ...presets import StepWindow
+from ..shared.arguments import check_tar_arguments
+from ..shared.components import (
+    SYNOPSIS_STATE_ATTR,
+    TAR_STATE_ATTR,
+    install_processor,
+    prepare_checkpoints,
+    set_processor_tracked,
+)
+from ..shared.step_window import SchedulerSource, TARGate
+from .model_patch import TransformerPatch, attach_patch, attached_handle, detach_patch
+from .processor import PROCESSORS, DiTState, RoutedProcessor, ShardedTextCrossAttention
+from .synopsis import DiTSynopsisProcessor
 from .video_transformers import (
-    cache_forward_signature,
+    VideoTransformerSpec,
+    bind_forward,
     find_self_attention,
     find_sharded_text_cross_attention,
     select_blocks,
     spec_of,
 )
 
-STATE_ATTR = "_vstar_tar_state"  # the same attribute as on UNets: one TAR application per model
 
+class DiTGate(TARGate):
+    """The transformer's forward pre-hook: reads each call's frame geometry (input shape and patch size) into this
+    thread's :class:`DiTState` and switches TAR by the call's timestep (the largest, for per-token timesteps such as
+    Wan 2.2 TI2V's, whose conditioning frame is at 0)."""
 
-@dataclass
-class _ModelPatch:
-    """What one apply_tar changed on one transformer: the TAR layers and their companions (processors TAR needs
-    beside them, e.g. :class:`ShardedTextCrossAttention`), by module path."""
+    def __init__(self, window: StepWindow, state: DiTState, spec: VideoTransformerSpec,
+                 scheduler: SchedulerSource | None = None) -> None:
+        super().__init__(window, state.switch, scheduler)
+        self.state = state
+        self.spec = spec
 
-    originals: dict[str, object]
-    installed: dict[str, RoutedProcessor]
-    gate: DiTGate
-    state: DiTState
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        prepare_checkpoints(module)
+        bound = bind_forward(module, args, kwargs)
+        self.state.geometry = self.spec.geometry(module, bound)
+        t = bound.get("timestep")
+        self.update(None if t is None else t.amax() if hasattr(t, "amax") and t.numel() > 1 else t)
+
+    def __deepcopy__(self, memo: dict) -> DiTGate:
+        return DiTGate(copy.deepcopy(self.window, memo), copy.deepcopy(self.state, memo), self.spec, self.source)
 
 
 @dataclass
@@ -55,11 +71,19 @@ class DiTTARHandle:
     mode: str
     window: StepWindow
     blocks: tuple[int, ...] | None
-    _patches: dict[str, _ModelPatch] = field(default_factory=dict, repr=False)
+    _patches: dict[str, TransformerPatch] = field(default_factory=dict, repr=False)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    def __repr__(self) -> str:
+        """One readable line: layers per transformer, the band, the step window and the blocks chosen."""
+        where = ", ".join(f"{sum(p.startswith(f'{prefix}.') or not prefix for p in self.layers)} on "
+                          f"{prefix or 'the transformer'}" for prefix in self._patches) or "none"
+        blocks = "all" if self.blocks is None else list(self.blocks)
+        return (f"DiTTARHandle({self.num_layers} layers ({where}), sigma={self.sigma:g} latent frames, "
+                f"mode={self.mode!r}, strength={self.strength:g}, window={self.window!r}, blocks={blocks})")
 
     def state(self, prefix: str | None = None) -> DiTState:
         """The shared state (step switch, last geometry) of the transformer at pipeline attribute ``prefix``
@@ -67,31 +91,15 @@ class DiTTARHandle:
         return self._patches[next(iter(self._patches)) if prefix is None else prefix].state
 
 
-_UNET_ONLY = {"preset": None, "levels": None, "positions": "interpolate"}
-
-
-def check_transformer_arguments(sigma: float | None, **unet_only: object) -> None:
-    """ValueError for the UNet-only arguments of apply_tar (presets name UNet levels) and a missing sigma."""
-    for name, value in unet_only.items():
-        if name == "processor":
-            continue
-        if value != _UNET_ONLY[name]:
-            raise ValueError(f"{name}= applies to video UNets; a video transformer takes sigma= (in latent frames), "
-                             "strength=, mode=, blocks= and timesteps=")
-    if sigma is None:
-        raise ValueError("apply_tar on a video transformer needs sigma= (the band's width in latent frames; the "
-                         "paper's presets name UNet levels and do not apply)")
-
-
 def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, sigma: float, strength: float,
                           mode: str, blocks: object, timesteps: object, backend: str) -> DiTTARHandle:
-    """Patch TAR into each transformer of ``transformers`` (pipeline attribute -> model). Validates everything
-    before changing anything; applying again replaces the previous application."""
-    params = make_params(1, sigma=sigma, strength=strength, mode=mode)  # the op's own rules, at the door
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    window = resolve_window(timesteps)
-    requested_backend(backend)
+    """Patch TAR into each transformer of ``transformers`` (pipeline attribute -> model; ``model`` is what
+    ``apply_tar`` was given: a pipeline's scheduler gives the step window). The TAR layers are every chosen block's
+    self-attention; beside them go their companions (processors TAR needs, e.g. :class:`ShardedTextCrossAttention`
+    on LTX-Video's cross-attention). Validates everything before changing anything (ValueError/TypeError); applying
+    again replaces the previous application."""
+    params, window = check_tar_arguments(sigma=sigma, strength=strength, mode=mode, timesteps=timesteps,
+                                         backend=backend)
     plans = {}
     for prefix, transformer in transformers.items():
         spec = spec_of(transformer)
@@ -113,23 +121,17 @@ def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, 
     for prefix, (transformer, spec, chosen, processor_cls, companions) in plans.items():
         remove_transformer_tar(transformer)
         state = DiTState()
-        patch = _ModelPatch({}, {}, DiTGate(window, state, spec, scheduler), state)
+        patch = TransformerPatch({}, {}, DiTGate(window, state, spec, scheduler), state)
         for layer in chosen:
             installed = processor_cls(layer.module.processor, sigma=params.sigma, strength=params.strength,
                                       mode=mode, backend=backend, text=spec.text, state=state)
-            patch.originals[layer.name] = layer.module.processor
-            patch.installed[layer.name] = installed
             handle.layers[f"{prefix}.{layer.name}" if prefix else layer.name] = params.sigma
-            layer.module.set_processor(installed)
+            set_processor_tracked(layer.module, installed, layer.name, patch.originals, patch.installed)
         for layer in companions:  # beneath a synopsis' per-frame regrouping, which stays outermost
             original, companion = install_processor(layer.module, ShardedTextCrossAttention, (DiTSynopsisProcessor,))
             patch.originals[layer.name] = original
             patch.installed[layer.name] = companion
-        transformer.register_forward_pre_hook(patch.gate, with_kwargs=True)
-        keep_state_in_checkpoints(transformer)
-        cache_forward_signature(type(transformer))  # what the gate binds, known before any traced call
-        handle._patches[prefix] = patch
-        setattr(transformer, STATE_ATTR, (handle, prefix))
+        attach_patch(transformer, TAR_STATE_ATTR, handle, prefix, patch)
     return handle
 
 
@@ -146,21 +148,12 @@ def _check_signature(processor_cls: type[RoutedProcessor], original: object, nam
 
 
 def remove_transformer_tar(transformer: nn.Module) -> bool:
-    """Restore the processors and remove the hook of the TAR application on ``transformer``; False if none."""
-    entry = transformer.__dict__.pop(STATE_ATTR, None)
-    if entry is None:
-        return False
-    handle, prefix = entry
-    patch = handle._patches[prefix]
-    replace_processors(transformer, patch.originals, patch.installed)  # a synopsis may wrap a companion since
-    for installed in patch.installed.values():
-        installed.release()
-    remove_pre_hook(transformer, patch.gate)
-    if SYNOPSIS_STATE_ATTR not in transformer.__dict__:  # a synopsis keeps the checkpoint wrapper while it stays
-        release_checkpoints(transformer)
-    return True
+    """Restore the processors (a synopsis may wrap a companion since: it stays, around the original) and remove the
+    hook of the TAR application on ``transformer``; False if none. A synopsis still applied keeps the checkpoint
+    wrapper."""
+    return detach_patch(transformer, TAR_STATE_ATTR, SYNOPSIS_STATE_ATTR)
 
 
 def transformer_tar_state(transformer: nn.Module) -> DiTTARHandle | None:
-    entry = transformer.__dict__.get(STATE_ATTR)
-    return None if entry is None else entry[0]
+    """The :class:`DiTTARHandle` of the TAR application on ``transformer``, or None."""
+    return attached_handle(transformer, TAR_STATE_ATTR)

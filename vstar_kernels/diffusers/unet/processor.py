@@ -1,4 +1,4 @@
-"""The TAR attention processor: diffusers' AttnProcessor2_0 semantics with the temporal attention fused.
+"""The UNets' TAR attention processor: diffusers' AttnProcessor2_0 semantics with the temporal attention fused.
 
 Data flow: processor -> :func:`vstar_kernels.tar_attention` -> backend. The projections' (B·H·W, F, heads·d)
 outputs are viewed as (B·H·W, F, heads, d) and handed over without copies; the result reshapes back for free.
@@ -11,59 +11,11 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from ..call_state import Scoped
-from ..ops import tar_attention
-from ..reference import tar_attention_reference
+from ...ops import tar_attention
+from ...reference import tar_attention_reference
+from ..shared.step_window import TARSwitch, by_step_window
 
 logger = logging.getLogger(__name__)
-
-
-class TARSwitch:
-    """On/off of one ``apply_tar``, decided per call: the model's forward pre-hook sets it for the call's timestep
-    and the processors of that call read it. The state is per thread (:class:`~vstar_kernels.call_state.Scoped`), so
-    concurrent calls and checkpoint recomputes see their own call's decision.
-
-    ``active``: the decision as a bool (eager; True before the thread's first call). ``flag``: the same rule as a 0-d
-    bool tensor (None without a timestep), which traced processors branch on with ``torch.cond``.
-    """
-
-    def __init__(self, active: bool = True) -> None:
-        self._default = bool(active)
-        # two values, not one tuple: a compiled block reads only the flag, so it guards on nothing the window changes
-        self._active: Scoped[bool] = Scoped("TAR switch")
-        self._flag: Scoped[torch.Tensor] = Scoped("TAR step flag")
-
-    def set(self, active: bool | None, flag: torch.Tensor | None) -> None:
-        """This thread's decision: ``active`` (None while tracing) and ``flag``."""
-        self._active.put(active)
-        self._flag.put(flag)
-
-    @property
-    def active(self) -> bool:
-        active = self._active.get()
-        return self._default if active is None else active
-
-    @active.setter
-    def active(self, value: bool) -> None:
-        self.set(bool(value), None)
-
-    @property
-    def flag(self) -> torch.Tensor | None:
-        return self._flag.get()
-
-    def __repr__(self) -> str:
-        return f"TARSwitch(active={self.active})"
-
-
-def cond_on_flag(flag: torch.Tensor, on, off, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``torch.cond(flag, on, off, (q, k, v))`` for traced processors (both branches in the graph, one runs: no graph
-    break, no recompile per step). Each branch returns (batch, Lq, heads, v's head_dim); inside the cond it is
-    flattened to 1-D and viewed back outside, because a contiguous output with symbolic sizes carries ``Max(1, n)``
-    strides that torch.cond rejects (dynamic shapes, or automatic dynamic after a resolution change)."""
-    shape = (*q.shape[:-1], v.shape[-1])
-    out = torch.cond(flag, lambda q, k, v: on(q, k, v).reshape(-1), lambda q, k, v: off(q, k, v).reshape(-1),
-                     (q, k, v))
-    return out.view(shape)
 
 
 def project_heads(attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None
@@ -153,14 +105,17 @@ class TARAttnProcessor:
         return hidden_states / attn.rescale_output_factor
 
     def _attend(self, q, k, v, scale: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        flag = None if self.switch is None else self.switch.flag
-        if flag is not None and self.sigma is not None and torch.compiler.is_compiling():
-            # traced step window: both branches in the graph, one runs (no graph break, no recompile per step)
-            return cond_on_flag(flag, lambda q, k, v: self._with_tar(q, k, v, scale, attention_mask),
-                                lambda q, k, v: self._without_tar(q, k, v, scale, attention_mask), q, k, v)
-        if self.active:
+        """TAR or plain attention on (batch, frames, heads, head_dim), as the step window says (traced: both branches
+        in the graph, one runs: no graph break, no recompile per step); plain when built without a sigma."""
+        def with_tar(q, k, v):
             return self._with_tar(q, k, v, scale, attention_mask)
-        return self._without_tar(q, k, v, scale, attention_mask)
+
+        def without_tar(q, k, v):
+            return self._without_tar(q, k, v, scale, attention_mask)
+
+        if self.sigma is None:
+            return without_tar(q, k, v)
+        return by_step_window(self.switch, with_tar, without_tar, q, k, v)
 
     def _without_tar(self, q, k, v, scale: float, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """TAR off (outside the step window, or built without arguments): exactly AttnProcessor2_0's SDPA call, so
