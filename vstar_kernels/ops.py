@@ -44,21 +44,24 @@ def tar_attention(
 
     Args:
         q: (batch, Lq, heads, head_dim), any strides (e.g. a view of diffusers' ``to_q`` output).
-        k, v: (batch, Lk, heads, head_dim); Lk may differ from Lq.
+        k: (batch, Lk, heads, head_dim); Lk may differ from Lq.
+        v: (batch, Lk, heads, head_dim), like ``k``.
         sigma: width of the Gaussian band ΔA in frames (> 0, finite).
         strength: bias strength (finite); 0 gives plain softmax attention.
         mode: "relative" (VSTAR: bias scaled by the row max of the unbiased logits) or "absolute".
         scale: logit scale, default ``head_dim ** -0.5``.
-        q_offset, k_offset: global index of the first query / key frame (chunked or distributed frames).
+        q_offset: global index of the first query frame (chunked or distributed frames).
+        k_offset: global index of the first key frame.
         backend: "auto", "triton", "extension" or "torch"; the environment variable ``VSTAR_KERNELS_BACKEND``
             overrides it.
         tokens_per_frame: consecutive video tokens per frame (a transformer's patches per latent frame), >= 1.
         video_start: index of the first token with a frame in q and in k (CogVideoX: its text length), >= 0.
         video_tokens: how many tokens from ``video_start`` have a frame; None: all the rest (HunyuanVideo, whose text
             follows the video, passes its video token count).
-        q_token_offset, k_token_offset: index of the call's first query / key token in the whole sequence the layout
-            describes (a chunk of it, e.g. context parallelism's Ring; a chunk may begin inside a frame). Either
-            given (even 0) makes the call a chunk: the video span may reach past it.
+        q_token_offset: index of the call's first query token in the whole sequence the layout describes (a chunk
+            of it, e.g. context parallelism's Ring; a chunk may begin inside a frame). Either token offset given
+            (even 0) makes the call a chunk: the video span may reach past it.
+        k_token_offset: index of the call's first key token in that sequence, as ``q_token_offset``.
         row_max: relative mode only: (batch, Lq, heads) row maxima of the unbiased logits that replace this call's
             own (the max over every key chunk of a row, :func:`tar_row_max`); any float dtype, any strides.
         return_lse: also return the rows' log-sum-exp of the biased logits (natural log), for an exact merge of key
