@@ -531,7 +531,7 @@ def test_handles_print_as_one_readable_line():
     bounds (the paper's 440, not 439.99999999999994), the position tables; the layer paths stay in ``.layers``."""
     from vstar_kernels.diffusers import tiny
 
-    unet, adapter = tiny.tiny_animatediff_unet("animatediff")
+    unet, _ = tiny.tiny_animatediff_unet("animatediff")
     handle = apply_tar(unet)
     text = repr(handle)
     assert "\n" not in text and "999" not in text and len(text) < 300

@@ -148,6 +148,36 @@ def test_long_rows_in_chunks_merge_to_the_whole_call(op, mode):
     assert (merged.double() - truth).abs().max().item() < 1e-5
 
 
+def test_two_threads_give_the_one_thread_bits(op):
+    """The kernels split (batch, head, query block) items over at::parallel_for threads. Under pytest-xdist every
+    worker runs one intra-op thread (conftest.py), so the split is exercised here: on two threads the frame-axis and
+    long-row forwards and the backward return exactly the one-thread tensors (which the rest of the suite checks
+    against the reference)."""
+    short = make_qkv(2, 33, 3, 40, layout="fused_qkv"), {}
+    long = make_qkv(1, 1100, 2, 16, seed=3), dict(tokens_per_frame=100, video_start=0, video_tokens=1100)
+
+    def run() -> list[torch.Tensor]:
+        tensors = []
+        for mode in MODES:
+            for (q, k, v), layout in (short, long):
+                leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+                out = tar_attention(*leaves, sigma=2.0, strength=1.5, mode=mode, backend="extension", **layout)
+                grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+                tensors += [out, *torch.autograd.grad(out, leaves, grad_out)]
+        return tensors
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(one) == len(two) == 16
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
 def test_torch_compile_fullgraph(op):
     """tar_attention(..., backend="extension") inside a compiled function: one graph, same numbers as eager."""
     torch._dynamo.reset()

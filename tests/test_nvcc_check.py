@@ -42,8 +42,12 @@ def test_compiles_with_torchs_nvcc_flags():
 
 @pytest.mark.skipif(nvcc_check.find_nvcc() is None, reason="nvcc not found (.ci/run runs this check regardless)")
 def test_cuda_kernels_compile_for_every_arch_without_spills_or_fp64():
-    res = subprocess.run([sys.executable, "-m", "vstar_kernels.nvcc_check"], capture_output=True, text=True)
+    """The check itself; with ``--stamp``, skipped when it passed on the same sources and tools (e.g. in .ci/run's
+    nvcc step just before)."""
+    res = subprocess.run([sys.executable, "-m", "vstar_kernels.nvcc_check", "--stamp"], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
+    if res.stdout.rstrip().endswith("; skipped"):
+        pytest.skip(res.stdout.strip())
     rows = [line for line in res.stdout.splitlines() if line.startswith("sm_")]
     assert {line.split()[0] for line in rows} == {"sm_75", "sm_80", "sm_86", "sm_89", "sm_90"}
     # arch x dtype x head-dim bucket x (relative, absolute) x (forward, backward dq, backward dk/dv)
@@ -52,3 +56,34 @@ def test_cuda_kernels_compile_for_every_arch_without_spills_or_fp64():
     assert kinds == {"fwd", "bwd dq", "bwd dk/dv"}
     assert "0 with spills, 0 double-precision warnings" in res.stdout
     assert "bindings.cpp with -DVSTAR_WITH_CUDA: compiles" in res.stdout
+
+
+def test_stamp_skips_a_passed_check_until_a_source_changes(monkeypatch, tmp_path, capsys):
+    """--stamp: a pass writes a stamp keyed by csrc/, the tools and the archs; the same check then skips, a failing
+    one writes none, and an edited source runs it again. No compile: the compile steps are stubbed."""
+    import shutil
+
+    csrc = tmp_path / "csrc"
+    shutil.copytree(nvcc_check.source_dir(), csrc)
+    monkeypatch.setenv("VSTAR_KERNELS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(nvcc_check, "source_dir", lambda: csrc)
+    monkeypatch.setattr(nvcc_check, "find_nvcc", lambda: str(tmp_path / "no-such-nvcc"))
+    compiled: list[str] = []
+    log = {"text": SPILLING_LOG}
+
+    def fake_compile(nvcc, archs):
+        compiled.append(",".join(map(str, archs)))
+        return 0, log["text"], nvcc_check.parse_ptxas(log["text"])
+
+    monkeypatch.setattr(nvcc_check, "compile_cuda", fake_compile)
+    monkeypatch.setattr(nvcc_check, "check_cuda_bindings", lambda nvcc: (0, ""))
+    assert nvcc_check.main(["--stamp", "--arch", "80"]) == 1 and len(compiled) == 1  # spills: no stamp
+    log["text"] = SPILLING_LOG.replace("12 bytes spill stores", "0 bytes spill stores").replace("8 bytes", "0 bytes")
+    assert nvcc_check.main(["--stamp", "--arch", "80"]) == 0 and len(compiled) == 2
+    assert "stamp written" in capsys.readouterr().out
+    assert nvcc_check.main(["--stamp", "--arch", "80"]) == 0 and len(compiled) == 2  # skipped
+    assert capsys.readouterr().out.rstrip().endswith("; skipped")
+    assert nvcc_check.main(["--stamp", "--arch", "80", "90"]) == 0 and len(compiled) == 3  # other archs
+    assert nvcc_check.main(["--arch", "80"]) == 0 and len(compiled) == 4  # without --stamp: always compiles
+    (csrc / "tar_attention.h").write_text((csrc / "tar_attention.h").read_text() + "// edited\n")
+    assert nvcc_check.main(["--stamp", "--arch", "80"]) == 0 and len(compiled) == 5  # a source changed

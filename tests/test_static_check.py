@@ -2,8 +2,9 @@
 
 The suite runs under TRITON_INTERPRET=1 (conftest.py), where the kernel is an interpreted function that
 ``triton.compile`` cannot compile; the compiles therefore run in a subprocess without that variable. The suite
-compiles one specialisation per kernel family (``--quick``) for sm_80 and sm_90; the full checks (every
-specialisation, and every realistic call on sm_80/86/89/90: 10-20 min on 2 cores) are their own steps of .ci/run.
+compiles one specialisation per kernel family (``--quick``) for sm_80 and sm_90, skipped when it or the full check
+passed on the same sources (``--stamp``); the full checks (every specialisation, and every realistic call on
+sm_80/86/89/90: about 10 min on 2 quiet cores) are their own steps of .ci/run.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ def _compile_check(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProc
                           cwd=REPO, env=env, capture_output=True, text=True, check=False, timeout=1200)
     if proc.returncode == 2:
         pytest.skip(f"static check cannot run here: {proc.stderr.strip()}")
+    if proc.returncode == 0 and "--stamp" in args and proc.stdout.rstrip().endswith("; skipped"):
+        pytest.skip(proc.stdout.strip())  # it (or the full check, a superset) passed on these sources: see --stamp
     with table.open() as handle:
         return proc, list(csv.DictReader(handle))
 
@@ -206,8 +209,9 @@ def _compile_check(*args: str, tmp_path: Path) -> tuple[subprocess.CompletedProc
 def test_every_kernel_family_compiles_without_spills(tmp_path: Path) -> None:
     """``static_check --quick``: one specialisation per kernel family (kernel, variant, precision), sm_80 and sm_90,
     judged by every rule of the full check (no compile error, spill, local memory, ...). The full check of every
-    specialisation is a .ci/run step."""
-    proc, rows = _compile_check("--quick", tmp_path=tmp_path)
+    specialisation is a .ci/run step. With ``--stamp``: skipped when this check, or the full one (its rows include
+    these), passed on the same kernel sources, triton and torch, e.g. in .ci/run's full-check step just before."""
+    proc, rows = _compile_check("--quick", "--stamp", tmp_path=tmp_path)
     failing = [line for line in proc.stdout.splitlines() if line.startswith("FAIL")]
     assert proc.returncode == 0, "\n".join(failing) or proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "kernel families, one specialisation each" in proc.stdout
@@ -219,7 +223,8 @@ def test_every_kernel_family_compiles_without_spills(tmp_path: Path) -> None:
 
 def test_stamp_skips_a_passed_check_until_a_kernel_source_changes(monkeypatch, tmp_path: Path, capsys) -> None:
     """--stamp (the .ci/run steps): a pass writes a stamp keyed by the kernel sources, triton, torch and the
-    options; the same check then skips, and any change to those runs it again. No compile: run_all is stubbed."""
+    options; the same check then skips, and any change to those runs it again. A full pass also covers --quick with
+    the same options (a subset of its rows), not the reverse. No compile: run_all is stubbed."""
     monkeypatch.setenv("VSTAR_KERNELS_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(static_check, "toolchain_problem", lambda: None)
     compiled: list[int] = []
@@ -241,10 +246,16 @@ def test_stamp_skips_a_passed_check_until_a_kernel_source_changes(monkeypatch, t
     assert "skipped" in capsys.readouterr().out
     assert static_check.main([*args[:-1], "90"]) == 0 and len(compiled) == 3  # other options: their own stamp
     assert static_check.main([*args, "--jobs", "1"]) == 0 and len(compiled) == 3  # --jobs changes no result
+    full = [arg for arg in args if arg != "--quick"]
+    assert static_check.main(full) == 0 and len(compiled) == 4  # a quick pass does not cover the full check
+    capsys.readouterr()
+    assert static_check.main([*full[:-1], "86"]) == 0 and len(compiled) == 5
+    assert static_check.main([*args[:-1], "86"]) == 0 and len(compiled) == 5  # the full pass covers the quick one
+    assert "the full check passed before" in capsys.readouterr().out
     source = static_check.kernel_source_files()[0]
     real_bytes = Path.read_bytes
     monkeypatch.setattr(Path, "read_bytes", lambda p: real_bytes(p) + (b"# edited" if p == source else b""))
-    assert static_check.main(args) == 0 and len(compiled) == 4  # a kernel source changed: compiled again
+    assert static_check.main(args) == 0 and len(compiled) == 6  # a kernel source changed: compiled again
     assert {p.name for p in static_check.kernel_source_files()} >= {"triton_tar.py", "triton_tar_backward.py",
                                                                    "triton_common.py", "contract.py", "static_check.py"}
 

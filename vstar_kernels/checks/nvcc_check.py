@@ -8,17 +8,25 @@ backward kernels). Any double-precision instruction fails the check: FP64 runs a
 GPUs the fallback is for. Then it syntax-checks ``csrc/bindings.cpp`` as the CUDA build compiles it
 (``-DVSTAR_WITH_CUDA``), against this torch's headers: the CUDA dispatch of both ops is type-checked without a CUDA
 build of torch. Exit status 1 on a compile error, any spill or any FP64 use; 2 when nvcc is not found.
+
+``--stamp`` skips the check when it already passed for the same architectures on the same ``csrc/`` files, checker,
+nvcc, host compiler and torch (a stamp file under ``~/.cache/vstar-kernels/nvcc-check``, :func:`stamp_path`) and
+writes the stamp when it passes: .ci/run's step compiles, and the test suite's run of the same check just after finds
+its stamp.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import hashlib
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,17 +103,27 @@ def double_precision_warnings(log: str) -> list[str]:
     return [line.strip() for line in log.splitlines() if _DOUBLE.search(line)]
 
 
-def compile_cuda(nvcc: str, archs: tuple[int, ...] = ARCHS) -> tuple[int, str, list[KernelUsage]]:
-    """Compile the .cu for ``archs`` as torch's extension builder would; (return code, compiler log, usage rows)."""
+def compile_cuda(nvcc: str, archs: tuple[int, ...] = ARCHS, jobs: int | None = None
+                 ) -> tuple[int, str, list[KernelUsage]]:
+    """Compile the .cu for ``archs`` as torch's extension builder would; (return code, compiler log, usage rows).
+
+    One nvcc per arch (``-gencode`` for that arch alone: the device code of an arch does not depend on the others),
+    ``jobs`` at a time (default: every CPU), so each log is whole; the logs are joined in ``archs`` order and the
+    return code is the first non-zero one."""
     src = source_dir()
-    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [nvcc, "-c", str(src / "tar_attention_cuda.cu"), "-o", str(Path(tmp) / "tar_attention_cuda.o"),
-               "-std=c++17", "-O3", *nvcc_flags(), f"-I{src}", "-Xptxas", "-v",
-               "-Xptxas", "--warn-on-double-precision-use", *gencode]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    log = proc.stdout + proc.stderr
-    return proc.returncode, log, parse_ptxas(log)
+
+    def one(arch: int) -> tuple[int, str]:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [nvcc, "-c", str(src / "tar_attention_cuda.cu"), "-o", str(Path(tmp) / "tar_attention_cuda.o"),
+                   "-std=c++17", "-O3", *nvcc_flags(), f"-I{src}", "-Xptxas", "-v",
+                   "-Xptxas", "--warn-on-double-precision-use", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs or os.cpu_count() or 1)) as pool:
+        results = list(pool.map(one, archs))
+    log = "".join(text for _, text in results)
+    return next((code for code, _ in results if code != 0), 0), log, parse_ptxas(log)
 
 
 def check_cuda_bindings(nvcc: str) -> tuple[int, str]:
@@ -128,16 +146,64 @@ def check_cuda_bindings(nvcc: str) -> tuple[int, str]:
     return proc.returncode, proc.stdout + proc.stderr
 
 
+def stamp_path(archs: Sequence[int], nvcc: str) -> Path:
+    """Where a passing check of ``archs`` with ``nvcc`` leaves its stamp: named by a hash of every file in csrc/ and
+    of this checker, the ``--version`` output of nvcc and of the host compilers it runs (gcc, g++), torch's version
+    and nvcc flags (``VSTAR_KERNELS_CACHE`` moves the folder, as for the extension's build cache)."""
+    import torch
+
+    from ..backends.extension_build import cache_root
+
+    digest = hashlib.sha256()
+    for path in [*sorted(source_dir().iterdir()), Path(__file__).resolve()]:
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    for tool in (nvcc, "gcc", "g++"):
+        try:
+            version = subprocess.run([tool, "--version"], capture_output=True, text=True, check=False).stdout
+        except OSError as exc:
+            version = f"{type(exc).__name__}"
+        digest.update(f"{tool}: {version}\0".encode())
+    digest.update(f"torch {torch.__version__} {' '.join(nvcc_flags())} archs {','.join(map(str, archs))}".encode())
+    return cache_root() / "nvcc-check" / f"{digest.hexdigest()[:20]}.passed"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS),
                         help=f"SM versions (default {' '.join(map(str, ARCHS))})")
+    parser.add_argument("--stamp", action="store_true",
+                        help="skip when this check already passed for these archs on the same csrc/ files, nvcc, host "
+                             "compiler and torch (a stamp under ~/.cache/vstar-kernels/nvcc-check); write the stamp "
+                             "when it passes")
     args = parser.parse_args(argv)
     nvcc = find_nvcc()
     if nvcc is None:
         print("nvcc not found (PATH, CUDA_HOME, /usr/local/cuda)", file=sys.stderr)
         return 2
-    code, log, rows = compile_cuda(nvcc, tuple(args.arch))
+    archs = list(dict.fromkeys(args.arch))
+    stamp = stamp_path(archs, nvcc) if args.stamp else None
+    if stamp is not None and stamp.is_file():
+        print(f"nvcc_check: passed before for these archs on the same sources, nvcc, host compiler and torch "
+              f"({stamp}); skipped")
+        return 0
+    result = _check(nvcc, archs)
+    if stamp is not None and result == 0:
+        if stamp != stamp_path(archs, nvcc):
+            print("nvcc_check: a source changed during the check; no stamp written", file=sys.stderr)
+        else:
+            try:
+                stamp.parent.mkdir(parents=True, exist_ok=True)
+                stamp.write_text("passed\n")
+                print(f"stamp written: {stamp}")
+            except OSError as exc:  # a read-only cache: the check passed all the same
+                print(f"nvcc_check: no stamp written ({exc})", file=sys.stderr)
+    return result
+
+
+def _check(nvcc: str, archs: Sequence[int]) -> int:
+    """Compile, print the table; 0 when it passes, else 1."""
+    code, log, rows = compile_cuda(nvcc, tuple(archs))
     if code != 0:
         print(log, file=sys.stderr)
         print(f"nvcc failed with exit status {code}", file=sys.stderr)

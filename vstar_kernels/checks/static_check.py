@@ -14,7 +14,8 @@ Run ``python -m vstar_kernels.checks.static_check [--arch 80 90] [--jobs N] [--c
    num_stages) is what gets compiled. Identical compiles are deduplicated.
 2. Each one is AOT-compiled for each requested arch (``triton.compile`` on a ``GPUTarget``; no driver needed).
 3. Registers, shared and local memory come from the cubin (bundled ``cuobjdump --dump-resource-usage``); spill
-   stores/loads from re-running the ptxas triton used, with triton's flags, ``-v`` on the PTX. Triton's dynamic
+   stores/loads from the ``ptxas -v`` report of triton's own ptxas run, the one that wrote the cubin (captured, not
+   re-run; re-run on the PTX with triton's flags only when the compile came from a triton cache). Triton's dynamic
    shared memory (``metadata.shared``) is compared with the per-block limit of the arch, as the launcher does.
 4. The SASS (``cuobjdump -sass``) is profiled: 16-bit and 128-bit global loads/stores, HMMA/HGMMA, LDL/STL; and
    the resident warps per SM follow from registers, shared memory and warps (:func:`warps_per_sm`).
@@ -49,7 +50,8 @@ Configs passed explicitly to ``forward(config=...)`` (tests forcing two-pass) ar
 precision, the largest tile per thread), about 100 compiles instead of 1224: the test suite's fast check. ``--stamp``
 skips a check that already passed with the same options on the same kernel sources, triton and torch (a stamp file
 under ``~/.cache/vstar-kernels/static-check``, :func:`stamp_path`) and writes the stamp when it passes: CI's full
-steps, rerun on an unchanged tree, cost nothing.
+steps, rerun on an unchanged tree, cost nothing. ``--quick --stamp`` is also skipped when the full check with the
+same other options passed (its rows include every quick one): the test suite's quick check after .ci/run's full step.
 
 Under ``TRITON_INTERPRET=1`` the kernel is an interpreted function that cannot be compiled; :func:`main` refuses.
 """
@@ -60,7 +62,9 @@ import argparse
 import concurrent.futures
 import contextlib
 import csv
+import functools
 import inspect
+import io
 import itertools
 import multiprocessing
 import os
@@ -166,13 +170,18 @@ class Spec:
 
 def reachable_configs() -> list[tuple[BlockConfig, str, str]]:
     """Every distinct (BlockConfig, mode, dtype) ``block_config`` returns over FRAME_COUNTS² x HEAD_DIMS x MODES x
-    DTYPES."""
+    DTYPES (2.4 million calls, seconds: computed once per process)."""
+    return list(_reachable_configs())
+
+
+@functools.cache
+def _reachable_configs() -> tuple[tuple[BlockConfig, str, str], ...]:
     found = {
         (block_config(len_q, len_k, head_dim, mode, DTYPES[dtype]), mode, dtype)
         for dtype in DTYPES for len_q in FRAME_COUNTS for len_k in FRAME_COUNTS for head_dim in HEAD_DIMS
         for mode in MODES
     }
-    return sorted(found, key=lambda item: (_config_key(item[0]), item[1], item[2]))
+    return tuple(sorted(found, key=lambda item: (_config_key(item[0]), item[1], item[2])))
 
 
 def reachable_backward_configs() -> list[tuple[object, str, str]]:
@@ -520,10 +529,11 @@ def stamp_path(options: Sequence[str]) -> Path:
     return cache_root() / "static-check" / f"{stamp_key(options)}.passed"
 
 
-def _stamp_options(args: argparse.Namespace, archs: Sequence[int]) -> list[str]:
-    """The options that change what is compiled or judged, normalised (not --jobs, --csv, --cache-dir)."""
+def _stamp_options(args: argparse.Namespace, archs: Sequence[int], quick: bool | None = None) -> list[str]:
+    """The options that change what is compiled or judged, normalised (not --jobs, --csv, --cache-dir); ``quick``
+    overrides ``args.quick``."""
     return [f"archs={','.join(map(str, archs))}", f"value_classes={','.join(dict.fromkeys(args.value_classes))}",
-            f"realistic={args.realistic}", f"quick={args.quick}"]
+            f"realistic={args.realistic}", f"quick={args.quick if quick is None else quick}"]
 
 
 # ------------------------------------------------------------------------------------------------ compiling
@@ -591,7 +601,7 @@ class Usage:
     stack: int
     spill_stores: int
     spill_loads: int
-    ptxas_registers: int  # from the ptxas -v re-run; must equal ``registers``
+    ptxas_registers: int  # from the ptxas -v report; must equal ``registers``
     sass: SassProfile | None = None
     warps_per_sm: int = 0  # resident warps per SM (:func:`warps_per_sm`)
 
@@ -624,7 +634,7 @@ class Row:
         if limit is not None and u.dynamic_shared > limit:
             out.append(f"needs {u.dynamic_shared} B shared memory > {limit} B per block on sm_{self.arch}")
         if u.ptxas_registers != u.registers:
-            out.append(f"ptxas -v re-run reports {u.ptxas_registers} registers, cubin {u.registers}")
+            out.append(f"ptxas -v reports {u.ptxas_registers} registers, cubin {u.registers}")
         if u.sass is not None:
             out += self._sass_problems(u.sass, u.warps_per_sm)
         return out
@@ -647,12 +657,16 @@ class Row:
         return out
 
 
-def compile_spec(spec: Spec, arch: int):
+def compile_spec(spec: Spec, arch: int, ptxas_log: list[str] | None = None):
     """AOT-compile ``spec`` for ``sm_<arch>`` with ``triton.compile``; returns the CompiledKernel.
 
-    Raises RuntimeError if the kernel is an interpreted function (TRITON_INTERPRET=1 at import).
+    With a list as ``ptxas_log``, the ``ptxas -v`` output of triton's own ptxas run, the one that wrote the cubin, is
+    appended to it (triton's TRITON_DUMP_PTXAS_LOG knob, which prints it; the print is captured). On a hit in the
+    triton cache no ptxas runs and the appended text has no ptxas report. Raises RuntimeError if the kernel is an
+    interpreted function (TRITON_INTERPRET=1 at import).
     """
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
@@ -664,15 +678,24 @@ def compile_spec(spec: Spec, arch: int):
     attrs = {(kernel.arg_names.index(name),): [["tt.divisibility", 16]] for name in spec.divisible}
     source = ASTSource(fn=kernel, signature=dict(spec.signature), constexprs=constexprs, attrs=attrs)
     options = {"num_warps": spec.config.num_warps, "num_stages": spec.config.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    if ptxas_log is None:
+        return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    printed = io.StringIO()
+    try:
+        with knobs.nvidia.scope(), contextlib.redirect_stdout(printed):
+            knobs.nvidia.dump_ptxas_log = True  # not part of triton's cache key: the same compile either way
+            return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    finally:
+        ptxas_log.append(printed.getvalue())
 
 
 def measure(spec: Spec, arch: int) -> Row:
     """Compile ``spec`` for ``arch`` and read its resource usage; never raises (errors land in the Row)."""
     try:
-        compiled = compile_spec(spec, arch)
+        log: list[str] = []
+        compiled = compile_spec(spec, arch, log)
         with tempfile.TemporaryDirectory(prefix="vstar_static_") as workdir:
-            usage = _usage(compiled, arch, Path(workdir), spec.kernel)
+            usage = _usage(compiled, arch, Path(workdir), spec.kernel, "".join(log))
         return Row(arch, spec, usage)
     except Exception as exc:
         return Row(arch, spec, None, f"{type(exc).__name__}: {_first_line(str(exc))}")
@@ -683,13 +706,17 @@ def _first_line(text: str) -> str:
     return lines[0][:200] if lines else ""
 
 
-def _usage(compiled, arch: int, workdir: Path, kernel: str = FORWARD_KERNEL) -> Usage:
+def _usage(compiled, arch: int, workdir: Path, kernel: str = FORWARD_KERNEL, ptxas_log: str = "") -> Usage:
+    """The resources of ``compiled``. Spills come from ``ptxas_log``, the ``ptxas -v`` report of the compile itself
+    (:func:`compile_spec`); without one (a triton cache hit) ptxas is re-run on the PTX as triton runs it."""
     from triton import knobs
 
     cubin = workdir / "kernel.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     res = _cubin_resources(cubin, kernel)
-    regs, stores, loads = _ptxas_spills(compiled.asm["ptx"], arch, bool(compiled.metadata.enable_fp_fusion), workdir)
+    report = _parse_ptxas_report(ptxas_log)
+    regs, stores, loads = report if report is not None else _ptxas_spills(
+        compiled.asm["ptx"], arch, bool(compiled.metadata.enable_fp_fusion), workdir)
     sass = sass_profile(_run_tool([knobs.nvidia.cuobjdump.path, "-sass", str(cubin)]))
     shared = res["SHARED"] + int(compiled.metadata.shared)
     return Usage(registers=res["REG"], shared=res["SHARED"], dynamic_shared=int(compiled.metadata.shared),
@@ -736,10 +763,18 @@ def _ptxas_spills(ptx: str, arch: int, fp_fusion: bool, workdir: Path) -> tuple[
     cmd = [get_ptxas(arch).path, "-lineinfo", *fmad, "-v", "--regAllocOptLevel=2", f"--gpu-name={_ptx_target(ptx)}",
            str(src), "-o", str(workdir / "kernel.o")]
     log = _run_tool(cmd)
+    report = _parse_ptxas_report(log)
+    if report is None:
+        raise RuntimeError(f"cannot parse ptxas -v output:\n{log}")
+    return report
+
+
+def _parse_ptxas_report(log: str) -> tuple[int, int, int] | None:
+    """(registers, spill store bytes, spill load bytes) from ``ptxas -v`` output of one kernel; None if it has none."""
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
     regs = re.search(r"Used (\d+) registers", log)
     if spills is None or regs is None:
-        raise RuntimeError(f"cannot parse ptxas -v output:\n{log}")
+        return None
     return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
 
 
@@ -876,11 +911,15 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     stamp = None
     if args.stamp:  # before the enumeration, which takes a while
-        stamp = stamp_path(_stamp_options(args, list(dict.fromkeys(args.arch or (
-            REALISTIC_ARCHS if args.realistic else ARCHS)))))
-        if stamp.is_file():
-            print(f"static_check: passed before with these options on the same kernel sources, triton and torch "
-                  f"({stamp}); skipped")
+        stamp_archs = list(dict.fromkeys(args.arch or (REALISTIC_ARCHS if args.realistic else ARCHS)))
+        stamp = stamp_path(_stamp_options(args, stamp_archs))
+        # --quick compiles a subset of the full check's rows (the same options without --quick): its pass covers it
+        covering = [stamp, *([stamp_path(_stamp_options(args, stamp_archs, quick=False))] if args.quick else [])]
+        passed = next((path for path in covering if path.is_file()), None)
+        if passed is not None:
+            which = "the full check" if passed != stamp else "this check"
+            print(f"static_check: {which} passed before with these options on the same kernel sources, triton and "
+                  f"torch ({passed}); skipped")
             return 0
     if args.realistic:
         calls = realistic_specialisations()
