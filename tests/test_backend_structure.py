@@ -59,11 +59,11 @@ def test_the_triton_variant_rules_are_written_once():
 @pytest.mark.parametrize(("budget", "chunks"), [(1 << 30, 1), (3 * 30 * 4 * 3 * 25, 1), (3 * 30 * 4 * 3 * 7, 4)])
 def test_the_torch_fallback_builds_each_query_chunk_band_once(monkeypatch, mode, budget, chunks):
     """5 sequences; one query chunk (the whole batch at once, or one sequence at a time) or 4 query chunks of 7 rows:
-    band_rows runs once per query chunk, not once per (batch chunk, query chunk). fp16 takes the chunked path in both
-    modes."""
+    bias_rows (the band, and a profile's tables) runs once per query chunk, not once per (batch chunk, query chunk).
+    fp16 takes the chunked path in both modes."""
     calls = []
-    real = torch_tar.band_rows
-    monkeypatch.setattr(torch_tar, "band_rows", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    real = torch_tar.bias_rows
+    monkeypatch.setattr(torch_tar, "bias_rows", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
     q, k, v = make_qkv(5, 25, 3, 16, len_k=30, dtype=torch.float16, layout="heads_first")
     kw = dict(sigma=2.0, strength=1.5, mode=mode, q_offset=3)
     params = make_params(16, **kw)

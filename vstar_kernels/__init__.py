@@ -8,6 +8,7 @@ definition.
 from ._version import __version__
 from .contract import MODES, TARParams, TokenFrames
 from .ops import merge_partials, tar_attention, tar_row_max
+from .profiles import FrameProfile
 from .reference import gaussian_delta, tar_attention_probs, tar_attention_reference
 from .synopsis import SYNOPSIS_TEMPLATE, generate_synopsis, parse_synopsis, synopsis_embeddings
 
@@ -28,6 +29,7 @@ def __getattr__(name: str):
 
 __all__ = [
     *_DIFFUSERS_EXPORTS,
+    "FrameProfile",
     "MODES",
     "SYNOPSIS_TEMPLATE",
     "TARParams",

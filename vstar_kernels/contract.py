@@ -65,24 +65,21 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 
-Mode = Literal["relative", "absolute"]
-MODES: tuple[str, ...] = ("relative", "absolute")
+from .limits import FLOAT32_MAX, MAX_OFFSET, MAX_TOKENS, MODES, Mode  # noqa: F401  (Mode: re-exported)
+from .profiles import FrameProfile
+
 LOG2E = 1.4426950408889634  # log2(e): kernels work in the exp2 domain
 # The Gaussian's exp2 coefficient saturates here: exp2(-2048 d^2) is exactly 0 in float32 and float64 for every
 # |d| >= 1 (and 1 at d = 0), so any sigma below ~0.019 gives the diagonal-only band, down to the smallest sigma,
 # without the coefficient overflowing (0 * inf = NaN on the diagonal).
 GAUSS_LOG2_COEFF_MAX = 2048.0
-FLOAT32_MAX = 3.4028234663852886e38  # strength must fit the kernels' float32 accumulation
 # |c_i|, the multiplier of G_ij in a row (natural units), saturates here (module docstring, "Extreme values"): 2^125
 # leaves every biased logit and every difference of two finite in float32, in natural and in exp2 units (2^125 *
 # log2(e) < 2^126). csrc/tar_attention.h kBiasCoeffMax; the Triton kernels' BIAS_LOG2_MAX = this * log2(e).
 BIAS_COEFF_MAX = 2.0**125
-MAX_OFFSET = 2**53  # frame indices stay exact in float64 up to here
-MAX_TOKENS = 2**53  # token counts of the layout, exact in float64 like the offsets
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -109,6 +106,14 @@ class TARParams:
     q_token_offset: int = 0
     k_token_offset: int = 0
     chunked: bool = False  # q_token_offset or k_token_offset given: a chunk of a longer sequence
+    # the frame-distance profile's tables and window (vstar_kernels.profiles), when it has any: None for TAR alone
+    # (a profile holding just a Gaussian band runs exactly as sigma/strength/mode do, on the kernels of today)
+    profile: FrameProfile | None = None
+
+    @property
+    def shaped(self) -> bool:
+        """Whether the call has a frame-distance profile beyond the Gaussian band (tables or a window)."""
+        return self.profile is not None
 
     @property
     def relative(self) -> bool:
@@ -263,9 +268,9 @@ def _count(name: str, value: object, minimum: int) -> int:
 def make_params(
     head_dim: int,
     *,
-    sigma: float,
-    strength: float = 1.0,
-    mode: str = "relative",
+    sigma: float | None = None,
+    strength: float | None = None,
+    mode: str | None = None,
     scale: float | None = None,
     q_offset: int = 0,
     k_offset: int = 0,
@@ -274,9 +279,15 @@ def make_params(
     video_tokens: int | None = None,
     q_token_offset: int | None = None,
     k_token_offset: int | None = None,
+    profile: FrameProfile | None = None,
 ) -> TARParams:
-    """Validate the scalar arguments and resolve defaults (``scale = head_dim ** -0.5``; token offsets 0, and
-    ``chunked`` when either is given)."""
+    """Validate the scalar arguments and resolve defaults (``strength`` 1.0, ``mode`` "relative", ``scale =
+    head_dim ** -0.5``; token offsets 0, and ``chunked`` when either is given).
+
+    The bias is given either by ``sigma`` (with ``strength`` and ``mode``: TAR's band) or by ``profile`` (a
+    :class:`~vstar_kernels.profiles.FrameProfile`, which holds its band's sigma, strength and mode itself; giving
+    any of those three beside it raises)."""
+    sigma, strength, mode, profile = _bias_arguments(sigma, strength, mode, profile)
     sigma_f = _real("sigma", sigma)
     if sigma_f <= 0.0:
         raise ValueError(f"sigma must be > 0, got {sigma_f}")
@@ -304,11 +315,33 @@ def make_params(
         q_token_offset=0 if q_token_offset is None else _count("q_token_offset", q_token_offset, 0),
         k_token_offset=0 if k_token_offset is None else _count("k_token_offset", k_token_offset, 0),
         chunked=q_token_offset is not None or k_token_offset is not None,
+        profile=profile,
     )
     if abs(params.offset_delta) > MAX_OFFSET:
         raise ValueError(f"the frame distance offset of this call ({params.offset_delta}: q_offset - k_offset plus "
                          "the frames before each chunk's first token) must be within ±2^53")
     return params
+
+
+def _bias_arguments(sigma, strength, mode, profile):
+    """(sigma, strength, mode, shaped profile or None) of a call given ``sigma``/``strength``/``mode`` or
+    ``profile``: a profile's band becomes the call's sigma, strength and mode (no band: strength 0, which every
+    backend runs as no bias), and the profile itself is kept only when it holds more than the band."""
+    if profile is None:
+        if sigma is None:
+            raise TypeError("sigma must be a real number (the band's width in frames), got NoneType; or pass "
+                            "profile= (a vstar_kernels.FrameProfile)")
+        return sigma, 1.0 if strength is None else strength, "relative" if mode is None else mode, None
+    if not isinstance(profile, FrameProfile):
+        raise TypeError(f"profile must be a vstar_kernels.FrameProfile, got {type(profile).__name__}")
+    given = [name for name, value in (("sigma", sigma), ("strength", strength), ("mode", mode)) if value is not None]
+    if given:
+        raise ValueError(f"give {', '.join(given)} or profile=, not both: a profile holds its Gaussian band "
+                         "(FrameProfile.gaussian(sigma, strength, mode) + ...)")
+    shaped = profile if profile.shaped else None
+    if profile.has_band:
+        return profile.sigma, profile.strength, profile.mode, shaped
+    return 1.0, 0.0, profile.mode, shaped
 
 
 def validate_layout(params: TARParams, len_q: int, len_k: int) -> None:

@@ -52,5 +52,7 @@ def _graph_alias(t: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_kwargs(params: TARParams) -> dict[str, object]:
-    """``params`` as :func:`~vstar_kernels.reference.tar_attention_reference` keyword arguments (same names)."""
-    return {field.name: getattr(params, field.name) for field in dataclasses.fields(params) if field.name != "chunked"}
+    """``params`` as :func:`~vstar_kernels.reference.tar_attention_reference` keyword arguments (same names; a call
+    with a frame-distance profile passes the profile, which holds its band, instead of sigma, strength and mode)."""
+    skip = {"chunked"} | ({"sigma", "strength", "mode"} if params.profile is not None else {"profile"})
+    return {field.name: getattr(params, field.name) for field in dataclasses.fields(params) if field.name not in skip}

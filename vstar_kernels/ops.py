@@ -10,6 +10,7 @@ import torch
 from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, Backend, InputSpec, torch_tar
 from .contract import TARParams, make_params, validate_layout, validate_tensors
 from .differentiable import differentiable_grads
+from .profiles import FrameProfile
 
 BACKEND_ENV = "VSTAR_KERNELS_BACKEND"
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
@@ -20,9 +21,9 @@ def tar_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    sigma: float,
-    strength: float = 1.0,
-    mode: str = "relative",
+    sigma: float | None = None,
+    strength: float | None = None,
+    mode: str | None = None,
     scale: float | None = None,
     q_offset: int = 0,
     k_offset: int = 0,
@@ -35,6 +36,7 @@ def tar_attention(
     row_max: torch.Tensor | None = None,
     return_lse: bool = False,
     k_lengths: torch.Tensor | None = None,
+    profile: FrameProfile | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Temporal attention with VSTAR's Temporal Attention Regularization, fused where a kernel exists.
 
@@ -46,9 +48,9 @@ def tar_attention(
         q: (batch, Lq, heads, head_dim), any strides (e.g. a view of diffusers' ``to_q`` output).
         k: (batch, Lk, heads, head_dim); Lk may differ from Lq.
         v: (batch, Lk, heads, head_dim), like ``k``.
-        sigma: width of the Gaussian band ΔA in frames (> 0, finite).
-        strength: bias strength (finite); 0 gives plain softmax attention.
-        mode: "relative" (VSTAR: bias scaled by the row max of the unbiased logits) or "absolute".
+        sigma: width of the Gaussian band ΔA in frames (> 0, finite); required unless ``profile`` is given.
+        strength: bias strength (finite, default 1.0); 0 gives plain softmax attention.
+        mode: "relative" (VSTAR: bias scaled by the row max of the unbiased logits; the default) or "absolute".
         scale: logit scale, default ``head_dim ** -0.5``.
         q_offset: global index of the first query frame (chunked or distributed frames).
         k_offset: global index of the first key frame.
@@ -71,6 +73,11 @@ def tar_attention(
             video). The keys past it get no weight, stay out of the relative row max and get zero gradients. Each
             length in [1, Lk]; checked before any launch (in a compiled call by an assert in the graph: no host
             sync, so HunyuanVideo's masked calls trace).
+        profile: a :class:`~vstar_kernels.FrameProfile` instead of ``sigma``/``strength``/``mode`` (giving both
+            raises): per-distance bias and positive-logit scale tables, a window with sink frames, a Gaussian band,
+            or a sum of them (:mod:`vstar_kernels.profiles` states the formula). Its tables have one row or one per
+            head of this call. A row whose every key the profile masks (a chunk of keys outside its window) returns
+            zeros, and lse -inf. A profile holding only a Gaussian band runs exactly as ``sigma=`` does.
 
     Returns:
         (batch, Lq, heads, head_dim) in the input dtype, laid out so that ``.reshape(batch, Lq, heads * head_dim)``
@@ -87,8 +94,12 @@ def tar_attention(
     validate_tensors(q, k, v)
     params = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
                          k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
-                         video_tokens=video_tokens, q_token_offset=q_token_offset, k_token_offset=k_token_offset)
+                         video_tokens=video_tokens, q_token_offset=q_token_offset, k_token_offset=k_token_offset,
+                         profile=profile)
     validate_layout(params, q.shape[1], k.shape[1])
+    if params.profile is not None:
+        params.profile.check_heads(q.shape[2])
+        params.profile.check_device(q.device)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}")
     partial = row_max is not None or return_lse
@@ -158,22 +169,35 @@ def _checked_row_max(row_max: object, q: torch.Tensor, params: TARParams) -> tor
     return row_max.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
 
 
-def tar_row_max(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
-                backend: str = "auto") -> torch.Tensor:
+def tar_row_max(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None, backend: str = "auto",
+                profile: FrameProfile | None = None, q_offset: int = 0, k_offset: int = 0,
+                tokens_per_frame: int = 1, video_start: int = 0, video_tokens: int | None = None,
+                q_token_offset: int | None = None, k_token_offset: int | None = None) -> torch.Tensor:
     """max_j S_ij = max_j scale * <q_i, k_j> of the unbiased logits: (batch, Lq, heads) float32 (float64 for
     float64 inputs), the relative mode's row max over one key chunk (QKᵀ only, no bias, no softmax). The max of
     the chunks' results is the row's, which ``tar_attention(..., row_max=...)`` takes.
+
+    With a ``profile`` that masks pairs (a window, ``-inf`` bias entries) the max runs over the keys it keeps, as
+    the relative band's does; the token layout arguments then say where q and k lie (those of
+    :func:`tar_attention`), and a row with no kept key in this chunk gets -inf. Without one they are not read.
 
     Runs on the backend ``tar_attention`` would choose when it has a row-max kernel (``row_max`` in its module),
     else memory-bounded torch (float32 logits a query chunk at a time). Differentiable like ``amax`` (the gradient
     goes to the tied argmax keys, evenly).
     """
     validate_tensors(q, k, k)
-    params = make_params(q.shape[-1], sigma=1.0, scale=scale)
+    params = make_params(q.shape[-1], scale=scale, q_offset=q_offset, k_offset=k_offset,
+                         tokens_per_frame=tokens_per_frame, video_start=video_start, video_tokens=video_tokens,
+                         q_token_offset=q_token_offset, k_token_offset=k_token_offset,
+                         **({"sigma": 1.0} if profile is None else {"profile": profile}))
+    if params.profile is not None:
+        validate_layout(params, q.shape[1], k.shape[1])
+        params.profile.check_heads(q.shape[2])
+        params.profile.check_device(q.device)
     impl = select_backend(q, params, backend)
     kernel = getattr(impl, "row_max", None)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if kernel is None or needs_grad:
+    if kernel is None or needs_grad or (params.profile is not None and params.profile.masks):
         return torch_tar.row_max(q, k, params)
     return kernel(q, k, params)
 

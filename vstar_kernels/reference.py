@@ -9,9 +9,15 @@ autograd (the definition of the gradients too).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
 import torch
 
 from .contract import BIAS_COEFF_MAX, TARParams, make_params, validate_layout, validate_tensors
+
+if TYPE_CHECKING:
+    from .profiles import FrameProfile
 
 
 def gaussian_delta(
@@ -62,6 +68,59 @@ def band_rows(params: TARParams, rows: range, lk: int, *, dtype: torch.dtype = t
     return band.to(dtype)
 
 
+@dataclass(frozen=True)
+class BiasRows:
+    """The bias of a block of query rows against every key, materialised: what the op contract adds to a block of
+    logits (:func:`apply_profile_bias`). TAR alone has only ``gauss``; a frame-distance profile
+    (:class:`~vstar_kernels.profiles.FrameProfile`) adds the rest, each (profile heads, rows, Lk) (profile heads: 1
+    or the call's heads), in the compute dtype.
+
+    Attributes:
+        gauss: (rows, Lk) the band ΔA, 0 where the query or the key has no frame.
+        bias: the profile's bias(d), finite: 0 where a token has no frame and where the pair is masked; or None.
+        slope: the profile's positive scale(d), 1 where a token has no frame; or None.
+        keep: bool, False where the profile masks the pair (a ``-inf`` bias, or outside the window and not a sink);
+            None when nothing is masked.
+    """
+
+    gauss: torch.Tensor
+    bias: torch.Tensor | None = None
+    slope: torch.Tensor | None = None
+    keep: torch.Tensor | None = None
+
+
+def bias_rows(params: TARParams, rows: range, lk: int, *, dtype: torch.dtype = torch.float32,
+              device: torch.device | str | None = None) -> BiasRows:
+    """The :class:`BiasRows` of query rows ``rows`` against ``lk`` keys: the band of :func:`band_rows` and, for a
+    call with a frame-distance profile, its tables at ``min(d, D)`` and its masks (the definition of the profile
+    terms of the op contract)."""
+    gauss = band_rows(params, rows, lk, dtype=dtype, device=device)
+    profile = params.profile
+    if profile is None:
+        return BiasRows(gauss)
+    layout = params.layout
+    q_frames = layout.frames(rows.stop, device=device, token_offset=params.q_token_offset)[rows.start:]
+    k_frames = layout.frames(lk, device=device, token_offset=params.k_token_offset) + params.k_offset
+    dist = (q_frames[:, None] + params.q_offset - k_frames[None, :]).abs()  # (rows, Lk) int64, exact
+    framed = (layout.framed_mask(rows.stop, device=device, token_offset=params.q_token_offset)[rows.start:, None]
+              & layout.framed_mask(lk, device=device, token_offset=params.k_token_offset)[None, :])
+    bias = slope = keep = None
+    if profile.radius is not None:
+        keep = ~framed | (dist <= profile.radius) | (k_frames < profile.sink_frames)[None, :]
+        keep = keep[None]
+    if profile.bias is not None:
+        table = profile.bias.to(device=device, dtype=torch.float64)
+        full = table[:, dist.clamp(max=table.shape[1] - 1)]  # (heads, rows, Lk)
+        finite = torch.isfinite(full) | ~framed
+        bias = torch.where(framed & finite, full, 0.0).to(dtype)
+        if profile.table_masks:
+            keep = finite if keep is None else keep & finite
+    if profile.positive_scale is not None:
+        table = profile.positive_scale.to(device=device, dtype=torch.float64)
+        slope = torch.where(framed, table[:, dist.clamp(max=table.shape[1] - 1)], 1.0).to(dtype)
+    return BiasRows(gauss, bias, slope, keep)
+
+
 def bias_coefficient(scores: torch.Tensor, *, strength: float, mode: str,
                      row_max: torch.Tensor | None = None) -> torch.Tensor:
     """c_i, the multiplier of ΔA in each row of logits ``scores`` (..., Lq, Lk), shaped (..., Lq, 1) (a 0-d tensor
@@ -87,7 +146,37 @@ def apply_tar_bias(scores: torch.Tensor, delta: torch.Tensor, *, strength: float
     (relative; ``row_max`` (..., Lq, 1) replaces rowmax(S) when given) or ``sat(strength)`` (absolute). Returns a
     new tensor.
     """
-    return scores + bias_coefficient(scores, strength=strength, mode=mode, row_max=row_max) * delta
+    return apply_profile_bias(scores, BiasRows(delta), strength=strength, mode=mode, row_max=row_max)
+
+
+def apply_profile_bias(scores: torch.Tensor, rows: BiasRows, *, strength: float, mode: str,
+                       row_max: torch.Tensor | None = None) -> torch.Tensor:
+    """The op contract's biased logits S' of logits ``scores`` (..., heads, rows, Lk) for the bias ``rows``
+    (:func:`bias_rows`): ``(S > 0 ? scale(d) * S : S) + bias(d) + c_i * G``, -inf where the profile masks the pair.
+    c_i is :func:`bias_coefficient`'s, its relative row max taken over the kept keys (or ``row_max`` (..., rows, 1)
+    when given). Returns a new tensor. (The one Python statement of the formula.)"""
+    kept = scores if rows.keep is None else scores.masked_fill(~rows.keep, float("-inf"))
+    peak = kept.amax(dim=-1, keepdim=True) if mode == "relative" and row_max is None else row_max
+    out = scores
+    if rows.slope is not None:
+        out = torch.where(scores > 0, scores * rows.slope, scores)
+    if rows.bias is not None:
+        out = out + rows.bias
+    if rows.keep is None or strength != 0.0:  # (a masked row's -inf max times strength 0 would be NaN)
+        out = out + bias_coefficient(scores, strength=strength, mode=mode, row_max=peak) * rows.gauss
+    return out if rows.keep is None else out.masked_fill(~rows.keep, float("-inf"))
+
+
+def softmax_with_lse(logits: torch.Tensor, masked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax, logsumexp) over the last axis of biased logits; with ``masked`` (a profile that masks pairs) a row
+    whose every key is masked (possible in a chunk of keys, or with offset frames) gets zero weights and lse -inf,
+    and passes no gradient, instead of NaN."""
+    if not masked:
+        return logits.softmax(dim=-1), logits.logsumexp(dim=-1)
+    dead = torch.isneginf(logits.amax(dim=-1, keepdim=True))
+    safe = logits.masked_fill(dead, 0.0)
+    return safe.softmax(dim=-1).masked_fill(dead, 0.0), safe.logsumexp(dim=-1).masked_fill(dead[..., 0],
+                                                                                            float("-inf"))
 
 
 def tar_bias_backward(grad_biased: torch.Tensor, scores: torch.Tensor, delta: torch.Tensor, *, strength: float,
@@ -99,22 +188,35 @@ def tar_bias_backward(grad_biased: torch.Tensor, scores: torch.Tensor, delta: to
     gradient to the argmax, split evenly among tied keys as ``torch.amax`` does (identical frames make ties real),
     except in a row whose coefficient saturates (|strength · m_i| > BIAS_COEFF_MAX), where sat' = 0 passes none.
     """
+    return profile_bias_backward(grad_biased, scores, BiasRows(delta), strength=strength, mode=mode)
+
+
+def profile_bias_backward(grad_biased: torch.Tensor, scores: torch.Tensor, rows: BiasRows, *, strength: float,
+                          mode: str) -> torch.Tensor:
+    """The gradient through :func:`apply_profile_bias`: dL/dS from ``grad_biased`` = dL/dS' and the unbiased
+    logits S. A masked pair passes none; a positive logit passes it times scale(d); the relative row max (over the
+    kept keys) passes ``strength · Σ_j' dS'_ij' G_ij'`` to its tied argmax keys as :func:`tar_bias_backward`
+    describes."""
+    grad = grad_biased if rows.keep is None else grad_biased.masked_fill(~rows.keep, 0.0)
+    grad_scores = grad if rows.slope is None else torch.where(scores > 0, grad * rows.slope, grad)
     if mode != "relative" or strength == 0.0:
-        return grad_biased
-    row_max = scores.amax(dim=-1, keepdim=True)
-    ties = (scores == row_max).to(grad_biased.dtype)
-    coupling = (grad_biased * delta).sum(dim=-1, keepdim=True)
-    unsaturated = ((strength * row_max).abs() <= BIAS_COEFF_MAX).to(grad_biased.dtype)
-    return grad_biased + (strength * unsaturated * coupling / ties.sum(dim=-1, keepdim=True)) * ties
+        return grad_scores
+    kept = scores if rows.keep is None else scores.masked_fill(~rows.keep, float("-inf"))
+    row_max = kept.amax(dim=-1, keepdim=True)
+    ties = kept == row_max if rows.keep is None else (kept == row_max) & rows.keep
+    ties = ties.to(grad.dtype)
+    coupling = (grad * rows.gauss).sum(dim=-1, keepdim=True)
+    unsaturated = ((strength * row_max).abs() <= BIAS_COEFF_MAX).to(grad.dtype)
+    return grad_scores + (strength * unsaturated * coupling / ties.sum(dim=-1, keepdim=True).clamp_min(1)) * ties
 
 
 def tar_attention_probs(
     q: torch.Tensor,
     k: torch.Tensor,
     *,
-    sigma: float,
-    strength: float = 1.0,
-    mode: str = "relative",
+    sigma: float | None = None,
+    strength: float | None = None,
+    mode: str | None = None,
     scale: float | None = None,
     q_offset: int = 0,
     k_offset: int = 0,
@@ -126,29 +228,36 @@ def tar_attention_probs(
     q_token_offset: int | None = None,
     k_token_offset: int | None = None,
     row_max: torch.Tensor | None = None,
+    profile: FrameProfile | None = None,
 ) -> torch.Tensor:
     """The TAR attention probabilities softmax(S'), materialised: (batch, heads, Lq, Lk) from (batch, frames, heads,
     head_dim) q and k, in ``compute_dtype`` (default: q's dtype). The attention maps of the paper's analysis.
 
     ``attn_mask`` (broadcastable to (batch, heads, Lq, Lk); boolean True = attend, or additive float) is applied
-    before the bias, so the relative row max runs over attended keys only. ``q_token_offset``, ``k_token_offset``
-    and ``row_max`` ((batch, Lq, heads)) are those of :func:`~vstar_kernels.ops.tar_attention` (a chunk of a longer
-    sequence).
+    before the bias, so the relative row max runs over attended keys only. ``q_token_offset``, ``k_token_offset``,
+    ``row_max`` ((batch, Lq, heads)) and ``profile`` are those of :func:`~vstar_kernels.ops.tar_attention` (a
+    chunk of a longer sequence; a frame-distance profile). A row whose every key is masked gets zero weights.
     """
-    return _biased_logits(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
-                          k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
-                          video_tokens=video_tokens, attn_mask=attn_mask, compute_dtype=compute_dtype,
-                          q_token_offset=q_token_offset, k_token_offset=k_token_offset,
-                          row_max=row_max).softmax(dim=-1)
+    logits, params = _biased_logits(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale,
+                                    q_offset=q_offset, k_offset=k_offset, tokens_per_frame=tokens_per_frame,
+                                    video_start=video_start, video_tokens=video_tokens, attn_mask=attn_mask,
+                                    compute_dtype=compute_dtype, q_token_offset=q_token_offset,
+                                    k_token_offset=k_token_offset, row_max=row_max, profile=profile)
+    return softmax_with_lse(logits, params.shaped)[0]
 
 
 def _biased_logits(q, k, *, sigma, strength, mode, scale, q_offset, k_offset, tokens_per_frame, video_start,
-                   video_tokens, attn_mask, compute_dtype, q_token_offset, k_token_offset, row_max) -> torch.Tensor:
-    """S' of :func:`tar_attention_probs`, (batch, heads, Lq, Lk) in ``compute_dtype``."""
+                   video_tokens, attn_mask, compute_dtype, q_token_offset, k_token_offset, row_max,
+                   profile) -> tuple[torch.Tensor, TARParams]:
+    """S' of :func:`tar_attention_probs`, (batch, heads, Lq, Lk) in ``compute_dtype``, and the call's params."""
     p = make_params(q.shape[-1], sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
                     k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
-                    video_tokens=video_tokens, q_token_offset=q_token_offset, k_token_offset=k_token_offset)
+                    video_tokens=video_tokens, q_token_offset=q_token_offset, k_token_offset=k_token_offset,
+                    profile=profile)
     validate_layout(p, q.shape[1], k.shape[1])
+    if p.profile is not None:
+        p.profile.check_heads(q.shape[2])
+        p.profile.check_device(q.device)
     compute_dtype = compute_dtype or q.dtype
     qh, kh = (t.transpose(1, 2).to(compute_dtype) for t in (q, k))  # (batch, heads, frames, dim)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * p.scale
@@ -157,9 +266,9 @@ def _biased_logits(q, k, *, sigma, strength, mode, scale, q_offset, k_offset, to
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.to(compute_dtype)
-    delta = band_rows(p, range(q.shape[1]), k.shape[1], dtype=compute_dtype, device=q.device)
+    rows = bias_rows(p, range(q.shape[1]), k.shape[1], dtype=compute_dtype, device=q.device)
     peak = None if row_max is None else row_max.transpose(1, 2)[..., None]  # (batch, heads, Lq, 1)
-    return apply_tar_bias(scores, delta, strength=p.strength, mode=p.mode, row_max=peak)
+    return apply_profile_bias(scores, rows, strength=p.strength, mode=p.mode, row_max=peak), p
 
 
 def tar_attention_reference(
@@ -167,9 +276,9 @@ def tar_attention_reference(
     k: torch.Tensor,
     v: torch.Tensor,
     *,
-    sigma: float,
-    strength: float = 1.0,
-    mode: str = "relative",
+    sigma: float | None = None,
+    strength: float | None = None,
+    mode: str | None = None,
     scale: float | None = None,
     q_offset: int = 0,
     k_offset: int = 0,
@@ -181,11 +290,13 @@ def tar_attention_reference(
     q_token_offset: int | None = None,
     k_token_offset: int | None = None,
     row_max: torch.Tensor | None = None,
+    profile: FrameProfile | None = None,
     return_lse: bool = False,
     k_lengths: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """TAR attention, materialised. Inputs and output are (batch, tokens, heads, head_dim); the token layout
-    arguments, ``row_max``, ``return_lse`` and ``k_lengths`` are those of :func:`~vstar_kernels.ops.tar_attention`
+    arguments, ``row_max``, ``return_lse``, ``k_lengths`` and ``profile`` are those of
+    :func:`~vstar_kernels.ops.tar_attention`
     (with ``return_lse=True``: ``(out, lse)``, lse (batch, Lq, heads) in the compute dtype; ``k_lengths`` is the
     boolean key mask ``j < k_lengths[b]``, joined to ``attn_mask``).
 
@@ -207,14 +318,16 @@ def tar_attention_reference(
             attn_mask = attn_mask & keep
         else:
             attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
-    logits = _biased_logits(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale, q_offset=q_offset,
-                            k_offset=k_offset, tokens_per_frame=tokens_per_frame, video_start=video_start,
-                            video_tokens=video_tokens, attn_mask=attn_mask, compute_dtype=compute_dtype,
-                            q_token_offset=q_token_offset, k_token_offset=k_token_offset, row_max=row_max)
-    out = torch.matmul(logits.softmax(dim=-1), v.transpose(1, 2).to(compute_dtype))
+    logits, params = _biased_logits(q, k, sigma=sigma, strength=strength, mode=mode, scale=scale,
+                                    q_offset=q_offset, k_offset=k_offset, tokens_per_frame=tokens_per_frame,
+                                    video_start=video_start, video_tokens=video_tokens, attn_mask=attn_mask,
+                                    compute_dtype=compute_dtype, q_token_offset=q_token_offset,
+                                    k_token_offset=k_token_offset, row_max=row_max, profile=profile)
+    probs, lse = softmax_with_lse(logits, params.shaped)
+    out = torch.matmul(probs, v.transpose(1, 2).to(compute_dtype))
     out = out.transpose(1, 2).contiguous().to(q.dtype)
     if return_lse:
-        return out, logits.logsumexp(dim=-1).transpose(1, 2)
+        return out, lse.transpose(1, 2)
     return out
 
 

@@ -320,6 +320,8 @@ def _check_availability(device_type: str) -> str | None:
 
 def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     """None when the kernel supports these inputs, else why not."""
+    if params.shaped:
+        return "frame-distance profiles beyond a Gaussian band (tables, windows) run on the torch backend"
     if spec.dtype not in DTYPES:
         return f"dtype {spec.dtype} is not supported (float16, bfloat16, float32)"
     if spec.device.type == "cuda" and spec.varlen:

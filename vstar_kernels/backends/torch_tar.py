@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from ..contract import TARParams
-from ..reference import apply_tar_bias, band_rows, bias_coefficient, key_prefix_mask, tar_bias_backward
+from ..reference import (
+    apply_profile_bias,
+    band_rows,
+    bias_coefficient,
+    bias_rows,
+    key_prefix_mask,
+    profile_bias_backward,
+    softmax_with_lse,
+)
 from .base import InputSpec
 
 NAME = "torch"
@@ -82,7 +90,7 @@ def forward(
     ``k_lengths`` (the keys past it masked out of the logits before the bias) as in
     :func:`vstar_kernels.ops.tar_attention`."""
     budget = memory_budget or memory_budget_bytes()
-    if not return_lse and k_lengths is None and (params.strength == 0.0 or (
+    if not return_lse and k_lengths is None and not params.shaped and (params.strength == 0.0 or (
             not params.relative and q.dtype in (torch.float32, torch.float64)
             and q.shape[1] * k.shape[1] * q.element_size() <= budget)):
         return _forward_sdpa(q, k, v, params)
@@ -130,18 +138,24 @@ def _forward_chunked(
     b_chunk, q_chunk = chunk_plan(batch, len_q, heads, len_k, compute, budget)
     out = torch.empty((batch, len_q, heads, dim), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, len_q, heads), dtype=compute, device=q.device) if return_lse else None
-    for qs in query_chunks(len_q, q_chunk):  # the band of a query chunk is the same for every sequence: built once
-        delta = band_rows(params, range(qs.start, qs.stop), len_k, dtype=compute, device=q.device)
+    masked = params.shaped and params.profile.masks
+    for qs in query_chunks(len_q, q_chunk):  # the bias of a query chunk is the same for every sequence: built once
+        rows = bias_rows(params, range(qs.start, qs.stop), len_k, dtype=compute, device=q.device)
         for b0 in range(0, batch, b_chunk):
             bs = slice(b0, b0 + b_chunk)
             qh = q[bs, qs].transpose(1, 2).to(compute)  # (b, heads, rows, dim)
             kh = k[bs].transpose(1, 2).to(compute)  # (b, heads, Lk, dim)
             scores = _masked(torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale), k_lengths, bs)
             peak = None if row_max is None else row_max[bs, qs].transpose(1, 2)[..., None]
-            scores = apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode, row_max=peak)
-            if lse is not None:
-                lse[bs, qs] = scores.logsumexp(dim=-1).transpose(1, 2)
-            probs = torch.softmax(scores, dim=-1)
+            scores = apply_profile_bias(scores, rows, strength=params.strength, mode=params.mode, row_max=peak)
+            if masked:
+                probs, row_lse = softmax_with_lse(scores, True)
+                if lse is not None:
+                    lse[bs, qs] = row_lse.transpose(1, 2)
+            else:
+                if lse is not None:
+                    lse[bs, qs] = scores.logsumexp(dim=-1).transpose(1, 2)
+                probs = torch.softmax(scores, dim=-1)
             del scores
             out[bs, qs] = torch.matmul(probs, v[bs].transpose(1, 2).to(compute)).transpose(1, 2)
     return out, lse
@@ -168,14 +182,18 @@ def row_max(q: torch.Tensor, k: torch.Tensor, params: TARParams, *,
         return q.new_zeros((batch, len_q, heads), dtype=compute)
     budget = min(memory_budget or memory_budget_bytes(), ROW_MAX_BUDGET_MB << 20)
     b_chunk, q_chunk = chunk_plan(batch, len_q, heads, k.shape[1], compute, budget, copies=1)
+    masked = params.shaped and params.profile.masks  # the max over the keys the profile keeps
     rows = []
     for qs in query_chunks(len_q, q_chunk):
+        keep = bias_rows(params, range(qs.start, qs.stop), k.shape[1], device=q.device).keep if masked else None
         parts = []
         for b0 in range(0, batch, b_chunk):
             bs = slice(b0, b0 + b_chunk)
             # the query chunk scaled first, as the kernels do: the logits are the chunk's one large tensor
             scaled = q[bs, qs].transpose(1, 2).to(compute) * params.scale
             scores = torch.matmul(scaled, k[bs].transpose(1, 2).to(compute).mT)
+            if keep is not None:
+                scores = scores.masked_fill(~keep, float("-inf"))
             parts.append(scores.amax(dim=-1).transpose(1, 2))  # (b, rows, heads)
             del scores
         rows.append(torch.cat(parts) if len(parts) > 1 else parts[0])
@@ -217,8 +235,9 @@ def backward(
     if len(chunks) > 1:
         dk_acc = torch.zeros((batch, heads, len_k, dim), dtype=compute, device=q.device)
         dv_acc = torch.zeros((batch, heads, len_k, v.shape[3]), dtype=compute, device=q.device)
-    for qs in chunks:  # the band of a query chunk is the same for every sequence: built once
-        delta = band_rows(params, range(qs.start, qs.stop), len_k, dtype=compute, device=q.device)
+    masked = params.shaped and params.profile.masks
+    for qs in chunks:  # the bias of a query chunk is the same for every sequence: built once
+        rows = bias_rows(params, range(qs.start, qs.stop), len_k, dtype=compute, device=q.device)
         for b0 in range(0, batch, b_chunk):
             bs = slice(b0, b0 + b_chunk)
             kh = k[bs].transpose(1, 2).to(compute)  # (b, heads, Lk, dim)
@@ -226,12 +245,14 @@ def backward(
             qh = q[bs, qs].transpose(1, 2).to(compute)
             doh = grad_out[bs, qs].transpose(1, 2).to(compute)
             scores = _masked(torch.matmul(qh, kh.transpose(-1, -2)).mul_(params.scale), k_lengths, bs)
-            probs = torch.softmax(apply_tar_bias(scores, delta, strength=params.strength, mode=params.mode), -1)
+            biased = apply_profile_bias(scores, rows, strength=params.strength, mode=params.mode)
+            probs = softmax_with_lse(biased, True)[0] if masked else torch.softmax(biased, -1)
+            del biased
             dprobs = torch.matmul(doh, vh.transpose(-1, -2))
             grad_biased = probs * (dprobs - (probs * dprobs).sum(dim=-1, keepdim=True))
             del dprobs
-            grad_scores = tar_bias_backward(grad_biased, scores, delta, strength=params.strength,
-                                            mode=params.mode).mul_(params.scale)
+            grad_scores = profile_bias_backward(grad_biased, scores, rows, strength=params.strength,
+                                                mode=params.mode).mul_(params.scale)
             del grad_biased, scores
             dq[bs, qs] = torch.matmul(grad_scores, kh).transpose(1, 2)
             dk_part = torch.matmul(grad_scores.transpose(-1, -2), qh)

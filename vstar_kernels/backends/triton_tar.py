@@ -113,6 +113,8 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     """None when the kernel supports these inputs, else why not."""
+    if params.shaped:
+        return "frame-distance profiles beyond a Gaussian band (tables, windows) run on the torch backend"
     if spec.dtype not in DTYPES:
         return f"dtype {spec.dtype} is not supported (float16, bfloat16, float32)"
     if INTERPRETER and spec.dtype == torch.bfloat16:
