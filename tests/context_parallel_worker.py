@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 from helpers import run_rank
 
-from vstar_kernels import apply_tar, remove_tar
+from vstar_kernels import FrameProfile, apply_tar, remove_tar
 from vstar_kernels.diffusers import tiny
 from vstar_kernels.diffusers.dit.context_parallel import enable_context_parallelism
+from vstar_kernels.distributed import sequence_parallel
 
 TOLERANCE = 1e-4
 
@@ -112,6 +113,10 @@ def main() -> int:
                         help="the Ring's op raises at this step on every rank, after the step's transfer was posted")
     parser.add_argument("--ring-error-op", choices=("row_max", "attention"), default="attention",
                         help="--ring-error: which pass of the Ring raises")
+    parser.add_argument("--profile", action="store_true",
+                        help="a frame-distance profile (per-head bias, window with a sink, decay) instead of sigma")
+    parser.add_argument("--ultravico", type=int, default=0, metavar="RATIO",
+                        help="--pipeline: preset='ultravico' + TAR at RATIO x Wan's 81 training frames")
     parser.add_argument("--report-dir", required=True)
     args = parser.parse_args()
 
@@ -130,17 +135,20 @@ def main() -> int:
     kw = inputs(args.model, args.frames, *args.size, batch=args.batch, text_mask=args.text_mask)
     base = build(args.model)
     window = "all" if not args.outside_window else (0, 1)
+    calls = count_ring_attention_calls(report)
     try:
         for mode in ("relative", "absolute"):
+            bias = bias_arguments(args, base, mode)
             single = copy.deepcopy(base)
-            apply_tar(single, sigma=args.sigma, strength=1.5, mode=mode, timesteps=window, backend=args.backend)
+            apply_tar(single, timesteps=window, backend=args.backend, **bias)
             parallel = copy.deepcopy(base)
             if args.order == "cp-first":
                 enable_cp(parallel, args)
-                apply_tar(parallel, sigma=args.sigma, strength=1.5, mode=mode, timesteps=window, backend=args.backend)
+                apply_tar(parallel, timesteps=window, backend=args.backend, **bias)
             else:
-                apply_tar(parallel, sigma=args.sigma, strength=1.5, mode=mode, timesteps=window, backend=args.backend)
+                apply_tar(parallel, timesteps=window, backend=args.backend, **bias)
                 enable_cp(parallel, args)
+            calls.clear()
             if args.backward:
                 ok &= check_backward(single, parallel, kw, report, mode)
                 continue
@@ -151,7 +159,8 @@ def main() -> int:
             err = (got - want).abs().max().item()
             scale = want.abs().max().item()
             report["checks"][mode] = {"max_err": err, "scale": scale,
-                                      "tar_changes_output": (want - plain).abs().max().item()}
+                                      "tar_changes_output": (want - plain).abs().max().item(),
+                                      "ring_attention_calls": len(calls)}
             if args.text_mask:  # the padding is seen: without the mask, one process gives another output
                 with torch.no_grad():
                     unmasked = single(**{**kw, "encoder_attention_mask": torch.ones_like(kw["encoder_attention_mask"])},
@@ -189,6 +198,33 @@ def main() -> int:
         report["error"] = f"{type(exc).__name__}: {exc}"
         ok = False
     return finish(report, ok, args)
+
+
+def bias_arguments(args, model, mode: str) -> dict:
+    """apply_tar's bias arguments: the band of --sigma, or with --profile a band plus per-head bias tables (one
+    masked distance for head 0), a window of radius 1 with one sink frame and a decay beyond 1 frame."""
+    if not args.profile:
+        return {"sigma": args.sigma, "strength": 1.5, "mode": mode}
+    heads = next(m.heads for name, m in model.named_modules() if name.endswith(("attn1", ".attn")) and hasattr(m, "heads"))
+    bias = torch.randn(heads, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    bias[0, 2] = float("-inf")
+    return {"profile": FrameProfile.gaussian(args.sigma, 1.5, mode) + FrameProfile.table(bias=bias)
+            + FrameProfile.window(1, sink_frames=1) + FrameProfile.decay_beyond(1, 0.7)}
+
+
+def count_ring_attention_calls(report: dict) -> list:
+    """Record each op call of the Ring's loop (sequence_parallel.tar_attention with return_lse): the key spans a
+    window masks are skipped, so a windowed profile makes fewer calls."""
+    calls: list = []
+    real = sequence_parallel.tar_attention
+
+    def counting(*a, **kw):
+        if kw.get("return_lse"):
+            calls.append(kw.get("k_token_offset"))
+        return real(*a, **kw)
+
+    sequence_parallel.tar_attention = counting
+    return calls
 
 
 def finish(report: dict, ok: bool, args) -> int:
@@ -331,7 +367,10 @@ def run_pipeline(args, report: dict) -> bool:
         if parallel and args.order == "cp-first":
             for expert in experts:
                 enable_cp(expert, args)
-        handle = apply_tar(pipe, sigma=args.sigma, strength=1.5, timesteps="all", backend=args.backend)
+        if args.ultravico:  # UltraViCo's preset composed with TAR's band
+            handle = apply_tar(pipe, preset="ultravico", sigma=args.sigma, timesteps="all", backend=args.backend)
+        else:
+            handle = apply_tar(pipe, sigma=args.sigma, strength=1.5, timesteps="all", backend=args.backend)
         report["checks"]["patched_layers"] = handle.num_layers
         if parallel and args.order == "tar-first":
             for expert in experts:
@@ -340,7 +379,8 @@ def run_pipeline(args, report: dict) -> bool:
         for index, expert in enumerate(experts):
             expert.register_forward_pre_hook(lambda *_, i=index, c=calls: c.__setitem__(i, c[i] + 1))
         with torch.no_grad():
-            out = pipe("w3 w4 w5", negative_prompt="w6", num_frames=9, height=32, width=32, num_inference_steps=2,
+            frames = (21 * args.ultravico - 1) * 4 + 1 if args.ultravico else 9
+            out = pipe("w3 w4 w5", negative_prompt="w6", num_frames=frames, height=32, width=32, num_inference_steps=2,
                        guidance_scale=5.0, output_type="latent", generator=torch.Generator().manual_seed(0))
         latents.append(out.frames)
         report["checks"]["calls_per_expert"] = calls

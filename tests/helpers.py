@@ -5,6 +5,7 @@ for the multi-process workers (:func:`torchrun`, :func:`run_output`) and the wor
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -175,3 +176,31 @@ def run_rank(main: Callable[[], int]) -> int:
 def rank_reports(report_dir: Path) -> list[dict]:
     """The ``rank<r>.json`` reports a worker wrote, in rank order."""
     return [json.loads(path.read_text()) for path in sorted(report_dir.glob("rank*.json"))]
+
+
+def profile_softmax(scores, frames, profile):
+    """softmax of S' = (S>0 ? scale(d) S : S) + bias(d) + c G(d) over kept framed pairs (text pairs: S), from a
+    (batch, heads, Lq, Lk) float64 S and each token's frame (None: text); written from the contract's formula."""
+    heads = scores.shape[1]
+    framed = torch.tensor([[a is not None and b is not None for b in frames] for a in frames])
+    dist = torch.tensor([[abs(a - b) if a is not None and b is not None else 0 for b in frames] for a in frames])
+
+    def at(table):  # (heads, L, L): each head's row at min(d, D)
+        return table.expand(heads, -1)[:, dist.clamp(max=table.shape[1] - 1)]
+
+    keep = torch.ones(heads, *dist.shape, dtype=torch.bool)
+    if profile.radius is not None:
+        sink = torch.tensor([b is not None and b < profile.sink_frames for b in frames])
+        keep &= ~framed | (dist <= profile.radius) | sink[None, :]
+    logits = scores
+    if profile.positive_scale is not None:
+        logits = torch.where(framed & (scores > 0), scores * at(profile.positive_scale), scores)
+    if profile.bias is not None:
+        bias = at(profile.bias)
+        keep &= ~framed | torch.isfinite(bias)
+        logits = logits + torch.where(framed & torch.isfinite(bias), bias, 0.0)
+    if profile.sigma is not None:
+        band = torch.exp(-dist.double() ** 2 / (2 * profile.sigma**2)) * framed
+        peak = scores.masked_fill(~keep, -math.inf).amax(-1, keepdim=True)
+        logits = logits + (profile.strength * peak if profile.mode == "relative" else profile.strength) * band
+    return torch.softmax(logits.masked_fill(~keep, -math.inf), -1)

@@ -88,6 +88,54 @@ def test_context_parallel_tar_equals_one_process(nproc, args, tmp_path):
     assert proc.returncode == 0, run_output(proc)
 
 
+# A frame-distance profile (band, per-head bias tables, a window of radius 1 with a sink frame, a decay) under CP:
+# Ulysses splits the per-head tables over the ranks; Ring (8 latent frames of 2 x 2 tokens over 4 ranks: 2 frames
+# per span) skips the key spans further than the window from every query of a span, except the sink's span 0.
+PROFILE_CASES = [
+    pytest.param(2, ("--ulysses", "2", "--profile"), id="wan-ulysses2"),
+    pytest.param(4, ("--ring", "4", "--profile", "--frames", "8", "--size", "4", "4"), id="wan-ring4-window"),
+    pytest.param(4, ("--ulysses", "2", "--ring", "2", "--profile", "--frames", "6", "--order", "cp-first"),
+                 id="wan-unified2x2"),
+    pytest.param(2, ("--model", "hunyuan", "--ulysses", "2", "--profile", "--text-mask"), id="hunyuan-ulysses2"),
+    pytest.param(2, ("--model", "ltx", "--ring", "2", "--profile", "--frames", "3", "--size", "4", "4"),
+                 id="ltx-ring2"),
+]
+
+
+@pytest.mark.parametrize(("nproc", "args"), PROFILE_CASES)
+def test_context_parallel_with_a_profile_equals_one_process(nproc, args, tmp_path):
+    proc = _torchrun(nproc, *args, report_dir=tmp_path)
+    reports = _reports(tmp_path, nproc, proc)
+    for report in reports:
+        assert report["ok"], report
+        for mode in ("relative", "absolute"):
+            check = report["checks"][mode]
+            assert check["max_err"] <= 1e-4 * max(1.0, check["scale"]), (mode, check)
+            assert check["tar_changes_output"] > 1e-2
+    if args[:2] == ("--ring", "4"):
+        # per block: rank 0 computes its own span and span 1; rank 2 its own, both neighbours and the sink's span
+        calls = {r["rank"]: r["checks"]["relative"]["ring_attention_calls"] for r in reports}
+        assert calls[0] > 0 and 2 * calls[0] == calls[2] and calls[1] == calls[3] == 3 * calls[0] // 2, calls
+    assert proc.returncode == 0, run_output(proc)
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(("--ulysses", "2", "--ultravico", "2"), id="ulysses-2x"),
+    pytest.param(("--ring", "2", "--ultravico", "4"), id="ring-4x"),
+])
+def test_ultravico_with_tar_in_a_wan_pipeline_under_cp_equals_one_process(args, tmp_path):
+    """preset="ultravico" + TAR's band in a WanPipeline at 2x and 4x its 81 training frames (165 and 333 frames:
+    42 and 84 latent frames) under Ulysses and Ring: the single-process latents."""
+    proc = _torchrun(2, "--pipeline", *args, report_dir=tmp_path)
+    ratio = int(args[-1])
+    for report in _reports(tmp_path, 2, proc):
+        assert report["ok"], report
+        check = report["checks"]["pipeline"]
+        assert check["max_err"] <= 1e-4 * max(1.0, check["scale"]), check
+        assert check["shape"][2] == 21 * ratio  # latent frames
+    assert proc.returncode == 0, run_output(proc)
+
+
 @pytest.mark.parametrize(("nproc", "args"), [
     pytest.param(2, ("--ulysses", "2"), id="ulysses2"),
     pytest.param(2, ("--ring", "2"), id="ring2-gathered"),

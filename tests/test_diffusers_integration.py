@@ -10,8 +10,9 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 from diffusers.models.attention_processor import Attention  # noqa: E402
+from helpers import profile_softmax  # noqa: E402
 
-from vstar_kernels import PRESETS, TARAttnProcessor, apply_tar, remove_tar  # noqa: E402
+from vstar_kernels import PRESETS, FrameProfile, TARAttnProcessor, apply_tar, remove_tar  # noqa: E402
 from vstar_kernels.diffusers import tar_state  # noqa: E402
 from vstar_kernels.reference import gaussian_delta  # noqa: E402
 
@@ -547,3 +548,67 @@ def test_handles_print_as_one_readable_line():
     text = repr(apply_tar(pipe, sigma=1.5, blocks=[1], timesteps="all"))
     assert text == ("DiTTARHandle(1 layers (1 on transformer), sigma=1.5 latent frames, mode='relative', strength=1, "
                     "window=StepWindow(every t), blocks=[1])")
+
+
+class MaterialisingProfileProcessor:
+    """Test-only: temporal attention with a frame-distance profile, every term written out from the formula
+    (:func:`helpers.profile_softmax`), independent of the package's processors and kernels."""
+
+    def __init__(self, profile: FrameProfile):
+        self.profile = profile
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
+        batch, frames, _ = hidden_states.shape
+        q, k, v = (proj(hidden_states).view(batch, frames, attn.heads, -1).transpose(1, 2).double()
+                   for proj in (attn.to_q, attn.to_k, attn.to_v))
+        probs = profile_softmax(q @ k.transpose(-1, -2) * attn.scale, list(range(frames)), self.profile)
+        out = (probs @ v).transpose(1, 2).reshape(batch, frames, -1).to(hidden_states.dtype)
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("frames", [16, 33])
+def test_animatediff_unet_with_a_profile_matches_the_materialised_formula(frames):
+    """apply_tar(unet, preset, profile=...) on AnimateDiff's motion UNet: each level's band plus a per-head bias
+    table, a window with a sink frame and a decay, equal to the formula materialised per layer."""
+    unet = motion_unet()
+    heads = next(m for m in unet.modules() if isinstance(m, Attention) and m.is_cross_attention is False).heads
+    bias = torch.randn(heads, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    bias[-1, 3] = -math.inf
+    profile = FrameProfile.table(bias=bias) + FrameProfile.window(5, sink_frames=2) + FrameProfile.decay_beyond(3, 0.8)
+    x = torch.randn(1, 4, frames, 8, 8, generator=torch.Generator().manual_seed(2))
+    ehs = torch.randn(frames, 7, 32, generator=torch.Generator().manual_seed(3))
+    base = unet(x, 900, ehs).sample if frames <= 32 else None  # diffusers' own tables hold 32 frames
+    handle = apply_tar(unet, "64D1_32D8", profile=profile, timesteps="all")
+    assert handle.profile is profile and "profile=FrameProfile(" in repr(handle)
+    fused = unet(x, 900, ehs).sample
+    for name, (_, sigma) in handle.layers.items():  # TAR's frame-position tables stay (33 frames > 32 rows)
+        unet.get_submodule(name).set_processor(MaterialisingProfileProcessor(FrameProfile.gaussian(sigma) + profile))
+    torch.testing.assert_close(fused, unet(x, 900, ehs).sample, rtol=1e-4, atol=1e-5)
+    if frames <= 32:
+        assert not torch.allclose(fused, base, atol=1e-3)
+
+
+@torch.no_grad()
+def test_a_unet_runs_a_profile_alone_or_refuses_two_bands():
+    """Without a preset or sigma the profile runs alone on ``levels`` (default level 0); a profile with a band beside
+    a preset, strength= beside a lone profile and UltraViCo's transformer preset raise, changing nothing."""
+    unet = unet3d()
+    x, ehs = _unet3d_inputs()
+    profile = FrameProfile.gaussian(2.0, 0.5) + FrameProfile.window(3)
+    handle = apply_tar(unet, profile=profile, timesteps="all")
+    assert {level for level, _ in handle.layers.values()} == {0}
+    assert all(unet.get_submodule(name).processor.profile is profile for name in handle.layers)
+    fused = unet(x, 900, ehs).sample
+    remove_tar(unet)
+    for name in handle.layers:
+        unet.get_submodule(name).set_processor(MaterialisingProfileProcessor(profile))
+    torch.testing.assert_close(fused, unet(x, 900, ehs).sample, rtol=1e-4, atol=1e-5)
+    fresh = unet3d()
+    before = dict(fresh.attn_processors)
+    for kwargs, match in [(dict(preset="64D1", profile=profile), "at most one band"),
+                          (dict(profile=FrameProfile.window(3), strength=2.0), "strength= and mode= shape the band"),
+                          (dict(preset="ultravico"), "video transformer preset")]:
+        with pytest.raises(ValueError, match=match):
+            apply_tar(fresh, **kwargs)
+        assert dict(fresh.attn_processors) == before

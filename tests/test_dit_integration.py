@@ -23,6 +23,9 @@ from torch.overrides import TorchFunctionMode
 
 pytest.importorskip("diffusers")
 
+from helpers import profile_softmax
+
+from vstar_kernels import FrameProfile
 from vstar_kernels.diffusers import apply_tar, remove_tar, tar_state, tiny
 from vstar_kernels.diffusers.dit.processor import DiTTARProcessor
 
@@ -90,12 +93,16 @@ CASES = {
 }
 
 
-def materialised_tar(q, k, v, frames, *, sigma, strength, mode, attn_mask=None, scale=None):
-    """(batch, heads, tokens, dim) attention with the frame-distance band, materialised in float64."""
+def materialised_tar(q, k, v, frames, *, sigma=None, strength=1.0, mode="relative", profile=None, attn_mask=None,
+                     scale=None):
+    """(batch, heads, tokens, dim) attention with the frame-distance band (or a FrameProfile's terms, written out
+    here from the formula), materialised in float64."""
     q64, k64, v64 = q.double(), k.double(), v.double()
     scores = q64 @ k64.transpose(-1, -2) * (scale if scale is not None else q.shape[-1] ** -0.5)
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    if profile is not None:
+        return (profile_softmax(scores, frames, profile) @ v64).to(q.dtype)
     band = torch.tensor([[0.0 if a is None or b is None else math.exp(-((a - b) ** 2) / (2 * sigma**2))
                           for b in frames] for a in frames], dtype=torch.float64)
     coeff = strength * scores.amax(-1, keepdim=True) if mode == "relative" else strength
@@ -414,3 +421,125 @@ def test_wan22_pipeline_patches_both_experts():
     assert remove_tar(pipe)
     assert not any(isinstance(m.processor, DiTTARProcessor) for t in (pipe.transformer, pipe.transformer_2)
                    for m in t.modules() if hasattr(m, "processor"))
+
+
+# ------------------------------------------------------------------------------------------ frame-distance profiles
+def _profile_for(model, case: Case, mode: str) -> FrameProfile:
+    """A band, per-head bias tables (one -inf distance for head 0), a window with a sink frame and a decay."""
+    heads = next(iter(self_attention_modules(model, case).values())).heads
+    gen = torch.Generator().manual_seed(5)
+    bias = torch.randn(heads, 4, generator=gen, dtype=torch.float64)
+    bias[0, 2] = -math.inf
+    return (FrameProfile.gaussian(1.0, 1.5, mode) + FrameProfile.table(bias=bias) + FrameProfile.window(2, 1)
+            + FrameProfile.decay_beyond(1, 0.7))
+
+
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_a_profile_matches_the_materialised_formula(case, mode):
+    """apply_tar(profile=...) on every block equals the unpatched model with a float64 materialised attention of
+    the formula (text tokens unbiased, HunyuanVideo's padded text masked)."""
+    model = case.build()
+    inputs = case.inputs(model, batch=2)
+    profile = _profile_for(model, case, mode)
+    reference_mode = ReferenceAttention(case, profile=profile)
+    expected, expected_blocks = run_recording(model, case, inputs, reference_mode)
+    assert reference_mode.calls == len(expected_blocks)
+    handle = apply_tar(model, profile=profile, timesteps="all")
+    assert handle.profile is profile and handle.sigma == 1.0
+    got, got_blocks = run_recording(model, case, inputs)
+    for name in expected_blocks:
+        torch.testing.assert_close(got_blocks[name], expected_blocks[name], rtol=2e-4, atol=2e-5, msg=name)
+    torch.testing.assert_close(got, expected, rtol=2e-4, atol=2e-5)
+    baseline, _ = run_recording(case.build(), case, inputs)
+    assert not torch.allclose(got, baseline, atol=1e-4)  # the profile did something
+    assert remove_tar(model)
+    torch.testing.assert_close(run_recording(model, case, inputs)[0], baseline, rtol=0, atol=0)
+
+
+def test_profile_arguments():
+    """sigma adds a band to a profile; strength/mode without sigma, two bands, a UNet preset on a transformer and a
+    profile of the wrong type raise before anything is patched."""
+    model = tiny.tiny_wan_transformer()
+    window = FrameProfile.window(2)
+    handle = apply_tar(model, sigma=2.0, strength=0.5, profile=window)
+    assert (handle.profile.sigma, handle.profile.strength, handle.profile.radius) == (2.0, 0.5, 2)
+    assert "window(radius=2" in repr(handle)
+    remove_tar(model)
+    plain = {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")}
+    for kwargs, error, match in [
+        (dict(profile=window, strength=2.0), ValueError, "strength= and mode= shape the band of sigma="),
+        (dict(profile=FrameProfile.gaussian(1.0), sigma=2.0), ValueError, "two Gaussian bands"),
+        (dict(preset="64D1_32D8", profile=window), ValueError, "preset= applies to video UNets"),
+        (dict(profile="window"), TypeError, "profile must be a vstar_kernels.FrameProfile"),
+        (dict(profile=FrameProfile.table(bias=torch.zeros(5, 3))), None, None),
+    ]:
+        if error is None:  # a table for the wrong number of heads fails at the first call, naming the heads
+            apply_tar(model, timesteps="all", **kwargs)
+            with pytest.raises(ValueError, match="rows, but the call has"):
+                run_recording(model, CASES["wan"], _wan_inputs(model))
+            remove_tar(model)
+            continue
+        with pytest.raises(error, match=match):
+            apply_tar(model, **kwargs)
+        assert {name: m.processor for name, m in model.named_modules() if hasattr(m, "processor")} == plain
+
+
+def test_a_gaussian_profile_is_the_sigma_path():
+    """apply_tar(profile=FrameProfile.gaussian(...)) installs exactly what sigma= installs: same output bits."""
+    model = tiny.tiny_wan_transformer()
+    inputs = _wan_inputs(model)
+    apply_tar(model, sigma=1.5, strength=2.0, mode="absolute", timesteps="all")
+    expected, _ = run_recording(model, CASES["wan"], inputs)
+    handle = apply_tar(model, profile=FrameProfile.gaussian(1.5, 2.0, "absolute"), timesteps="all")
+    assert handle.profile is None and handle.sigma == 1.5
+    assert torch.equal(run_recording(model, CASES["wan"], inputs)[0], expected)
+
+
+@pytest.mark.parametrize(("build", "window"), [
+    (tiny.tiny_wan_transformer, 10),  # 81 frames -> 21 latent frames
+    (tiny.tiny_cogvideox_transformer, 6),  # 49 frames -> 13
+    (tiny.tiny_ltx_transformer, 8),  # 121 frames, 8x temporal compression -> 16
+    (tiny.tiny_hunyuan_transformer, 16),  # 129 frames -> 33
+])
+def test_ultravico_windows_follow_each_training_length(build, window):
+    profile = FrameProfile.ultravico(build())
+    expected = FrameProfile.decay_beyond(window, 0.9)
+    assert torch.equal(profile.positive_scale, expected.positive_scale)
+    assert f"decay_beyond(window={window}, factor=0.9)" in repr(profile)
+
+
+def test_ultravico_window_of_wan22_ti2v_and_cogvideox15():
+    """Wan 2.2 TI2V-5B (48 latent channels) was trained at 121 frames (31 latent frames); CogVideoX 1.5 (temporal
+    patch 2) at 81 frames: 21 latent frames, 10 after the patch."""
+    wan = tiny.tiny_wan_transformer()
+    wan.register_to_config(in_channels=48)
+    assert FrameProfile.ultravico(wan).positive_scale.shape[1] == 15 + 2
+    cog = tiny.tiny_cogvideox_transformer()
+    cog.register_to_config(patch_size_t=2)
+    assert FrameProfile.ultravico(cog).positive_scale.shape[1] == 5 + 2
+    with pytest.raises(ValueError, match="needs a video transformer"):
+        FrameProfile.ultravico(tiny.tiny_unet3d())
+
+
+@pytest.mark.parametrize("ratio", [2, 4])
+def test_wan_pipeline_beyond_its_training_length_with_ultravico(ratio):
+    """preset="ultravico" and FrameProfile.ultravico(pipe) + TAR run end to end at 2x and 4x Wan's 81 training
+    frames ((21 r - 1) * 4 + 1 frames, UltraViCo's own lengths); the two spellings give the same video, and
+    remove_tar gives the plain one back."""
+    pipe = tiny.wan_pipeline()
+    kwargs = dict(prompt="w3 w4", height=32, width=32, num_frames=(21 * ratio - 1) * 4 + 1, num_inference_steps=2,
+                  output_type="pt", max_sequence_length=8)
+
+    def run():
+        return pipe(generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+    baseline = run()
+    handle = apply_tar(pipe, preset="ultravico", sigma=2.0)
+    preset_video = run()
+    assert handle.state().geometry.frames == 21 * ratio
+    assert preset_video.shape == baseline.shape == (1, kwargs["num_frames"], 3, 32, 32)
+    assert torch.isfinite(preset_video).all() and not torch.equal(preset_video, baseline)
+    apply_tar(pipe, profile=FrameProfile.ultravico(pipe) + FrameProfile.gaussian(2.0))
+    assert torch.equal(run(), preset_video)
+    assert remove_tar(pipe)
+    assert torch.equal(run(), baseline)

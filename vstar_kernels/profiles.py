@@ -27,7 +27,11 @@ import torch
 
 from .limits import FLOAT32_MAX, MAX_OFFSET, MODES
 
-__all__ = ["FrameProfile"]
+__all__ = ["ULTRAVICO_FACTOR", "FrameProfile"]
+
+# UltraViCo's decay factor: the default ``--alpha`` of its public inference script (thu-ml/DiT-Extrapolation,
+# inference.py, Wan 2.1 T2V 1.3B), the value its kernel multiplies the positive out-of-window logits by.
+ULTRAVICO_FACTOR = 0.9
 
 
 def _finite_real(name: str, value: object) -> float:
@@ -219,6 +223,37 @@ class FrameProfile:
         the kernels that can (their cost falls with the kept share of the pairs)."""
         return cls(radius=radius, sink_frames=sink_frames)
 
+    @classmethod
+    def ultravico(cls, model: object, factor: float = ULTRAVICO_FACTOR) -> FrameProfile:
+        """UltraViCo's profile for a video transformer or a pipeline holding one (arXiv 2511.20123, ICLR 2026):
+        ``decay_beyond(L // 2, factor)`` with L the latent frames of the length the model was trained at.
+
+        UltraViCo scales the positive attention logits of token pairs beyond the training window by a constant
+        factor below 1. Its public kernel (thu-ml/DiT-Extrapolation, ``sageattn/attn_qk_int8_per_block.py``, the
+        Wan 2.1 T2V 1.3B release) keeps the pairs whose token distance is at most ``frame_tokens * 21 / 2`` (half of
+        the 21 latent frames of Wan's 81 training frames, on either side) and multiplies the other positive logits
+        by ``multi_factor``, 0.9 by default (``--alpha`` of its ``inference.py``). Here the window is counted in
+        whole latent frames: frame distance ``d > L // 2`` decays (Wan: d > 10). Its kernel also masks the first
+        latent frame's queries against keys past frame 21, a rule that is not a function of frame distance and is
+        not part of this profile.
+
+        L comes from each family's training length (:func:`~vstar_kernels.diffusers.dit.video_transformers.
+        trained_latent_frames`): Wan 2.1/2.2 A14B 81 frames (21 latent frames), Wan 2.2 TI2V-5B 121 (31),
+        CogVideoX 49 (13; 1.5: 81 frames, 21 latent frames, 10 after its temporal patch), LTX-Video 121 (16),
+        HunyuanVideo 129 (33). The factor is UltraViCo's published Wan value for every family (its code holds no
+        other). Compose it with TAR: ``FrameProfile.ultravico(pipe) + FrameProfile.gaussian(2.0)``.
+        """
+        from .diffusers.dit.video_transformers import trained_latent_frames, video_transformers_of
+
+        transformers = video_transformers_of(model)
+        if not transformers:
+            raise ValueError(f"FrameProfile.ultravico needs a video transformer (Wan, CogVideoX, LTX-Video, "
+                             f"HunyuanVideo) or a pipeline holding one, got {type(model).__name__}")
+        windows = {trained_latent_frames(t) // 2 for t in transformers.values()}
+        if len(windows) > 1:
+            raise ValueError(f"the pipeline's transformers were trained at different lengths (windows {windows})")
+        return cls.decay_beyond(windows.pop(), factor)
+
     # ------------------------------------------------------------------------------------------- composition
     def __add__(self, other: object) -> FrameProfile:
         if not isinstance(other, FrameProfile):
@@ -257,6 +292,21 @@ class FrameProfile:
         """Whether some framed pairs may be masked (a window, or a ``-inf`` bias entry)."""
         return self.radius is not None or self.table_masks
 
+    def select_heads(self, start: int, stop: int) -> FrameProfile:
+        """The profile for heads ``start:stop`` of a call (context parallelism's Ulysses gives each rank a share of
+        the heads): per-head tables sliced, everything else as is; ``self`` when the tables serve every head."""
+        if self.heads == 1:
+            return self
+        if not 0 <= start < stop <= self.heads:
+            raise ValueError(f"heads {start}:{stop} are not a share of the profile's {self.heads} heads")
+
+        def share(table: torch.Tensor | None) -> torch.Tensor | None:
+            return table if table is None or table.shape[0] == 1 else table[start:stop]
+
+        return FrameProfile(sigma=self.sigma, strength=self.strength, mode=self.mode, bias=share(self.bias),
+                            positive_scale=share(self.positive_scale), radius=self.radius,
+                            sink_frames=self.sink_frames)
+
     def check_heads(self, heads: int) -> None:
         """ValueError unless the tables serve ``heads`` attention heads (one row per head, or one row)."""
         if self.heads not in (1, heads):
@@ -274,8 +324,13 @@ class FrameProfile:
         parts = []
         if self.sigma is not None:
             parts.append(f"gaussian(sigma={self.sigma:g}, strength={self.strength:g}, mode={self.mode!r})")
-        tables = [f"{n}={tuple(t.shape)}" for n, t in (("bias", self.bias), ("positive_scale", self.positive_scale))
-                  if t is not None]
+        scale = self.positive_scale
+        decay = (scale is not None and scale.shape == (1, scale.shape[1]) and scale.shape[1] >= 2
+                 and bool((scale[0, :-1] == 1.0).all()) and float(scale[0, -1]) < 1.0)
+        if decay:
+            parts.append(f"decay_beyond(window={scale.shape[1] - 2}, factor={float(scale[0, -1]):g})")
+        tables = [f"{n}={tuple(t.shape)}" for n, t in (("bias", self.bias), ("positive_scale", scale))
+                  if t is not None and not (decay and t is scale)]
         if tables:
             parts.append(f"table({', '.join(tables)})")
         if self.radius is not None:

@@ -85,3 +85,33 @@ def _clamped(value: int) -> int:
     """An int32 kernel argument: the sink limit clamped to [-2^31 + 1, 2^31 - 1] (frames beyond it never occur)."""
     bound = 2**31 - 1
     return max(-bound, min(bound, value))
+
+
+def spans_interact(params: TARParams, len_q: int, len_k: int) -> bool:
+    """Whether some (query, key) pair of a call's chunks is kept: False only when every query token and every key
+    token has a frame and the two chunks' frames lie further apart than the profile keeps (its radius or its bias
+    table's reach), with no sink key kept beyond it. Context parallelism's Ring skips a key chunk for which this is
+    False (its partial result would be zeros with lse -inf). Host-side, from the layout alone."""
+    profile = params.profile
+    if profile is None or len_q == 0 or len_k == 0:
+        return True
+    reaches = [r for r in (profile.radius, profile.table_reach) if r is not None]
+    if not reaches:
+        return True
+    layout = params.layout
+    q_tokens = range(params.q_token_offset, params.q_token_offset + len_q)
+    k_tokens = range(params.k_token_offset, params.k_token_offset + len_k)
+    spans = []
+    for tokens, offset in ((q_tokens, params.q_offset), (k_tokens, params.k_offset)):
+        end = tokens.stop if layout.video_tokens is None else min(tokens.stop, layout.video_start
+                                                                   + layout.video_tokens)
+        if tokens.start < layout.video_start or tokens.stop > end:
+            return True  # a token without a frame (text) sees, or is seen by, every token
+        first = (tokens.start - layout.video_start) // layout.tokens_per_frame + offset
+        last = (tokens.stop - 1 - layout.video_start) // layout.tokens_per_frame + offset
+        spans.append((first, last))
+    (q_first, q_last), (k_first, k_last) = spans
+    gap = max(0, k_first - q_last, q_first - k_last)
+    sinks_kept = (profile.radius is not None and k_first < profile.sink_frames
+                  and (profile.table_reach is None or gap <= profile.table_reach))  # a sink's distance >= gap
+    return gap <= min(reaches) or sinks_kept

@@ -10,13 +10,15 @@ from collections.abc import Mapping, Sequence
 
 from torch import nn
 
+from ..profiles import FrameProfile
 from .dit.patching import DiTTARHandle, apply_transformer_tar, remove_transformer_tar, transformer_tar_state
 from .dit.video_transformers import SPECS, is_video_transformer_like, video_transformers_of
 from .unet.frame_positions import DEFAULT_POSITION_MODE
 from .unet.patching import TARHandle, apply_unet_tar, remove_unet_tar, unet_tar_state
 from .unet.processor import TARAttnProcessor
 
-_UNET_ONLY = {"preset": None, "levels": None, "positions": DEFAULT_POSITION_MODE}  # apply_tar's defaults
+_UNET_ONLY = {"levels": None, "positions": DEFAULT_POSITION_MODE}  # apply_tar's defaults
+TRANSFORMER_PRESETS = ("ultravico",)  # presets of video transformers (a UNet's name its levels' sigmas)
 
 
 def apply_tar(
@@ -24,14 +26,15 @@ def apply_tar(
     preset: str | Mapping[int, float] | None = None,
     *,
     sigma: float | None = None,
-    strength: float = 1.0,
-    mode: str = "relative",
+    strength: float | None = None,
+    mode: str | None = None,
     levels: tuple[int, ...] | list[int] | None = None,
     timesteps: str | tuple[float, float] = "paper",
     backend: str = "auto",
     processor: type[TARAttnProcessor] = TARAttnProcessor,
     positions: str = DEFAULT_POSITION_MODE,
     blocks: Sequence[int] | None = None,
+    profile: FrameProfile | None = None,
 ) -> TARHandle | DiTTARHandle:
     """Patch TAR into ``model``; returns a handle.
 
@@ -40,16 +43,24 @@ def apply_tar(
     ``HunyuanVideoTransformer3DModel``) or a pipeline holding one or two (``transformer``, ``transformer_2``), which
     gets the band over latent-frame distance on every chosen block's 3D self-attention
     (:class:`~vstar_kernels.diffusers.DiTTARHandle`; an extension beyond the paper). A transformer takes
-    ``sigma`` (latent frames, required), ``strength``, ``mode``, ``blocks``, ``timesteps`` and ``backend``; ``preset``,
-    ``levels``, ``processor`` and ``positions`` are UNet arguments and raise ValueError there.
+    ``sigma`` (latent frames), ``strength``, ``mode``, ``profile``, ``preset="ultravico"``, ``blocks``,
+    ``timesteps`` and ``backend``, and needs ``sigma``, ``profile`` or that preset; ``levels``, ``processor``,
+    ``positions`` and the UNet presets are UNet arguments and raise ValueError there.
 
     Args:
-        preset: an official preset ("64D1_32D8", ...; see PRESETS) or a ``{level: sigma}`` mapping; default
-            "64D1_32D8" unless ``sigma`` is given. Level 0 is the highest-resolution latent level ("64").
+        preset: a UNet: an official preset ("64D1_32D8", ...; see PRESETS) or a ``{level: sigma}`` mapping; default
+            "64D1_32D8" unless ``sigma`` or ``profile`` is given. Level 0 is the highest-resolution latent level
+            ("64"). A video transformer: "ultravico", UltraViCo's decay beyond half its training length
+            (:meth:`vstar_kernels.FrameProfile.ultravico`), to which ``sigma`` and ``profile`` add.
         sigma: one sigma for ``levels`` (default level 0) instead of a preset.
-        strength: the band's strength, as in :func:`vstar_kernels.tar_attention`.
-        mode: "relative" (VSTAR's, scaled by each row's max logit) or "absolute", as in
+        strength: the band's strength (default 1.0), as in :func:`vstar_kernels.tar_attention`.
+        mode: "relative" (VSTAR's, scaled by each row's max logit; the default) or "absolute", as in
             :func:`vstar_kernels.tar_attention`.
+        profile: a :class:`vstar_kernels.FrameProfile` (tables, windows with sinks, UltraViCo's decay, a band, or
+            their sum): a transformer runs it on every chosen block, added to the band of ``sigma`` and the
+            ``preset`` when given. A UNet adds it to each level's band of the preset or ``sigma``, or runs it alone
+            on ``levels`` (default level 0) when neither is given. A profile that holds a band takes no ``sigma``,
+            ``strength`` or ``mode`` beside it (the band is in the profile).
         levels: restrict to these levels.
         timesteps: "paper" (TAR on for the first, noisiest 14/25 of the denoising steps), "all", or an inclusive
             (t_lo, t_hi) range, read by a forward pre-hook on the UNet at every call. With a pipeline, "paper"
@@ -71,16 +82,46 @@ def apply_tar(
     """
     transformers = video_transformers_of(model)
     if transformers:
-        _check_transformer_arguments(sigma, preset=preset, levels=levels, positions=positions)
+        _check_transformer_arguments(levels=levels, positions=positions)
         if processor is not TARAttnProcessor:
             raise ValueError("processor= applies to video UNets; a video transformer keeps its own processor code")
-        return apply_transformer_tar(model, transformers, sigma=sigma, strength=strength, mode=mode, blocks=blocks,
-                                     timesteps=timesteps, backend=backend)
+        total = transformer_profile(model, preset, sigma=sigma, strength=strength, mode=mode, profile=profile)
+        return apply_transformer_tar(model, transformers, profile=total, blocks=blocks, timesteps=timesteps,
+                                     backend=backend)
     if blocks is not None:
         raise ValueError("blocks= selects a video transformer's blocks; a UNet takes levels= (or a preset)")
+    if isinstance(preset, str) and preset in TRANSFORMER_PRESETS:
+        raise ValueError(f"preset {preset!r} is a video transformer preset (frames beyond its training length); a "
+                         "UNet takes the paper's presets (vstar_kernels.PRESETS) or a profile=")
     _check_unet(model)
     return apply_unet_tar(model, preset, sigma=sigma, strength=strength, mode=mode, levels=levels,
-                          timesteps=timesteps, backend=backend, processor=processor, positions=positions)
+                          timesteps=timesteps, backend=backend, processor=processor, positions=positions,
+                          profile=profile)
+
+
+def transformer_profile(model: object, preset: object, *, sigma: float | None, strength: float | None,
+                        mode: str | None, profile: FrameProfile | None) -> FrameProfile:
+    """The one profile a transformer's layers run: the ``preset``'s ("ultravico"), plus the band of ``sigma``
+    (with ``strength`` and ``mode``), plus ``profile``. ValueError (TypeError for a wrong type) when none is given,
+    for a UNet preset, for ``strength``/``mode`` without ``sigma``, and for two bands."""
+    if preset is not None and not (isinstance(preset, str) and preset in TRANSFORMER_PRESETS):
+        raise ValueError(f"preset= applies to video UNets (the paper's presets name UNet levels); a video "
+                         f"transformer takes preset in {TRANSFORMER_PRESETS}, got {preset!r}")
+    if profile is not None and not isinstance(profile, FrameProfile):
+        raise TypeError(f"profile must be a vstar_kernels.FrameProfile, got {type(profile).__name__}")
+    parts = [FrameProfile.ultravico(model)] if preset == "ultravico" else []
+    if sigma is not None:
+        parts.append(FrameProfile.gaussian(sigma, 1.0 if strength is None else strength,
+                                           "relative" if mode is None else mode))
+    elif strength is not None or mode is not None:
+        raise ValueError("strength= and mode= shape the band of sigma=; a profile holds its own band "
+                         "(FrameProfile.gaussian(sigma, strength, mode))")
+    if profile is not None:
+        parts.append(profile)
+    if not parts:
+        raise ValueError("apply_tar on a video transformer needs sigma= (the band's width in latent frames; the "
+                         "paper's presets name UNet levels and do not apply), profile= or preset='ultravico'")
+    return sum(parts[1:], parts[0])
 
 
 def remove_tar(model: nn.Module) -> bool:
@@ -107,16 +148,12 @@ def tar_state(model: nn.Module) -> TARHandle | DiTTARHandle | None:
     return unet_tar_state(model)
 
 
-def _check_transformer_arguments(sigma: float | None, **unet_only: object) -> None:
-    """ValueError for a UNet-only argument of apply_tar given a value other than its default (presets name UNet
-    levels) and for a missing sigma."""
+def _check_transformer_arguments(**unet_only: object) -> None:
+    """ValueError for a UNet-only argument of apply_tar given a value other than its default."""
     for name, value in unet_only.items():
         if value != _UNET_ONLY[name]:
             raise ValueError(f"{name}= applies to video UNets; a video transformer takes sigma= (in latent frames), "
-                             "strength=, mode=, blocks= and timesteps=")
-    if sigma is None:
-        raise ValueError("apply_tar on a video transformer needs sigma= (the band's width in latent frames; the "
-                         "paper's presets name UNet levels and do not apply)")
+                             "strength=, mode=, profile=, preset='ultravico', blocks= and timesteps=")
 
 
 def _check_unet(model: object) -> None:

@@ -38,7 +38,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..contract import make_params
+from ..backends.profile_tables import spans_interact
+from ..contract import TARParams, make_params
 from ..ops import select_backend, tar_attention, tar_row_max
 from .layout import RankGroup, _exchange, gather_frames, split_sizes
 
@@ -112,9 +113,48 @@ def _check_heads(mesh: SequenceMesh, heads: int) -> None:
 
 
 def _check_op(q: torch.Tensor, tar: dict) -> None:
-    """The op's own checks of its scalars and of the backend, for ``tar`` (its keyword arguments)."""
-    params = make_params(q.shape[-1], **{name: value for name, value in tar.items() if name != "backend"})
+    """The op's own checks of its scalars and of the backend, for ``tar`` (its keyword arguments; a profile's tables
+    for the call's heads, before Ulysses splits them)."""
+    params = _params(q, tar)
+    if params.profile is not None:
+        params.profile.check_heads(q.shape[2])
+        params.profile.check_device(q.device)
     select_backend(q, params, tar.get("backend", "auto"))
+
+
+def _params(q: torch.Tensor, tar: dict, **chunk: int) -> TARParams:
+    """The op's parameters of a call with ``tar`` (its keyword arguments) and the token offsets ``chunk``."""
+    return make_params(q.shape[-1], **{name: value for name, value in tar.items() if name != "backend"}, **chunk)
+
+
+def _relative_band(tar: dict) -> bool:
+    """Whether the call's band is relative (its row max over every key chunk is needed): from sigma/strength/mode,
+    or from the profile's band."""
+    profile = tar.get("profile")
+    if profile is not None:
+        return profile.has_band and profile.mode == "relative" and profile.strength != 0.0
+    return tar.get("mode", "relative") == "relative" and tar.get("strength", 1.0) != 0.0
+
+
+def _row_max_kwargs(tar: dict) -> dict:
+    """What :func:`~vstar_kernels.ops.tar_row_max` takes of ``tar``: the scale and backend, and with a profile that
+    masks, the profile and the layout (the row max runs over the kept keys)."""
+    kw = {"scale": tar.get("scale"), "backend": tar.get("backend", "auto")}
+    profile = tar.get("profile")
+    if profile is not None and profile.masks:
+        layout = ("q_offset", "k_offset", "tokens_per_frame", "video_start", "video_tokens")
+        kw.update(profile=profile, **{name: tar[name] for name in layout if name in tar})
+    return kw
+
+
+def _heads_share(tar: dict, heads: list[int], rank: int) -> dict:
+    """``tar`` for this Ulysses rank's share of the heads (``heads``: every rank's share): a per-head profile's
+    tables sliced to it."""
+    profile = tar.get("profile")
+    if profile is None or profile.heads == 1:
+        return tar
+    start = sum(heads[:rank])
+    return {**tar, "profile": profile.select_heads(start, start + heads[rank])}
 
 
 def _check_devices(mesh: SequenceMesh, device: torch.device) -> None:
@@ -213,18 +253,24 @@ class _RingPeers:
 
 
 def ring_row_max(q: torch.Tensor, k: torch.Tensor, span_sizes: list[int], rg: RankGroup, *,
-                 scale: float | None, backend: str) -> torch.Tensor:
-    """max_j S_ij over the keys of every rank's span: K rotates once round the ring (QKᵀ only). (batch, Lq, heads)
-    float32."""
+                 tar: dict) -> torch.Tensor:
+    """max_j S_ij over the keys of every rank's span (over the kept keys, with a profile that masks): K rotates once
+    round the ring (QKᵀ only); a span the profile masks for every query of this rank's span is not computed.
+    (batch, Lq, heads) float32."""
+    starts = [sum(span_sizes[:r]) for r in range(rg.world)]
     chunk, best = k.contiguous(), None
+    kw = _row_max_kwargs(tar)
     with _RingPeers(rg) as peers:
         for step in range(rg.world):
+            owner = (rg.rank - step) % rg.world
             wait = None
             if step < rg.world - 1:  # the chunk after this one: held by rank - step - 1
                 size = span_sizes[(rg.rank - step - 1) % rg.world]
                 wait = peers.rotate(chunk, (chunk.shape[0], size, *chunk.shape[2:]))
-            part = tar_row_max(q, chunk, scale=scale, backend=backend)
-            best = part if best is None else torch.maximum(best, part)
+            offsets = {"q_token_offset": starts[rg.rank], "k_token_offset": starts[owner]}
+            if spans_interact(_params(q, tar, **offsets), q.shape[1], chunk.shape[1]):
+                part = tar_row_max(q, chunk, **kw, **(offsets if "profile" in kw else {}))
+                best = part if best is None else torch.maximum(best, part)
             if wait is not None:
                 chunk = wait()
     return best
@@ -233,13 +279,12 @@ def ring_row_max(q: torch.Tensor, k: torch.Tensor, span_sizes: list[int], rg: Ra
 def ring_tar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span_sizes: list[int], rg: RankGroup,
                        tar: dict) -> torch.Tensor:
     """TAR attention of this rank's query span against every rank's key/value span (inference): the spans' global
-    token positions bias every pairing, the relative row max runs over all keys (:func:`ring_row_max`), and the
-    partials merge through their log-sum-exp in float32. ``tar``: the op's keyword arguments for the whole
-    sequence (sigma, strength, mode, scale, layout, backend)."""
+    token positions bias every pairing, the relative row max runs over all (kept) keys (:func:`ring_row_max`), and
+    the partials merge through their log-sum-exp in float32. A key span that a frame-distance profile masks for
+    every query of this span (a window) still travels round the ring but is not computed. ``tar``: the op's keyword
+    arguments for the whole sequence (sigma, strength, mode or profile, scale, layout, backend)."""
     starts = [sum(span_sizes[:r]) for r in range(rg.world)]
-    row_max = None
-    if tar["mode"] == "relative" and tar["strength"] != 0.0:
-        row_max = ring_row_max(q, k, span_sizes, rg, scale=tar.get("scale"), backend=tar["backend"])
+    row_max = ring_row_max(q, k, span_sizes, rg, tar=tar) if _relative_band(tar) else None
     pair, out, lse = torch.stack([k, v]), None, None
     with _RingPeers(rg) as peers:
         for step in range(rg.world):
@@ -248,15 +293,17 @@ def ring_tar_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, span_s
             if step < rg.world - 1:
                 size = span_sizes[(rg.rank - step - 1) % rg.world]
                 wait = peers.rotate(pair, (2, pair.shape[1], size, *pair.shape[3:]))
-            part, part_lse = tar_attention(q, pair[0], pair[1], q_token_offset=starts[rg.rank],
-                                           k_token_offset=starts[owner], row_max=row_max, return_lse=True, **tar)
-            if out is None:
-                out, lse = part.to(torch.float32), part_lse
-            else:
-                merged = torch.logaddexp(lse, part_lse)
-                out = out * torch.exp(lse - merged)[..., None] + part.to(torch.float32) * torch.exp(
-                    part_lse - merged)[..., None]
-                lse = merged
+            offsets = {"q_token_offset": starts[rg.rank], "k_token_offset": starts[owner]}
+            if spans_interact(_params(q, tar, **offsets), q.shape[1], pair.shape[2]):
+                part, part_lse = tar_attention(q, pair[0], pair[1], row_max=row_max, return_lse=True, **offsets,
+                                               **tar)
+                if out is None:
+                    out, lse = part.to(torch.float32), part_lse
+                else:
+                    merged = torch.logaddexp(lse, part_lse)
+                    out = out * torch.exp(lse - merged)[..., None] + part.to(torch.float32) * torch.exp(
+                        part_lse - merged)[..., None]
+                    lse = merged
             if wait is not None:
                 pair = wait()
     return out.to(q.dtype)
@@ -291,6 +338,7 @@ def sequence_parallel_tar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mes
             q, k, v = ulysses_to_heads(torch.stack([q, k, v]), group_shards, mesh.ulysses).unbind(0)
         else:
             q, k, v = (ulysses_to_heads(t, group_shards, mesh.ulysses) for t in (q, k, v))
+        tar = _heads_share(tar, split_sizes(heads, mesh.ulysses.world), mesh.ulysses.rank)
     else:
         group_shards = None
     if mesh.ring is not None and mesh.ring.world > 1:
@@ -358,6 +406,7 @@ def two_segment_tar(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: tor
     local = [shards.local(r) for r in range(mesh.ring_world * width)]
     if width > 1:
         q, k, v = ulysses_to_heads(torch.stack([q, k, v]), [local[r] for r in group], mesh.ulysses).unbind(0)
+        tar = _heads_share(tar, split_sizes(heads, width), mesh.ulysses.rank)
     key_ranks = group
     if mesh.ring_world > 1:
         k, v = (gather_frames(t.contiguous(), _ring_spans(local, mesh), 1, mesh.ring) for t in (k, v))

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ...presets import StepWindow
+from ...profiles import FrameProfile
 from ..shared.arguments import check_tar_arguments
 from ..shared.components import (
     SYNOPSIS_STATE_ATTR,
@@ -63,15 +64,18 @@ class DiTGate(TARGate):
 @dataclass
 class DiTTARHandle:
     """What one ``apply_tar`` on a video transformer (or a pipeline's transformers) patched: ``layers`` maps module
-    path (prefixed by the pipeline attribute, e.g. ``transformer_2.blocks.3.attn1``) -> sigma in latent frames."""
+    path (prefixed by the pipeline attribute, e.g. ``transformer_2.blocks.3.attn1``) -> sigma in latent frames (None
+    for a profile without a band); ``profile``: the frame-distance profile every layer runs (it holds the band), or
+    None for TAR's band alone."""
 
-    layers: dict[str, float]
-    sigma: float
+    layers: dict[str, float | None]
+    sigma: float | None
     strength: float
     mode: str
     window: StepWindow
     blocks: tuple[int, ...] | None
     _patches: dict[str, TransformerPatch] = field(default_factory=dict, repr=False)
+    profile: FrameProfile | None = None
 
     @property
     def num_layers(self) -> int:
@@ -82,8 +86,9 @@ class DiTTARHandle:
         where = ", ".join(f"{sum(p.startswith(f'{prefix}.') or not prefix for p in self.layers)} on "
                           f"{prefix or 'the transformer'}" for prefix in self._patches) or "none"
         blocks = "all" if self.blocks is None else list(self.blocks)
-        return (f"DiTTARHandle({self.num_layers} layers ({where}), sigma={self.sigma:g} latent frames, "
-                f"mode={self.mode!r}, strength={self.strength:g}, window={self.window!r}, blocks={blocks})")
+        bias = (f"profile={self.profile!r}" if self.profile is not None else
+                f"sigma={self.sigma:g} latent frames, mode={self.mode!r}, strength={self.strength:g}")
+        return f"DiTTARHandle({self.num_layers} layers ({where}), {bias}, window={self.window!r}, blocks={blocks})"
 
     def state(self, prefix: str | None = None) -> DiTState:
         """The shared state (step switch, last geometry) of the transformer at pipeline attribute ``prefix``
@@ -91,15 +96,17 @@ class DiTTARHandle:
         return self._patches[next(iter(self._patches)) if prefix is None else prefix].state
 
 
-def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, sigma: float, strength: float,
-                          mode: str, blocks: object, timesteps: object, backend: str) -> DiTTARHandle:
+def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, sigma: float | None = None,
+                          strength: float | None = None, mode: str | None = None, blocks: object, timesteps: object,
+                          backend: str, profile: FrameProfile | None = None) -> DiTTARHandle:
     """Patch TAR into each transformer of ``transformers`` (pipeline attribute -> model; ``model`` is what
     ``apply_tar`` was given: a pipeline's scheduler gives the step window). The TAR layers are every chosen block's
     self-attention; beside them go their companions (processors TAR needs, e.g. :class:`ShardedTextCrossAttention`
     on LTX-Video's cross-attention). Validates everything before changing anything (ValueError/TypeError); applying
-    again replaces the previous application."""
+    again replaces the previous application. ``profile`` (a :class:`~vstar_kernels.FrameProfile`) replaces
+    ``sigma``, ``strength`` and ``mode``; a profile that holds only a band runs as that band's sigma would."""
     params, window = check_tar_arguments(sigma=sigma, strength=strength, mode=mode, timesteps=timesteps,
-                                         backend=backend)
+                                         backend=backend, profile=profile)
     plans = {}
     for prefix, transformer in transformers.items():
         spec = spec_of(transformer)
@@ -115,17 +122,20 @@ def apply_transformer_tar(model: object, transformers: dict[str, nn.Module], *, 
         plans[prefix] = (transformer, spec, chosen, processor_cls, companions)
 
     first_chosen = next(iter(plans.values()))[2]
-    handle = DiTTARHandle(layers={}, sigma=params.sigma, strength=params.strength, mode=mode, window=window,
-                          blocks=None if blocks is None else tuple(layer.block for layer in first_chosen))
+    sigma = None if profile is not None and not profile.has_band else params.sigma
+    handle = DiTTARHandle(layers={}, sigma=sigma, strength=params.strength, mode=params.mode, window=window,
+                          blocks=None if blocks is None else tuple(layer.block for layer in first_chosen),
+                          profile=params.profile)
     scheduler = SchedulerSource(model) if not isinstance(model, nn.Module) else None
     for prefix, (transformer, spec, chosen, processor_cls, companions) in plans.items():
         remove_transformer_tar(transformer)
         state = DiTState()
         patch = TransformerPatch({}, {}, DiTGate(window, state, spec, scheduler), state)
         for layer in chosen:
-            installed = processor_cls(layer.module.processor, sigma=params.sigma, strength=params.strength,
-                                      mode=mode, backend=backend, text=spec.text, state=state)
-            handle.layers[f"{prefix}.{layer.name}" if prefix else layer.name] = params.sigma
+            installed = processor_cls(layer.module.processor, sigma=sigma, strength=params.strength,
+                                      mode=params.mode, backend=backend, text=spec.text, state=state,
+                                      profile=params.profile)
+            handle.layers[f"{prefix}.{layer.name}" if prefix else layer.name] = sigma
             set_processor_tracked(layer.module, installed, layer.name, patch.originals, patch.installed)
         for layer in companions:  # beneath a synopsis' per-frame regrouping, which stays outermost
             original, companion = install_processor(layer.module, ShardedTextCrossAttention, (DiTSynopsisProcessor,))

@@ -35,6 +35,7 @@ from ...distributed.sequence_parallel import (
     two_segment_tar,
 )
 from ...ops import tar_attention
+from ...profiles import FrameProfile
 from ...reference import key_prefix_mask
 from ..shared.components import WrappedSettings
 from ..shared.step_window import TARSwitch, by_step_window
@@ -191,19 +192,27 @@ class DiTTARProcessor(RoutedProcessor):
     where text tokens sit in the attention sequence ("none", "first", "last").
     """
 
-    def __init__(self, original: object, *, sigma: float, strength: float, mode: str, backend: str, text: str,
-                 state: DiTState) -> None:
+    def __init__(self, original: object, *, sigma: float | None, strength: float, mode: str, backend: str, text: str,
+                 state: DiTState, profile: FrameProfile | None = None) -> None:
         self.sigma = sigma
         self.strength = strength
         self.mode = mode
         self.backend = backend
         self.text = text
         self.state = state
+        self.profile = profile
         super().__init__(original)
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}(sigma={self.sigma}, strength={self.strength}, mode={self.mode!r}, "
-                f"original={type(self.original).__name__})")
+        bias = (f"profile={self.profile!r}" if self.profile is not None
+                else f"sigma={self.sigma}, strength={self.strength}, mode={self.mode!r}")
+        return f"{type(self).__name__}({bias}, original={type(self.original).__name__})"
+
+    def bias_kwargs(self) -> dict[str, object]:
+        """The op's bias arguments: ``profile=`` when built with one (it holds its band), else the band's."""
+        if self.profile is not None:
+            return {"profile": self.profile}
+        return {"sigma": self.sigma, "strength": self.strength, "mode": self.mode}
 
     # ------------------------------------------------------------------------------------------------ running
     def _dispatch(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
@@ -248,7 +257,7 @@ class DiTTARProcessor(RoutedProcessor):
         return by_step_window(self.state.switch, tar, plain, q, k, v)
 
     def _op_kwargs(self, scale, len_q: int, len_k: int) -> dict:
-        return dict(sigma=self.sigma, strength=self.strength, mode=self.mode, scale=scale, backend=self.backend,
+        return dict(**self.bias_kwargs(), scale=scale, backend=self.backend,
                     **self.layout(len_q, len_k))
 
     def _with_tar(self, q, k, v, attn_mask, dropout_p, is_causal, scale):

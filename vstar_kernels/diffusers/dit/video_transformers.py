@@ -66,6 +66,33 @@ def _hunyuan_geometry(model: nn.Module, args: dict[str, object]) -> FrameGeometr
     return _patched_grid(args["hidden_states"].shape[2:], model.config.patch_size_t, model.config.patch_size)
 
 
+# The video frames each family was trained to generate (its release notes and model cards): a length-extrapolation
+# preset (UltraViCo) acts beyond it. Wan 2.1 and Wan 2.2 A14B: 81 frames (5 s at 16 fps); Wan 2.2 TI2V-5B, whose VAE
+# has 48 latent channels: 121 (5 s at 24 fps). CogVideoX 1.0: 49 (6 s at 8 fps); CogVideoX 1.5, the one with a
+# temporal patch: 81 (5 s at 16 fps). LTX-Video: 121 (5 s at 24 fps). HunyuanVideo: 129 (5 s at 24 fps + 1).
+def _wan_training_frames(config) -> int:
+    return 121 if config.in_channels == 48 else 81
+
+
+def _cogvideox_training_frames(config) -> int:
+    return 49 if config.patch_size_t is None else 81
+
+
+def _ltx_training_frames(config) -> int:
+    return 121
+
+
+def _hunyuan_training_frames(config) -> int:
+    return 129
+
+
+def _temporal_patch(config) -> int:
+    patch = getattr(config, "patch_size_t", None)
+    if patch is None and isinstance(getattr(config, "patch_size", None), (tuple, list)):
+        patch = config.patch_size[0]  # Wan: (p_t, p_h, p_w)
+    return patch or 1
+
+
 @dataclass(frozen=True)
 class VideoTransformerSpec:
     """Where TAR goes in one diffusers video transformer class.
@@ -89,6 +116,8 @@ class VideoTransformerSpec:
     # the model's _cp_plan splits the text with the video (LTX-Video): under Ring, TAR's patch gathers that text in
     # the cross-attention (dit.processor.ShardedTextCrossAttention)
     cp_plan_splits_text: bool = False
+    # the video frames the model was trained at, from its config (see _wan_training_frames)
+    training_frames: Callable[[object], int] = _wan_training_frames
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_POSITIONS:
@@ -101,12 +130,12 @@ SPECS: dict[str, VideoTransformerSpec] = {
         VideoTransformerSpec("WanTransformer3DModel", ("blocks",), "attn1", "none", _wan_geometry,
                              cross_attention="attn2", text_projection="condition_embedder.text_embedder"),
         VideoTransformerSpec("CogVideoXTransformer3DModel", ("transformer_blocks",), "attn1", "first",
-                             _cogvideox_geometry),
+                             _cogvideox_geometry, training_frames=_cogvideox_training_frames),
         VideoTransformerSpec("LTXVideoTransformer3DModel", ("transformer_blocks",), "attn1", "none", _ltx_geometry,
                              temporal_compression=8, cross_attention="attn2", text_projection="caption_projection",
-                             cp_plan_splits_text=True),
+                             cp_plan_splits_text=True, training_frames=_ltx_training_frames),
         VideoTransformerSpec("HunyuanVideoTransformer3DModel", ("transformer_blocks", "single_transformer_blocks"),
-                             "attn", "last", _hunyuan_geometry),
+                             "attn", "last", _hunyuan_geometry, training_frames=_hunyuan_training_frames),
     )
 }
 # The pipeline attributes that hold video transformers (Wan 2.2 A14B has two experts)
@@ -119,6 +148,17 @@ def spec_of(model: object) -> VideoTransformerSpec | None:
         if cls.__name__ in SPECS and cls.__module__.startswith("diffusers."):
             return SPECS[cls.__name__]
     return None
+
+
+def trained_latent_frames(transformer: nn.Module) -> int:
+    """The frames of the attention sequence (latent frames after the temporal patch) at the video length the model
+    was trained at: ``(frames - 1) // temporal_compression + 1`` latent frames, floor-divided by the temporal patch
+    as the patch embedding does (Wan 2.1: 81 frames -> 21)."""
+    spec = spec_of(transformer)
+    if spec is None:
+        raise ValueError(f"{type(transformer).__name__} is not a supported video transformer")
+    frames = spec.training_frames(transformer.config)
+    return ((frames - 1) // spec.temporal_compression + 1) // _temporal_patch(transformer.config)
 
 
 def video_transformers_of(model: object) -> dict[str, nn.Module]:

@@ -80,11 +80,8 @@ class _RecordingProcessor:
         q, k, _ = project_heads(attn, hidden_states[pick])
         inner = self.inner
         tar_on = isinstance(inner, TARAttnProcessor) and inner.active
-        sigma = inner.sigma if tar_on else 1.0
-        strength = inner.strength if tar_on else 0.0
-        mode = inner.mode if tar_on else "relative"
-        probs = tar_attention_probs(q, k, sigma=sigma, strength=strength, mode=mode, scale=attn.scale,
-                                    compute_dtype=torch.float32)
+        bias = inner.bias_kwargs() if tar_on else {"sigma": 1.0, "strength": 0.0}
+        probs = tar_attention_probs(q, k, scale=attn.scale, compute_dtype=torch.float32, **bias)
         self.maps.add(self.name, probs)
 
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from ...call_state import keep_state_in_checkpoints, release_checkpoints
 from ...presets import StepWindow, resolve_levels
+from ...profiles import FrameProfile
 from ..shared.arguments import check_tar_arguments
 from ..shared.components import TAR_STATE_ATTR, remove_pre_hook, restore_processors, set_processor_tracked, unet_of
 from ..shared.step_window import SchedulerSource, TARGate, TARSwitch
@@ -34,16 +35,19 @@ from .processor import TARAttnProcessor
 
 @dataclass
 class TARHandle:
-    """What one ``apply_tar`` patched: ``layers`` maps module path -> (level, sigma); the step window in force;
-    ``positions`` and ``position_tables`` (path -> rows) for the frame-position tables it set (AnimateDiff)."""
+    """What one ``apply_tar`` patched: ``layers`` maps module path -> (level, sigma; None for a layer whose
+    profile has no band); the step window in force; ``positions`` and ``position_tables`` (path -> rows) for the
+    frame-position tables it set (AnimateDiff); ``profile``: the frame-distance profile given (each layer runs
+    its level's band plus it), or None."""
 
-    layers: dict[str, tuple[int, float]]
+    layers: dict[str, tuple[int, float | None]]
     window: StepWindow
     strength: float
     mode: str
     switch: TARSwitch = field(repr=False)
     positions: str = DEFAULT_POSITION_MODE
     position_tables: dict[str, int] = field(default_factory=dict)
+    profile: FrameProfile | None = None
     _positions_before: dict[str, str | None] = field(default_factory=dict, repr=False)
     _originals: dict[str, object] = field(default_factory=dict, repr=False)
     _installed: dict[str, TARAttnProcessor] = field(default_factory=dict, repr=False)
@@ -56,13 +60,15 @@ class TARHandle:
     def __repr__(self) -> str:
         """One readable line: layers per (level, sigma), the step window, and the frame-position tables set."""
         counts = sorted(Counter(self.layers.values()).items())
-        levels = ", ".join(f"level {level}: sigma {sigma:g} ({n} layers)" for (level, sigma), n in counts)
+        levels = ", ".join(f"level {level}: {'no band' if sigma is None else f'sigma {sigma:g}'} ({n} layers)"
+                           for (level, sigma), n in counts)
         tables = ""
         if self.position_tables:
             rows = "/".join(str(r) for r in sorted(set(self.position_tables.values())))
             tables = f", {len(self.position_tables)} position tables of {rows} rows"
+        profile = "" if self.profile is None else f", profile={self.profile!r}"
         return (f"TARHandle({self.num_layers} layers {{{levels}}}, mode={self.mode!r}, strength={self.strength:g}, "
-                f"window={self.window!r}, positions={self.positions!r}{tables})")
+                f"window={self.window!r}, positions={self.positions!r}{tables}{profile})")
 
 
 def apply_unet_tar(
@@ -70,13 +76,14 @@ def apply_unet_tar(
     preset: str | Mapping[int, float] | None,
     *,
     sigma: float | None,
-    strength: float,
-    mode: str,
+    strength: float | None,
+    mode: str | None,
     levels: tuple[int, ...] | list[int] | None,
     timesteps: str | tuple[float, float],
     backend: str,
     processor: type[TARAttnProcessor],
     positions: str,
+    profile: FrameProfile | None = None,
 ) -> TARHandle:
     """``apply_tar`` on a video UNet or a pipeline with ``.unet``; the arguments as
     :func:`vstar_kernels.diffusers.apply_tar` documents them.
@@ -88,10 +95,10 @@ def apply_unet_tar(
     pipeline.
     """
     unet = unet_of(model)
-    mapping = resolve_levels(preset, sigma, levels)
+    mapping = _level_bands(preset, sigma, levels, profile, strength, mode)
     params, window = check_tar_arguments(sigma=1.0, strength=strength, mode=mode, timesteps=timesteps,
                                          backend=backend)  # the sigmas, per level, resolve_levels validated
-    strength = params.strength
+    strength, mode = params.strength, params.mode
     if not (isinstance(processor, type) and issubclass(processor, TARAttnProcessor)):
         raise TypeError(f"processor must be TARAttnProcessor or a subclass, got {processor!r}")
     layers = find_temporal_attention(unet)
@@ -107,9 +114,11 @@ def apply_unet_tar(
     handle = TARHandle(layers={}, window=window, strength=float(strength), mode=mode, switch=switch,
                        positions=positions, _positions_before=frame_positions_state(unet))
     handle.position_tables = extend_frame_positions(unet, positions)
+    handle.profile = profile
     for layer in chosen:
         level_sigma = mapping[layer.level]
-        installed = processor(sigma=level_sigma, strength=strength, mode=mode, backend=backend, switch=switch)
+        installed = processor(sigma=level_sigma, strength=strength, mode=mode, backend=backend, switch=switch,
+                              profile=_layer_profile(level_sigma, strength, mode, profile))
         handle.layers[layer.name] = (layer.level, level_sigma)
         set_processor_tracked(layer.module, installed, layer.name, handle._originals, handle._installed)
 
@@ -118,6 +127,37 @@ def apply_unet_tar(
     keep_state_in_checkpoints(unet)
     setattr(unet, TAR_STATE_ATTR, handle)
     return handle
+
+
+def _level_bands(preset, sigma, levels, profile, strength, mode) -> dict[int, float | None]:
+    """{level: sigma or None} of one application. With a ``profile`` and neither ``preset`` nor ``sigma`` the
+    profile alone runs on ``levels`` (default level 0; ``strength`` and ``mode`` belong in its band then); a profile
+    beside a preset or a sigma adds to each level's band (and must hold no band of its own)."""
+    if profile is None:
+        return resolve_levels(preset, sigma, levels)
+    if not isinstance(profile, FrameProfile):
+        raise TypeError(f"profile must be a vstar_kernels.FrameProfile, got {type(profile).__name__}")
+    if preset is not None or sigma is not None:
+        if profile.has_band:
+            raise ValueError("the profile holds a Gaussian band and the preset or sigma gives one per level: a "
+                             "layer takes at most one band (drop one of them)")
+        return resolve_levels(preset, sigma, levels)
+    if strength is not None or mode is not None:
+        raise ValueError("strength= and mode= shape the band of a preset or sigma; a profile holds its own band "
+                         "(FrameProfile.gaussian(sigma, strength, mode))")
+    chosen = tuple(levels) if levels is not None else (0,)
+    if not chosen or any(isinstance(level, bool) or not isinstance(level, int) or level < 0 for level in chosen):
+        raise ValueError(f"levels must be integers >= 0 (0 = highest resolution), got {levels!r}")
+    return dict.fromkeys(chosen)
+
+
+def _layer_profile(sigma: float | None, strength: float, mode: str,
+                   profile: FrameProfile | None) -> FrameProfile | None:
+    """The profile a layer runs: its level's band plus ``profile``, the profile alone without a band, or None for
+    plain TAR."""
+    if profile is None or sigma is None:
+        return profile
+    return FrameProfile.gaussian(sigma, strength, mode) + profile
 
 
 def remove_unet_tar(model: nn.Module) -> bool:
@@ -136,7 +176,7 @@ def remove_unet_tar(model: nn.Module) -> bool:
 
     def still_ours(name: str, current: object) -> bool:
         installed = handle._installed[name]
-        recreated = type(current) is type(installed) and current.sigma is None
+        recreated = type(current) is type(installed) and not current.configured
         return current is installed or recreated
 
     restore_processors(unet, handle._originals, still_ours)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ...ops import tar_attention
+from ...profiles import FrameProfile
 from ...reference import tar_attention_reference
 from ..shared.step_window import TARSwitch, by_step_window
 
@@ -44,6 +45,8 @@ class TARAttnProcessor:
 
     Constructible with no arguments (IP-Adapter re-creates processors that way): then it is plain attention.
     With a ``switch`` that is off, it is plain attention too: the same SDPA call as AttnProcessor2_0, bit for bit.
+    With a ``profile`` (a :class:`~vstar_kernels.FrameProfile`, which holds its own band) the op gets that profile;
+    ``sigma`` then only names the band's width for reading.
     """
 
     _warned_mask = False
@@ -56,18 +59,33 @@ class TARAttnProcessor:
         mode: str = "relative",
         backend: str = "auto",
         switch: TARSwitch | None = None,
+        profile: FrameProfile | None = None,
     ) -> None:
         self.sigma = sigma
         self.strength = strength
         self.mode = mode
         self.backend = backend
         self.switch = switch
+        self.profile = profile
+
+    @property
+    def configured(self) -> bool:
+        """Built with a band or a profile (not the plain processor IP-Adapter re-creates without arguments)."""
+        return self.sigma is not None or self.profile is not None
 
     @property
     def active(self) -> bool:
-        return self.sigma is not None and (self.switch is None or self.switch.active)
+        return self.configured and (self.switch is None or self.switch.active)
+
+    def bias_kwargs(self) -> dict[str, object]:
+        """The op's bias arguments: ``profile=`` when built with one, else ``sigma``, ``strength`` and ``mode``."""
+        if self.profile is not None:
+            return {"profile": self.profile}
+        return {"sigma": self.sigma, "strength": self.strength, "mode": self.mode}
 
     def __repr__(self) -> str:
+        if self.profile is not None:
+            return f"{type(self).__name__}(profile={self.profile!r})"
         return f"{type(self).__name__}(sigma={self.sigma}, strength={self.strength}, mode={self.mode!r})"
 
     def __call__(
@@ -113,7 +131,7 @@ class TARAttnProcessor:
         def without_tar(q, k, v):
             return self._without_tar(q, k, v, scale, attention_mask)
 
-        if self.sigma is None:
+        if not self.configured:
             return without_tar(q, k, v)
         return by_step_window(self.switch, with_tar, without_tar, q, k, v)
 
@@ -121,7 +139,7 @@ class TARAttnProcessor:
         """TAR off (outside the step window, or built without arguments): exactly AttnProcessor2_0's SDPA call, so
         those steps are bit-identical to the unpatched model; the materialised processor runs its reference."""
         if self.materialise:
-            return self._reference(q, k, v, scale, attention_mask, strength=0.0)
+            return self._reference(q, k, v, scale, attention_mask, {"sigma": 1.0, "strength": 0.0})
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                              attn_mask=attention_mask, dropout_p=0.0, is_causal=False, scale=scale)
         return out.transpose(1, 2)
@@ -132,14 +150,12 @@ class TARAttnProcessor:
                 logger.warning("TARAttnProcessor: an attention_mask is set; using the materialised reference "
                                "(correct, not fused)")
                 TARAttnProcessor._warned_mask = True
-            return self._reference(q, k, v, scale, attention_mask, strength=self.strength)
-        return tar_attention(q, k, v, sigma=self.sigma, strength=self.strength, mode=self.mode, scale=scale,
-                             backend=self.backend)
+            return self._reference(q, k, v, scale, attention_mask, self.bias_kwargs())
+        return tar_attention(q, k, v, scale=scale, backend=self.backend, **self.bias_kwargs())
 
-    def _reference(self, q, k, v, scale: float, attention_mask: torch.Tensor | None, strength: float) -> torch.Tensor:
-        sigma = self.sigma if self.sigma is not None else 1.0
-        return tar_attention_reference(q, k, v, sigma=sigma, strength=strength, mode=self.mode, scale=scale,
-                                       attn_mask=attention_mask)
+    @staticmethod
+    def _reference(q, k, v, scale: float, attention_mask: torch.Tensor | None, bias: dict) -> torch.Tensor:
+        return tar_attention_reference(q, k, v, scale=scale, attn_mask=attention_mask, **bias)
 
 
 class MaterialisedTARProcessor(TARAttnProcessor):
