@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .limits import FLOAT32_MAX, MAX_OFFSET, MODES
+from .video_families import trained_latent_frames, transformers_of
 
 __all__ = ["ULTRAVICO_FACTOR", "FrameProfile"]
 
@@ -237,15 +238,13 @@ class FrameProfile:
         latent frame's queries against keys past frame 21, a rule that is not a function of frame distance and is
         not part of this profile.
 
-        L comes from each family's training length (:func:`~vstar_kernels.diffusers.dit.video_transformers.
-        trained_latent_frames`): Wan 2.1/2.2 A14B 81 frames (21 latent frames), Wan 2.2 TI2V-5B 121 (31),
+        L comes from each family's training length (:func:`vstar_kernels.video_families.trained_latent_frames`):
+        Wan 2.1/2.2 A14B 81 frames (21 latent frames), Wan 2.2 TI2V-5B 121 (31),
         CogVideoX 49 (13; 1.5: 81 frames, 21 latent frames, 10 after its temporal patch), LTX-Video 121 (16),
         HunyuanVideo 129 (33). The factor is UltraViCo's published Wan value for every family (its code holds no
         other). Compose it with TAR: ``FrameProfile.ultravico(pipe) + FrameProfile.gaussian(2.0)``.
         """
-        from .diffusers.dit.video_transformers import trained_latent_frames, video_transformers_of
-
-        transformers = video_transformers_of(model)
+        transformers = transformers_of(model)
         if not transformers:
             raise ValueError(f"FrameProfile.ultravico needs a video transformer (Wan, CogVideoX, LTX-Video, "
                              f"HunyuanVideo) or a pipeline holding one, got {type(model).__name__}")

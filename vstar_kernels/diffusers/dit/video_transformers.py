@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ...video_families import FAMILIES, PIPELINE_TRANSFORMERS, family_of, transformers_of
+
 TEXT_POSITIONS = ("none", "first", "last")  # where a spec may put text in the self-attention sequence
 
 
@@ -66,33 +68,6 @@ def _hunyuan_geometry(model: nn.Module, args: dict[str, object]) -> FrameGeometr
     return _patched_grid(args["hidden_states"].shape[2:], model.config.patch_size_t, model.config.patch_size)
 
 
-# The video frames each family was trained to generate (its release notes and model cards): a length-extrapolation
-# preset (UltraViCo) acts beyond it. Wan 2.1 and Wan 2.2 A14B: 81 frames (5 s at 16 fps); Wan 2.2 TI2V-5B, whose VAE
-# has 48 latent channels: 121 (5 s at 24 fps). CogVideoX 1.0: 49 (6 s at 8 fps); CogVideoX 1.5, the one with a
-# temporal patch: 81 (5 s at 16 fps). LTX-Video: 121 (5 s at 24 fps). HunyuanVideo: 129 (5 s at 24 fps + 1).
-def _wan_training_frames(config) -> int:
-    return 121 if config.in_channels == 48 else 81
-
-
-def _cogvideox_training_frames(config) -> int:
-    return 49 if config.patch_size_t is None else 81
-
-
-def _ltx_training_frames(config) -> int:
-    return 121
-
-
-def _hunyuan_training_frames(config) -> int:
-    return 129
-
-
-def _temporal_patch(config) -> int:
-    patch = getattr(config, "patch_size_t", None)
-    if patch is None and isinstance(getattr(config, "patch_size", None), (tuple, list)):
-        patch = config.patch_size[0]  # Wan: (p_t, p_h, p_w)
-    return patch or 1
-
-
 @dataclass(frozen=True)
 class VideoTransformerSpec:
     """Where TAR goes in one diffusers video transformer class.
@@ -108,7 +83,6 @@ class VideoTransformerSpec:
     attention: str
     text: str
     geometry: Callable[[nn.Module, dict[str, object]], FrameGeometry]
-    temporal_compression: int = 4  # video frames per latent frame after the first (each model's VAE: 4n+1 -> n+1)
     # each block's cross-attention to the text (None: the text is inside the self-attention) and the module path of
     # the model's text projection (raw text-encoder output -> the cross-attention's context), for per-frame prompts
     cross_attention: str | None = None
@@ -116,12 +90,15 @@ class VideoTransformerSpec:
     # the model's _cp_plan splits the text with the video (LTX-Video): under Ring, TAR's patch gathers that text in
     # the cross-attention (dit.processor.ShardedTextCrossAttention)
     cp_plan_splits_text: bool = False
-    # the video frames the model was trained at, from its config (see _wan_training_frames)
-    training_frames: Callable[[object], int] = _wan_training_frames
 
     def __post_init__(self) -> None:
         if self.text not in TEXT_POSITIONS:
             raise ValueError(f"{self.class_name}: text must be one of {TEXT_POSITIONS}, got {self.text!r}")
+
+    @property
+    def temporal_compression(self) -> int:
+        """Video frames per latent frame after the first (the model's released VAE: 4n+1 -> n+1)."""
+        return FAMILIES[self.class_name].temporal_compression
 
 
 SPECS: dict[str, VideoTransformerSpec] = {
@@ -130,48 +107,23 @@ SPECS: dict[str, VideoTransformerSpec] = {
         VideoTransformerSpec("WanTransformer3DModel", ("blocks",), "attn1", "none", _wan_geometry,
                              cross_attention="attn2", text_projection="condition_embedder.text_embedder"),
         VideoTransformerSpec("CogVideoXTransformer3DModel", ("transformer_blocks",), "attn1", "first",
-                             _cogvideox_geometry, training_frames=_cogvideox_training_frames),
+                             _cogvideox_geometry),
         VideoTransformerSpec("LTXVideoTransformer3DModel", ("transformer_blocks",), "attn1", "none", _ltx_geometry,
-                             temporal_compression=8, cross_attention="attn2", text_projection="caption_projection",
-                             cp_plan_splits_text=True, training_frames=_ltx_training_frames),
+                             cross_attention="attn2", text_projection="caption_projection", cp_plan_splits_text=True),
         VideoTransformerSpec("HunyuanVideoTransformer3DModel", ("transformer_blocks", "single_transformer_blocks"),
-                             "attn", "last", _hunyuan_geometry, training_frames=_hunyuan_training_frames),
+                             "attn", "last", _hunyuan_geometry),
     )
 }
-# The pipeline attributes that hold video transformers (Wan 2.2 A14B has two experts)
-PIPELINE_TRANSFORMERS = ("transformer", "transformer_2")
-
-
 def spec_of(model: object) -> VideoTransformerSpec | None:
     """The spec of a supported video transformer (by class, subclasses included), else None."""
-    for cls in type(model).__mro__:
-        if cls.__name__ in SPECS and cls.__module__.startswith("diffusers."):
-            return SPECS[cls.__name__]
-    return None
-
-
-def trained_latent_frames(transformer: nn.Module) -> int:
-    """The frames of the attention sequence (latent frames after the temporal patch) at the video length the model
-    was trained at: ``(frames - 1) // temporal_compression + 1`` latent frames, floor-divided by the temporal patch
-    as the patch embedding does (Wan 2.1: 81 frames -> 21)."""
-    spec = spec_of(transformer)
-    if spec is None:
-        raise ValueError(f"{type(transformer).__name__} is not a supported video transformer")
-    frames = spec.training_frames(transformer.config)
-    return ((frames - 1) // spec.temporal_compression + 1) // _temporal_patch(transformer.config)
+    family = family_of(model)
+    return None if family is None else SPECS[family.class_name]
 
 
 def video_transformers_of(model: object) -> dict[str, nn.Module]:
     """The supported video transformers of ``model``: {"": model} for a transformer itself, {"transformer": ...,
     "transformer_2": ...} for a pipeline; empty when there is none (a UNet, a UNet pipeline)."""
-    if spec_of(model) is not None:
-        return {"": model}
-    found = {}
-    for name in PIPELINE_TRANSFORMERS:
-        candidate = getattr(model, name, None)
-        if candidate is not None and spec_of(candidate) is not None:
-            found[name] = candidate
-    return found
+    return transformers_of(model)
 
 
 def is_video_transformer_like(model: object) -> bool:
