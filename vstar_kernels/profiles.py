@@ -28,7 +28,7 @@ import torch
 from .limits import FLOAT32_MAX, MAX_OFFSET, MODES
 from .video_families import trained_latent_frames, transformers_of
 
-__all__ = ["ULTRAVICO_FACTOR", "FrameProfile"]
+__all__ = ["ULTRAVICO_FACTOR", "FrameProfile", "distance_profile"]
 
 # UltraViCo's decay factor: the default ``--alpha`` of its public inference script (thu-ml/DiT-Extrapolation,
 # inference.py, Wan 2.1 T2V 1.3B), the value its kernel multiplies the positive out-of-window logits by.
@@ -69,6 +69,29 @@ def _table(name: str, value: object) -> torch.Tensor:
     if torch.isnan(table).any():
         raise ValueError(f"{name} holds NaN")
     return table
+
+
+def distance_profile(frame_map: torch.Tensor) -> torch.Tensor:
+    """(F,) float64 mean of ``frame_map[i, j]`` over the pairs with ``|i - j| = d``, d = 0..F-1, for an (F, F)
+    attention map (rows: query frames, columns: key frames)."""
+    if frame_map.dim() != 2 or frame_map.shape[0] != frame_map.shape[1] or frame_map.shape[0] == 0:
+        raise ValueError(f"an attention map must be (F, F) with F >= 1, got shape {tuple(frame_map.shape)}")
+    frames = frame_map.shape[0]
+    index = torch.arange(frames)
+    dist = (index[:, None] - index[None, :]).abs().flatten()
+    sums = torch.zeros(frames, dtype=torch.float64).index_add_(0, dist, frame_map.detach().double().flatten().cpu())
+    return sums / torch.bincount(dist, minlength=frames).double()
+
+
+def _distance_profile_of(maps: object, name: str) -> torch.Tensor:
+    """The (F,) per-distance profile of recorded attention: a TemporalAttentionMaps (its ``distance_profile()``) or
+    an (F, F) map."""
+    if hasattr(maps, "distance_profile"):
+        return maps.distance_profile()
+    if isinstance(maps, torch.Tensor):
+        return distance_profile(maps)
+    raise TypeError(f"{name} must be recorded attention (TemporalAttentionMaps) or an (F, F) tensor, got "
+                    f"{type(maps).__name__}")
 
 
 def _check_bias(bias: torch.Tensor) -> None:
@@ -252,6 +275,34 @@ class FrameProfile:
         if len(windows) > 1:
             raise ValueError(f"the pipeline's transformers were trained at different lengths (windows {windows})")
         return cls.decay_beyond(windows.pop(), factor)
+
+    @classmethod
+    def from_attention(cls, reference: object, generated: object, *, strength: float = 1.0,
+                       max_distance: int | None = None, floor: float = 1e-6) -> FrameProfile:
+        """A per-distance bias table that moves the model's temporal attention toward a reference video's:
+        VSTAR's "nursing towards real dynamics" made a profile.
+
+        ``reference`` and ``generated`` are recorded attention (a
+        :class:`~vstar_kernels.diffusers.TemporalAttentionMaps` from ``record_temporal_attention``, or an (F, F)
+        map): the first on a real video, the second on the model's own generation. From each, the mean attention
+        weight of a key at frame distance d (``distance_profile``: r(d) and g(d)); the bias is
+
+            bias(d) = strength * (log max(r(d), floor) - log max(g(d), floor)),   shifted so that bias(0) = 0,
+
+        for d up to the shorter map's last distance (or ``max_distance``), the last entry holding beyond. A
+        softmax weight times exp(bias(d)) is the generated weight moved to the reference's, up to the row's
+        normalisation; ``strength`` < 1 moves part of the way. One row, for every head.
+        """
+        ref, gen = _distance_profile_of(reference, "reference"), _distance_profile_of(generated, "generated")
+        strength = _finite_real("strength", strength)
+        floor = _finite_real("floor", floor)
+        if floor <= 0.0:
+            raise ValueError(f"floor must be > 0, got {floor}")
+        length = min(ref.shape[0], gen.shape[0])
+        if max_distance is not None:
+            length = min(length, _frame_count("max_distance", max_distance) + 1)
+        bias = strength * (ref[:length].clamp_min(floor).log() - gen[:length].clamp_min(floor).log())
+        return cls.table(bias=bias - bias[0])
 
     # ------------------------------------------------------------------------------------------- composition
     def __add__(self, other: object) -> FrameProfile:

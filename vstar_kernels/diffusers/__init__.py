@@ -40,6 +40,11 @@ def _check_diffusers() -> str:
 DIFFUSERS_VERSION = _check_diffusers()
 
 from ..presets import DEFAULT_PRESET, PRESETS  # noqa: E402
+from .attention_maps import (  # noqa: E402
+    TemporalAttentionMaps,
+    plot_temporal_attention,
+    record_temporal_attention,
+)
 from .dit.context_parallel import enable_context_parallelism, hunyuan_video_cp_plan  # noqa: E402
 from .dit.patching import DiTTARHandle  # noqa: E402
 from .dit.processor import DiTTARProcessor  # noqa: E402
@@ -48,11 +53,6 @@ from .dit.video_transformers import SPECS as VIDEO_TRANSFORMERS  # noqa: E402
 from .shared.step_window import TARSwitch  # noqa: E402
 from .synopsis import FramePrompts, apply_synopsis, remove_synopsis, synopsis_prompt_embeds  # noqa: E402
 from .tar import apply_tar, remove_tar, tar_state  # noqa: E402
-from .unet.attention_maps import (  # noqa: E402
-    TemporalAttentionMaps,
-    plot_temporal_attention,
-    record_temporal_attention,
-)
 from .unet.discovery import TEMPORAL_CONTAINERS, TemporalLayer, find_temporal_attention  # noqa: E402
 from .unet.frame_positions import (  # noqa: E402
     POSITION_MODES,

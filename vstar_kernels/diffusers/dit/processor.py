@@ -58,6 +58,9 @@ class DiTState:
         self.switch = switch if switch is not None else TARSwitch()
         self._default_geometry = geometry
         self._geometry: Scoped[FrameGeometry] = Scoped("frame geometry")
+        # record_temporal_attention's recorder while it runs (dit.attention_maps), called with each TAR processor's
+        # q, k before it attends; None otherwise
+        self.recorder: Callable | None = None
 
     @property
     def geometry(self) -> FrameGeometry | None:
@@ -225,6 +228,9 @@ class DiTTARProcessor(RoutedProcessor):
 
         cp = context_parallel_config(kwargs.get("parallel_config"))
         if cp is not None:
+            if getattr(self.state, "recorder", None) is not None:
+                raise NotImplementedError("record_temporal_attention records one process's attention: run it "
+                                          "without context parallelism")
             return self._attend(query, key, value, attn_mask, dropout_p, is_causal, scale, plain,
                                 lambda q, k, v: self._with_tar_parallel(q, k, v, attn_mask, dropout_p, is_causal,
                                                                         scale, cp))
@@ -254,6 +260,9 @@ class DiTTARProcessor(RoutedProcessor):
         if tar is None:
             def tar(q, k, v):
                 return self._with_tar(q, k, v, attn_mask, dropout_p, is_causal, scale)
+        recorder = getattr(self.state, "recorder", None)  # (a state unpickled from before recorders existed: none)
+        if recorder is not None:
+            recorder(self, q, k, scale, attn_mask)
         return by_step_window(self.state.switch, tar, plain, q, k, v)
 
     def _op_kwargs(self, scale, len_q: int, len_k: int) -> dict:

@@ -1,9 +1,6 @@
-"""Temporal attention analysis (the paper's look at attention maps): record the averaged F x F temporal attention map
-of each temporal layer of a video UNet while it runs, and plot them.
-
-    with record_temporal_attention(pipe.unet, positions=64) as maps:
-        pipe(prompt, num_frames=64)
-    plot_temporal_attention({"with TAR": maps}, "maps.png")
+"""Temporal attention analysis of a video UNet (the paper's look at attention maps): record the averaged F x F
+temporal attention map of each temporal layer while it runs (``record_temporal_attention``, the entry point, comes
+here for a UNet).
 
 Only a sample of ``positions`` spatial positions (rows of the B·H·W batch of a temporal layer) is recorded per call,
 through the materialised reference on that sample, so memory stays bounded however long the video is. The maps are
@@ -15,50 +12,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ...reference import tar_attention_probs
+from ..shared.attention_maps import TemporalAttentionMaps
 from ..shared.components import unet_of
 from .discovery import find_temporal_attention
 from .patching import unet_tar_state
 from .processor import TARAttnProcessor, project_heads
-
-
-@dataclass
-class TemporalAttentionMaps:
-    """Per layer: the sum of recorded (F x F) maps, each averaged over sampled positions and heads, and the count."""
-
-    sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
-
-    def add(self, layer: str, probs: torch.Tensor) -> None:
-        avg = probs.mean(dim=(0, 1)).float().cpu()
-        if layer in self.sums and self.sums[layer].shape == avg.shape:
-            self.sums[layer] += avg
-            self.counts[layer] += 1
-        else:  # a new layer, or a new frame count: start over
-            self.sums[layer], self.counts[layer] = avg, 1
-
-    @property
-    def layers(self) -> list[str]:
-        return list(self.sums)
-
-    def map(self, layer: str) -> torch.Tensor:
-        """The average map of one layer over every recorded call: rows are query frames, columns key frames."""
-        return self.sums[layer] / self.counts[layer]
-
-    def mean(self) -> torch.Tensor:
-        """The average over layers (those with the most common frame count)."""
-        if not self.sums:
-            raise ValueError("no temporal attention was recorded")
-        shapes = [s.shape for s in self.sums.values()]
-        common = max(set(shapes), key=shapes.count)
-        maps = [self.map(name) for name, s in self.sums.items() if s.shape == common]
-        return torch.stack(maps).mean(dim=0)
 
 
 class _RecordingProcessor:
@@ -86,9 +49,10 @@ class _RecordingProcessor:
 
 
 @contextlib.contextmanager
-def record_temporal_attention(model: nn.Module, *, positions: int = 64, layers: Iterable[str] | None = None,
+def record_unet_attention(model: nn.Module, *, positions: int = 64, layers: Iterable[str] | None = None,
                               seed: int = 0) -> Iterator[TemporalAttentionMaps]:
-    """Record averaged temporal attention maps of ``model`` (a UNet or a pipeline) inside the ``with`` block.
+    """Record averaged temporal attention maps of ``model`` (a UNet or a pipeline with one) inside the ``with``
+    block (:func:`vstar_kernels.diffusers.record_temporal_attention` for a UNet).
 
     Args:
         positions: spatial positions sampled per call (memory: positions x heads x F x F floats at a time).
@@ -124,28 +88,3 @@ def record_temporal_attention(model: nn.Module, *, positions: int = 64, layers: 
         for name, (original, recorder) in installed.items():
             if modules[name].processor is recorder:
                 modules[name].set_processor(original)
-
-
-def plot_temporal_attention(maps: dict[str, TemporalAttentionMaps | torch.Tensor], path: str | Path, *,
-                            title: str = "temporal attention (average over layers, heads and positions)") -> Path:
-    """Heatmaps side by side, one per label (e.g. ``{"without TAR": a, "with TAR": b}``); written as PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, axes = plt.subplots(1, len(maps), figsize=(4.2 * len(maps), 4), squeeze=False)
-    for ax, (label, value) in zip(axes[0], maps.items(), strict=True):
-        matrix = value.mean() if isinstance(value, TemporalAttentionMaps) else value
-        image = ax.imshow(matrix.numpy(), cmap="viridis", interpolation="nearest")
-        ax.set_title(label, fontsize=10)
-        ax.set_xlabel("key frame")
-        ax.set_ylabel("query frame")
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
