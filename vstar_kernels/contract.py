@@ -12,6 +12,16 @@ head),
     out_i = sum_j softmax_j(S'_ij) v_j
     sat(x) = min(max(x, -2^125), 2^125)              (BIAS_COEFF_MAX; see "Extreme values" below)
 
+A frame-distance profile (``profile=``, :class:`~vstar_kernels.profiles.FrameProfile`, instead of sigma, strength
+and mode) generalises the band: for framed tokens at distance d = |gi - gj|, with tables indexed by min(d, D),
+
+    S'_ij = (S_ij > 0 ? scale(d) * S_ij : S_ij) + bias(d) + c_i * G_ij     over kept pairs only
+    c_i   = sat(strength * max_{j kept} S_ij)      (relative; the row max over the keys the profile keeps)
+
+where a pair is kept unless bias(d) = -inf or a window masks it (d > radius and the key's global frame not below
+sink_frames); a masked pair gets no weight, no part in the row max and no gradient, and a row with no kept key (a
+chunk of keys) returns zeros and lse -inf. Pairs with a text token keep S_ij.
+
 The token layout (:class:`TokenFrames`) maps a token to its frame. Token t of a sequence has a frame when
 ``video_start <= t < video_start + video_tokens`` (``video_tokens=None``: to the end of the sequence); its global
 frame index is ``offset + (t - video_start) // tokens_per_frame``, with ``q_offset`` for query tokens and
