@@ -260,3 +260,57 @@ def test_dit_sweep_smoke(tmp_path, monkeypatch):
     assert float(by[("512", "extension")]["triton_band_tiles_skipped"]) > 0.0
     assert float(by[("32", "extension")]["triton_band_tiles_skipped"]) == 0.0  # 4 frames: all within reach
     assert (tmp_path / "sweep_dit_time_cpu.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------- frame-distance profiles
+def test_profile_providers_compute_the_profile_where_they_can():
+    """Every profile provider's output equals the op's (like with like): a window with a sink, a bias table, a decay
+    (which an additive mask cannot express), in a transformer's layout."""
+    from vstar_kernels import FrameProfile
+    from vstar_kernels.bench.profile_providers import PROFILE_PROVIDERS, kept_share, make_profile_case
+
+    profiles = {
+        "window": FrameProfile.window(1, sink_frames=1),
+        "table": FrameProfile.table(bias=torch.tensor([0.0, 0.5, -0.5, float("-inf")])),
+        "decay": FrameProfile.decay_beyond(1, 0.5) + FrameProfile.window(3),
+    }
+    for label, profile in profiles.items():
+        case = make_profile_case(6, 4, 2, 16, profile)
+        expected = PROFILE_PROVIDERS["torch"].build(case)()
+        for name, provider in PROFILE_PROVIDERS.items():
+            reason = provider.unavailable(case)
+            if reason is not None:
+                assert (name, label) in {("sdpa_mask", "decay"), ("triton", label)}, (name, label, reason)
+                continue
+            out = provider.build(case)()
+            if name in ("sdpa", "extension_tar"):  # the floor and the band alone: other attention
+                assert not torch.allclose(out, expected, atol=1e-3), (name, label)
+            else:
+                torch.testing.assert_close(out, expected, rtol=2e-4, atol=2e-5, msg=f"{name} {label}")
+    # 6 frames, radius 1, frame 0 a sink: rows keep 2, 3, 3, 3, 3 and 2 neighbours, plus the sink for rows 2-5
+    assert kept_share(profiles["window"], 6) == pytest.approx((2 + 3 + 4 + 4 + 4 + 3) / 36)
+
+
+def test_profile_sweep_smoke(tmp_path, monkeypatch):
+    """--profiles: a row per provider and point with the kept share and the window's cost target; materialising
+    providers past the cap say why."""
+    from vstar_kernels import FrameProfile
+    from vstar_kernels.bench import profile_sweep, sweep
+
+    series = profile_sweep.ProfileSeries("tiny", ((4, 8), (8, 16)), lambda frames: FrameProfile.window(1, 1),
+                                         head_dim=16)
+    monkeypatch.setitem(profile_sweep.PROFILE_SERIES, "tiny", series)
+    monkeypatch.setattr(profile_sweep, "MATERIALISED_CAP_GIB", 1e-4)
+    args = sweep.build_parser().parse_args(["--profiles", "tiny", "--providers", "sdpa", "sdpa_mask", "extension",
+                                            "--rounds", "2", "--out", str(tmp_path), "--no-plot"])
+    assert sweep.run_from_args(args) == 0
+    rows = _rows(tmp_path / "sweep_profiles.csv")
+    assert [(r["length"], r["provider"]) for r in rows] == [
+        (L, p) for L in ("32", "128") for p in ("sdpa", "sdpa_mask", "extension")]
+    by = {(r["length"], r["provider"]): r for r in rows}
+    assert by[("128", "sdpa_mask")]["status"].startswith("unavailable: materialises")
+    assert by[("128", "extension")]["status"] == "ok" and float(by[("128", "extension")]["ratio_to_sdpa"]) > 0
+    share = float(by[("128", "extension")]["kept_share"])
+    assert share == pytest.approx((2 + 3 + 4 * 5 + 3) / 64)  # 8 frames, radius 1, frame 0 a sink for rows 2-7
+    assert float(by[("128", "extension")]["window_target"]) == pytest.approx(1.2 * share + 0.05, abs=1e-4)
+    assert (rows[0]["device_name"] and rows[0]["device_name"] != "x86_64") or not Path("/proc/cpuinfo").exists()

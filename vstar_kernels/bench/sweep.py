@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from vstar_kernels.bench.measure import OOM, failure_status, peak_in_process, probe, run_child
+from vstar_kernels.bench.profile_providers import PROFILE_PROVIDERS
+from vstar_kernels.bench.profile_sweep import PROFILE_DEFAULT_PROVIDERS, PROFILE_SERIES, run_profiles
 from vstar_kernels.bench.providers import FLEX_COMPILE_ENV, PROVIDERS, flex_compiled, forward_backward, make_case
 from vstar_kernels.bench.timing import time_side_by_side
 
@@ -252,9 +254,20 @@ def _note_eager_flex(args: argparse.Namespace, console) -> None:
         console.print(f"FlexAttention runs eagerly ({FLEX_COMPILE_ENV}=0): its times are not the compiled kernel's")
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo's "model name"), else the platform's processor or machine."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def run_metadata(device: torch.device) -> dict[str, str]:
     """What every CSV row of one run shares: run id, UTC timestamp, device and versions."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     return {
         "run_id": uuid.uuid4().hex[:8],
         "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -345,7 +358,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None, default_out: Pat
                         help=f"temporal-attention shapes, heads x head_dim: {', '.join(SHAPES)} (default: all)")
     parser.add_argument("--frames", type=int, nargs="+", default=list(DEFAULT_FRAMES), metavar="F",
                         help=f"frame counts (default: {' '.join(map(str, DEFAULT_FRAMES))})")
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=None, metavar="PROVIDER",
+    parser.add_argument("--providers", nargs="+", choices=sorted({*PROVIDERS, *PROFILE_PROVIDERS}), default=None,
+                        metavar="PROVIDER",
                         help=f"{', '.join(PROVIDERS)} (default: all, those the device cannot run say why; "
                              f"--dit: {' '.join(DIT_PROVIDERS)})")
     parser.add_argument("--modes", nargs="+", choices=["relative", "absolute"], default=["relative", "absolute"],
@@ -367,6 +381,10 @@ def build_parser(parser: argparse.ArgumentParser | None = None, default_out: Pat
     parser.add_argument("--dit", nargs="+", choices=list(DIT_SERIES), default=None, metavar="SERIES",
                         help=f"the long-row sweep instead: video-transformer 3D attention series, "
                              f"{', '.join(DIT_SERIES)} (sweep_dit.csv; default: off)")
+    parser.add_argument("--profiles", nargs="+", choices=list(PROFILE_SERIES), default=None, metavar="SERIES",
+                        help=f"the frame-distance-profile sweep instead: long rows with a window, UltraViCo's decay "
+                             f"or a table, {', '.join(PROFILE_SERIES)} (sweep_profiles.csv; providers "
+                             f"{' '.join(PROFILE_PROVIDERS)}; default: off)")
     parser.add_argument("--no-plot", action="store_true", help="write the CSV only (no matplotlib needed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     return parser
@@ -393,6 +411,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     if missing:
         raise SystemExit("error: " + MISSING_EXTRA.format(names=" and ".join(missing)))
     args.dtype = args.dtype or ("float16" if args.device.startswith("cuda") else "float32")
+    if args.profiles:
+        args.providers = args.providers or list(PROFILE_DEFAULT_PROVIDERS)
+        run_profiles(args)
+        return 0
     args.providers = args.providers or list(DIT_PROVIDERS if args.dit else PROVIDERS)
     if args.dit:
         run_dit(args)
