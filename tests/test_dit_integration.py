@@ -318,11 +318,14 @@ def test_other_backends(backend):
     torch.testing.assert_close(run_recording(model, case, inputs)[0], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_copies_pickles_and_to_keep_tar():
+@pytest.mark.parametrize("bias", [dict(sigma=2.0), dict(profile=FrameProfile.gaussian(2.0) + FrameProfile.window(
+    2, sink_frames=1) + FrameProfile.table(bias=torch.tensor([0.0, 0.3, -0.2])))], ids=["sigma", "profile"])
+def test_copies_pickles_and_to_keep_tar(bias):
+    """deepcopy, pickling and .to(float64) of a patched model keep TAR (a profile's tables travel with it)."""
     case = CASES["wan"]
     model = case.build()
     inputs = case.inputs(model)
-    apply_tar(model, sigma=2.0, timesteps="all")
+    apply_tar(model, timesteps="all", **bias)
     expected, _ = run_recording(model, case, inputs)
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model)), copy.deepcopy(model).to(torch.float64)):
         out, _ = run_recording(clone, case, {k: v.to(clone.dtype) if v.is_floating_point() else v
@@ -332,12 +335,15 @@ def test_copies_pickles_and_to_keep_tar():
     assert tar_state(model) is not None  # the original keeps its own
 
 
-def test_torch_compile_fullgraph():
+@pytest.mark.parametrize("bias", [dict(sigma=2.0), dict(profile=FrameProfile.window(2, sink_frames=1)
+                                                          + FrameProfile.decay_beyond(1, 0.8))],
+                         ids=["sigma", "profile"])
+def test_torch_compile_fullgraph(bias):
     torch._dynamo.reset()
     case = CASES["wan"]
     model = case.build()
     inputs = case.inputs(model)
-    apply_tar(model, sigma=2.0, timesteps="all")
+    apply_tar(model, timesteps="all", **bias)
     expected, _ = run_recording(model, case, inputs)
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
