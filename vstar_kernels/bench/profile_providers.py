@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vstar_kernels import FrameProfile, tar_attention, tar_attention_reference
-from vstar_kernels.bench.providers import Thunk, _flex_attention, flex_compiled
+from vstar_kernels.bench.providers import Provider, Thunk, _flex_attention, flex_compiled
 from vstar_kernels.contract import make_params
 from vstar_kernels.ops import why_not
 
@@ -175,26 +175,18 @@ def _extension_tar_unavailable(case: ProfileCase) -> str | None:
                                                     tokens_per_frame=case.tokens_per_frame))
 
 
-@dataclass(frozen=True)
-class ProfileProvider:
-    name: str
-    label: str
-    build: Callable[[ProfileCase], Thunk]
-    unavailable: Callable[[ProfileCase], str | None] = lambda case: None
-
-
-PROFILE_PROVIDERS: dict[str, ProfileProvider] = {
+PROFILE_PROVIDERS: dict[str, Provider] = {
     p.name: p
     for p in (
-        ProfileProvider("sdpa", "plain SDPA, dense, no bias (floor)", _sdpa),
-        ProfileProvider("sdpa_mask", "SDPA + materialised mask", _sdpa_mask, _sdpa_mask_unavailable),
-        ProfileProvider("naive", "naive materialised profile", _naive),
-        ProfileProvider("flex", "FlexAttention, block mask (compiled)", _flex, _flex_unavailable),
-        ProfileProvider("triton", "vstar triton kernel", _backend("triton"), _backend_unavailable("triton")),
-        ProfileProvider("extension", "vstar C++/CUDA extension", _backend("extension"),
+        Provider("sdpa", "plain SDPA, dense, no bias (floor)", _sdpa),
+        Provider("sdpa_mask", "SDPA + materialised mask", _sdpa_mask, _sdpa_mask_unavailable),
+        Provider("naive", "naive materialised profile", _naive),
+        Provider("flex", "FlexAttention, block mask (compiled)", _flex, _flex_unavailable),
+        Provider("triton", "vstar triton kernel", _backend("triton"), _backend_unavailable("triton")),
+        Provider("extension", "vstar C++/CUDA extension", _backend("extension"),
                         _backend_unavailable("extension")),
-        ProfileProvider("torch", "vstar torch fallback", _backend("torch"), _backend_unavailable("torch")),
-        ProfileProvider("extension_tar", "vstar extension, TAR band alone (the cost to match)", _extension_tar,
+        Provider("torch", "vstar torch fallback", _backend("torch"), _backend_unavailable("torch")),
+        Provider("extension_tar", "vstar extension, TAR band alone (the cost to match)", _extension_tar,
                         _extension_tar_unavailable),
     )
 }

@@ -84,6 +84,10 @@ def forward_backward(forward: Thunk, case: Case) -> Thunk:
 
 @dataclass(frozen=True)
 class Provider:
+    """A named way to compute a benchmark point: ``build(case)`` gives the thunk, ``unavailable(case)`` why it cannot
+    (None: it can). The case is a :class:`Case`, or a profile sweep's
+    :class:`~vstar_kernels.bench.profile_providers.ProfileCase`."""
+
     name: str
     label: str
     build: Callable[[Case], Thunk]
