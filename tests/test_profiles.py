@@ -417,15 +417,3 @@ def test_a_table_on_another_device_raises():
     q, k, v = make_qkv(1, 6, 2, 8)
     with pytest.raises(ValueError, match="table is on cuda"):
         tar_attention(q, k, v, profile=FrameProfile.table(bias=torch.zeros(4, device="cuda")))
-
-
-@pytest.mark.parametrize("backend", ["triton", "extension"])
-def test_a_backend_without_profile_kernels_says_so(backend):
-    """Until its kernel evaluates tables and windows, asking a fused backend for one raises, naming the torch
-    backend; "auto" runs torch (never a silently dropped profile)."""
-    q, k, v = make_qkv(1, 6, 2, 8)
-    reason = why_not(backend, q, make_params(8, profile=FrameProfile.window(2)))
-    assert reason is not None
-    if "frame-distance profiles" in reason:
-        with pytest.raises(RuntimeError, match="run on the torch backend"):
-            tar_attention(q, k, v, profile=FrameProfile.window(2), backend=backend)

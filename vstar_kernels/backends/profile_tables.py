@@ -35,7 +35,8 @@ class KernelProfile:
         bias: (rows, table_len) contiguous table in ``dtype`` (``-inf`` entries mask), or None.
         scale: (rows, table_len) contiguous positive-logit scale table, or None.
         table_len: D + 1, the entries of each table row (both tables are widened to the longer one's length).
-        head_stride: elements between two heads' rows: table_len for per-head tables, 0 for one row.
+        head_stride: elements between two heads' rows: table_len for per-head tables (a one-row table composed with a
+            per-head one is repeated per head, so the stride serves both), 0 when every table has one row.
         radius: the window's radius in frames, or NO_RADIUS.
         sink_limit: a key whose local frame ``f_k(j)`` is below this is a sink (``sink_frames`` minus the global
             frame of the call's local key frame 0); meaningful only with a window.
@@ -67,8 +68,9 @@ def kernel_profile(params: TARParams, device: torch.device, dtype: torch.dtype =
     if key not in per_profile:
         tables = (profile.bias, profile.positive_scale)
         length = max([t.shape[1] for t in tables if t is not None], default=1)
-        copies = [None if t is None else widen_table(t, length).to(device=device, dtype=dtype).contiguous()
-                  for t in tables]
+        rows = profile.heads  # a one-row table beside a per-head one is repeated per head: one head stride serves both
+        copies = [None if t is None else widen_table(t, length).expand(rows, -1).to(device=device, dtype=dtype)
+                  .contiguous() for t in tables]
         per_profile[key] = (*copies, length)
     bias, scale, length = per_profile[key]
     radius = NO_RADIUS if profile.radius is None else profile.radius
