@@ -30,7 +30,7 @@ import torch
 import torch.distributed
 
 from vstar_kernels.bench.measure import peak_in_process, run_torchrun
-from vstar_kernels.bench.sweep import append_csv
+from vstar_kernels.bench.records import append_csv
 
 CSV_FIELDS = ("run_id", "timestamp", "scheme", "mode", "frames", "tokens", "world", "status", "peak_mib_max_rank",
               "seconds_max_rank")

@@ -66,7 +66,7 @@ def _child(payload: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from vstar_kernels.bench.plots import plot_e2e
-    from vstar_kernels.bench.sweep import append_csv, run_metadata
+    from vstar_kernels.bench.records import append_csv, run_metadata
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))

@@ -9,7 +9,8 @@
 //   tar_attention_kernel, tar_attention_kernel_backward  what the Python backend calls: the layout already in the
 //                                                        kernels' folded form (contract.TARParams.kernel_layout_args,
 //                                                        chunks of a sequence included; nothing recomputed here),
-//                                                        an optional given row max and the log-sum-exp. Forward-only
+//                                                        an optional given row max and the log-sum-exp, and an
+//                                                        optional frame-distance profile (set_profile). Forward-only
 //                                                        partials: the op's own autograd refuses a backward.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -157,6 +158,44 @@ void set_key_lengths(TARParams& p, const at::Tensor& q, const std::optional<at::
     TORCH_CHECK(values[b] >= 1 && values[b] <= p.len_k, op, ": k_lengths[", b, "] = ", values[b],
                 " must be in [1, Lk = ", p.len_k, "]");
   p.k_lengths = values;
+}
+
+// A frame-distance profile of the kernel ops (backends/profile_tables.KernelProfile): `ints` = (table_len,
+// head_stride, radius, sink_limit), the optional float32 tables contiguous (rows, table_len) on q's device, rows 1
+// (head_stride 0) or one per head (head_stride table_len). Their values were validated by FrameProfile (bias finite
+// or -inf, bias[..., 0] finite, scale > 0 and finite); the kernels read nothing outside the tables for any values.
+void set_profile(TARParams& p, const at::Tensor& q, const std::optional<at::Tensor>& bias,
+                 const std::optional<at::Tensor>& scale, const std::optional<c10::IntArrayRef>& ints, const char* op) {
+  if (!ints) {
+    TORCH_CHECK(!bias && !scale, op, ": profile tables need the profile's integers (table_len, head_stride, radius, ",
+                "sink_limit)");
+    return;
+  }
+  TORCH_CHECK(ints->size() == 4, op, ": profile must be (table_len, head_stride, radius, sink_limit), got ",
+              ints->size(), " integers");
+  FrameProfileView& f = p.profile;
+  f.on = true;
+  f.table_len = (*ints)[0];
+  f.head_stride = (*ints)[1];
+  f.radius = (*ints)[2];
+  f.sink_limit = (*ints)[3];
+  TORCH_CHECK(f.table_len >= 1, op, ": profile table_len must be >= 1, got ", f.table_len);
+  TORCH_CHECK(f.head_stride == 0 || f.head_stride == f.table_len, op, ": profile head_stride must be 0 (one table row ",
+              "for every head) or table_len = ", f.table_len, " (one per head), got ", f.head_stride);
+  TORCH_CHECK(f.radius >= -1, op, ": profile radius must be >= 0, or -1 for no window, got ", f.radius);
+  const int64_t rows = f.head_stride == 0 ? 1 : p.heads;
+  const auto table = [&](const std::optional<at::Tensor>& t, const char* name) -> const float* {
+    if (!t) return nullptr;
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == rows && t->size(1) == f.table_len &&
+                    t->is_contiguous(),
+                op, ": profile ", name, " must be a contiguous float32 (", rows, ", ", f.table_len, ") tensor, got ",
+                t->scalar_type(), " ", t->sizes());
+    TORCH_CHECK(t->device() == q.device(), op, ": profile ", name, " must be on q's device ", q.device(), ", got ",
+                t->device());
+    return t->const_data_ptr<float>();
+  };
+  f.bias = table(bias, "bias");
+  f.scale = table(scale, "scale");
 }
 
 // The kernels' parameters of checked inputs, but for the layout (set by the caller; the output strides by the
@@ -327,11 +366,13 @@ std::tuple<at::Tensor, at::Tensor> tar_attention_kernel(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma, double strength,
     c10::string_view mode, double scale, int64_t offset_delta, int64_t tokens_per_frame, int64_t video_start_q,
     int64_t video_start_k, int64_t video_end_q, int64_t video_end_k, const std::optional<at::Tensor>& row_max,
-    bool return_lse, const std::optional<at::Tensor>& k_lengths) {
+    bool return_lse, const std::optional<at::Tensor>& k_lengths, const std::optional<at::Tensor>& profile_bias,
+    const std::optional<at::Tensor>& profile_scale, std::optional<c10::IntArrayRef> profile) {
   TARParams p = make_kernel_params(q, k, v, sigma, strength, view_of(mode), scale, offset_delta, tokens_per_frame,
                                    video_start_q, video_start_k, video_end_q, video_end_k);
   if (row_max) check_row_max(q, *row_max, p.relative);
   set_key_lengths(p, q, k_lengths, "tar_attention_kernel");
+  set_profile(p, q, profile_bias, profile_scale, profile, "tar_attention_kernel");
   return run_forward(q, k, v, p, row_max, return_lse, "tar_attention_kernel");
 }
 
@@ -339,10 +380,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> tar_attention_kernel_backward(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double sigma,
     double strength, c10::string_view mode, double scale, int64_t offset_delta, int64_t tokens_per_frame,
     int64_t video_start_q, int64_t video_start_k, int64_t video_end_q, int64_t video_end_k,
-    const std::optional<at::Tensor>& k_lengths) {
+    const std::optional<at::Tensor>& k_lengths, const std::optional<at::Tensor>& profile_bias,
+    const std::optional<at::Tensor>& profile_scale, std::optional<c10::IntArrayRef> profile) {
   TARParams p = make_kernel_params(q, k, v, sigma, strength, view_of(mode), scale, offset_delta, tokens_per_frame,
                                    video_start_q, video_start_k, video_end_q, video_end_k);
   set_key_lengths(p, q, k_lengths, "tar_attention_kernel_backward");
+  set_profile(p, q, profile_bias, profile_scale, profile, "tar_attention_kernel_backward");
   return run_backward(grad_out, q, k, v, p, "tar_attention_kernel_backward");
 }
 
@@ -358,15 +401,19 @@ TORCH_LIBRARY(vstar_kernels, m) {
       "tar_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, float sigma, float strength=1.0, "
       "str mode='relative', float scale=1.0, int q_offset=0, int k_offset=0, int tokens_per_frame=1, "
       "int video_start=0, int? video_tokens=None) -> (Tensor, Tensor, Tensor)");
-  // the layout as contract.TARParams.kernel_layout_args gives it, offset_delta as TARParams.offset_delta
+  // the layout as contract.TARParams.kernel_layout_args gives it, offset_delta as TARParams.offset_delta; a
+  // frame-distance profile as backends/profile_tables.KernelProfile gives it: its tables and profile = (table_len,
+  // head_stride, radius, sink_limit), None for plain TAR
   m.def(
       "tar_attention_kernel(Tensor q, Tensor k, Tensor v, float sigma, float strength, str mode, float scale, "
       "int offset_delta, int tokens_per_frame, int video_start_q, int video_start_k, int video_end_q, "
-      "int video_end_k, Tensor? row_max=None, bool return_lse=False, Tensor? k_lengths=None) -> (Tensor, Tensor)");
+      "int video_end_k, Tensor? row_max=None, bool return_lse=False, Tensor? k_lengths=None, "
+      "Tensor? profile_bias=None, Tensor? profile_scale=None, int[]? profile=None) -> (Tensor, Tensor)");
   m.def(
       "tar_attention_kernel_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, float sigma, float strength, "
       "str mode, float scale, int offset_delta, int tokens_per_frame, int video_start_q, int video_start_k, "
-      "int video_end_q, int video_end_k, Tensor? k_lengths=None) -> (Tensor, Tensor, Tensor)");
+      "int video_end_q, int video_end_k, Tensor? k_lengths=None, Tensor? profile_bias=None, "
+      "Tensor? profile_scale=None, int[]? profile=None) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(vstar_kernels, CPU, m) {

@@ -160,6 +160,143 @@ class GaussianRows {
   std::vector<int64_t> key_frames_;
 };
 
+// ---- frame-distance profiles (tar_attention.h: FrameProfileView, tar_profile_pair, tar_profile_logit)
+
+constexpr float kMinusInf = -std::numeric_limits<float>::infinity();
+
+// The profile of a query token's row over `cols` key columns: the positive-logit scale and the bias of every key
+// (-inf where the pair is masked, and past Lk), written into the caller's per-thread buffers once per run of rows
+// sharing a (frame, head). Like GaussianRows, the pairs come from tables over the frame distances, evaluated once per
+// call with tar_profile_pair() (one table without the window's sinks, one for sink keys without the window):
+// temporal rows are slices of them, framed rows gather them by key frame.
+class ProfileRows {
+ public:
+  ProfileRows(const TARParams& p, int64_t cols) : framed_(p.framed), cols_(cols), len_k_(p.len_k) {
+    if (cols == 0) return;
+    q_frames_ = p.framed ? tar_frame_count(p.tokens_per_frame, p.video_start_q, p.video_end_q) : p.len_q;
+    const int64_t k_frames = p.framed ? tar_frame_count(p.tokens_per_frame, p.video_start_k, p.video_end_k) : cols;
+    span_ = q_frames_ > 0 ? q_frames_ - 1 + std::max<int64_t>(k_frames, 1) : 0;
+    const int64_t heads = p.profile.head_stride == 0 ? 1 : p.heads;
+    sink_limit_ = p.profile.radius >= 0 ? p.profile.sink_limit : kNoSinks;
+    FrameProfileView windowed = p.profile, sinks = p.profile;
+    windowed.sink_limit = kNoSinks;  // the pairs of keys that are no sinks
+    sinks.radius = -1;               // the pairs of sink keys: no window
+    scale_.resize(heads * span_);
+    bias_.resize(heads * span_);
+    sink_bias_.resize(heads * span_);
+    // entry t of a head: query frame q_frames - 1 against key frame t, i.e. the frame distance
+    // offset_delta + q_frames - 1 - t; query frame fi and key frame fk meet at t = q_frames - 1 - fi + fk
+    for (int64_t h = 0; h < heads; ++h)
+      for (int64_t t = 0; t < span_; ++t) {
+        const ProfilePair pr = tar_profile_pair<int64_t>(windowed, h, p.offset_delta, q_frames_ - 1, t);
+        const ProfilePair ps = tar_profile_pair<int64_t>(sinks, h, p.offset_delta, q_frames_ - 1, t);
+        scale_[h * span_ + t] = pr.scale;
+        bias_[h * span_ + t] = pr.kept ? pr.bias : kMinusInf;
+        sink_bias_[h * span_ + t] = ps.kept ? ps.bias : kMinusInf;
+      }
+    heads_ = heads;
+    if (p.framed) {
+      key_frames_.resize(cols);
+      for (int64_t j = 0; j < cols; ++j) key_frames_[j] = j < p.len_k ? tar_key_frame<int64_t>(p, j) : kPastKeys;
+    }
+  }
+
+  // Query token i's row for head h into scale[0:cols], bias[0:cols]; `cached` (start with {kNoRow, -1}) holds the
+  // (frame, head) they hold.
+  void row(const TARParams& p, int64_t i, int64_t h, float* scale, float* bias, int64_t (&cached)[2]) const {
+    const int64_t fi = tar_query_frame<int64_t>(p, i);
+    if (cached[0] == fi && cached[1] == h) return;
+    const int64_t at = (heads_ == 1 ? 0 : h) * span_ + (q_frames_ - 1 - fi);
+    if (!framed_) {  // token = frame: slices of the tables, the sink keys (a prefix) patched, -inf past Lk
+      std::copy(scale_.data() + at, scale_.data() + at + cols_, scale);
+      std::copy(bias_.data() + at, bias_.data() + at + cols_, bias);
+      const int64_t sinks = std::clamp<int64_t>(sink_limit_, 0, len_k_);
+      std::copy(sink_bias_.data() + at, sink_bias_.data() + at + sinks, bias);
+      std::fill(bias + len_k_, bias + cols_, kMinusInf);
+    } else {
+      for (int64_t j = 0; j < cols_; ++j) {
+        const int64_t fk = key_frames_[j];
+        if (fi < 0 || fk < 0) {  // a text token: never masked, scaled or biased (past Lk: -inf)
+          scale[j] = 1.f;
+          bias[j] = fk == kPastKeys ? kMinusInf : 0.f;
+          continue;
+        }
+        scale[j] = scale_[at + fk];
+        bias[j] = fk < sink_limit_ ? sink_bias_[at + fk] : bias_[at + fk];
+      }
+    }
+    cached[0] = fi;
+    cached[1] = h;
+  }
+
+  static constexpr int64_t kNoRow = std::numeric_limits<int64_t>::min();
+
+ private:
+  static constexpr int64_t kPastKeys = std::numeric_limits<int64_t>::min();
+  static constexpr int64_t kNoSinks = std::numeric_limits<int64_t>::min();
+  bool framed_;
+  int64_t cols_, len_k_, q_frames_ = 0, span_ = 0, heads_ = 1, sink_limit_ = kNoSinks;
+  std::vector<float> scale_, bias_, sink_bias_;
+  std::vector<int64_t> key_frames_;
+};
+
+// max_j s[j] over the kept keys of a row (bias[j] > -inf), -inf when none: the relative row max of a profile.
+inline float kept_row_max(const float* s, const float* bias, int64_t n) {  // n is a multiple of kVec
+  const Vec none(kMinusInf);
+  Vec m(kMinusInf);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const Vec x = Vec::blendv(none, Vec::loadu(s + j), Vec::loadu(bias + j) > none);
+    m = at::vec::maximum(m, x);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return at::vec::maximum(x, y); }, m);
+}
+
+// s[j] = (s[j] > 0 ? scale[j] * s[j] : s[j]) + bias[j] over a row: tar_profile_logit (natural units) with the row's
+// ProfileRows; -inf where the pair is masked.
+inline void apply_profile(float* s, const float* scale, const float* bias, int64_t n) {  // n: multiple of kVec
+  const Vec zero(0.f);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const Vec x = Vec::loadu(s + j);
+    (Vec::blendv(x, x * Vec::loadu(scale + j), x > zero) + Vec::loadu(bias + j)).store(s + j);
+  }
+}
+
+// s[j] = s[j] > 0 ? scale * s[j] : s[j] (tar_profile_scaled) over a row with one scale.
+inline void scale_positive(float* s, float scale, int64_t n) {  // n is a multiple of kVec
+  const Vec zero(0.f), sv(scale);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const Vec x = Vec::loadu(s + j);
+    Vec::blendv(x, x * sv, x > zero).store(s + j);
+  }
+}
+
+// The backward through a profile's positive-logit scale: g[j] *= scale[j] where the unscaled logit s[j] > 0.
+inline void scale_positive_grad(float* g, const float* s, const float* scale, int64_t n) {  // n: multiple of kVec
+  const Vec zero(0.f);
+  for (int64_t j = 0; j < n; j += kVec) {
+    const Vec x = Vec::loadu(g + j);
+    Vec::blendv(x, x * Vec::loadu(scale + j), Vec::loadu(s + j) > zero).store(g + j);
+  }
+}
+
+// The relative row max's tied argmax over the kept keys of a row: the keys with s[j] == max and bias[j] > -inf.
+inline Vec kept_ties(const float* s, const float* bias, float max, int64_t j) {
+  return (Vec::loadu(s + j) == Vec(max)) & (Vec::loadu(bias + j) > Vec(kMinusInf));
+}
+
+// How many kept keys tie at the row max `max` (n a multiple of kVec).
+inline int64_t count_kept_ties(const float* s, const float* bias, float max, int64_t n) {
+  Vec count(0.f);
+  for (int64_t j = 0; j < n; j += kVec) count = count + (kept_ties(s, bias, max, j) & Vec(1.f));
+  return static_cast<int64_t>(at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, count));
+}
+
+// g[j] += share at the kept keys tied at the row max (n a multiple of kVec).
+inline void add_at_kept_ties(float* g, const float* s, const float* bias, float max, float share, int64_t n) {
+  for (int64_t j = 0; j < n; j += kVec)
+    (Vec::loadu(g + j) + (kept_ties(s, bias, max, j) & Vec(share))).store(g + j);
+}
+
 template <typename scalar_t>
 struct Strided {  // one (batch, head) slice of a (batch, frames, heads, head_dim) tensor
   const scalar_t* base;

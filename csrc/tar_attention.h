@@ -44,6 +44,25 @@ struct RowStrides {
   int64_t batch, row, head;
 };
 
+// A frame-distance profile (vstar_kernels/profiles.py) in the kernels' form (backends/profile_tables.KernelProfile):
+// float32 tables (rows, table_len), contiguous, on the inputs' device. For a pair of tokens that both have a frame, at
+// frame distance d = |gi - gj| (exact integer), idx = min(d, table_len - 1), h the head (row 0: head_stride 0),
+//     kept  = (radius < 0 or d <= radius or f_k(j) < sink_limit) and bias[h, idx] != -inf
+//     S'_ij = (S_ij > 0 ? scale[h, idx] * S_ij : S_ij) + bias[h, idx] + c_i * G(d)       (kept pairs; else masked)
+// with c_i's relative row max taken over the kept keys, of the unscaled logits. Pairs with a text token are never
+// masked, scaled or biased. A masked pair gets no weight and passes no gradient; a row with no kept key (a chunk of
+// keys, offset frames) gets output 0 and lse -inf. `on` false: plain TAR, the kernels' old code path; every other
+// field is then unused. tar_profile_pair() and tar_profile_logit() below are the one C++ statement of the formula.
+struct FrameProfileView {
+  const float* bias = nullptr;   // bias[h * head_stride + idx], natural units; -inf masks; nullptr: no bias table
+  const float* scale = nullptr;  // positive-logit scale (> 0, finite); nullptr: no scale table
+  int64_t table_len = 1;         // D + 1 entries per row (both tables widened to one length)
+  int64_t head_stride = 0;       // table_len for per-head tables, 0 for one row shared by every head
+  int64_t radius = -1;           // the window's radius in frames; -1: no window
+  int64_t sink_limit = 0;        // with a window: a key whose local frame f_k(j) is below this is a sink (always kept)
+  bool on = false;
+};
+
 struct TARParams {
   int64_t batch = 0, heads = 0, len_q = 0, len_k = 0, head_dim = 0;
   TensorStrides q{}, k{}, v{}, o{};
@@ -72,6 +91,8 @@ struct TARParams {
   // Varlen keys, when not nullptr: batch element b attends to its first k_lengths[b] keys only (each in [1, len_k],
   // checked by the caller); the others get no weight, no part in the row max and zero gradients. CPU kernels only.
   const int64_t* k_lengths = nullptr;
+  // The call's frame-distance profile (tables and windows beyond the Gaussian band), or none (profile.on false).
+  FrameProfileView profile{};
 };
 
 // The keys batch element b attends to: its k_lengths[b], or every one of the len_k.
@@ -150,6 +171,40 @@ TAR_HOST_DEVICE float tar_bias_coeff_slope(const TARParams& p, float row_max, fl
 
 // Whether a kernel may skip the bias entirely (strength 0 is plain softmax attention).
 TAR_HOST_DEVICE bool tar_has_bias(const TARParams& p) { return p.strength != 0.f; }
+
+// ---- frame-distance profiles (FrameProfileView above)
+
+// What a profile does to one (query, key) pair: whether the pair is kept, the scale of a positive logit and the bias
+// added to the logit (natural units). The identity (kept, 1, 0) for a pair with a text token.
+struct ProfilePair {
+  bool kept;
+  float scale;
+  float bias;
+};
+
+// The profile's pair of query frame fi and key frame fj (local frames, -1 for a token without a frame; the frame
+// distance |offset_delta + fi - fj|, exact in I: int64_t on the host, int32_t in the CUDA kernels) for head h.
+template <typename I>
+TAR_HOST_DEVICE ProfilePair tar_profile_pair(const FrameProfileView& f, int64_t h, I offset_delta, I fi, I fj) {
+  if (fi < 0 || fj < 0) return {true, 1.f, 0.f};
+  I d = offset_delta + fi - fj;
+  d = d < 0 ? -d : d;
+  const int64_t last = f.table_len - 1;
+  const int64_t at = h * f.head_stride + (static_cast<int64_t>(d) < last ? static_cast<int64_t>(d) : last);
+  const float bias = f.bias != nullptr ? f.bias[at] : 0.f;
+  const bool in_window = f.radius < 0 || static_cast<int64_t>(d) <= f.radius || static_cast<int64_t>(fj) < f.sink_limit;
+  return {in_window && bias >= -0x1.fffffep127f, f.scale != nullptr ? f.scale[at] : 1.f, bias};  // -inf: masked
+}
+
+// The scaled logit of a kept pair: t > 0 ? scale * t : t (t in natural or exp2 units: the scale keeps the sign).
+TAR_HOST_DEVICE float tar_profile_scaled(const ProfilePair& pr, float t) { return t > 0.f ? pr.scale * t : t; }
+
+// The profile's logit of a kept pair before the band: (t > 0 ? scale * t : t) + bias * unit, `unit` 1 for
+// natural-unit logits t, kLog2e for exp2-domain ones. The kernels add c_i * G (tar_bias_coeff) to it; a kernel that
+// applies it a row or a key group at a time (the CPU kernels' vector loops) computes exactly these operations.
+TAR_HOST_DEVICE float tar_profile_logit(const ProfilePair& pr, float t, float unit) {
+  return tar_profile_scaled(pr, t) + pr.bias * unit;
+}
 
 // ---- CUDA fallback entry point (tar_attention_cuda.cu); raw pointers, no ATen.
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };

@@ -10,6 +10,10 @@
 //   out    = P V with the same micro-kernel shape, scaled by 1 / rowsum and written in the input dtype.
 // The only score buffer is one BM x Lk strip per thread; no Lq x Lk tensor exists. The Gaussian is a table over
 // the frame distances, computed once per call with tar_gaussian() (GaussianRows).
+// A frame-distance profile (p.profile.on) adds, per row, its scale and bias rows (ProfileRows: tar_profile_pair of
+// every key, -inf bias where the pair is masked): the relative row max runs over the kept keys, the logits become
+// tar_profile_logit() + coeff G, and a row with no kept key gets output 0 and lse -inf. Without one, the code path
+// is the plain kernel's.
 #include "tar_attention_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -41,16 +45,22 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
   const bool has_bias = tar_has_bias(p);
 
   const GaussianRows gauss(p, has_bias ? lk_pad : 0);
+  const bool profiled = p.profile.on;  // a frame-distance profile: its tables and masks per row (ProfileRows)
+  const ProfileRows profile(p, profiled ? lk_pad : 0);
 
   at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> scratch(new float[d * ld_k + lk * ld_v + bm * d + bm * ld_k + bm * ld_v + lk_pad]);
+    std::unique_ptr<float[]> scratch(new float[d * ld_k + lk * ld_v + bm * d + bm * ld_k + bm * ld_v + lk_pad +
+                                               (profiled ? 2 * lk_pad : 0)]);
     float* kt = scratch.get();     // d x lk_pad, row stride ld_k
     float* vp = kt + d * ld_k;     // lk x d_pad, row stride ld_v
     float* qp = vp + lk * ld_v;    // bm x d
     float* s = qp + bm * d;        // bm x lk_pad, row stride ld_k
     float* acc = s + bm * ld_k;    // bm x d_pad, row stride ld_v
     float* band = acc + bm * ld_v;  // lk_pad: the band row of a framed layout
+    float* pscale = band + lk_pad;  // lk_pad each: the profile's scale and bias rows (profiled calls only)
+    float* pbias = pscale + lk_pad;
     int64_t packed_bh = -1, band_frame = GaussianRows::kNoRow;
+    int64_t profile_row[2] = {ProfileRows::kNoRow, -1};
     for (int64_t task = begin; task < end; ++task) {
       const auto [slice, b, h, m0, mb] = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
       const int64_t keys = tar_key_count(p, b);  // the keys past it: -inf logits, never read by P V
@@ -62,7 +72,24 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
         std::fill(row + keys, row + lk_pad, -std::numeric_limits<float>::infinity());
         const float* gauss_row = has_bias ? gauss.row(p, m0 + r, band, band_frame) : nullptr;
         float max;
-        if (!has_bias) {
+        if (profiled) {  // S' = profile logit (kept keys; -inf masked) + coeff G, the row max over the kept keys
+          profile.row(p, m0 + r, h, pscale, pbias, profile_row);
+          float coeff = 0.f;
+          if (has_bias) {
+            const float peak = !p.relative            ? 0.f
+                               : p.row_max != nullptr ? p.row_max[tar_row_offset(p.row_max_s, b, m0 + r, h)]
+                                                      : kept_row_max(row, pbias, lk_pad);
+            coeff = tar_bias_coeff(p, peak, 1.f);
+          }
+          apply_profile(row, pscale, pbias, lk_pad);
+          max = has_bias ? add_bias_max(row, gauss_row, coeff, lk_pad) : row_max(row, lk_pad);
+          if (max == kMinusInf) {  // no kept key: output 0, lse -inf
+            std::fill(row, row + lk_pad, 0.f);
+            inv_sum[r] = 0.f;
+            if (p.lse != nullptr) p.lse[tar_row_offset(p.lse_s, b, m0 + r, h)] = kMinusInf;
+            continue;
+          }
+        } else if (!has_bias) {
           max = row_max(row, lk_pad);
         } else if (p.relative) {  // the bias needs the unbiased row max first: the given one, or the row's own
           const float peak = p.row_max != nullptr ? p.row_max[tar_row_offset(p.row_max_s, b, m0 + r, h)]
@@ -89,6 +116,8 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
 //   P  = softmax(S + coeff G)     coeff = strength * rowmax(S) (relative) or strength (absolute)
 //   dP = dO V^T,  dS' = P (dP - rowsum(P dP))
 //   dS = dS' + strength * [S = rowmax] / #ties * rowsum(dS' G)        (relative: the row max's gradient)
+//   with a profile: the forward's profile logits; dS = dS' * (S > 0 ? scale : 1) for kept pairs, 0 for masked ones,
+//   the row max and its ties over the kept keys (reference.profile_bias_backward)
 //   dQ = scale dS K,  dK += dS^T (scale Q),  dV += P^T dO
 // Buffers per thread: packed K^T, V^T, K, the block's Q and dO, three bm x Lk strips and dK, dV accumulators.
 template <typename scalar_t>
@@ -103,10 +132,12 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
   const bool has_bias = tar_has_bias(p);
   const GaussianRows gauss(p, has_bias ? lk_pad : 0);
   const float minus_inf = -std::numeric_limits<float>::infinity();
+  const bool profiled = p.profile.on;
+  const ProfileRows profile(p, profiled ? lk_pad : 0);
 
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     const int64_t floats = 2 * d * ld_k + lk * ld_d + 2 * bm * ld_d + 3 * bm * ld_k + lk * bm + 2 * lk * ld_d +
-                           bm * ld_d + lk_pad;
+                           bm * ld_d + lk_pad + (profiled ? 2 * lk_pad : 0);
     std::unique_ptr<float[]> scratch(new float[floats]);
     float* kt = scratch.get();      // d x lk_pad: K^T
     float* vt = kt + d * ld_k;      // d x lk_pad: V^T
@@ -121,7 +152,10 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
     float* dv_acc = dk_acc + lk * ld_d;
     float* dq_acc = dv_acc + lk * ld_d;  // bm x d_pad
     float* band = dq_acc + bm * ld_d;    // lk_pad: the band row of a framed layout
+    float* pscale = band + lk_pad;       // lk_pad each: the profile's scale and bias rows (profiled calls only)
+    float* pbias = pscale + lk_pad;
     int64_t band_frame = GaussianRows::kNoRow;
+    int64_t profile_row[2] = {ProfileRows::kNoRow, -1};
 
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
@@ -154,11 +188,25 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
           float* drow = ds + r * ld_k;
           std::fill(row + keys, row + lk_pad, minus_inf);
           const float* gauss_row = has_bias ? gauss.row(p, m0 + r, band, band_frame) : nullptr;
-          const float unbiased_max = row_max(row, lk_pad);
-          float max = unbiased_max;
-          if (has_bias) {
-            if (p.relative) std::copy(row, row + lk_pad, s0 + r * ld_k);
-            max = add_bias_max(row, gauss_row, tar_bias_coeff(p, unbiased_max, 1.f), lk_pad);
+          float unbiased_max, max;
+          if (profiled) {  // the forward's profile logits; the unscaled row kept in s0 for the scale and the ties
+            profile.row(p, m0 + r, h, pscale, pbias, profile_row);
+            unbiased_max = kept_row_max(row, pbias, lk_pad);
+            std::copy(row, row + lk_pad, s0 + r * ld_k);
+            apply_profile(row, pscale, pbias, lk_pad);
+            max = has_bias ? add_bias_max(row, gauss_row, tar_bias_coeff(p, unbiased_max, 1.f), lk_pad)
+                           : row_max(row, lk_pad);
+            if (max == minus_inf) {  // no kept key: P = dS = 0
+              std::fill(row, row + lk_pad, 0.f);
+              std::fill(drow, drow + lk_pad, 0.f);
+              continue;
+            }
+          } else {
+            unbiased_max = max = row_max(row, lk_pad);
+            if (has_bias) {
+              if (p.relative) std::copy(row, row + lk_pad, s0 + r * ld_k);
+              max = add_bias_max(row, gauss_row, tar_bias_coeff(p, unbiased_max, 1.f), lk_pad);
+            }
           }
           const float inv_sum = 1.f / exp_sum(row, max, lk_pad);
           float dot = 0.f;  // rowsum(P dP)
@@ -171,13 +219,21 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
             drow[j] = j < keys ? row[j] * (drow[j] - dot) : 0.f;
             if (has_bias) coupling += drow[j] * gauss_row[j];
           }
-          if (has_bias && p.relative && coupling != 0.f) {
+          if (profiled)  // through the positive-logit scale: dS = dS' * scale where S > 0 (masked: dS' = 0)
+            scale_positive_grad(drow, s0 + r * ld_k, pscale, lk_pad);
+          if (has_bias && p.relative && coupling != 0.f) {  // the row max over the (kept) keys: its tied argmax
             const float* unbiased = s0 + r * ld_k;
             int64_t ties = 0;
-            for (int64_t j = 0; j < keys; ++j) ties += unbiased[j] == unbiased_max;
-            const float share = tar_bias_coeff_slope(p, unbiased_max, 1.f) * coupling / static_cast<float>(ties);
-            for (int64_t j = 0; j < keys; ++j)
-              if (unbiased[j] == unbiased_max) drow[j] += share;
+            if (!profiled) {
+              for (int64_t j = 0; j < keys; ++j) ties += unbiased[j] == unbiased_max;
+              const float share = tar_bias_coeff_slope(p, unbiased_max, 1.f) * coupling / static_cast<float>(ties);
+              for (int64_t j = 0; j < keys; ++j)
+                if (unbiased[j] == unbiased_max) drow[j] += share;
+            } else {  // a masked key (-inf bias) is no argmax, even at the max of the unmasked logits
+              ties = count_kept_ties(unbiased, pbias, unbiased_max, lk_pad);  // past the keys: -inf, no tie
+              const float share = tar_bias_coeff_slope(p, unbiased_max, 1.f) * coupling / static_cast<float>(ties);
+              add_at_kept_ties(drow, unbiased, pbias, unbiased_max, share, lk_pad);
+            }
           }
         }
         gemm_rows(ds, ld_k, kp, ld_d, dq_acc, ld_d, mb, keys, d_pad);  // dQ / scale

@@ -15,6 +15,12 @@
 // (row, group) instead of one per logit: a band that is zero almost everywhere (small sigma) costs nothing.
 // Memory per thread: K^T and V of one (batch, head) packed in fp32, one BM x BN score tile, and BM x d accumulators
 // per key group; never an Lq x Lk tensor.
+// A frame-distance profile (p.profile.on) is constant over a (query frame, key group) pair too (tar_profile_pair):
+// a tile's rows are scaled by their pair's positive-logit scale before the online softmax (the max of the scaled
+// row is the scaled max: the scale is positive), rows whose pair is masked take no part (zeros into P V, no
+// statistics), the pair's bias joins b_g, and the relative row max is tracked over the kept keys' unscaled logits.
+// Key groups no query row of the task keeps (outside every row's window and not sinks, or masked by the bias table)
+// are skipped: their tiles are never computed, nor their accumulators touched.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -39,14 +45,15 @@ constexpr int64_t kBlockN = 256;        // keys per score tile (512 measured no 
 constexpr int64_t kAccFloats = 1 << 22; // the group accumulators' budget per thread (16 MiB): fewer rows per task
                                         // when there are many key groups
 
-// Keys grouped by the band they get: group 0 holds the keys without a frame (every key when the call has no
-// bias), group 1 + f the keys of local key frame f (frames of tokens_per_frame consecutive tokens from the keys' own
-// start video_start_k, which is negative when the key chunk begins inside a frame: its first group is short).
+// Keys grouped by the band (and profile) they get: group 0 holds the keys without a frame (every key when the call
+// has neither bias nor profile), group 1 + f the keys of local key frame f (frames of tokens_per_frame consecutive
+// tokens from the keys' own start video_start_k, which is negative when the key chunk begins inside a frame: its
+// first group is short).
 class KeyGroups {
  public:
   explicit KeyGroups(const TARParams& p)
-      : biased_(tar_has_bias(p)), start_(p.video_start_k), end_(p.video_end_k), per_frame_(p.tokens_per_frame),
-        len_(p.len_k) {}
+      : biased_(tar_has_bias(p) || p.profile.on), start_(p.video_start_k), end_(p.video_end_k),
+        per_frame_(p.tokens_per_frame), len_(p.len_k) {}
 
   int64_t count() const { return biased_ ? 1 + tar_frame_count(per_frame_, start_, end_) : 1; }
   int64_t of(int64_t j) const {
@@ -67,6 +74,28 @@ class KeyGroups {
   int64_t start_, end_, per_frame_, len_;
 };
 
+// A profiled task's query frames (frames[r] of row m0 + r, -1 without a frame) and the key groups some of its rows
+// keep (tar_profile_pair of each distinct query frame and each key frame; group 0, the keys without a frame, and
+// every group of a row without a frame are always kept). Exact: a group marked inactive has no kept pair in the task.
+void mark_kept_groups(const TARParams& p, int64_t h, int64_t m0, int64_t mb, int64_t* frames,
+                      std::vector<char>& active) {
+  const int64_t num_groups = static_cast<int64_t>(active.size());
+  std::fill(active.begin() + 1, active.end(), 0);
+  active[0] = 1;
+  bool every_group = false;
+  for (int64_t r = 0; r < mb; ++r) {
+    frames[r] = tar_query_frame<int64_t>(p, m0 + r);
+    if (r > 0 && frames[r] == frames[r - 1]) continue;
+    if (frames[r] < 0) {
+      every_group = true;
+      continue;
+    }
+    for (int64_t g = 1; g < num_groups; ++g)
+      if (!active[g] && tar_profile_pair<int64_t>(p.profile, h, p.offset_delta, frames[r], g - 1).kept) active[g] = 1;
+  }
+  if (every_group) std::fill(active.begin(), active.end(), 1);
+}
+
 template <typename scalar_t>
 void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                                  scalar_t* o) {
@@ -81,12 +110,13 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
   const int64_t bm = std::min(block_m, lq);
   const int64_t num_qb = (lq + bm - 1) / bm;
   const bool has_bias = tar_has_bias(p);
+  const bool profiled = p.profile.on;
   const float minus_inf = -std::numeric_limits<float>::infinity();
 
   at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
     const int64_t stats = num_groups * bm;
     std::unique_ptr<float[]> scratch(
-        new float[d * ld_k + lk * ld_v + bm * d + bm * ld_s + stats * ld_v + 2 * stats + num_groups]);
+        new float[d * ld_k + lk * ld_v + bm * d + bm * ld_s + stats * ld_v + 2 * stats + num_groups + bm]);
     float* kt = scratch.get();          // d x (lk + kVec), row stride ld_k
     float* vp = kt + d * ld_k;          // lk x d_pad, row stride ld_v
     float* qp = vp + lk * ld_v;         // bm x d: scale * Q of the block
@@ -95,25 +125,54 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
     float* run_max = acc + stats * ld_v;  // per group: bm running maxima M_g
     float* run_sum = run_max + stats;     // per group: bm sums l_g
     float* weight = run_sum + stats;      // num_groups: one row's exp(M_g + b_g - M*)
+    float* peak = weight + num_groups;    // bm: a profiled row's max over its kept keys (unscaled logits)
+    std::vector<int64_t> frames(profiled ? bm : 0);     // a profiled task's query frames (-1: no frame)
+    std::vector<char> active(num_groups, 1);            // key groups some row of the task keeps
     int64_t packed_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
       const auto [slice, b, h, m0, mb] = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
-      std::fill(acc, acc + stats * ld_v, 0.f);
+      if (profiled) {
+        mark_kept_groups(p, h, m0, mb, frames.data(), active);
+        for (int64_t g = 0; g < num_groups; ++g)
+          if (active[g]) std::fill(acc + g * bm * ld_v, acc + (g + 1) * bm * ld_v, 0.f);
+        std::fill(peak, peak + mb, minus_inf);
+      } else {
+        std::fill(acc, acc + stats * ld_v, 0.f);
+      }
       std::fill(run_max, run_max + stats, minus_inf);
       std::fill(run_sum, run_sum + stats, 0.f);
       const int64_t keys = tar_key_count(p, b);  // varlen keys: the tiles stop there
 
-      // one online softmax per (row, key group) over the unbiased logits
+      // one online softmax per (row, key group) over the unbiased logits (a profile's scaled ones)
       for (int64_t j0 = 0; j0 < keys;) {
-        const int64_t j1 = std::min(groups.run_end(j0, kBlockN), keys), g = groups.of(j0);
+        const int64_t g = groups.of(j0);
+        if (!active[g]) {  // no row of the task keeps a key of this group: skip it whole
+          j0 = std::min(groups.run_end(j0, keys), keys);
+          continue;
+        }
+        const int64_t j1 = std::min(groups.run_end(j0, kBlockN), keys);
         const int64_t n = j1 - j0, n_pad = round_up(n, kVec);
         gemm_rows(qp, d, kt + j0, ld_k, s, ld_s, mb, d, n_pad);
         float* acc_g = acc + g * bm * ld_v;
         for (int64_t r = 0; r < mb; ++r) {
           float* row = s + r * ld_s;
           std::fill(row + n, row + n_pad, minus_inf);
+          float tile_max;
+          if (profiled) {
+            const ProfilePair pr = tar_profile_pair<int64_t>(p.profile, h, p.offset_delta, frames[r], g - 1);
+            if (!pr.kept) {  // this row keeps none of the group: no weight into P V, no statistics
+              std::fill(row, row + n_pad, 0.f);
+              continue;
+            }
+            const float raw = row_max(row, n_pad);
+            peak[r] = std::max(peak[r], raw);
+            if (pr.scale != 1.f) scale_positive(row, pr.scale, n_pad);
+            tile_max = tar_profile_scaled(pr, raw);  // a positive scale keeps the argmax
+          } else {
+            tile_max = row_max(row, n_pad);
+          }
           float& m = run_max[g * bm + r];
-          const float m_new = std::max(m, row_max(row, n_pad));
+          const float m_new = std::max(m, tile_max);
           const float rescale = std::exp(m - m_new);  // 0 for the group's first tile
           run_sum[g * bm + r] = run_sum[g * bm + r] * rescale + exp_sum(row, m_new, n_pad);
           if (rescale != 1.f)
@@ -130,17 +189,22 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
         float row_max_all = minus_inf;
         if (p.relative && p.row_max != nullptr) {
           row_max_all = p.row_max[tar_row_offset(p.row_max_s, b, m0 + r, h)];
+        } else if (profiled) {
+          row_max_all = peak[r];
         } else {
           for (int64_t g = 0; g < num_groups; ++g) row_max_all = std::max(row_max_all, run_max[g * bm + r]);
         }
-        const int64_t fi = has_bias ? tar_query_frame<int64_t>(p, m0 + r) : -1;
-        const float coeff = tar_bias_coeff(p, row_max_all, 1.f);
+        const int64_t fi = has_bias || profiled ? tar_query_frame<int64_t>(p, m0 + r) : -1;
+        const float coeff = has_bias ? tar_bias_coeff(p, row_max_all, 1.f) : 0.f;
         float top = minus_inf;
         for (int64_t g = 0; g < num_groups; ++g) {
           const float m = run_max[g * bm + r];
           float biased = m;
-          if (g > 0 && fi >= 0 && m != minus_inf)
-            biased += coeff * tar_gaussian(static_cast<float>(p.offset_delta + fi - (g - 1)), p.gauss_log2_coeff);
+          if (g > 0 && fi >= 0 && m != minus_inf) {
+            if (profiled) biased += tar_profile_pair<int64_t>(p.profile, h, p.offset_delta, fi, g - 1).bias;
+            if (has_bias)
+              biased += coeff * tar_gaussian(static_cast<float>(p.offset_delta + fi - (g - 1)), p.gauss_log2_coeff);
+          }
           weight[g] = biased;
           top = std::max(top, biased);
         }
@@ -156,6 +220,11 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
           const float* acc_row = acc + (g * bm + r) * ld_v;
           for (int64_t c = 0; c < d_pad; ++c) out_row[c] += weight[g] * acc_row[c];
         }
+        if (profiled && top == minus_inf) {  // no kept key in the row: output 0, lse -inf
+          store_row(out_row, d, 0.f, orow + r * p.o.frame, p.o.dim);
+          if (p.lse != nullptr) p.lse[tar_row_offset(p.lse_s, b, m0 + r, h)] = minus_inf;
+          continue;
+        }
         store_row(out_row, d, 1.f / total, orow + r * p.o.frame, p.o.dim);
         if (p.lse != nullptr) p.lse[tar_row_offset(p.lse_s, b, m0 + r, h)] = top + std::log(total);
       }
@@ -167,7 +236,7 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
 
 bool tar_attention_cpu_long_applies(const TARParams& p) {
   if (p.len_k < kLongRowKeys) return false;
-  if (!tar_has_bias(p)) return true;  // plain attention: one key group
+  if (!tar_has_bias(p) && !p.profile.on) return true;  // plain attention: one key group
   return p.framed && KeyGroups(p).count() <= kMaxKeyGroups;
 }
 

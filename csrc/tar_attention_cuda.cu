@@ -11,6 +11,9 @@
 // logits in natural units, (m + log2 l) * ln 2.
 // The backward (tar_bwd_query_kernel, tar_bwd_key_kernel, below) reuses those passes and the same logit function.
 // The Gaussian and the bias come from tar_attention.h, the one C++ definition. Correctness first: no tensor cores.
+// A frame-distance profile (p.profile.on, warp-uniform) enters every logit through profile_logit() below
+// (tar_profile_pair / tar_profile_logit): masked pairs get -inf and no gradient, the relative row max runs over the
+// kept keys, a row with no kept key gets output 0, lse -inf and zero gradients; dS = dS' * scale where S > 0.
 // No FP64 anywhere: frame distances are int32 (frames and |offset_delta| <= 2^30, checked by the launcher; the
 // folded layout's starts lie in [-tokens_per_frame, 2^30]), rounded to float once (`nvcc_check` compiles with -Xptxas --warn-on-double-precision-use and fails on a warning).
 #include <cuda_bf16.h>
@@ -104,22 +107,6 @@ __device__ __forceinline__ float lane_logit(const float* q_row, const float* k_t
   return row_dot(q_row, k_tile + lane * S::kKStride, head_dim) * qk_log2_scale;
 }
 
-// Relative mode's first pass: max_j of the unbiased exp2-domain logits of this warp's query row (warp-uniform).
-template <typename T, int DPL>
-__device__ float unbiased_row_max(const TARParams& p, const float* q_row, float* k_tile, const T* kb, int lane) {
-  using S = TileShape<DPL>;
-  const float qk_log2_scale = p.scale * kLog2e;
-  float row_max = -INFINITY;
-  for (int64_t j0 = 0; j0 < p.len_k; j0 += S::kTileN) {
-    __syncthreads();
-    load_tile<T, DPL>(k_tile, S::kKStride, kb, p.k.frame, p.k.dim, j0, p.len_k, p.head_dim);
-    __syncthreads();
-    const bool valid = lane < S::kTileN && j0 + lane < p.len_k;
-    row_max = fmaxf(row_max, lane_logit<DPL>(q_row, k_tile, lane, valid, qk_log2_scale, p.head_dim));
-  }
-  return warp_max(row_max);
-}
-
 // Query row i's frame: gi - k_offset = offset_delta + frame(i), int32 (the launcher checked the limits), and whether
 // the token has a frame at all (text tokens of a framed layout do not).
 struct RowFrame {
@@ -129,6 +116,38 @@ struct RowFrame {
 __device__ __forceinline__ RowFrame row_position(const TARParams& p, int64_t i) {
   const int32_t f = tar_query_frame<int32_t>(p, static_cast<int32_t>(i));
   return {static_cast<int32_t>(p.offset_delta) + f, f >= 0};
+}
+
+// The profile's pair of query row `row` (row_position) and key j for head h (tar_profile_pair, int32 frames).
+__device__ __forceinline__ ProfilePair profile_at(const TARParams& p, RowFrame row, int64_t h, int64_t j) {
+  const int32_t fj = tar_key_frame<int32_t>(p, static_cast<int32_t>(j));
+  const int32_t delta = static_cast<int32_t>(p.offset_delta);
+  return tar_profile_pair<int32_t>(p.profile, h, delta, row.framed ? row.pos - delta : -1, fj);
+}
+
+// The profile's logit (exp2 domain, before the band) of a pair, -inf where the pair is masked.
+__device__ __forceinline__ float profile_logit(const ProfilePair& pr, float t) {
+  return pr.kept ? tar_profile_logit(pr, t, kLog2e) : -INFINITY;
+}
+
+// Relative mode's first pass: max_j of the unbiased exp2-domain logits of this warp's query row (warp-uniform), over
+// the keys a profile keeps (row_pos, h: the row's frame and head).
+template <typename T, int DPL>
+__device__ float unbiased_row_max(const TARParams& p, const float* q_row, float* k_tile, const T* kb, int lane,
+                                  RowFrame row_pos, int64_t h) {
+  using S = TileShape<DPL>;
+  const float qk_log2_scale = p.scale * kLog2e;
+  float row_max = -INFINITY;
+  for (int64_t j0 = 0; j0 < p.len_k; j0 += S::kTileN) {
+    __syncthreads();
+    load_tile<T, DPL>(k_tile, S::kKStride, kb, p.k.frame, p.k.dim, j0, p.len_k, p.head_dim);
+    __syncthreads();
+    const bool valid = lane < S::kTileN && j0 + lane < p.len_k;
+    float t = lane_logit<DPL>(q_row, k_tile, lane, valid, qk_log2_scale, p.head_dim);
+    if (valid && p.profile.on && !profile_at(p, row_pos, h, j0 + lane).kept) t = -INFINITY;
+    row_max = fmaxf(row_max, t);
+  }
+  return warp_max(row_max);
 }
 
 // G_ij of query row `row` (row_position) and key j: the frame distance is exact int32, rounded once; 0 when either
@@ -150,11 +169,12 @@ __device__ __forceinline__ T* slice_base(T* t, const TensorStrides& s, const TAR
 }
 
 // The online softmax of one query row over every key tile: running max m and sum l (exp2 domain) and the
-// unnormalised P V in acc (lane owns channels lane + 32 s). `coeff` multiplies G (tar_bias_coeff).
+// unnormalised P V in acc (lane owns channels lane + 32 s). `coeff` multiplies G (tar_bias_coeff). With a profile
+// that masks every key of the row, m stays -inf and l 0.
 template <typename T, int DPL>
 __device__ void online_row_softmax(const TARParams& p, const float* q_row, float* k_tile, float* v_tile,
-                                   const T* kb, const T* vb, int lane, int64_t i, float coeff, bool has_bias,
-                                   float& m, float& l, float (&acc)[DPL]) {
+                                   const T* kb, const T* vb, int lane, int64_t i, int64_t h, float coeff,
+                                   bool has_bias, float& m, float& l, float (&acc)[DPL]) {
   using S = TileShape<DPL>;
   const float qk_log2_scale = p.scale * kLog2e;
   const RowFrame row_pos = row_position(p, i);
@@ -167,10 +187,12 @@ __device__ void online_row_softmax(const TARParams& p, const float* q_row, float
     const int64_t j = j0 + lane;
     const bool valid = lane < S::kTileN && j < p.len_k;
     float t = lane_logit<DPL>(q_row, k_tile, lane, valid, qk_log2_scale, p.head_dim);
+    if (valid && p.profile.on) t = profile_logit(profile_at(p, row_pos, h, j), t);
     if (valid && has_bias) t = biased_logit(p, t, coeff, row_pos, j);
     const float m_new = fmaxf(m, warp_max(t));
-    const float alpha = exp2f(m - m_new);
-    const float pj = valid ? exp2f(t - m_new) : 0.f;
+    const float m_ref = m_new == -INFINITY ? 0.f : m_new;  // every key so far masked: nothing to rescale
+    const float alpha = exp2f(m - m_ref);
+    const float pj = valid ? exp2f(t - m_ref) : 0.f;
     l = l * alpha + warp_sum(pj);
 #pragma unroll
     for (int s = 0; s < DPL; ++s) acc[s] *= alpha;
@@ -224,20 +246,22 @@ __global__ void __launch_bounds__(kThreads, 4)
       // p.row_max is uniform over the block, so every warp takes the same branch (the sweep has block barriers)
       const float peak = p.row_max != nullptr
                              ? (row_valid ? p.row_max[tar_row_offset(p.row_max_s, b, i, h)] * kLog2e : 0.f)
-                             : unbiased_row_max<T, DPL>(p, q_rows[warp], k_tile, kb, lane);
+                             : unbiased_row_max<T, DPL>(p, q_rows[warp], k_tile, kb, lane, row_position(p, i), h);
       coeff = tar_bias_coeff(p, peak, kLog2e);
     }
     float m, l, acc[DPL];
-    online_row_softmax<T, DPL>(p, q_rows[warp], k_tile, v_tile, kb, vb, lane, i, coeff, has_bias, m, l, acc);
+    online_row_softmax<T, DPL>(p, q_rows[warp], k_tile, v_tile, kb, vb, lane, i, h, coeff, has_bias, m, l, acc);
 
     if (row_valid) {
-      const float inv_l = 1.f / l;
+      const bool kept_any = l > 0.f;  // false only for a profiled row with no kept key: output 0, lse -inf
+      const float inv_l = kept_any ? 1.f / l : 0.f;
 #pragma unroll
       for (int s = 0; s < DPL; ++s) {
         const int c = lane + 32 * s;
         if (c < p.head_dim) ob[i * p.o.frame + c * p.o.dim] = from_float<T>(acc[s] * inv_l);
       }
-      if (p.lse != nullptr && lane == 0) p.lse[tar_row_offset(p.lse_s, b, i, h)] = (m + log2f(l)) * kLn2;
+      if (p.lse != nullptr && lane == 0)
+        p.lse[tar_row_offset(p.lse_s, b, i, h)] = kept_any ? (m + log2f(l)) * kLn2 : -INFINITY;
     }
     __syncwarp();
   }
@@ -302,22 +326,24 @@ __global__ void __launch_bounds__(kThreads, 4)
     __syncwarp();
 
     // the forward, recomputed with the forward's own passes
+    const int64_t h = bh % p.heads;
+    const RowFrame row_pos = row_position(p, i);
     float row_max = -INFINITY;
     float coeff = has_bias ? tar_bias_coeff(p, 0.f, kLog2e) : 0.f;
     if (kRelative && has_bias) {
-      row_max = unbiased_row_max<T, DPL>(p, q_rows[warp], k_tile, kb, lane);
+      row_max = unbiased_row_max<T, DPL>(p, q_rows[warp], k_tile, kb, lane, row_pos, h);
       coeff = tar_bias_coeff(p, row_max, kLog2e);
     }
     float m, l, acc[DPL];
-    online_row_softmax<T, DPL>(p, q_rows[warp], k_tile, v_tile, kb, vb, lane, i, coeff, has_bias, m, l, acc);
-    const float lse = m + log2f(l);
+    online_row_softmax<T, DPL>(p, q_rows[warp], k_tile, v_tile, kb, vb, lane, i, h, coeff, has_bias, m, l, acc);
+    const bool kept_any = l > 0.f;  // false only for a profiled row with no kept key: every gradient 0
+    const float lse = kept_any ? m + log2f(l) : -INFINITY;
     float delta = 0.f;
 #pragma unroll
-    for (int s = 0; s < DPL; ++s) delta = fmaf(do_rows[warp][lane + 32 * s], acc[s] / l, delta);
+    for (int s = 0; s < DPL; ++s) delta = fmaf(do_rows[warp][lane + 32 * s], kept_any ? acc[s] / l : 0.f, delta);
     delta = warp_sum(delta);
 
     // dS' per key, its coupling to the row max, and dQ
-    const RowFrame row_pos = row_position(p, i);
     float coupling = 0.f, ties = 0.f, dq_acc[DPL], tie_acc[DPL];
 #pragma unroll
     for (int s = 0; s < DPL; ++s) dq_acc[s] = tie_acc[s] = 0.f;
@@ -329,15 +355,18 @@ __global__ void __launch_bounds__(kThreads, 4)
       bool tie = false;
       if (valid) {
         const float t = lane_logit<DPL>(q_rows[warp], k_tile, lane, true, qk_log2_scale, p.head_dim);
-        const float tb = has_bias ? biased_logit(p, t, coeff, row_pos, j) : t;
-        const float pj = exp2f(tb - lse);
+        const ProfilePair pr = p.profile.on ? profile_at(p, row_pos, h, j) : ProfilePair{true, 1.f, 0.f};
+        const float tp = p.profile.on ? profile_logit(pr, t) : t;
+        const float tb = has_bias ? biased_logit(p, tp, coeff, row_pos, j) : tp;
+        const float pj = tb == -INFINITY ? 0.f : exp2f(tb - lse);  // a masked pair (lse may be -inf too)
         const float dp = row_dot(do_rows[warp], v_tile + lane * S::kKStride, p.head_dim);
         ds = pj * (dp - delta);
         if (kRelative) {
           coupling = fmaf(ds, gaussian_at(p, row_pos, j), coupling);
-          tie = t == row_max;
+          tie = t == row_max && pr.kept;
           ties += tie ? 1.f : 0.f;
         }
+        if (p.profile.on && t > 0.f) ds *= pr.scale;  // dS = dS' * scale where S > 0 (the coupling takes dS')
       }
       const int n = static_cast<int>(p.len_k - j0 < S::kTileN ? p.len_k - j0 : S::kTileN);
       for (int jj = 0; jj < n; ++jj) {
@@ -417,13 +446,18 @@ __global__ void __launch_bounds__(kThreads, 4)
       float pij = 0.f, ds = 0.f;
       if (valid) {
         const RowStats st = tile_stats[lane];
+        const RowFrame row_pos = row_position(p, i);
         const float t = row_dot(q_tile + lane * S::kKStride, k_rows[warp], p.head_dim) * qk_log2_scale;
+        const ProfilePair pr =
+            p.profile.on ? profile_at(p, row_pos, bh % p.heads, j) : ProfilePair{true, 1.f, 0.f};
+        const float tp = p.profile.on ? profile_logit(pr, t) : t;
         const float coeff = has_bias ? tar_bias_coeff(p, st.row_max, kLog2e) : 0.f;
-        const float tb = has_bias ? biased_logit(p, t, coeff, row_position(p, i), j) : t;
-        pij = exp2f(tb - st.lse);
+        const float tb = has_bias ? biased_logit(p, tp, coeff, row_pos, j) : tp;
+        pij = tb == -INFINITY ? 0.f : exp2f(tb - st.lse);  // a masked pair (lse may be -inf too)
         const float dp = row_dot(do_tile + lane * S::kKStride, v_rows[warp], p.head_dim);
         ds = pij * (dp - st.delta);
-        if (kRelative && t == st.row_max) ds += st.share;
+        if (p.profile.on && t > 0.f) ds *= pr.scale;  // dS = dS' * scale where S > 0
+        if (kRelative && t == st.row_max && pr.kept) ds += st.share;
       }
       const int n = static_cast<int>(p.len_q - i0 < S::kTileN ? p.len_q - i0 : S::kTileN);
       for (int ii = 0; ii < n; ++ii) {

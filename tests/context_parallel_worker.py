@@ -205,7 +205,8 @@ def bias_arguments(args, model, mode: str) -> dict:
     masked distance for head 0), a window of radius 1 with one sink frame and a decay beyond 1 frame."""
     if not args.profile:
         return {"sigma": args.sigma, "strength": 1.5, "mode": mode}
-    heads = next(m.heads for name, m in model.named_modules() if name.endswith(("attn1", ".attn")) and hasattr(m, "heads"))
+    heads = next(m.heads for name, m in model.named_modules()
+                 if name.endswith(("attn1", ".attn")) and hasattr(m, "heads"))
     bias = torch.randn(heads, 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     bias[0, 2] = float("-inf")
     return {"profile": FrameProfile.gaussian(args.sigma, 1.5, mode) + FrameProfile.table(bias=bias)

@@ -1,8 +1,9 @@
 """The C++ extension backend: what the shared correctness matrix (test_op_correctness.py) does not cover.
 
 bf16, long key rows (score strips of a few rows), the op's own validation (TORCH_CHECK), torch.library's opcheck,
-torch.compile(fullgraph=True), "auto" on CPU, and the build switches (disabled build, failed build) in subprocesses
-with their own cache folders.
+torch.compile(fullgraph=True), "auto" on CPU, frame-distance profiles in the long-row kernel (key groups, skipped
+when no row keeps them) and the kernel op's profile arguments, and the build switches (disabled build, failed
+build) in subprocesses with their own cache folders.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_matches_reference, make_qkv
+from helpers import assert_grads_match_reference, assert_matches_reference, make_qkv
 
-from vstar_kernels import ops, tar_attention
+from vstar_kernels import FrameProfile, ops, tar_attention
 from vstar_kernels.backends import extension
 from vstar_kernels.contract import make_params
 from vstar_kernels.ops import select_backend
@@ -176,6 +177,149 @@ def test_two_threads_give_the_one_thread_bits(op):
         torch.set_num_threads(threads)
     assert len(one) == len(two) == 16
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+# ------------------------------------------------------------------------------- frame-distance profiles, long rows
+def _long_profiles(heads: int) -> dict[str, FrameProfile]:
+    gen = torch.Generator().manual_seed(5)
+    bias = torch.randn(heads, 6, generator=gen, dtype=torch.float64)
+    bias[:, -1] = -torch.inf  # 5+ frames apart: masked
+    bias[0, 2] = -torch.inf  # head 0 skips distance 2
+    scale = 0.5 + torch.rand(heads, 4, generator=gen, dtype=torch.float64)
+    return {
+        "window-sinks": FrameProfile.window(1, sink_frames=2) + FrameProfile.gaussian(2.0, 1.5),
+        "bias-masked": FrameProfile.table(bias=bias),
+        "scale-per-head": FrameProfile.table(positive_scale=scale) + FrameProfile.gaussian(1.5),
+        "composed": (FrameProfile.gaussian(1.5, 2.0) + FrameProfile.table(bias=bias[:, :4].clamp(min=-1.0))
+                     + FrameProfile.window(2, sink_frames=1) + FrameProfile.decay_beyond(1, 0.7)),
+    }
+
+
+def _with_mode(profile: FrameProfile, mode: str) -> FrameProfile:
+    if profile.sigma is None:
+        return profile
+    rest = FrameProfile(bias=profile.bias, positive_scale=profile.positive_scale, radius=profile.radius,
+                        sink_frames=profile.sink_frames)
+    return rest + FrameProfile.gaussian(profile.sigma, profile.strength, mode)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", ["window-sinks", "bias-masked", "scale-per-head", "composed"])
+@pytest.mark.parametrize("layout", [dict(tokens_per_frame=100), dict(tokens_per_frame=90, video_start=37),
+                                    dict(tokens_per_frame=110, video_tokens=1100)])
+def test_long_rows_with_profiles_match_the_reference(op, mode, name, layout):
+    """Rows of 1200 keys take the long-row kernel (key groups per frame): windows with sinks, per-head masking bias
+    tables, per-head scales, compositions; text tokens before or after the video (they see every key)."""
+    heads = 2
+    profile = _with_mode(_long_profiles(heads)[name], mode)
+    q, k, v = make_qkv(1, 1200, heads, 16, seed=12, magnitude=1.5)
+    kw = dict(profile=profile, q_offset=1, **layout)
+    assert_matches_reference(tar_attention(q, k, v, backend="extension", **kw), q, k, v, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_long_row_chunks_with_a_window_merge_to_the_whole(op, dtype):
+    """Key chunks of 1000+ tokens cut inside frames with a window: some query rows keep no key of a chunk (zeros,
+    lse -inf, whole key groups skipped), the relative row max over the kept keys of every chunk given, partials
+    merged."""
+    profile = FrameProfile.window(2, sink_frames=1) + FrameProfile.gaussian(1.5, 1.7)
+    q, k, v = make_qkv(1, 3300, 2, 16, dtype=dtype, seed=8)
+    kw = dict(tokens_per_frame=100, video_start=13)
+    q0, q1, spans = 2800, 3300, ((0, 1137), (1137, 2750), (2750, 3300))
+    rows = q[:, q0:q1]
+    chunk = dict(kw, q_token_offset=q0)
+    row_max = torch.stack([ops.tar_row_max(rows, k[:, a:b], profile=profile, k_token_offset=a, **chunk)
+                           for a, b in spans]).amax(0)
+    parts = [tar_attention(rows, k[:, a:b], v[:, a:b], profile=profile, k_token_offset=a, row_max=row_max,
+                           return_lse=True, backend="extension", **chunk) for a, b in spans]
+    out, lse = parts[1]
+    dead = torch.isneginf(lse)
+    assert dead.any() and not dead.all()  # the middle chunk is outside some rows' windows (no sink, no text there)
+    assert torch.equal(out[dead], torch.zeros_like(out[dead]))
+    merged, _ = ops.merge_partials(*zip(*parts, strict=True))
+    truth = tar_attention_reference(rows.double(), k.double(), v.double(), profile=profile, **chunk)
+    assert (merged.double() - truth).abs().max().item() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_long_rows_with_a_profile_on_two_threads_give_the_one_thread_bits(op):
+    """The long-row kernel's key-group skipping is per task (a block of query rows): the thread split changes
+    nothing."""
+    profile = FrameProfile.window(1, sink_frames=1) + FrameProfile.decay_beyond(0, 0.8) + FrameProfile.gaussian(2.0)
+    q, k, v = make_qkv(2, 1100, 2, 16, seed=3)
+    kw = dict(profile=profile, tokens_per_frame=100, video_start=20, backend="extension")
+
+    def run() -> list[torch.Tensor]:
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = tar_attention(*leaves, **kw)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        return [out, *torch.autograd.grad(out, leaves, grad_out)]
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
+
+
+def test_long_rows_profile_gradients_match_the_reference(op):
+    """The backward of a windowed call over long rows (the whole-row backward kernel, masks and scales)."""
+    profile = (FrameProfile.window(2, sink_frames=1) + FrameProfile.decay_beyond(1, 0.6)
+               + FrameProfile.gaussian(2.0))
+    q, k, v = make_qkv(1, 1050, 2, 16, seed=4)
+    assert_grads_match_reference("extension", q, k, v, profile=profile, tokens_per_frame=75, video_start=25)
+
+
+def test_kernel_op_opcheck_with_a_profile(op):
+    """The kernel ops with their profile arguments: torch.library's checks."""
+    q, k, v = make_qkv(2, 12, 3, 40, len_k=9, layout="permuted")
+    params = make_params(40, sigma=2.0, tokens_per_frame=4, video_start=3, q_token_offset=6, k_token_offset=1)
+    layout = params.kernel_layout_args(12, 9)
+    bias = torch.randn(3, 4)
+    bias[1, 3] = -torch.inf
+    scale = torch.rand(1, 4) + 0.5
+    kernel = torch.ops.vstar_kernels.tar_attention_kernel
+    for tables, ints in (((bias, None), [4, 4, 1, 0]), ((None, scale), [4, 0, -1, 0]), ((None, None), [1, 0, 2, 1])):
+        torch.library.opcheck(kernel, (q, k, v, 2.0, 1.0, "relative", 0.2, params.offset_delta, *layout, None, True,
+                                       None, *tables, ints))
+    torch.library.opcheck(torch.ops.vstar_kernels.tar_attention_kernel_backward,
+                          (torch.randn(2, 12, 3, 40), q, k, v, 2.0, 1.0, "relative", 0.2, 3, *layout, None, bias,
+                           None, [4, 4, 1, 0]))
+
+
+@pytest.mark.parametrize(("tables", "ints", "match"), [
+    ((torch.zeros(2, 4), None), [4, 4, -1, 0], "profile bias must be a contiguous float32 \\(3, 4\\)"),
+    ((None, torch.ones(1, 4, dtype=torch.float64)), [4, 0, -1, 0], "profile scale must be a contiguous float32"),
+    ((torch.zeros(3, 4).t(), None), [4, 4, -1, 0], "must be a contiguous float32"),
+    ((None, None), [4, 2, -1, 0], "head_stride must be 0"),
+    ((None, None), [0, 0, -1, 0], "table_len must be >= 1"),
+    ((None, None), [1, 0, -2, 0], "radius must be >= 0, or -1"),
+    ((None, None), [1, 0, -1], "profile must be \\(table_len, head_stride, radius, sink_limit\\)"),
+    ((torch.zeros(1, 1), None), None, "profile tables need the profile's integers"),
+])
+def test_kernel_op_checks_its_profile(op, tables, ints, match):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    q, k, v = make_qkv(2, 12, 3, 8, len_k=9)
+    args = (q, k, v, 1.0, 1.0, "relative", 0.3, 0, 4, 1, 1, 12, 9, None, False, None, *tables, ints)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.vstar_kernels.tar_attention_kernel(*args)
+    with FakeTensorMode() as mode, pytest.raises(RuntimeError, match=match):
+        torch.ops.vstar_kernels.tar_attention_kernel(*[mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                       for a in args])
+
+
+def test_profiles_run_on_the_extension(op):
+    """A profile beyond a Gaussian band runs on the extension (no refusal), "auto" on CPU picks it."""
+    q = torch.zeros(1, 4, 2, 8)
+    profiles = (FrameProfile.window(2), FrameProfile.table(bias=torch.zeros(2, 3)), FrameProfile.decay_beyond(1, 0.5))
+    for profile in profiles:
+        params = make_params(8, profile=profile)
+        assert extension.unsupported_reason(ops.InputSpec.of(q), params) is None
+        assert select_backend(q, params, "auto") is extension
 
 
 def test_torch_compile_fullgraph(op):

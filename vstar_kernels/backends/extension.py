@@ -4,7 +4,8 @@ Two pairs of ops run the same kernels (csrc/bindings.cpp): ``tar_attention`` / `
 ops of whole sequences (the token layout as the user gives it; differentiable), and ``tar_attention_kernel`` /
 ``tar_attention_kernel_backward``, which this backend calls: the layout in the kernels' folded form
 (:meth:`~vstar_kernels.contract.TARParams.kernel_layout_args` and ``offset_delta``, so chunks of a sequence work), an
-optional given row max and the log-sum-exp (forward-only).
+optional given row max and the log-sum-exp (forward-only), and a frame-distance profile (tables and windows: the
+float32 tables and integers of :func:`~.profile_tables.kernel_profile`, forward and backward).
 
 Loading, first match wins:
 1. an ahead-of-time build shipped in the package (``VSTAR_KERNELS_BUILD_EXT=1 pip install .`` makes
@@ -33,6 +34,7 @@ from ..contract import FLOAT32_MAX, MAX_OFFSET, MAX_TOKENS, TARParams, validate_
 from ..differentiable import differentiable_grads
 from . import extension_build as build
 from .base import InputSpec
+from .profile_tables import kernel_profile
 
 NAME = "extension"
 NO_BUILD_ENV = build.NO_BUILD_ENV
@@ -128,9 +130,11 @@ def _register_fake_once() -> None:
 
     @torch.library.register_fake(KERNEL_OP_NAME)
     def _fake_kernel(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame, video_start_q,
-                     video_start_k, video_end_q, video_end_k, row_max=None, return_lse=False, k_lengths=None):
+                     video_start_k, video_end_q, video_end_k, row_max=None, return_lse=False, k_lengths=None,
+                     profile_bias=None, profile_scale=None, profile=None):
         _check_like_the_kernel_op(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame,
                                   video_start_q, video_start_k, video_end_q, video_end_k)
+        _check_profile_like_the_kernel(q, profile_bias, profile_scale, profile, KERNEL_OP_NAME)
         if row_max is not None:
             _check_row_max_like_the_kernel(q, row_max, mode)
         lse_shape = tuple(q.shape[:3]) if return_lse else (0,)
@@ -139,9 +143,11 @@ def _register_fake_once() -> None:
 
     @torch.library.register_fake(KERNEL_BACKWARD_OP_NAME)
     def _fake_kernel_backward(grad_out, q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame,
-                              video_start_q, video_start_k, video_end_q, video_end_k, k_lengths=None):
+                              video_start_q, video_start_k, video_end_q, video_end_k, k_lengths=None,
+                              profile_bias=None, profile_scale=None, profile=None):
         _check_like_the_kernel_op(q, k, v, sigma, strength, mode, scale, offset_delta, tokens_per_frame,
                                   video_start_q, video_start_k, video_end_q, video_end_k)
+        _check_profile_like_the_kernel(q, profile_bias, profile_scale, profile, KERNEL_BACKWARD_OP_NAME)
         if grad_out.shape != (*q.shape[:3], v.shape[3]) or grad_out.dtype != q.dtype:
             raise RuntimeError("tar_attention_kernel_backward: grad_out must be shaped like the output and match "
                                "q's dtype")
@@ -245,6 +251,42 @@ def _check_like_the_kernel_op(q, k, v, sigma, strength, mode, scale, offset_delt
                                f"max(video_start_{name}, L{name})] = [{start}, {max(start, length)}], got {end}")
 
 
+def _check_profile_like_the_kernel(q: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+                                   ints: list[int] | None, op: str) -> None:
+    """The kernel ops' profile checks (csrc/bindings.cpp ``set_profile``): (table_len, head_stride, radius,
+    sink_limit) and contiguous float32 (rows, table_len) tables on q's device. Symbolic values are left to the real
+    kernel."""
+    name = op.split("::")[-1]
+    if ints is None:
+        if bias is not None or scale is not None:
+            raise RuntimeError(f"{name}: profile tables need the profile's integers (table_len, head_stride, radius, "
+                               "sink_limit)")
+        return
+    if len(ints) != 4:
+        raise RuntimeError(f"{name}: profile must be (table_len, head_stride, radius, sink_limit), got {len(ints)} "
+                           "integers")
+    if not all(isinstance(x, int) for x in ints):
+        return
+    table_len, head_stride, radius, _ = ints
+    if table_len < 1:
+        raise RuntimeError(f"{name}: profile table_len must be >= 1, got {table_len}")
+    if head_stride not in (0, table_len):
+        raise RuntimeError(f"{name}: profile head_stride must be 0 (one table row for every head) or table_len = "
+                           f"{table_len} (one per head), got {head_stride}")
+    if radius < -1:
+        raise RuntimeError(f"{name}: profile radius must be >= 0, or -1 for no window, got {radius}")
+    rows = 1 if head_stride == 0 else q.shape[2]
+    for label, table in (("bias", bias), ("scale", scale)):
+        if table is None:
+            continue
+        if (table.dtype != torch.float32 or tuple(table.shape) != (rows, table_len)
+                or not table.is_contiguous()):
+            raise RuntimeError(f"{name}: profile {label} must be a contiguous float32 ({rows}, {table_len}) tensor, "
+                               f"got {table.dtype} {tuple(table.shape)}")
+        if table.device != q.device:
+            raise RuntimeError(f"{name}: profile {label} must be on q's device {q.device}, got {table.device}")
+
+
 def _check_row_max_like_the_kernel(q: torch.Tensor, row_max: torch.Tensor, mode: str) -> None:
     """The kernel op's row_max checks (csrc/bindings.cpp ``check_row_max``)."""
     if mode != "relative":
@@ -320,8 +362,6 @@ def _check_availability(device_type: str) -> str | None:
 
 def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     """None when the kernel supports these inputs, else why not."""
-    if params.shaped:
-        return "frame-distance profiles beyond a Gaussian band (tables, windows) run on the torch backend"
     if spec.dtype not in DTYPES:
         return f"dtype {spec.dtype} is not supported (float16, bfloat16, float32)"
     if spec.device.type == "cuda" and spec.varlen:
@@ -351,12 +391,26 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams
     (batch, Lq, heads). ``row_max`` (relative mode; (batch, Lq, heads), any strides; float32, converted otherwise)
     replaces each row's own max of the unbiased logits in the bias coefficient. The call may be a chunk of a longer
     sequence (``params.q_token_offset`` / ``k_token_offset``): the kernels take the layout folded to local tokens.
-    ``k_lengths`` (varlen keys, CPU only) as in :func:`vstar_kernels.ops.tar_attention`."""
+    ``k_lengths`` (varlen keys, CPU only) as in :func:`vstar_kernels.ops.tar_attention`. A frame-distance profile
+    (``params.profile``) passes its kernel tables (:func:`_profile_args`)."""
     if row_max is not None and row_max.dtype != torch.float32:
         row_max = row_max.float()
     out, lse = torch.ops.vstar_kernels.tar_attention_kernel(q, k, v, *_kernel_args(params, q, k), row_max,
-                                                            bool(return_lse), k_lengths)
+                                                            bool(return_lse), k_lengths,
+                                                            *_profile_args(params, q.device))
     return (out, lse) if return_lse else out
+
+
+def _profile_args(params: TARParams, device: torch.device) -> tuple[object, object, list[int] | None]:
+    """The kernel ops' profile arguments ``(profile_bias, profile_scale, profile)``: the float32 tables of
+    :func:`~.profile_tables.kernel_profile` on ``device`` (None where the profile has none) and its integers
+    (table_len, head_stride, radius, sink_limit); ``(None, None, None)`` for a call without a profile."""
+    if params.profile is None:
+        return None, None, None
+    # a traced call must not keep its graph's tensors in kernel_profile's cache (the backward's graph would read the
+    # forward's): the same tables, made by traced ops
+    kp = kernel_profile(params, device, torch.float32, cached=not torch.compiler.is_compiling())
+    return kp.bias, kp.scale, [kp.table_len, kp.head_stride, kp.radius, kp.sink_limit]
 
 
 def _kernel_args(params: TARParams, q: torch.Tensor, k: torch.Tensor) -> tuple[float | int | str, ...]:
@@ -374,4 +428,4 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     at::parallel_for). CUDA: two kernels in the .cu, one warp per query row (dQ and four fp32 statistics per row) and
     one warp per key (dK, dV)."""
     return torch.ops.vstar_kernels.tar_attention_kernel_backward(grad_out, q, k, v, *_kernel_args(params, q, k),
-                                                                 k_lengths)
+                                                                 k_lengths, *_profile_args(params, q.device))

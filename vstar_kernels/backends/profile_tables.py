@@ -57,22 +57,22 @@ class KernelProfile:
     table_masks: bool
 
 
-def kernel_profile(params: TARParams, device: torch.device, dtype: torch.dtype = torch.float32) -> KernelProfile:
-    """The :class:`KernelProfile` of a call with a profile (``params.profile`` not None); the tables are copied to
-    ``device`` in ``dtype`` once per profile and kept while it lives."""
+def kernel_profile(params: TARParams, device: torch.device, dtype: torch.dtype = torch.float32, *,
+                   cached: bool = True) -> KernelProfile:
+    """The :class:`KernelProfile` of a call with a profile (``params.profile`` not None). With ``cached`` the tables
+    are copied to ``device`` in ``dtype`` once per profile and kept while it lives; a traced call (torch.compile)
+    passes ``cached=False`` and gets them made by traced ops (a graph's tensors must not outlive it in a cache)."""
     profile = params.profile
     if profile is None:
         raise ValueError("kernel_profile needs a call with a frame-distance profile")
-    per_profile = _CACHE.setdefault(profile, {})
-    key = (torch.device(device), dtype)
-    if key not in per_profile:
-        tables = (profile.bias, profile.positive_scale)
-        length = max([t.shape[1] for t in tables if t is not None], default=1)
-        rows = profile.heads  # a one-row table beside a per-head one is repeated per head: one head stride serves both
-        copies = [None if t is None else widen_table(t, length).expand(rows, -1).to(device=device, dtype=dtype)
-                  .contiguous() for t in tables]
-        per_profile[key] = (*copies, length)
-    bias, scale, length = per_profile[key]
+    if cached:
+        per_profile = _CACHE.setdefault(profile, {})
+        key = (torch.device(device), dtype)
+        if key not in per_profile:
+            per_profile[key] = _tables(profile, device, dtype)
+        bias, scale, length = per_profile[key]
+    else:
+        bias, scale, length = _tables(profile, device, dtype)
     radius = NO_RADIUS if profile.radius is None else profile.radius
     reaches = [r for r in (profile.radius, profile.table_reach) if r is not None]
     first_key_frame = params.k_offset + params.layout.fold(params.k_token_offset)[0]
@@ -81,6 +81,16 @@ def kernel_profile(params: TARParams, device: torch.device, dtype: torch.dtype =
         sink_limit=_clamped(profile.sink_frames - first_key_frame) if profile.radius is not None else 0,
         reach=min(reaches) if reaches else None, sinks_reach=profile.radius is not None and profile.table_reach is None,
         table_masks=profile.table_masks)
+
+
+def _tables(profile: FrameProfile, device: torch.device, dtype: torch.dtype) -> tuple:
+    """(bias, scale, table_len): both tables widened to one length and to the profile's rows (a one-row table beside
+    a per-head one is repeated per head, so one head stride serves both), contiguous in ``dtype`` on ``device``."""
+    tables = (profile.bias, profile.positive_scale)
+    length = max([t.shape[1] for t in tables if t is not None], default=1)
+    copies = [None if t is None else widen_table(t, length).expand(profile.heads, -1).to(device=device, dtype=dtype)
+              .contiguous() for t in tables]
+    return (*copies, length)
 
 
 def _clamped(value: int) -> int:

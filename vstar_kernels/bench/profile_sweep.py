@@ -20,6 +20,7 @@ import torch
 from vstar_kernels import FrameProfile
 from vstar_kernels.bench.measure import OOM, probe
 from vstar_kernels.bench.profile_providers import MATERIALISED_BYTES, PROFILE_PROVIDERS, kept_share, make_profile_case
+from vstar_kernels.bench.records import append_csv, run_metadata
 from vstar_kernels.bench.timing import time_side_by_side
 
 
@@ -111,8 +112,6 @@ def run_profiles(args: argparse.Namespace) -> Path:
     """Every point of the series in ``args.profiles`` into ``sweep_profiles.csv`` (appended, with the run's
     metadata), a line per point on the console."""
     from rich.console import Console
-
-    from vstar_kernels.bench.sweep import append_csv, run_metadata
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)

@@ -16,12 +16,7 @@ device, versions and a timestamp; ``sweep_time_<device>.png`` and ``sweep_memory
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import importlib.metadata
 import json
-import platform
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +26,7 @@ from vstar_kernels.bench.measure import OOM, failure_status, peak_in_process, pr
 from vstar_kernels.bench.profile_providers import PROFILE_PROVIDERS
 from vstar_kernels.bench.profile_sweep import PROFILE_DEFAULT_PROVIDERS, PROFILE_SERIES, run_profiles
 from vstar_kernels.bench.providers import FLEX_COMPILE_ENV, PROVIDERS, flex_compiled, forward_backward, make_case
+from vstar_kernels.bench.records import CSV_FIELDS, append_csv, run_metadata
 from vstar_kernels.bench.timing import time_side_by_side
 
 
@@ -86,21 +82,9 @@ FLOOR = "sdpa"
 # The long-row sweep leaves out by default the torch fallback (memory-bounded, not fast: ~10x SDPA at 8k tokens) and
 # FlexAttention on the CPU (a compile per length, then ~7-9x SDPA at 4k-8k tokens); --providers adds them
 DIT_PROVIDERS = ("sdpa", "naive", "sdpa_bias", "xformers", "triton", "extension")
-CSV_FIELDS = (
-    "run_id", "timestamp", "device", "device_name", "vstar_kernels", "torch", "triton", "shape", "heads", "head_dim",
-    "batch", "frames", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "ratio_to_sdpa",
-    "peak_mib", "min_bytes", "gflop", "achieved_gbs", "bandwidth_share",
-)
 # the long-row sweep (sweep_dit.csv): "frames" holds the sequence length L, plus the layout, the band and the share of
 # key tiles whose bias the Triton kernel skips in fp16 (modelled: band_tiles_skipped)
 DIT_CSV_FIELDS = (*CSV_FIELDS, "latent_frames", "tokens_per_frame", "sigma", "triton_band_tiles_skipped")
-
-
-def _version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
 
 
 def device_peak_bandwidth_gbs(device: torch.device) -> float | None:
@@ -252,43 +236,6 @@ def run_dit(args: argparse.Namespace) -> Path:
 def _note_eager_flex(args: argparse.Namespace, console) -> None:
     if {"flex", "flex_two_pass"} & set(args.providers) and not flex_compiled():
         console.print(f"FlexAttention runs eagerly ({FLEX_COMPILE_ENV}=0): its times are not the compiled kernel's")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo's "model name"), else the platform's processor or machine."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def run_metadata(device: torch.device) -> dict[str, str]:
-    """What every CSV row of one run shares: run id, UTC timestamp, device and versions."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
-    return {
-        "run_id": uuid.uuid4().hex[:8],
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": device.type,
-        "device_name": name,
-        "vstar_kernels": _version("vstar-kernels"),
-        "torch": torch.__version__,
-        "triton": _version("triton"),
-    }
-
-
-def append_csv(path: Path, rows: list[dict], meta: dict, fields: tuple[str, ...] = CSV_FIELDS) -> None:
-    """Append rows (with the run's metadata) to a CSV, writing the header when the file is new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({**meta, **row})
 
 
 def run(args: argparse.Namespace) -> Path:
