@@ -3,8 +3,8 @@ or a bias table, every provider side by side (:mod:`.profile_providers`), into `
 
     vstar-kernels bench --profiles window-16frames ultravico-wan ...   (python -m bench.sweep --profiles ...)
 
-Rows: 4k-32k tokens (16 latent frames of 256-2048 tokens) and Wan-shaped rows at 1x, 2x and 4x its 81 training
-frames (21, 42 and 84 latent frames of 390 tokens: Wan at 240 x 416). Each row records the share of pairs the profile
+Rows: 4k-16k tokens (16 latent frames of 256-1024 tokens) and Wan-shaped rows at 1x, 2x and 4x its 81 training
+frames (21, 42 and 84 latent frames of 390 tokens, Wan at 240 x 416: 8k, 16k and 32k tokens). Each row records the share of pairs the profile
 keeps (``kept_share``) beside the ratios to dense SDPA: a window keeping a share f should cost at most
 ``1.2 f + 0.05`` of it (``window_target``), a decay or a table what the TAR band costs (``extension_tar``).
 """
@@ -52,7 +52,7 @@ class ProfileSeries:
     head_dim: int = 128
 
 
-SIXTEEN_FRAMES = ((16, 256), (16, 512), (16, 1024), (16, 2048))
+SIXTEEN_FRAMES = ((16, 256), (16, 512), (16, 1024))
 WAN_LENGTHS = ((21, 390), (42, 390), (84, 390))
 PROFILE_SERIES: dict[str, ProfileSeries] = {
     s.name: s
@@ -76,6 +76,8 @@ PROFILE_CSV_FIELDS = (
 def measure_profile_point(series: ProfileSeries, frames: int, per_frame: int, providers: list[str], *, rounds: int,
                           device: torch.device, dtype: torch.dtype) -> list[dict]:
     """Rows for one point: every provider timed side by side (ratios to dense SDPA)."""
+    if "flex" in providers:  # a fresh compile per point: dynamo's recompile limit would turn FlexAttention eager
+        torch._dynamo.reset()
     profile = series.profile(frames)
     case = make_profile_case(frames, per_frame, series.heads, series.head_dim, profile, dtype=dtype, device=device)
     share = kept_share(profile, frames)
