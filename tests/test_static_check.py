@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vstar_kernels.backends import triton_tar
 from vstar_kernels.backends.triton_tar import block_config
 from vstar_kernels.checks import static_check
 
@@ -34,6 +35,11 @@ BACKWARD_KERNELS = {"_tar_bwd_prep", "_tar_bwd_dq", "_tar_bwd_dkdv"}
 BACKWARD_VARIANTS = {f"{k}-{m}{f}" for k in ("bwd_prep", "bwd_dq", "bwd_dkdv") for m in ("relative", "absolute")
                      for f in ("", "+framed")}
 ROW_MAX_VARIANTS = {"row_max"}  # the row-max kernel (tar_row_max)
+ALL_VARIANTS = VARIANTS | PARTIAL_VARIANTS | TRAINING_VARIANTS | BACKWARD_VARIANTS | ROW_MAX_VARIANTS
+
+
+def _profiled(spec: static_check.Spec) -> bool:
+    return spec.variant.endswith("+profile")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -61,7 +67,7 @@ def test_backward_kernels_are_enumerated_for_every_dtype_and_bucket(all_specs: l
     for dtype in ("fp16", "bf16"):
         for block_d in (32, 64, 128, 256):
             found = {s.variant for s in all_specs if s.kernel in BACKWARD_KERNELS and s.dtype == dtype
-                     and s.config.block_d == block_d}
+                     and s.config.block_d == block_d and not _profiled(s)}
             assert found == BACKWARD_VARIANTS, (dtype, block_d, found)
     for spec in all_specs:
         if spec.kernel in BACKWARD_KERNELS:
@@ -88,9 +94,84 @@ def test_enumeration_covers_dtypes_buckets_and_variants(specs: list[static_check
     assert {s.config.block_d for s in specs} == {32, 64, 128, 256}
     for dtype in ("fp16", "bf16", "fp32"):
         for block_d in (32, 64, 128, 256):
-            found = {s.variant for s in specs if s.dtype == dtype and s.config.block_d == block_d}
+            found = {s.variant for s in specs if s.dtype == dtype and s.config.block_d == block_d and not _profiled(s)}
             expected = VARIANTS | PARTIAL_VARIANTS | (set() if dtype == "fp32" else TRAINING_VARIANTS)  # fp32 trains
             assert found == expected, (dtype, block_d, found)  # via torch
+
+
+@pytest.fixture(scope="module")
+def profile_specs() -> list[static_check.Spec]:
+    """``--profiles``' specialisations (value class "plain")."""
+    return static_check.reachable_specialisations(["plain"], profiled=True)
+
+
+def test_profile_kernels_are_enumerated_once_per_family_and_bucket(all_specs: list[static_check.Spec],
+                                                                   profile_specs: list[static_check.Spec]) -> None:
+    """``--profiles``: a profile's kernels (HAS_BIAS, HAS_SCALE, MASKS all set: the composed profile) for every
+    forward and backward variant the launchers run on a GPU, per precision and head_dim bucket exactly one
+    specialisation: the largest tile per thread of the family there. Not there: fp32 at the buckets the launcher
+    refuses, and the backward at bucket 256 (the torch backward runs). The reachable ones (plain TAR) set no profile
+    flag."""
+    assert not any(map(_profiled, all_specs))
+    for precision, dtypes in (("fp32", {"fp32"}), ("fp16/bf16", {"fp16", "bf16"})):
+        for block_d in (32, 64, 128, 256):
+            found = [s.variant for s in profile_specs if s.dtype in dtypes and s.config.block_d == block_d]
+            expected = {f"{v}+profile" for v in VARIANTS | PARTIAL_VARIANTS}
+            if precision != "fp32":  # training: the training forward and the fused backward
+                expected |= {f"{v}+profile" for v in TRAINING_VARIANTS}
+                expected |= {f"{v}+profile" for v in BACKWARD_VARIANTS} if block_d < 256 else set()
+            elif block_d in triton_tar.PROFILE_FP32_SPILLING_BUCKETS:
+                expected = set()
+            assert sorted(found) == sorted(expected), (precision, block_d)
+    for spec in profile_specs:
+        flags = dict(spec.constexprs)
+        assert flags["HAS_BIAS"] and flags["HAS_SCALE"] and flags["MASKS"]
+        assert spec.config.block_m == 16 and spec.config.num_warps >= (8 if spec.config.block_d == 256 else 4)
+    plain = [s for s in all_specs if not _profiled(s) and s.kernel != static_check.ROW_MAX_KERNEL]
+    assert all(not any(dict(s.constexprs)[f] for f in ("HAS_BIAS", "HAS_SCALE", "MASKS")) for s in plain)
+
+
+@pytest.fixture(scope="module")
+def every_profile_compile() -> set[tuple[str, str, object]]:
+    """(dtype, variant, tiles) of every profile compile the enumeration finds, before the per-bucket reduction."""
+    return {(s.dtype, s.variant, s.config) for s in static_check._enumerate(["plain"], profiled=True)}
+
+
+@pytest.mark.parametrize(("len_k", "head_dim"), [(1, 40), (100, 40), (300, 64), (2048, 100), (65, 200), (14, 256)])
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("framed", [False, True])
+def test_the_launchers_run_the_enumerated_profile_tiles(every_profile_compile, len_k: int, head_dim: int, mode: str,
+                                                        dtype: str, framed: bool) -> None:
+    """What runs is what ``--profiles`` compiles: the launchers themselves (forward with and without the partial
+    results, the training forward, the fused backward) called on meta tensors with a profile, their kernels
+    recorded; every launch's tiles and variant are among the enumeration's, and they are the profile tiles (16 query
+    rows, at least 4 warps), not the plain ones. Framed: long rows, as the enumeration has them."""
+    from vstar_kernels.backends import triton_tar, triton_tar_backward
+    from vstar_kernels.contract import make_params
+
+    torch_dtype = static_check.DTYPES[dtype]
+    heads = 3
+    if framed:  # long rows run the framed kernels (the enumeration's LONG_ROW: their tiles do not depend on it)
+        len_k = static_check.LONG_ROW
+    layout = static_check.FRAMED_LAYOUT if framed else {}
+    params = make_params(head_dim, profile=static_check.composed_profile(heads, 1.0, mode), **layout)
+    q, k = (torch.empty((2, n, heads, head_dim), dtype=torch_dtype, device="meta") for n in (len_k, len_k))
+    rows = torch.empty((2, len_k, heads), dtype=torch.float32, device="meta")
+    launched = []
+    with static_check._recording_kernels() as calls:
+        triton_tar.forward(q, k, k, params)
+        triton_tar.forward(q, k, k, params, return_lse=True)
+        triton_tar.forward(q, k, k, params, row_max=rows, return_lse=True)
+        if dtype != "fp32":  # fp32 trains through torch
+            triton_tar.training_forward(q, k, k, params)
+            stats = torch.empty((2, 2 * heads, len_k), dtype=torch.float32, device="meta")
+            triton_tar_backward.backward(q, k, k, q, params, residuals=(q, stats))
+        launched = [static_check._spec_from_call(dtype, "plain", *call) for call in calls]
+    assert len(launched) == (3 if dtype == "fp32" else 7)
+    for spec in launched:
+        assert (spec.dtype, spec.variant, spec.config) in every_profile_compile, spec
+        assert spec.config.block_m == 16 and spec.config.num_warps >= 4
 
 
 def test_value_classes_differ_only_in_int_hints(both_classes: list[static_check.Spec]) -> None:
@@ -183,8 +264,7 @@ def test_quick_check_picks_the_largest_tile_of_every_kernel_family(all_specs: li
     assert sorted(map(static_check.kernel_family, quick)) == sorted(families)  # each family once
     assert sorted(quick, key=all_specs.index) == quick  # in the enumeration's order
     assert {kernel for kernel, _, _ in families} == set(static_check.KERNELS)
-    assert {variant for _, variant, _ in families} == (VARIANTS | PARTIAL_VARIANTS | TRAINING_VARIANTS
-                                                       | BACKWARD_VARIANTS | ROW_MAX_VARIANTS)
+    assert {variant for _, variant, _ in families} == ALL_VARIANTS
     assert 40 <= len(quick) <= 60 < len(all_specs)
     for spec in quick:
         family = [s for s in all_specs if static_check.kernel_family(s) == static_check.kernel_family(spec)]
@@ -216,8 +296,7 @@ def test_every_kernel_family_compiles_without_spills(tmp_path: Path) -> None:
     assert proc.returncode == 0, "\n".join(failing) or proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "kernel families, one specialisation each" in proc.stdout
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
-    assert {row["variant"] for row in rows} == (VARIANTS | PARTIAL_VARIANTS | TRAINING_VARIANTS | BACKWARD_VARIANTS
-                                                | ROW_MAX_VARIANTS)
+    assert {row["variant"] for row in rows} == ALL_VARIANTS
     assert all(row["status"] == "ok" and row["spill_st"] == row["spill_ld"] == row["local"] == "0" for row in rows)
 
 

@@ -7,9 +7,11 @@ import itertools
 import pytest
 import torch
 
+from vstar_kernels import FrameProfile
 from vstar_kernels.backends.triton_tar import BlockConfig
 from vstar_kernels.checks import static_check, traffic_model
 from vstar_kernels.checks.traffic_model import REALISTIC_SLICES, CallShape, model_call
+from vstar_kernels.contract import make_params
 
 FRAMES = [f for f in static_check.REALISTIC_FRAMES if f <= 256]
 SHAPES = sorted({shape for shapes in static_check.REALISTIC_MODELS.values() for shape in shapes})
@@ -57,6 +59,26 @@ def test_saved_statistics_count_in_the_minimum() -> None:
     training = CallShape(1024, 16, 16, 40, save_stats=True)
     assert training.minimum_bytes() - plain.minimum_bytes() == 1024 * 16 * 8
     assert model_call(training, "triton").ratio == pytest.approx(1.0)
+
+
+def test_a_profile_window_cuts_the_flops_not_the_bytes() -> None:
+    """1024 frames, a window of 8 frames with a sink (and a per-head bias table): the kernel visits under a quarter
+    of the key tiles (64 x 64 tiles: the window's two or three and the sink's),
+    so its FLOPs fall to that share; its bytes stay within 1.25x of the minimum (Q, K, V, O and the tables once)."""
+    heads, frames = 8, 1024
+    params = make_params(64, profile=FrameProfile.window(8, sink_frames=1) + FrameProfile.gaussian(2.0)
+                         + FrameProfile.table(bias=torch.zeros(heads, 9)))
+    call = traffic_model.profile_call(REALISTIC_SLICES // 16, frames, frames, 64, params)
+    plain = CallShape(REALISTIC_SLICES // 16, frames, frames, 64)
+    assert call.table_bytes == heads * 9 * 4
+    assert call.minimum_bytes() == plain.minimum_bytes() + call.table_bytes
+    assert 0.0 < call.tile_share < 0.25
+    windowed, full = model_call(call, "triton"), model_call(plain, "triton")
+    assert windowed.ratio <= 1.25
+    assert windowed.flops == pytest.approx(full.flops * call.tile_share, rel=1e-6)
+    no_mask = traffic_model.profile_call(64, frames, frames, 64, make_params(64, profile=FrameProfile.decay_beyond(
+        4, 0.9)))
+    assert no_mask.tile_share == 1.0 and no_mask.table_bytes == 6 * 4
 
 
 def test_fp32_cuda_calls_are_compute_bound_in_the_model() -> None:

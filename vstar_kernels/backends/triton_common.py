@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..contract import BIAS_COEFF_MAX, LOG2E, TARParams
+from .profile_tables import NO_RADIUS, kernel_profile
 
 try:  # triton is optional: a Linux dependency, absent on other platforms
     import triton
@@ -42,6 +43,12 @@ BAND_ZERO_EXPONENT = 152.0
 # given row max (a (batch, Lq, heads) tensor of any strides, read once per query row)
 NOT_SPECIALIZED = ["offset_delta", "tokens_per_frame", "video_start_q", "video_start_k", "video_end_q", "video_end_k",
                    "band_reach", "stride_rb", "stride_rm", "stride_rh"]
+# the integers of a frame-distance profile (profile_args), likewise never specialised: a table of one entry, a
+# window of radius 16 or a sink limit of 1 must not compile kernels of their own
+PROFILE_INTS = ["table_len", "bias_head_stride", "scale_head_stride", "radius", "sink_limit", "profile_reach",
+                "window_sinks"]
+NOT_SPECIALIZED += PROFILE_INTS
+INT32_MAX = 2**31 - 1  # the kernels' "no window" radius and "no limit" reach: beyond every int32 frame distance
 # frames: the largest int32 frame distance (see MAX_OFFSET_DELTA), so a reach this long means "the band reaches every
 # key"; an int32 kernel argument like the other layout integers
 MAX_BAND_REACH = 2**31 - 1
@@ -50,6 +57,7 @@ MIN_BLOCK_D = 32
 if tl is not None:
     # |c_i| of the exp2-domain kernels: BIAS_COEFF_MAX in log2 units (2^125 * log2(e) < 2^126, finite in fp32)
     BIAS_LOG2_MAX = tl.constexpr(BIAS_COEFF_MAX * LOG2E)
+    PROFILE_LOG2E = tl.constexpr(LOG2E)  # a bias table entry (natural units) in the kernels' log2 units
 
 
 @dataclass(frozen=True)
@@ -70,8 +78,48 @@ def next_pow2(n: int) -> int:
 
 # ------------------------------------------------------------------------------------------ kernel variants
 def runs_framed(params: TARParams) -> bool:
-    """Whether a call runs the framed kernels (FRAMED: a token layout, and a bias to apply)."""
-    return params.framed and params.strength != 0.0
+    """Whether a call runs the framed kernels (FRAMED: a token layout, and a bias to apply: a band, or a
+    frame-distance profile)."""
+    return params.framed and (params.strength != 0.0 or params.shaped)
+
+
+def profile_flags(params: TARParams) -> dict[str, bool]:
+    """The constexpr flags of a call's frame-distance profile: HAS_BIAS (a bias table), HAS_SCALE (a positive-logit
+    scale table), MASKS (a window or ``-inf`` bias entries: pairs are masked, and the key tiles, or query blocks,
+    that no kept pair reaches are skipped). All False for plain TAR, whose kernels are then the code of before
+    profiles existed."""
+    profile = params.profile
+    if profile is None:
+        return {"HAS_BIAS": False, "HAS_SCALE": False, "MASKS": False}
+    return {"HAS_BIAS": profile.bias is not None, "HAS_SCALE": profile.positive_scale is not None,
+            "MASKS": profile.masks}
+
+
+@functools.cache
+def _no_table(device: torch.device) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.float32, device=device)
+
+
+def profile_args(params: TARParams, device: torch.device) -> tuple[object, ...]:
+    """The kernels' profile arguments ``(BIAS_TABLE, SCALE_TABLE, table_len, bias_head_stride, scale_head_stride,
+    radius, sink_limit, profile_reach, window_sinks)`` from :func:`~.profile_tables.kernel_profile`: the float32
+    tables (natural units; the kernels multiply the bias by log2 e), or one fp32 placeholder per device (never read
+    without the flag); each table's elements between two heads' rows (table_len, or 0 for a table of one row: the
+    two tables of a composed profile may differ, one per head and one for all, so each has its own); the
+    radius (INT32_MAX: no window, beyond every int32 distance), the sink limit (a key of local frame below it is a
+    sink), the reach (frames beyond which only sinks stay kept; INT32_MAX: no limit) and the sinks the tile window
+    keeps (the sink limit when sinks stay kept beyond the reach, else 0), all int32."""
+    if params.profile is None:
+        none = _no_table(device)
+        return none, none, 1, 0, 0, INT32_MAX, 0, INT32_MAX, 0
+    kp = kernel_profile(params, device)
+    none = _no_table(device)
+    radius = INT32_MAX if kp.radius == NO_RADIUS else min(kp.radius, INT32_MAX)
+    reach = INT32_MAX if kp.reach is None else min(kp.reach, INT32_MAX)
+    sinks = max(kp.sink_limit, 0) if kp.sinks_reach else 0
+    strides = [0 if t is None or t.shape[0] == 1 else kp.table_len for t in (kp.bias, kp.scale)]
+    return (none if kp.bias is None else kp.bias, none if kp.scale is None else kp.scale, kp.table_len, *strides,
+            radius, kp.sink_limit, reach, sinks)
 
 
 def runs_relative(params: TARParams) -> bool:
@@ -235,21 +283,112 @@ if triton is not None:
         return tl.where(tl.abs(strength * row_max) <= BIAS_LOG2_MAX, strength, 0.0)
 
     @triton.jit
-    def tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE: tl.constexpr,
-                      FRAMED: tl.constexpr):
+    def profile_terms(row_pos, col_pos, bias_row, scale_row, table_len, radius, sink_limit, FRAMED: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, MASKS: tl.constexpr):
+        """A frame-distance profile's terms on one tile, (kept, bias, scale): at d = |gi - gj| (exact int32) and
+        idx = min(d, table_len - 1), ``bias_row[idx]`` in log2 units (HAS_BIAS), ``scale_row[idx]`` (HAS_SCALE;
+        ``bias_row`` and ``scale_row`` point at this head's table row) and, with MASKS, whether the pair is kept:
+        ``(d <= radius or f_k(j) < sink_limit) and bias > -inf`` (``col_pos`` holds the keys' local frames f_k).
+        Pairs with a text token (FRAMED, NO_FRAME) are kept, with bias 0 and scale 1. A term whose flag is off is a
+        placeholder that is never read (no code: every flag off returns the arguments)."""
+        kept = row_pos
+        bias = row_pos
+        scale = row_pos
+        if HAS_BIAS or HAS_SCALE or MASKS:
+            dist = tl.abs(row_pos[:, None] - col_pos[None, :])
+            # in [0, table_len): a text pair's (or a padding row's) distance may be anything, never its load
+            idx = tl.maximum(tl.minimum(dist, table_len - 1), 0)
+            framed = row_pos  # FRAMED only
+            if FRAMED:
+                framed = (row_pos != -2147483648)[:, None] & (col_pos != -2147483648)[None, :]  # NO_FRAME
+            if HAS_BIAS:
+                bias = tl.load(bias_row + idx) * PROFILE_LOG2E
+                if FRAMED:
+                    bias = tl.where(framed, bias, 0.0)
+            if HAS_SCALE:
+                scale = tl.load(scale_row + idx)
+                if FRAMED:
+                    scale = tl.where(framed, scale, 1.0)
+            if MASKS:
+                kept = (dist <= radius) | (col_pos < sink_limit)[None, :]
+                if HAS_BIAS:
+                    kept = kept & (bias != float("-inf"))
+                if FRAMED:
+                    kept = kept | ~framed
+        return kept, bias, scale
+
+    @triton.jit
+    def kept_row_max(s, kept, MASKS: tl.constexpr):
+        """max_j over this tile's kept keys (MASKS: a profile's mask; else every key) of the logits ``s``."""
+        if MASKS:
+            s = tl.where(kept, s, float("-inf"))
+        return tl.max(s, 1)
+
+    @triton.jit
+    def tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, kept, bias, scale,
+                      RELATIVE: tl.constexpr, FRAMED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                      MASKS: tl.constexpr):
         """ΔA inline on one tile of log2 logits: (S', G) with G_ij = exp(-(gi - gj)^2 / (2 sigma^2)) =
         exp2(-(gi - gj)^2 * gauss_log2_coeff) and S' = S + c·G, c = sat(strength·m) (relative, m the unbiased row
-        max in log2 units, the kernel's own or the caller's: :func:`relative_bias_coeff`) or the host's
-        sat(strength)·log2(e) (absolute).
+        max in log2 units over the kept keys, the kernel's own or the caller's: :func:`relative_bias_coeff`) or the
+        host's sat(strength)·log2(e) (absolute).
+        With a frame-distance profile (its terms from :func:`profile_terms`): S' = (S > 0 ? scale·S : S) + bias +
+        c·G over the kept pairs (HAS_SCALE, HAS_BIAS), -inf where MASKS masks the pair.
         ``row_pos`` and ``col_pos`` are int32 frame positions (:func:`token_frames`), so gi - gj is exact integer
         arithmetic rounded once to fp32; G is 0 where either token has no frame (FRAMED). The one Triton statement
-        of the TAR bias."""
+        of the TAR bias (every flag off: the code of plain TAR)."""
         dist = (row_pos[:, None] - col_pos[None, :]).to(tl.float32)
         gauss = tl.exp2(-(dist * dist) * gauss_log2_coeff)
         if FRAMED:
             gauss = tl.where((row_pos != -2147483648)[:, None] & (col_pos != -2147483648)[None, :], gauss, 0.0)
+        biased = s
+        if HAS_SCALE:
+            biased = tl.where(s > 0, s * scale, s)
+        if HAS_BIAS:
+            biased = biased + bias
         if RELATIVE:
-            biased = s + relative_bias_coeff(row_max, bias_log2_scale)[:, None] * gauss
+            biased = biased + relative_bias_coeff(row_max, bias_log2_scale)[:, None] * gauss
         else:
-            biased = s + bias_log2_scale * gauss
+            biased = biased + bias_log2_scale * gauss
+        if MASKS:
+            biased = tl.where(kept, biased, float("-inf"))
         return biased, gauss
+
+    @triton.jit
+    def frame_window(pos, valid, full, length, tokens_per_frame, video_start, video_end, reach, head_frames,
+                     BLOCK: tl.constexpr):
+        """The tiles of BLOCK tokens on the other side of a profile's window (keys for a query block, query rows
+        for a key block) that some kept pair reaches, as (head, gap1, mid, gap2, total) for :func:`window_tile`: the
+        union of [0, head) (that side's text before its video, and its first ``head_frames`` frames: the sinks),
+        the frames within ``reach`` of ``pos`` (frames of this side's tokens in the other side's local frames,
+        where ``valid``) and [video_end, length) (text after the video), tile-aligned, in order, each tile once;
+        every tile when ``full`` (a text token on this side, or a sink key: it pairs with every token). Frame f
+        of the other side starts at token ``video_start + f * tokens_per_frame``. int64 arithmetic (frames x
+        tokens may pass 2^31); the results lie in [0, length rounded up to BLOCK]."""
+        lo = tl.min(tl.where(valid, pos, 2147483647), 0).to(tl.int64)
+        hi = tl.max(tl.where(valid, pos, -2147483648), 0).to(tl.int64)
+        per_frame = tokens_per_frame.to(tl.int64)
+        start = video_start.to(tl.int64)
+        end = tl.maximum(video_end, 0).to(tl.int64)
+        stop = tl.cdiv(length, BLOCK) * BLOCK  # (length may be a constexpr 1: no .to; it promotes below)
+        head_end = tl.maximum(tl.minimum(start + head_frames * per_frame, end), 0)
+        head = tl.minimum(tl.cdiv(head_end, BLOCK) * BLOCK, stop)
+        head = tl.where(full, stop, head)
+        first = tl.maximum(start + (lo - reach) * per_frame, tl.maximum(start, 0))
+        last = tl.minimum(start + (hi + reach + 1) * per_frame, end)
+        mid_start = tl.maximum((first // BLOCK) * BLOCK, head)
+        mid_stop = tl.maximum(tl.minimum(tl.cdiv(last, BLOCK) * BLOCK, stop), mid_start)
+        empty = (lo > hi) | (first >= last)  # no frame within reach: nothing between head and tail
+        mid_start = tl.where(empty, head, mid_start)
+        mid_stop = tl.where(empty, head, mid_stop)
+        tail = tl.maximum((end // BLOCK) * BLOCK, mid_stop)
+        tail_len = tl.maximum(stop - tail, 0)
+        total = head + (mid_stop - mid_start) + tail_len
+        return (head.to(tl.int32), (mid_start - head).to(tl.int32), (mid_stop - mid_start).to(tl.int32),
+                (tail - mid_stop).to(tl.int32), total.to(tl.int32))
+
+    @triton.jit
+    def window_tile(tile, head, gap1, mid, gap2):
+        """The first token of the window's tile number ``tile // BLOCK`` (:func:`frame_window`): the tiles of
+        [0, head), then of the mid part (gap1 tokens later), then of the tail (gap2 more)."""
+        return tile + tl.where(tile >= head, gap1, 0) + tl.where(tile >= head + mid, gap2, 0)

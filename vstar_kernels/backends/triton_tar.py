@@ -64,11 +64,16 @@ from .triton_common import (
     band_reach,
     channel_mask,
     check_launch_limits,
+    frame_window,
     grid_slices,
     in_slice_offsets_fit,
     int32_slices,
+    kept_row_max,
     key_lengths_arg,
     next_pow2,
+    profile_args,
+    profile_flags,
+    profile_terms,
     runs_framed,
     runs_relative,
     scores_tile,
@@ -81,6 +86,7 @@ from .triton_common import (
     token_frames,
     triton,
     vector_width,
+    window_tile,
 )
 from .triton_tar_backward import training_block_config
 
@@ -113,10 +119,14 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 def unsupported_reason(spec: InputSpec, params: TARParams) -> str | None:
     """None when the kernel supports these inputs, else why not."""
-    if params.shaped:
-        return "frame-distance profiles beyond a Gaussian band (tables, windows) run on the torch backend"
     if spec.dtype not in DTYPES:
         return f"dtype {spec.dtype} is not supported (float16, bfloat16, float32)"
+    if (params.shaped and spec.device.type == "cuda" and spec.dtype == torch.float32
+            and max(MIN_BLOCK_D, next_pow2(spec.head_dim)) in PROFILE_FP32_SPILLING_BUCKETS):
+        return (f"float32 with a frame-distance profile beyond a Gaussian band (tables, windows) at head_dim "
+                f"{spec.head_dim} is not launched on GPUs: its kernels spill registers on sm_80/sm_90 for head_dim "
+                f"buckets {PROFILE_FP32_SPILLING_BUCKETS} (python -m vstar_kernels.checks.static_check --profiles); "
+                "float16/bfloat16 run, as does float32 at head_dim 65-128, and the torch backend")
     if INTERPRETER and spec.dtype == torch.bfloat16:
         return ("bfloat16 under TRITON_INTERPRET=1 is refused: the interpreter computes bf16 tl.dot wrongly "
                 "(values near 1e9); run bf16 on a GPU, or use the extension or torch backend")
@@ -217,12 +227,47 @@ def block_config(len_q: int, len_k: int, head_dim: int, mode: str, dtype: torch.
     return BlockConfig(block_m, block_n, block_d, two_pass=two_pass, num_warps=num_warps)
 
 
+# A frame-distance profile's kernels (HAS_BIAS, HAS_SCALE, MASKS: its tables, window and kept-key row max) need
+# registers the plain tiles do not leave: on block_config's tiles 64 of 196 specialisations (per kernel family and
+# head_dim bucket, sm_80/sm_90) spilled 4-712 B. Profile calls run 16-row query blocks (the key tile is kept, so a
+# single-pass relative row still fits one tile) with at least 4 warps, 8 at head_dim 256, and more for the tiles
+# that still spilled there (static_check --profiles): (fp32, BLOCK_N, BLOCK_D, warps) -> warps. The training
+# forward's two-pass tiles keep the rule's warps (16 x 64 x 128 spilled 12 B on sm_90 at 8 warps, not at 4).
+PROFILE_BLOCK_M = 16
+_PROFILE_WARPS = {
+    (False, 64, 32, 4): 8,
+    (False, 128, 32, 4): 8,
+    (False, 64, 128, 4): 8,
+    (False, 64, 256, 8): 16,
+    (True, 16, 128, 4): 8,
+}
+# fp32 profile calls of these head_dim buckets still spill 4-36 B on sm_80/sm_90 at every warp count tried (4-32):
+# unsupported_reason refuses them on CUDA
+PROFILE_FP32_SPILLING_BUCKETS = (32, 64, 256)
+
+
+def profile_block_config(cfg: BlockConfig, dtype: torch.dtype = torch.float16, training: bool = False) -> BlockConfig:
+    """The tiles of a call with a frame-distance profile (``params.profile`` set) whose :func:`block_config` tiles
+    are ``cfg``: the same key tile, head_dim bucket and passes, :data:`PROFILE_BLOCK_M` query rows, at least 4 warps
+    (8 at head_dim 256; more for the tiles of ``_PROFILE_WARPS``). The same tiles with or without the partial
+    results of a Ring chunk (a given row max, the lse) and for the ``training`` forward (it saves the row
+    statistics; its two-pass tiles keep the rule's warps). ``python -m vstar_kernels.checks.static_check
+    --profiles`` compiles these."""
+    num_warps = max(cfg.num_warps, 8 if cfg.block_d == 256 else 4)
+    if not (training and cfg.two_pass):
+        num_warps = _PROFILE_WARPS.get((dtype == torch.float32, cfg.block_n, cfg.block_d, num_warps), num_warps)
+    return dataclasses.replace(cfg, block_m=min(cfg.block_m, PROFILE_BLOCK_M), num_warps=num_warps)
+
+
 def partial_block_config(cfg: BlockConfig, params: TARParams, dtype: torch.dtype, row_max_given: bool,
                          lse: bool) -> BlockConfig:
     """The tiles of an inference call with partial results (``row_max`` given, ``return_lse``) whose
     :func:`block_config` tiles are ``cfg``: ``cfg`` itself, except the few variants whose registers spilled there
     (``_PARTIAL_TILES``, found by the static check), which get other query tiles or warps. ``row_max_given`` counts
-    in relative mode only, like the kernel's ROW_MAX_GIVEN."""
+    in relative mode only, like the kernel's ROW_MAX_GIVEN. A call with a frame-distance profile runs
+    :func:`profile_block_config` of ``cfg``, with or without partial results."""
+    if params.shaped:
+        return profile_block_config(cfg, dtype)
     relative = runs_relative(params)
     key = (relative, relative and cfg.two_pass, runs_framed(params), relative and row_max_given, lse,
            dtype == torch.float32, cfg.block_m, cfg.block_n, cfg.block_d, cfg.num_warps)
@@ -268,7 +313,7 @@ def forward(
     len_q, head_dim = q.shape[1], q.shape[3]
     len_k = k.shape[1]
     cfg = config or block_config(len_q, len_k, head_dim, params.mode, q.dtype, framed=runs_framed(params))
-    if config is None and (row_max is not None or return_lse):
+    if config is None and (row_max is not None or return_lse or params.shaped):  # a profile: its own tiles
         cfg = partial_block_config(cfg, params, q.dtype, row_max is not None, return_lse)
     if params.relative and not cfg.two_pass and len_k > cfg.block_n:
         raise ValueError(f"single-pass relative mode needs block_n >= Lk, got {cfg.block_n} < {len_k}")
@@ -312,20 +357,23 @@ def _launch(grid, q, k, v, out, params: TARParams, cfg: BlockConfig, stats: torc
     results of inference)."""
     relative = runs_relative(params)
     given = relative and row_max is not None
+    bias_table, scale_table, *profile_ints = profile_args(params, q.device)
     _tar_attention_fwd[grid](
         q, k, v, out, out if stats is None else stats,
         row_max if given else out, out if lse is None else lse, key_lengths_arg(k_lengths, q.device),
+        bias_table, scale_table,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         *(row_max.stride() if given else (0, 0, 0)),
         q.shape[2], q.shape[1], k.shape[1], q.shape[3],
         params.offset_delta, params.qk_log2_scale, params.gauss_log2_coeff, params.bias_log2_scale,
-        *params.kernel_layout_args(q.shape[1], k.shape[1]), band_reach(params),
+        *params.kernel_layout_args(q.shape[1], k.shape[1]), band_reach(params), *profile_ints,
         RELATIVE=relative,
         FRAMED=runs_framed(params),
         SKIP_BAND=skips_band(params, cfg, q.dtype, saves_stats=stats is not None),
         TWO_PASS=relative and cfg.two_pass,
         ROW_MAX_GIVEN=given,
         VARLEN=k_lengths is not None,
+        **profile_flags(params),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         SAVE_STATS=stats is not None,
@@ -427,12 +475,77 @@ def band_tiles_skipped(length: int, tokens_per_frame: int, sigma: float, head_di
     return skipped / (len(blocks) * tiles)
 
 
+def _window_tiles(pos: list[int], full: bool, length: int, per_frame: int, start: int, end: int, reach: int,
+                  head_frames: int, block: int) -> list[int]:
+    """The first tokens of the tiles :func:`~.triton_common.frame_window` visits, on the host (the same integers)."""
+    end = max(end, 0)
+    stop = -(-length // block) * block
+    head = stop if full else min(-(-max(min(start + head_frames * per_frame, end), 0) // block) * block, stop)
+    mid_start = mid_stop = head
+    if pos:
+        lo, hi = min(pos), max(pos)
+        first = max(start + (lo - reach) * per_frame, max(start, 0))
+        last = min(start + (hi + reach + 1) * per_frame, end)
+        if first < last:
+            mid_start = max(first // block * block, head)
+            mid_stop = max(min(-(-last // block) * block, stop), mid_start)
+    tail = max(end // block * block, mid_stop)
+    return [*range(0, head, block), *range(mid_start, mid_stop, block), *range(tail, stop, block)]
+
+
+def profile_window(params: TARParams, len_q: int, len_k: int, block_m: int, block_n: int, *,
+                   k_lengths: int | None = None) -> tuple[list[list[int]], list[list[int]]]:
+    """The tiles the kernels visit for a call with a masking profile (MASKS), computed on the host exactly as the
+    kernels compute them (:func:`~.triton_common.frame_window`): ``(key_tiles, query_blocks)``, for each query block
+    of ``block_m`` rows the first keys of the key tiles its forward, prep and dQ loops visit, and for each key tile
+    of ``block_n`` keys the first rows of the query blocks its dK/dV loop visits (``k_lengths``: one sequence's key
+    count). Every other tile holds masked pairs only and is skipped. Without MASKS every tile is visited. For tests
+    and benchmarks (:func:`profile_tiles_skipped`)."""
+    keys = len_k if k_lengths is None else k_lengths
+    every_key = list(range(0, -(-keys // block_n) * block_n, block_n))
+    every_row = list(range(0, -(-len_q // block_m) * block_m, block_m))
+    if not profile_flags(params)["MASKS"]:
+        return [every_key for _ in every_row], [every_row for _ in range(0, len_k, block_n)]
+    per_frame, start_q, start_k, end_q, end_k = params.kernel_layout_args(len_q, len_k)
+    *_, reach, sinks = profile_args(params, torch.device("cpu"))
+    delta = params.offset_delta
+    framed = runs_framed(params)
+
+    def frame(t: int, start: int, end: int) -> int | None:
+        if not framed:
+            return t
+        return (t - start) // per_frame if start <= t < end else None
+
+    key_tiles = []
+    for m0 in every_row:
+        rows = [frame(i, start_q, end_q) for i in range(m0, min(m0 + block_m, len_q))]
+        pos = [delta + f for f in rows if f is not None]
+        key_tiles.append(_window_tiles(pos, None in rows, keys, per_frame, start_k, end_k, reach, sinks, block_n))
+    query_blocks = []
+    for n0 in range(0, len_k, block_n):
+        cols = [frame(j, start_k, end_k) for j in range(n0, min(n0 + block_n, keys))]
+        full = None in cols or any(f < sinks for f in cols if f is not None)
+        pos = [f - delta for f in cols if f is not None]
+        query_blocks.append(_window_tiles(pos, full, len_q, per_frame, start_q, end_q, reach, 0, block_m))
+    return key_tiles, query_blocks
+
+
+def profile_tiles_skipped(params: TARParams, len_q: int, len_k: int, config: BlockConfig) -> float:
+    """The share of (query block, key tile) pairs the forward skips for a call with a masking profile (the key
+    tiles outside each query block's window, :func:`profile_window`; 0.0 without MASKS)."""
+    key_tiles, _ = profile_window(params, len_q, len_k, config.block_m, config.block_n)
+    tiles = -(-len_k // config.block_n)
+    return 1.0 - sum(map(len, key_tiles)) / (len(key_tiles) * tiles) if key_tiles and tiles else 0.0
+
+
 def skips_band(params: TARParams, cfg: BlockConfig, dtype: torch.dtype, saves_stats: bool = False) -> bool:
     """Whether the forward skips the bias of key tiles out of the band's reach (:func:`band_window`): framed calls
     of several key tiles in fp16/bf16 inference. fp32 (IEEE dots on the FMA units) and the training forward keep one
-    biased loop: their registers have no room for the second loop (the static check found 4-32 B spills)."""
+    biased loop: their registers have no room for the second loop (the static check found 4-32 B spills). A
+    frame-distance profile biases every tile it keeps (its own window skips the tiles it masks: MASKS)."""
     several_tiles = cfg.two_pass or not params.relative
-    return runs_framed(params) and several_tiles and dtype != torch.float32 and not saves_stats
+    return (runs_framed(params) and several_tiles and dtype != torch.float32 and not saves_stats
+            and not params.shaped)
 
 
 # --------------------------------------------------------------------------------------------------- kernel
@@ -454,29 +567,67 @@ if triton is not None:
         return row_max
 
     @triton.jit
+    def profile_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale, row_pos,
+                        tokens_per_frame, video_start_k, video_end_k, bias_row, table_len, radius, sink_limit, head,
+                        gap1, mid, gap2, total, FRAMED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+        """:func:`unbiased_row_max` over the keys a masking profile keeps (MASKS): the max of the unbiased logits over
+        the window's key tiles (:func:`frame_window`), -inf for a row that keeps none."""
+        row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        for tile in range(0, total, BLOCK_N):
+            cols = window_tile(tile, head, gap1, mid, gap2) + offs_n
+            s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
+                            DOT_PRECISION, ALIGN)
+            col_pos = token_frames(cols, 0, tokens_per_frame, video_start_k, video_end_k, FRAMED)
+            kept, _bias, _scale = profile_terms(row_pos, col_pos, bias_row, bias_row, table_len, radius, sink_limit,
+                                                FRAMED, HAS_BIAS, False, True)
+            row_max = tl.maximum(row_max, kept_row_max(s, kept, True))
+        return row_max
+
+    @triton.jit
     def softmax_tiles(m_i, l_i, acc, start, stop, skip_start, skip_stop, q, k_base, v_base, stride_kn, stride_kd,
                       stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
                       gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start_k, video_end_k,
+                      bias_row, scale_row, table_len, radius, sink_limit, head, gap1, mid, gap2,
                       BIASED: tl.constexpr, RELATIVE: tl.constexpr, ROW_MAX_KNOWN: tl.constexpr,
-                      FRAMED: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+                      FRAMED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr, MASKS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
         """The online softmax over the key tiles [start, stop) minus [skip_start, skip_stop) (all multiples of
-        BLOCK_N): (m, l, P·V, row max) updated. BIASED: add the band (relative mode takes the row max from this,
-        the row's only tile, unless ROW_MAX_KNOWN: from a first pass, or given)."""
+        BLOCK_N): (m, l, P·V, row max) updated. BIASED: add the band and the profile's terms (relative mode takes
+        the row max from this, the row's only tile, unless ROW_MAX_KNOWN: from a first pass, or given). MASKS (a
+        profile's window): tile number t of [start, stop) is the window's (:func:`window_tile`), and a row whose
+        every key is masked so far keeps m = -inf, l = 0 (no NaN)."""
         for tile in range(start, stop - (skip_stop - skip_start), BLOCK_N):
-            start_n = tl.where(tile < skip_start, tile, tile + (skip_stop - skip_start))
+            if MASKS:
+                start_n = window_tile(tile, head, gap1, mid, gap2)
+            else:
+                start_n = tl.where(tile < skip_start, tile, tile + (skip_stop - skip_start))
             cols = start_n + offs_n
             s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale,
                             DOT_PRECISION, ALIGN)
             if BIASED:
-                if RELATIVE:  # noqa: SIM102 - nested constexpr branches, as Triton evaluates them
-                    if not ROW_MAX_KNOWN:
-                        row_max = tl.max(s, 1)  # the whole key row is in this tile
-                col_pos = token_frames(cols, 0, tokens_per_frame, video_start_k, video_end_k, FRAMED)
-                s, _gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE,
-                                          FRAMED)
+                if MASKS:  # the tile's row max over the kept keys: the terms first
+                    col_pos = token_frames(cols, 0, tokens_per_frame, video_start_k, video_end_k, FRAMED)
+                    kept, bias, scale = profile_terms(row_pos, col_pos, bias_row, scale_row, table_len, radius,
+                                                      sink_limit, FRAMED, HAS_BIAS, HAS_SCALE, MASKS)
+                    if RELATIVE:  # noqa: SIM102 - nested constexpr branches, as Triton evaluates them
+                        if not ROW_MAX_KNOWN:
+                            row_max = kept_row_max(s, kept, MASKS)  # the whole key row is in this tile
+                else:
+                    if RELATIVE:  # noqa: SIM102 - nested constexpr branches, as Triton evaluates them
+                        if not ROW_MAX_KNOWN:
+                            row_max = tl.max(s, 1)  # the whole key row is in this tile
+                    col_pos = token_frames(cols, 0, tokens_per_frame, video_start_k, video_end_k, FRAMED)
+                    kept, bias, scale = profile_terms(row_pos, col_pos, bias_row, scale_row, table_len, radius,
+                                                      sink_limit, FRAMED, HAS_BIAS, HAS_SCALE, MASKS)
+                s, _gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, kept, bias,
+                                          scale, RELATIVE, FRAMED, HAS_BIAS, HAS_SCALE, MASKS)
             m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
+            m_use = m_new
+            if MASKS:  # a row with no kept key yet: exp2 against 0, not -inf - -inf
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
             vt = tl.load(v_base + strided(cols, stride_vn, ALIGN)[:, None] + offs_d[None, :] * stride_vd,
                          mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
@@ -509,20 +660,24 @@ if triton is not None:
     def online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k,
                        row_pos, row_max, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
                        tokens_per_frame, video_start_k, video_end_k, band_reach,
+                       bias_row, scale_row, table_len, radius, sink_limit, head, gap1, mid, gap2, total,
                        RELATIVE: tl.constexpr, ROW_MAX_KNOWN: tl.constexpr, FRAMED: tl.constexpr,
-                       SKIP_BAND: tl.constexpr, BLOCK_M: tl.constexpr,
+                       SKIP_BAND: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       MASKS: tl.constexpr, BLOCK_M: tl.constexpr,
                        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        ALIGN: tl.constexpr):
         """The TAR softmax over every key tile, online: (running max m, sum l, unnormalised P·V, the unbiased row max),
         all in log2 units. Relative mode takes ``row_max`` as passed (ROW_MAX_KNOWN: from a first pass, or given by
         the caller) or from the single tile that holds the row, and returns the one it used. SKIP_BAND (framed,
         several key tiles): the tiles outside the band's reach (:func:`band_window`) run in a second, branch-free
-        loop without the bias."""
+        loop without the bias. MASKS: the ``total`` tokens of the profile's window (:func:`frame_window`) only."""
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         band_start = 0
         band_stop = len_k
+        if MASKS:
+            band_stop = total
         if SKIP_BAND:
             band_start, band_stop = band_window(row_pos, len_k, tokens_per_frame, video_start_k, video_end_k,
                                                 band_reach, BLOCK_N)
@@ -530,14 +685,16 @@ if triton is not None:
         m_i, l_i, acc, row_max = softmax_tiles(
             m_i, l_i, acc, band_start, band_stop, 0, 0, q, k_base, v_base, stride_kn, stride_kd, stride_vn,
             stride_vd, offs_n, offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale, gauss_log2_coeff,
-            bias_log2_scale, tokens_per_frame, video_start_k, video_end_k, True, RELATIVE, ROW_MAX_KNOWN, FRAMED,
+            bias_log2_scale, tokens_per_frame, video_start_k, video_end_k, bias_row, scale_row, table_len, radius,
+            sink_limit, head, gap1, mid, gap2, True, RELATIVE, ROW_MAX_KNOWN, FRAMED, HAS_BIAS, HAS_SCALE, MASKS,
             BLOCK_N, DOT_PRECISION, ALIGN)
         if SKIP_BAND:  # every other tile, before and after the window, without the bias
             m_i, l_i, acc, row_max = softmax_tiles(
                 m_i, l_i, acc, 0, len_k, band_start, band_stop, q, k_base, v_base, stride_kn, stride_kd,
                 stride_vn, stride_vd, offs_n, offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
-                gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start_k, video_end_k, False, RELATIVE,
-                ROW_MAX_KNOWN, FRAMED, BLOCK_N, DOT_PRECISION, ALIGN)
+                gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start_k, video_end_k, bias_row, scale_row,
+                table_len, radius, sink_limit, head, gap1, mid, gap2, False, RELATIVE, ROW_MAX_KNOWN, FRAMED,
+                HAS_BIAS, HAS_SCALE, MASKS, BLOCK_N, DOT_PRECISION, ALIGN)
         return m_i, l_i, acc, row_max
 
     @triton.jit(do_not_specialize=NOT_SPECIALIZED)
@@ -547,6 +704,7 @@ if triton is not None:
         ROW_MAX,  # (batch, Lq, heads) fp32, natural units, any strides, when ROW_MAX_GIVEN, else unused
         LSE,  # contiguous (batch, heads, Lq) fp32 when WRITE_LSE, else unused
         K_LENGTHS,  # (batch,) int64 when VARLEN, else a placeholder
+        BIAS_TABLE, SCALE_TABLE,  # a profile's fp32 (rows, table_len) tables when HAS_BIAS / HAS_SCALE (profile_args)
         stride_qb, stride_qm, stride_qh, stride_qd,
         stride_kb, stride_kn, stride_kh, stride_kd,
         stride_vb, stride_vn, stride_vh, stride_vd,
@@ -560,12 +718,18 @@ if triton is not None:
         # the token layout, each side's own video span (TARParams.kernel_layout_args; starts may be negative)
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
         band_reach,        # frames beyond which the band is exactly zero (band_reach())
+        # the profile's integers (profile_args): entries per table row, elements between two heads' rows of each
+        # table (0: one row), the window's radius, the sink limit, the reach and the window's sink frames
+        table_len, bias_head_stride, scale_head_stride, radius, sink_limit, profile_reach, window_sinks,
         RELATIVE: tl.constexpr,
         FRAMED: tl.constexpr,  # False: token = frame (temporal attention), the layout arguments are unused
         SKIP_BAND: tl.constexpr,  # framed with several key tiles: the tiles out of the band's reach skip the bias
         TWO_PASS: tl.constexpr,
         ROW_MAX_GIVEN: tl.constexpr,  # relative: the row max comes from ROW_MAX (no first pass, no tile max)
         VARLEN: tl.constexpr,  # sequence b attends to its first K_LENGTHS[b] keys only (varlen keys)
+        HAS_BIAS: tl.constexpr,  # a profile's bias table (profile_flags)
+        HAS_SCALE: tl.constexpr,  # a profile's positive-logit scale table
+        MASKS: tl.constexpr,  # a profile that masks pairs: kept-key row max, empty rows, its window of key tiles
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
@@ -593,22 +757,51 @@ if triton is not None:
         # offset_delta + the local frame of each query row: gi - gj = row_pos - col_pos (int32; NO_FRAME for text)
         row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
 
+        # a profile: this head's table rows, and the window of key tiles its kept pairs reach (MASKS)
+        bias_row = BIAS_TABLE + h * bias_head_stride
+        scale_row = SCALE_TABLE + h * scale_head_stride
+        head = 0
+        gap1 = 0
+        mid = 0
+        gap2 = 0
+        total = len_k
+        if MASKS:
+            framed_rows = mask_m
+            text_rows = False
+            if FRAMED:  # a text row keeps every key
+                framed_rows = mask_m & (row_pos != -2147483648)  # NO_FRAME
+                text_rows = tl.max((mask_m & (row_pos == -2147483648)).to(tl.int32), 0) > 0
+            head, gap1, mid, gap2, total = frame_window(row_pos, framed_rows, text_rows, len_k, tokens_per_frame,
+                                                        video_start_k, video_end_k, profile_reach, window_sinks,
+                                                        BLOCK_N)
+
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         if ROW_MAX_GIVEN:  # the caller's row max (over every key chunk of the row), in log2 units like the logits
             row_max = tl.load(ROW_MAX + b * stride_rb + offs_m.to(tl.int64) * stride_rm + h * stride_rh,
                               mask=mask_m, other=0.0) * _LOG2E
-        elif TWO_PASS:  # pass 1: the row max of the unbiased logits over every key tile
-            row_max = unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k, qk_log2_scale,
-                                       BLOCK_M, BLOCK_N, DOT_PRECISION, ALIGN)
+        elif TWO_PASS:  # pass 1: the row max of the unbiased logits over every key tile (every kept key: MASKS)
+            if MASKS:
+                row_max = profile_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k,
+                                          qk_log2_scale, row_pos, tokens_per_frame, video_start_k, video_end_k,
+                                          bias_row, table_len, radius, sink_limit, head, gap1, mid, gap2, total,
+                                          FRAMED, HAS_BIAS, BLOCK_M, BLOCK_N, DOT_PRECISION, ALIGN)
+            else:
+                row_max = unbiased_row_max(q, k_base, stride_kn, stride_kd, offs_n, offs_d, mask_d, len_k,
+                                           qk_log2_scale, BLOCK_M, BLOCK_N, DOT_PRECISION, ALIGN)
         m_i, l_i, acc, row_max = online_softmax(q, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_n,
                                                 offs_d, mask_d, len_k, row_pos, row_max, qk_log2_scale,
                                                 gauss_log2_coeff, bias_log2_scale, tokens_per_frame, video_start_k,
-                                                video_end_k, band_reach, RELATIVE, TWO_PASS or ROW_MAX_GIVEN, FRAMED,
-                                                SKIP_BAND, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, ALIGN)
+                                                video_end_k, band_reach, bias_row, scale_row, table_len, radius,
+                                                sink_limit, head, gap1, mid, gap2, total, RELATIVE,
+                                                TWO_PASS or ROW_MAX_GIVEN, FRAMED, SKIP_BAND, HAS_BIAS, HAS_SCALE,
+                                                MASKS, BLOCK_M, BLOCK_N, BLOCK_D, DOT_PRECISION, ALIGN)
 
         if WRITE_LSE and TWO_PASS:  # the same, before the output (fewer registers after the two passes)
             tl.store(LSE + pid_bh * len_q + offs_m, (m_i + tl.log2(l_i)) * _LN2, mask=mask_m)
-        out = acc / l_i[:, None]
+        if MASKS:  # noqa: SIM108 - a constexpr branch. A row with no kept key: output 0 (lse -inf: m -inf, l 0)
+            out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        else:
+            out = acc / l_i[:, None]
         tl.store(o_base + strided(offs_m, stride_om, ALIGN)[:, None] + offs_d[None, :] * stride_od,
                  out.to(O.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
         if SAVE_STATS:  # for the backward: the unbiased row max and the log-sum-exp of S' (log2 units)
@@ -659,17 +852,25 @@ def forward_with_residuals(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     return training_forward(q, k, v, params, k_lengths=k_lengths)
 
 
+def training_forward_config(cfg: BlockConfig, params: TARParams, dtype: torch.dtype) -> BlockConfig:
+    """The tiles of the forward of a training call whose :func:`block_config` tiles are ``cfg``:
+    :func:`~.triton_tar_backward.training_block_config`, or with a frame-distance profile
+    :func:`profile_block_config` (``training``)."""
+    if params.shaped:
+        return profile_block_config(cfg, dtype, training=True)
+    return training_block_config(cfg, framed=runs_framed(params))
+
+
 def training_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: TARParams, *,
                      config: BlockConfig | None = None,
                      k_lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """(out, (out, stats)): the forward (``config``, default
-    :func:`~.triton_tar_backward.training_block_config` of :func:`block_config`), saving per query row the unbiased
+    :func:`training_forward_config` of :func:`block_config`), saving per query row the unbiased
     row max and the log-sum-exp of S' (log2 units) in ``stats``, a (2, batch·heads, Lq) fp32 tensor: the residuals
     of the fused backward (:mod:`.triton_tar_backward`)."""
     batch, len_q, heads, head_dim = q.shape
-    framed = runs_framed(params)
-    cfg = config or training_block_config(block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype,
-                                                       framed=framed), framed=framed)
+    cfg = config or training_forward_config(block_config(len_q, k.shape[1], head_dim, params.mode, q.dtype,
+                                                         framed=runs_framed(params)), params, q.dtype)
     stats = torch.empty((2, batch * heads, len_q), dtype=torch.float32, device=q.device)
     return (out := forward(q, k, v, params, config=cfg, stats=stats, k_lengths=k_lengths)), (out, stats)
 
@@ -679,8 +880,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq, dk, dv): fp16/bf16 by the fused Triton backward kernels (:mod:`.triton_tar_backward`), from the
     ``residuals`` of :func:`forward_with_residuals` (recomputed when not given); fp32 by the torch backend's chunked
-    backward (the fused kernels' IEEE fp32 tiles spill; fp32 training is rare)."""
-    if q.dtype == torch.float32:
+    backward (the fused kernels' IEEE fp32 tiles spill; fp32 training is rare), as are calls with a frame-distance
+    profile at head_dim 129-256 on a GPU (its backward kernels spill there)."""
+    if q.dtype == torch.float32 or (params.shaped and q.is_cuda and q.shape[3] > 128):
+        # a profile's backward kernels at head_dim 129-256 spill 8-104 B on sm_80/sm_90 (static_check --profiles)
         return torch_tar.backward(q, k, v, grad_out, params, k_lengths=k_lengths)
     return triton_tar_backward.backward(q, k, v, grad_out, params, residuals=residuals, k_lengths=k_lengths)
 
@@ -711,6 +914,9 @@ __all__ = [
     "int32_slices",
     "next_pow2",
     "partial_block_config",
+    "profile_block_config",
+    "profile_tiles_skipped",
+    "profile_window",
     "row_max",
     "row_max_block_config",
     "runs_framed",
@@ -720,6 +926,7 @@ __all__ = [
     "skips_band",
     "training_block_config",
     "training_forward",
+    "training_forward_config",
     "unavailable_reason",
     "unsupported_reason",
     "vector_width",

@@ -32,10 +32,15 @@ from .triton_common import (
     BlockConfig,
     channel_mask,
     check_launch_limits,
+    frame_window,
     grid_slices,
     int32_slices,
+    kept_row_max,
     key_lengths_arg,
     next_pow2,
+    profile_args,
+    profile_flags,
+    profile_terms,
     relative_bias_slope,
     runs_framed,
     runs_relative,
@@ -49,6 +54,7 @@ from .triton_common import (
     token_frames,
     triton,
     vector_width,
+    window_tile,
 )
 
 _STATS = 5  # forward's row max, log-sum-exp, D, tie share, the backward tiles' row max (ties)
@@ -65,14 +71,22 @@ class BackwardConfig:
     num_stages: int = 1
 
 
-def backward_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.float16) -> BackwardConfig:
+def backward_block_config(len_k: int, head_dim: int, dtype: torch.dtype = torch.float16,
+                          profile: bool = False) -> BackwardConfig:
     """Square tiles of 16 or 32 (16 for head_dim > 128), warps chosen so no kernel spills on sm_80 or sm_90
     (``python -m vstar_kernels.checks.static_check`` compiles every fp16/bf16 config this returns). fp32 gets 16-wide
     tiles, for the interpreter: on a GPU, :func:`vstar_kernels.backends.triton_tar.backward` sends fp32 to the
-    chunked torch backward, because IEEE fp32 dots keep both operand tiles in registers and spill here."""
+    chunked torch backward, because IEEE fp32 dots keep both operand tiles in registers and spill here.
+
+    ``profile`` (a call with a frame-distance profile, ``params.profile`` set: its tables, window and kept-key
+    masks): 16 x 16 tiles with 4 warps, 8 from head_dim 65 (the plain tiles' 2 and 4 warps spilled 8-12 B at head_dim
+    128 and 256; ``static_check --profiles``). At head_dim 129-256 they still spill (8 or 16 warps), so
+    ``triton_tar.backward`` runs the torch backward for those calls on a GPU."""
     block_d = max(MIN_BLOCK_D, next_pow2(head_dim))
     if dtype == torch.float32:
         return BackwardConfig(16, 16, block_d, num_warps=4)
+    if profile:
+        return BackwardConfig(16, 16, block_d, num_warps=4 if block_d <= 64 else 8)
     block = max(16, min(32 if block_d <= 128 else 16, next_pow2(len_k)))
     num_warps = (2 if block_d <= 128 else 4) if block == 16 else (4 if block_d <= 64 else 8)
     return BackwardConfig(block, block, block_d, num_warps=num_warps)
@@ -115,7 +129,7 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
     writes zeros for the keys past it."""
     batch, len_q, heads, head_dim = q.shape
     len_k = k.shape[1]
-    cfg = config or backward_block_config(len_k, head_dim, q.dtype)
+    cfg = config or backward_block_config(len_k, head_dim, q.dtype, profile=params.shaped)
     dq = torch.empty((batch, len_q, heads, head_dim), dtype=q.dtype, device=q.device)
     dk = torch.empty((batch, len_k, heads, head_dim), dtype=k.dtype, device=k.device)
     dv = torch.empty((batch, len_k, heads, head_dim), dtype=v.dtype, device=v.device)
@@ -136,8 +150,10 @@ def backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grad_out: torch.
         strides=(*q.stride(), *k.stride(), *v.stride(), *grad_out.stride()),
         scalars=(heads, len_q, len_k, head_dim, params.offset_delta, params.qk_log2_scale,
                  params.gauss_log2_coeff, params.bias_log2_scale, params.strength,
-                 *params.kernel_layout_args(len_q, len_k), key_lengths_arg(k_lengths, q.device)),
+                 *params.kernel_layout_args(len_q, len_k), key_lengths_arg(k_lengths, q.device),
+                 *profile_args(params, q.device)),
         meta=dict(RELATIVE=relative, FRAMED=runs_framed(params), VARLEN=k_lengths is not None,
+                  **profile_flags(params),
                   BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=cfg.block_d,
                   DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
                   ALIGN=vector_width(head_dim, q, k, v, grad_out, out, dq, dk, dv), num_warps=cfg.num_warps,
@@ -176,20 +192,61 @@ if triton is not None:
     @triton.jit
     def _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d, cols, len_k,
                     row_pos, row_max, lse, delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                    tokens_per_frame, video_start_k, video_end_k,
-                    RELATIVE: tl.constexpr, FRAMED: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
-        """For one (query, key) tile: the unbiased log2 logits s, G, P = exp2(S' − lse) and dS' = P ∘ (dP − D)."""
+                    tokens_per_frame, video_start_k, video_end_k, bias_row, scale_row, table_len, radius, sink_limit,
+                    RELATIVE: tl.constexpr, FRAMED: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    MASKS: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr):
+        """For one (query, key) tile: the unbiased log2 logits s, G, P = exp2(S' − lse), dS' = P ∘ (dP − D) (zero
+        where a profile masks the pair: P is), and the profile's kept mask and scale (placeholders without the
+        flags: :func:`~.triton_common.profile_terms`)."""
         s = scores_tile(q, k_base, stride_kn, stride_kd, offs_d, mask_d, cols, len_k, qk_log2_scale, DOT_PRECISION,
                         ALIGN)
         col_pos = token_frames(cols, 0, tokens_per_frame, video_start_k, video_end_k, FRAMED)
-        biased, gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, RELATIVE,
-                                      FRAMED)
+        kept, bias, scale = profile_terms(row_pos, col_pos, bias_row, scale_row, table_len, radius, sink_limit, FRAMED,
+                                          HAS_BIAS, HAS_SCALE, MASKS)
+        biased, gauss = tar_bias_tile(s, row_pos, col_pos, row_max, gauss_log2_coeff, bias_log2_scale, kept, bias,
+                                      scale, RELATIVE, FRAMED, HAS_BIAS, HAS_SCALE, MASKS)
         p = tl.exp2(biased - lse[:, None])
         vt = tl.load(v_base + offs_d[:, None] * stride_vd + strided(cols, stride_vn, ALIGN)[None, :],
                      mask=mask_d[:, None] & (cols < len_k)[None, :], other=0.0)
         dp = tl.dot(do, vt, input_precision=DOT_PRECISION)
         ds = p * (dp - delta_row[:, None])
-        return s, gauss, p, ds
+        return s, gauss, p, ds, kept, scale
+
+    @triton.jit
+    def _score_grad(ds, s, kept, scale, tile_max, share, RELATIVE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    MASKS: tl.constexpr):
+        """dS from dS' on one tile (:func:`~vstar_kernels.reference.profile_bias_backward`): times the profile's
+        scale where S > 0 (HAS_SCALE), plus (relative) the row max's share at the tied argmax keys among the kept
+        ones (``tile_max``: this tile shape's row max over the kept keys)."""
+        if HAS_SCALE:
+            ds = ds * tl.where(s > 0, scale, 1.0)
+        if RELATIVE:
+            ties = s == tile_max[:, None]
+            if MASKS:
+                ties = ties & kept
+            ds = ds + tl.where(ties, share[:, None], 0.0)
+        return ds
+
+    @triton.jit
+    def _key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k, video_end_k, profile_reach,
+                    window_sinks, FRAMED: tl.constexpr, MASKS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(head, gap1, mid, gap2, total) of the key tiles a query block's kept pairs reach
+        (:func:`~.triton_common.frame_window`; the forward's window), or every tile without MASKS."""
+        head = 0
+        gap1 = 0
+        mid = 0
+        gap2 = 0
+        total = len_k
+        if MASKS:
+            framed_rows = mask_m
+            text_rows = False
+            if FRAMED:  # a text row keeps every key
+                framed_rows = mask_m & (row_pos != -2147483648)  # NO_FRAME
+                text_rows = tl.max((mask_m & (row_pos == -2147483648)).to(tl.int32), 0) > 0
+            head, gap1, mid, gap2, total = frame_window(row_pos, framed_rows, text_rows, len_k, tokens_per_frame,
+                                                        video_start_k, video_end_k, profile_reach, window_sinks,
+                                                        BLOCK_N)
+        return head, gap1, mid, gap2, total
 
     @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _tar_bwd_prep(
@@ -203,7 +260,10 @@ if triton is not None:
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
         K_LENGTHS,  # (batch,) int64 when VARLEN (sequence_keys), else a placeholder
-        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+        BIAS_TABLE, SCALE_TABLE,  # a profile's tables (triton_common.profile_args), placeholders without it
+        table_len, bias_head_stride, scale_head_stride, radius, sink_limit, profile_reach, window_sinks,
+        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr, MASKS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
@@ -226,6 +286,8 @@ if triton is not None:
         saved = FWD_STATS + pid_bh * len_q + offs_m
         row_max = tl.load(saved, mask=mask_m, other=0.0)
         lse = tl.load(saved + plane, mask=mask_m, other=0.0)
+        if MASKS:  # a row with no kept key (lse -inf): P = exp2(-inf - 0) = 0, not NaN
+            lse = tl.where(lse == float("-inf"), 0.0, lse)
 
         share = tl.zeros([BLOCK_M], dtype=tl.float32)
         tile_max = row_max  # absolute mode: unused
@@ -235,20 +297,30 @@ if triton is not None:
             k_base = K + slice_offset(b, h, stride_kb, stride_kh, ALIGN)
             v_base = V + slice_offset(b, h, stride_vb, stride_vh, ALIGN)
             row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
+            bias_row = BIAS_TABLE + h * bias_head_stride
+            scale_row = SCALE_TABLE + h * scale_head_stride
+            head, gap1, mid, gap2, total = _key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k,
+                                                       video_end_k, profile_reach, window_sinks, FRAMED, MASKS,
+                                                       BLOCK_N)
             coupling = tl.zeros([BLOCK_M], dtype=tl.float32)
             # the row max as this tile shape computes it, and how many keys reach it (online)
             tile_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
             ties = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for start_n in range(0, len_k, BLOCK_N):
-                s, gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd,
-                                               stride_vn, stride_vd,
-                                               offs_d, mask_d, start_n + offs_n, len_k, row_pos, row_max, lse,
-                                               delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale,
-                                               tokens_per_frame, video_start_k, video_end_k, RELATIVE, FRAMED,
-                                               DOT_PRECISION, ALIGN)
+            for tile in range(0, total, BLOCK_N):
+                start_n = tile
+                if MASKS:  # the key tiles of the profile's window only
+                    start_n = window_tile(tile, head, gap1, mid, gap2)
+                s, gauss, _p, ds, kept, _scale = _tile_probs(
+                    q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d,
+                    start_n + offs_n, len_k, row_pos, row_max, lse, delta_row, qk_log2_scale, gauss_log2_coeff,
+                    bias_log2_scale, tokens_per_frame, video_start_k, video_end_k, bias_row, scale_row, table_len,
+                    radius, sink_limit, RELATIVE, FRAMED, HAS_BIAS, HAS_SCALE, MASKS, DOT_PRECISION, ALIGN)
                 coupling += tl.sum(ds * gauss, 1)
-                block_max = tl.max(s, 1)
-                block_ties = tl.sum((s == block_max[:, None]).to(tl.float32), 1)
+                block_max = kept_row_max(s, kept, MASKS)  # over the kept keys
+                at_max = s == block_max[:, None]
+                if MASKS:
+                    at_max = at_max & kept
+                block_ties = tl.sum(at_max.to(tl.float32), 1)
                 new_max = tl.maximum(tile_max, block_max)
                 ties = (tl.where(tile_max == new_max, ties, 0.0)
                         + tl.where(block_max == new_max, block_ties, 0.0))
@@ -273,8 +345,11 @@ if triton is not None:
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
         K_LENGTHS,  # (batch,) int64 when VARLEN (sequence_keys), else a placeholder
+        BIAS_TABLE, SCALE_TABLE,  # a profile's tables (triton_common.profile_args), placeholders without it
+        table_len, bias_head_stride, scale_head_stride, radius, sink_limit, profile_reach, window_sinks,
         scale,
-        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr, MASKS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
@@ -297,16 +372,23 @@ if triton is not None:
         row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
         row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m,
                                                                grid_slices(len_q, BLOCK_M) * len_q)
+        bias_row = BIAS_TABLE + h * bias_head_stride
+        scale_row = SCALE_TABLE + h * scale_head_stride
+        head, gap1, mid, gap2, total = _key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k,
+                                                   video_end_k, profile_reach, window_sinks, FRAMED, MASKS, BLOCK_N)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        for start_n in range(0, len_k, BLOCK_N):
+        for tile in range(0, total, BLOCK_N):
+            start_n = tile
+            if MASKS:  # the key tiles of the profile's window only
+                start_n = window_tile(tile, head, gap1, mid, gap2)
             cols = start_n + offs_n
-            s, _gauss, _p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                            offs_d, mask_d, cols, len_k, row_pos, row_max, lse, delta_row,
-                                            qk_log2_scale, gauss_log2_coeff, bias_log2_scale, tokens_per_frame,
-                                            video_start_k, video_end_k, RELATIVE, FRAMED, DOT_PRECISION, ALIGN)
-            if RELATIVE:
-                ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
+            s, _gauss, _p, ds, kept, scale_t = _tile_probs(
+                q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d, cols, len_k,
+                row_pos, row_max, lse, delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, tokens_per_frame,
+                video_start_k, video_end_k, bias_row, scale_row, table_len, radius, sink_limit, RELATIVE, FRAMED,
+                HAS_BIAS, HAS_SCALE, MASKS, DOT_PRECISION, ALIGN)
+            ds = _score_grad(ds, s, kept, scale_t, tile_max, share, RELATIVE, HAS_SCALE, MASKS)
             kb = tl.load(k_base + strided(cols, stride_kn, ALIGN)[:, None] + offs_d[None, :] * stride_kd,
                          mask=(cols < len_k)[:, None] & mask_d[None, :], other=0.0)
             dq += tl.dot(ds.to(kb.dtype), kb, input_precision=DOT_PRECISION)
@@ -327,8 +409,11 @@ if triton is not None:
         offset_delta, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, strength,
         tokens_per_frame, video_start_q, video_start_k, video_end_q, video_end_k,
         K_LENGTHS,  # (batch,) int64 when VARLEN (sequence_keys), else a placeholder
+        BIAS_TABLE, SCALE_TABLE,  # a profile's tables (triton_common.profile_args), placeholders without it
+        table_len, bias_head_stride, scale_head_stride, radius, sink_limit, profile_reach, window_sinks,
         scale,
-        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr,
+        RELATIVE: tl.constexpr, FRAMED: tl.constexpr, VARLEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+        HAS_SCALE: tl.constexpr, MASKS: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ALIGN: tl.constexpr,
     ):
@@ -346,10 +431,33 @@ if triton is not None:
         mask_d = channel_mask(offs_d, head_dim, ALIGN)
         mask_n = cols < len_k  # every key's gradient is written: zeros past the sequence's own keys
         keys = sequence_keys(K_LENGTHS, b, len_k, VARLEN)
+        bias_row = BIAS_TABLE + h * bias_head_stride
+        scale_row = SCALE_TABLE + h * scale_head_stride
+        # MASKS: the query blocks some kept pair of this key tile reaches (text keys and sinks: every block)
+        head = 0
+        gap1 = 0
+        mid = 0
+        gap2 = 0
+        total = len_q
+        if MASKS:
+            col_pos = token_frames(cols, 0, tokens_per_frame, video_start_k, video_end_k, FRAMED)
+            live = cols < keys
+            framed_keys = live & (col_pos != -2147483648)  # NO_FRAME
+            every_row = framed_keys & (col_pos < window_sinks)  # a sink the window keeps
+            if FRAMED:
+                every_row = every_row | (live & (col_pos == -2147483648))  # a text key
+            full = tl.max(every_row.to(tl.int32), 0) > 0
+            # the keys' frames in the queries' local frames: gi - gj = offset_delta + f_q - f_k
+            head, gap1, mid, gap2, total = frame_window(col_pos.to(tl.int64) - offset_delta, framed_keys, full,
+                                                        len_q, tokens_per_frame, video_start_q, video_end_q,
+                                                        profile_reach, 0, BLOCK_M)
 
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-        for start_m in range(0, len_q, BLOCK_M):
+        for tile in range(0, total, BLOCK_M):
+            start_m = tile
+            if MASKS:
+                start_m = window_tile(tile, head, gap1, mid, gap2)
             offs_m = start_m + offs_m0
             mask_m = offs_m < len_q
             tile_mask = mask_m[:, None] & mask_d[None, :]
@@ -357,12 +465,12 @@ if triton is not None:
             do = _load_tile(do_base, stride_gm, stride_gd, offs_m, offs_d, tile_mask, ALIGN)
             row_max, lse, delta_row, share, tile_max = _load_stats(STATS, pid_bh, len_q, offs_m, mask_m, plane)
             row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
-            s, _gauss, p, ds = _tile_probs(q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd,
-                                           offs_d, mask_d, cols, keys, row_pos, row_max, lse, delta_row,
-                                           qk_log2_scale, gauss_log2_coeff, bias_log2_scale, tokens_per_frame,
-                                           video_start_k, video_end_k, RELATIVE, FRAMED, DOT_PRECISION, ALIGN)
-            if RELATIVE:
-                ds = ds + tl.where(s == tile_max[:, None], share[:, None], 0.0)
+            s, _gauss, p, ds, kept, scale_t = _tile_probs(
+                q, do, k_base, v_base, stride_kn, stride_kd, stride_vn, stride_vd, offs_d, mask_d, cols, keys,
+                row_pos, row_max, lse, delta_row, qk_log2_scale, gauss_log2_coeff, bias_log2_scale, tokens_per_frame,
+                video_start_k, video_end_k, bias_row, scale_row, table_len, radius, sink_limit, RELATIVE, FRAMED,
+                HAS_BIAS, HAS_SCALE, MASKS, DOT_PRECISION, ALIGN)
+            ds = _score_grad(ds, s, kept, scale_t, tile_max, share, RELATIVE, HAS_SCALE, MASKS)
             p = tl.where(mask_m[:, None], p, 0.0)
             ds = tl.where(mask_m[:, None], ds, 0.0)
             dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)

@@ -4,9 +4,10 @@ or a bias table, every provider side by side (:mod:`.profile_providers`), into `
     vstar-kernels bench --profiles window-16frames ultravico-wan ...   (python -m bench.sweep --profiles ...)
 
 Rows: 4k-16k tokens (16 latent frames of 256-1024 tokens) and Wan-shaped rows at 1x, 2x and 4x its 81 training
-frames (21, 42 and 84 latent frames of 390 tokens, Wan at 240 x 416: 8k, 16k and 32k tokens). Each row records the share of pairs the profile
-keeps (``kept_share``) beside the ratios to dense SDPA: a window keeping a share f should cost at most
-``1.2 f + 0.05`` of it (``window_target``), a decay or a table what the TAR band costs (``extension_tar``).
+frames (21, 42 and 84 latent frames of 390 tokens, Wan at 240 x 416: 8k, 16k and 32k tokens). Each row records the
+share of pairs the profile keeps (``kept_share``) beside the ratios to dense SDPA: a window keeping a share f should
+cost at most ``1.2 f + 0.05`` of it (``window_target``), a decay or a table what the TAR band costs
+(``extension_tar``).
 """
 
 from __future__ import annotations

@@ -53,6 +53,10 @@ under ``~/.cache/vstar-kernels/static-check``, :func:`stamp_path`) and writes th
 steps, rerun on an unchanged tree, cost nothing. ``--quick --stamp`` is also skipped when the full check with the
 same other options passed (its rows include every quick one): the test suite's quick check after .ci/run's full step.
 
+``--profiles`` compiles, instead, the kernels of calls with a frame-distance profile (every profile flag set) on
+the tiles the launchers choose for them, one specialisation per kernel family and head_dim bucket
+(:func:`profile_specialisations`, 196 compiles per arch).
+
 Under ``TRITON_INTERPRET=1`` the kernel is an interpreted function that cannot be compiled; :func:`main` refuses.
 """
 
@@ -87,6 +91,7 @@ from ..backends import triton_tar, triton_tar_backward
 from ..backends.triton_tar import BlockConfig, block_config, row_max_block_config
 from ..backends.triton_tar_backward import backward_block_config, training_block_config
 from ..contract import MODES, make_params
+from ..profiles import FrameProfile
 
 ARCHS: tuple[int, ...] = (80, 90)
 # Largest dynamic shared memory one block may request (opt-in), as the launcher checks ``metadata.shared``.
@@ -108,6 +113,13 @@ BACKWARD_DTYPES: tuple[str, ...] = ("fp16", "bf16")  # the dtypes the Triton bac
 # The partial results of an inference call (a chunk of keys, context parallelism's Ring): (row max given, lse
 # returned). A given row max applies to relative mode only (absolute launches ignore it: deduplicated).
 PARTIAL_RESULTS: tuple[tuple[bool, bool], ...] = ((False, False), (False, True), (True, False), (True, True))
+# A frame-distance profile's kernels (HAS_BIAS, HAS_SCALE, MASKS) are checked with one composed profile that sets
+# every flag (per-head bias with -inf entries, a positive-logit scale, a window with sinks): the superset of their
+# code paths, on the tiles the launchers choose for profile calls (``triton_tar.profile_block_config``: 16 query
+# rows, 4-8 warps; ``backward_block_config(profile=True)``), reduced to one per kernel family (kernel, variant,
+# precision) and head_dim bucket, the largest tile per thread (:func:`profile_specialisations`), not the cross
+# product with every tile: 196 specialisations, compiled with ``--profiles`` (instead of the reachable ones). On the
+# plain tiles 64 of them spilled 4-712 B on sm_80/sm_90, which is why profile calls run their own.
 
 # Representative calls (see the module docstring): (batch, frames, heads, head_dim) shape and strides.
 VALUE_CLASSES: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, int]]] = {
@@ -116,6 +128,16 @@ VALUE_CLASSES: dict[str, tuple[tuple[int, int, int, int], tuple[int, int, int, i
 }
 
 _FP_FUSION_WARNING = "TRITON_DEFAULT_FP_FUSION is unset"
+
+
+def composed_profile(heads: int, strength: float, mode: str) -> FrameProfile:
+    """The profile of the profile specialisations: every flag set (the band only when ``strength`` != 0)."""
+    bias = torch.zeros(heads, 6, dtype=torch.float64)
+    bias[:, -1] = float("-inf")
+    scale = torch.ones(7, dtype=torch.float64)
+    scale[-1] = 0.9
+    profile = FrameProfile.table(bias=bias, positive_scale=scale) + FrameProfile.window(4, sink_frames=1)
+    return profile + FrameProfile.gaussian(2.0, strength, mode) if strength != 0.0 else profile
 
 # Every kernel the launchers can start, by name, with the module that defines it.
 FORWARD_KERNEL = "_tar_attention_fwd"
@@ -154,18 +176,23 @@ class Spec:
     def variant(self) -> str:
         """Forward: relative, relative-2pass or absolute (which strength == 0 also runs), with "+framed" for a token
         layout, "+stats" for the forward of a training call (it saves the row statistics), "+rowmax" where the row
-        max is given and "+lse" where the lse is stored (the partial results of a Ring chunk). Backward: the kernel
-        and the mode, e.g. bwd_dq-relative. The row-max kernel: row_max."""
+        max is given and "+lse" where the lse is stored (the partial results of a Ring chunk), "+profile" for a
+        frame-distance profile's kernels (every profile flag; "+bias", "+scale", "+masks" for some). Backward: the
+        kernel and the mode, e.g. bwd_dq-relative. The row-max kernel: row_max."""
         flags = dict(self.constexprs)
         if self.kernel == ROW_MAX_KERNEL:
             return "row_max"
         mode = "relative" if flags["RELATIVE"] else "absolute"
         framed = "+framed" if flags.get("FRAMED") else ""
+        terms = [name for name, flag in (("bias", "HAS_BIAS"), ("scale", "HAS_SCALE"), ("masks", "MASKS"))
+                 if flags.get(flag)]
+        profile = "" if not terms else "+profile" if len(terms) == 3 else "".join(f"+{t}" for t in terms)
         if self.kernel != FORWARD_KERNEL:
-            return f"{self.kernel.removeprefix('_tar_')}-{mode}{framed}"
+            return f"{self.kernel.removeprefix('_tar_')}-{mode}{framed}{profile}"
         variant = "relative-2pass" if flags["RELATIVE"] and flags["TWO_PASS"] else mode
         return (variant + framed + ("+stats" if flags.get("SAVE_STATS") else "")
-                + ("+rowmax" if flags.get("ROW_MAX_GIVEN") else "") + ("+lse" if flags.get("WRITE_LSE") else ""))
+                + ("+rowmax" if flags.get("ROW_MAX_GIVEN") else "") + ("+lse" if flags.get("WRITE_LSE") else "")
+                + profile)
 
 
 def reachable_configs() -> list[tuple[BlockConfig, str, str]]:
@@ -184,10 +211,11 @@ def _reachable_configs() -> tuple[tuple[BlockConfig, str, str], ...]:
     return tuple(sorted(found, key=lambda item: (_config_key(item[0]), item[1], item[2])))
 
 
-def reachable_backward_configs() -> list[tuple[object, str, str]]:
+def reachable_backward_configs(profiled: bool = False) -> list[tuple[object, str, str]]:
     """Every distinct (BackwardConfig, mode, dtype) ``backward_block_config`` returns over FRAME_COUNTS x HEAD_DIMS
-    x MODES x BACKWARD_DTYPES (fp32 gradients run the chunked torch backward)."""
-    found = {(backward_block_config(len_k, head_dim, DTYPES[dtype]), mode, dtype)
+    x MODES x BACKWARD_DTYPES (fp32 gradients run the chunked torch backward); ``profiled``: those of calls with a
+    frame-distance profile."""
+    found = {(backward_block_config(len_k, head_dim, DTYPES[dtype], profile=profiled), mode, dtype)
              for dtype in BACKWARD_DTYPES for len_k in FRAME_COUNTS for head_dim in HEAD_DIMS for mode in MODES}
     return sorted(found, key=lambda item: (item[0].block_d, item[0].block_n, item[1], item[2]))
 
@@ -207,54 +235,103 @@ def reachable_row_max_configs() -> list[tuple[BlockConfig, str]]:
     return sorted(found, key=lambda item: (_config_key(item[0]), item[1]))
 
 
-def reachable_framed_configs() -> list[tuple[BlockConfig, object, str, str]]:
-    """(forward config, backward config, mode, dtype) of long-row calls, the ones that run the framed kernels."""
+def reachable_framed_configs(profiled: bool = False) -> list[tuple[BlockConfig, object, str, str]]:
+    """(forward config, backward config, mode, dtype) of long-row calls, the ones that run the framed kernels
+    (``profiled``: the backward configs of calls with a frame-distance profile; the forward's follow from the call,
+    :func:`~vstar_kernels.backends.triton_tar.partial_block_config`)."""
     found = {(block_config(LONG_ROW, LONG_ROW, head_dim, mode, DTYPES[dtype], framed=True),
-              backward_block_config(LONG_ROW, head_dim, DTYPES[dtype]), mode, dtype)
+              backward_block_config(LONG_ROW, head_dim, DTYPES[dtype], profile=profiled), mode, dtype)
              for dtype in DTYPES for head_dim in HEAD_DIMS for mode in MODES}
     return sorted(found, key=lambda item: (_config_key(item[0]), item[1].block_n, item[2], item[3]))
 
 
-def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list[Spec]:
+def reachable_specialisations(value_classes: Sequence[str] = ("plain",), profiled: bool = False) -> list[Spec]:
     """Every distinct compile the launchers can choose: reachable (config, mode, dtype) x the flags ``_launch``
     passes, with every combination of :data:`PARTIAL_RESULTS`, for each representative call in ``value_classes``
     (keys of :data:`VALUE_CLASSES`); the row-max kernel for every config it runs with; the forward of a training
     call (saving the row statistics) for every config it runs with; and the three kernels of the Triton backward
     for every config ``backward_block_config`` returns.
 
+    ``profiled``: instead, the same calls with a frame-distance profile (:func:`composed_profile`), on the tiles
+    the launchers choose for them (``triton_tar.profile_block_config``, ``backward_block_config(profile=True)``),
+    reduced to :func:`profile_specialisations`.
+
     Deterministic order (kernel, value class, dtype, block_d, block_n, block_m, variant); no two are equal.
     """
+    if profiled:
+        return [spec for spec in profile_specialisations(_enumerate(value_classes, profiled=True))
+                if launched_with_a_profile(spec)]
+    return sorted(_enumerate(value_classes, profiled=False), key=_spec_key)
+
+
+def launched_with_a_profile(spec: Spec) -> bool:
+    """Whether the launchers run this profile specialisation on a GPU: not fp32 at the head_dim buckets
+    ``triton_tar.unsupported_reason`` refuses (``PROFILE_FP32_SPILLING_BUCKETS``), and no backward kernel at head_dim
+    bucket 256 (``triton_tar.backward`` runs the torch backward there). Those spill; the check compiles what runs."""
+    if spec.dtype == "fp32" and spec.config.block_d in triton_tar.PROFILE_FP32_SPILLING_BUCKETS:
+        return False
+    return spec.kernel in (FORWARD_KERNEL, ROW_MAX_KERNEL) or spec.config.block_d < 256
+
+
+def profile_specialisations(specs: set[Spec] | Sequence[Spec]) -> list[Spec]:
+    """Of the specialisations of calls with a profile, one per (kernel family, value class, head_dim bucket): the
+    largest tile per thread (:func:`_tile_per_thread`), the most likely to spill, as the quick check chooses. The
+    profile's terms and window add the same code to every tile of a family; within a head_dim bucket the profile
+    tiles differ only in the key tile (16 query rows), so its widest bounds the others' registers."""
+    chosen: dict[tuple[object, ...], Spec] = {}
+    for spec in specs:
+        key = (*kernel_family(spec), spec.value_class, spec.config.block_d)
+        if key not in chosen or _tile_per_thread(spec) > _tile_per_thread(chosen[key]):
+            chosen[key] = spec
+    return sorted(chosen.values(), key=_spec_key)
+
+
+def _params(value_class: str, profiled: bool, strength: float = 1.0, mode: str = "relative", **layout):
+    """The representative call's params: TAR's band (sigma 2), or with ``profiled`` the composed profile."""
+    head_dim = VALUE_CLASSES[value_class][0][3]
+    if not profiled:
+        return make_params(head_dim, sigma=2.0, strength=strength, mode=mode, **layout)
+    profile = composed_profile(VALUE_CLASSES[value_class][0][2], strength, mode)
+    return make_params(head_dim, profile=profile, **layout)
+
+
+def _enumerate(value_classes: Sequence[str], profiled: bool) -> set[Spec]:
+    """The compiles of :func:`reachable_specialisations`, without (or, ``profiled``, with) a profile."""
     specs: set[Spec] = set()
     with _recording_kernels() as calls:
         for value_class, (config, mode, dtype), strength, partial in itertools.product(
                 value_classes, reachable_configs(), STRENGTHS, PARTIAL_RESULTS):
-            params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, strength=strength, mode=mode)
+            params = _params(value_class, profiled, strength, mode)
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
             tiles = triton_tar.partial_block_config(config, params, DTYPES[dtype], *partial)  # config w/o partials
             triton_tar._launch((1, 1), *tensors, params, tiles, None, *_partial_tensors(value_class, *partial))
             specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
-        for value_class, (config, dtype) in itertools.product(value_classes, reachable_row_max_configs()):
+        for value_class, (config, dtype) in itertools.product(value_classes, () if profiled else
+                                                              reachable_row_max_configs()):
             params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0)
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(2)]
             triton_tar._launch_row_max((1, 1), *tensors, _representative_rows(value_class), params, config)
             specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
         for value_class, (config, mode, dtype), strength in itertools.product(
-                value_classes, reachable_training_forward_configs(), STRENGTHS):
-            params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, strength=strength, mode=mode)
+                value_classes, reachable_configs(), STRENGTHS):
+            if dtype not in BACKWARD_DTYPES:  # the training forward (reachable_training_forward_configs)
+                continue
+            params = _params(value_class, profiled, strength, mode)
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
-            triton_tar._launch((1, 1), *tensors, params, config, _representative_tensor(torch.float32, value_class))
+            tiles = triton_tar.training_forward_config(config, params, DTYPES[dtype])
+            triton_tar._launch((1, 1), *tensors, params, tiles, _representative_tensor(torch.float32, value_class))
             specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
         for value_class, (config, mode, dtype), strength in itertools.product(
-                value_classes, reachable_backward_configs(), STRENGTHS):
-            params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, strength=strength, mode=mode)
+                value_classes, reachable_backward_configs(profiled), STRENGTHS):
+            params = _params(value_class, profiled, strength, mode)
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
             saved = (tensors[0], _representative_tensor(torch.float32, value_class))  # the forward is enumerated above
             triton_tar_backward.backward(*tensors, params, config=config, residuals=saved)
             while calls:
                 specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
-        for value_class, (config, backward_config, mode, dtype) in itertools.product(value_classes,
-                                                                                    reachable_framed_configs()):
-            params = make_params(VALUE_CLASSES[value_class][0][3], sigma=2.0, mode=mode, **FRAMED_LAYOUT)
+        for value_class, (config, backward_config, mode, dtype) in itertools.product(
+                value_classes, reachable_framed_configs(profiled)):
+            params = _params(value_class, profiled, mode=mode, **FRAMED_LAYOUT)
             tensors = [_representative_tensor(DTYPES[dtype], value_class) for _ in range(4)]
             for partial in PARTIAL_RESULTS:
                 tiles = triton_tar.partial_block_config(config, params, DTYPES[dtype], *partial)
@@ -262,13 +339,14 @@ def reachable_specialisations(value_classes: Sequence[str] = ("plain",)) -> list
                 specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
             if dtype in BACKWARD_DTYPES:  # the training forward (saving the row statistics), then the backward
                 stats = _representative_tensor(torch.float32, value_class)
-                triton_tar._launch((1, 1), *tensors, params, training_block_config(config, framed=True), stats)
+                tiles = triton_tar.training_forward_config(config, params, DTYPES[dtype])
+                triton_tar._launch((1, 1), *tensors, params, tiles, stats)
                 specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
                 saved = (tensors[0], _representative_tensor(torch.float32, value_class))
                 triton_tar_backward.backward(*tensors, params, config=backward_config, residuals=saved)
                 while calls:
                     specs.add(_spec_from_call(dtype, value_class, *calls.pop()))
-    return sorted(specs, key=_spec_key)
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------- realistic calls
@@ -533,7 +611,8 @@ def _stamp_options(args: argparse.Namespace, archs: Sequence[int], quick: bool |
     """The options that change what is compiled or judged, normalised (not --jobs, --csv, --cache-dir); ``quick``
     overrides ``args.quick``."""
     return [f"archs={','.join(map(str, archs))}", f"value_classes={','.join(dict.fromkeys(args.value_classes))}",
-            f"realistic={args.realistic}", f"quick={args.quick if quick is None else quick}"]
+            f"realistic={args.realistic}", f"quick={args.quick if quick is None else quick}",
+            *(["profiles"] if args.profiles else [])]
 
 
 # ------------------------------------------------------------------------------------------------ compiling
@@ -891,6 +970,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="one specialisation per kernel family (kernel, variant, precision: the largest tile per "
                              "thread), about 100 compiles: the test suite's fast check")
+    parser.add_argument("--profiles", action="store_true",
+                        help="compile the frame-distance profile kernels instead (one composed profile per kernel "
+                             "family and head_dim bucket, on the profile calls' tiles)")
     parser.add_argument("--stamp", action="store_true",
                         help="skip when this check already passed with these options on the same kernel sources, "
                              "triton and torch (a stamp under ~/.cache/vstar-kernels/static-check); write the stamp "
@@ -926,7 +1008,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = list(calls)
         print(f"{sum(map(len, calls.values()))} realistic calls -> {len(specs)} distinct compiles")
     else:
-        specs = reachable_specialisations(list(dict.fromkeys(args.value_classes)))
+        specs = reachable_specialisations(list(dict.fromkeys(args.value_classes)), profiled=args.profiles)
     archs = list(dict.fromkeys(args.arch or (REALISTIC_ARCHS if args.realistic else ARCHS)))
     if args.quick:
         families = len({kernel_family(spec) for spec in specs})

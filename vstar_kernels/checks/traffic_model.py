@@ -19,8 +19,13 @@ sweep, then every program's remaining reads, so a two-pass program's second K sw
 Writes go to HBM once. The 32-byte sectors a row shares with the neighbouring head's row are counted once: in both
 orders neighbouring heads are neighbouring slices, so they run together.
 
-The minimum is Q + K + V + O, each read or written once. :func:`model_call` returns both and their ratio; the test
-suite holds the ratio of both kernels at <= 1.25 for every realistic call with Lq = Lk <= 256.
+A frame-distance profile (:func:`profile_call`) adds its tables, read once (they stay in L2 and L1 for every
+program), and a masking one skips the key tiles outside each query block's window (``triton_tar.profile_window``):
+its FLOPs fall with the visited share of the tiles (``tile_share``); its bytes do not (the programs of one slice
+together still read all of K and V, from L2 after the first).
+
+The minimum is Q + K + V + O, each read or written once (plus a profile's tables). :func:`model_call` returns both
+and their ratio; the test suite holds the ratio of both kernels at <= 1.25 for every realistic call with Lq = Lk <= 256.
 """
 
 from __future__ import annotations
@@ -34,7 +39,15 @@ from dataclasses import dataclass
 
 import torch
 
-from ..backends.triton_tar import BlockConfig, block_config
+from ..backends.triton_tar import (
+    BlockConfig,
+    block_config,
+    partial_block_config,
+    profile_block_config,
+    profile_tiles_skipped,
+    runs_framed,
+)
+from ..contract import TARParams
 
 ORDERS: tuple[str, ...] = ("slice-major", "block-major")
 BACKENDS: tuple[str, ...] = ("triton", "cuda")
@@ -71,6 +84,9 @@ class CallShape:
     dtype: torch.dtype = torch.float16
     mode: str = "relative"
     save_stats: bool = False
+    table_bytes: int = 0  # a frame-distance profile's tables, read once per call
+    tile_share: float = 1.0  # the share of (query block, key tile) pairs the kernel visits (a profile's window)
+    profiled: bool = False  # a frame-distance profile: the launcher runs its tiles (triton_tar.profile_block_config)
 
     @property
     def element_bytes(self) -> int:
@@ -83,7 +99,7 @@ class CallShape:
         """Q + K + V + O once each (plus the saved statistics, when the forward saves them)."""
         rows = 2 * (self.len_q + self.len_k)
         stats = 8 * self.len_q if self.save_stats else 0
-        return self.slices * (rows * self.row_bytes() + stats)
+        return self.slices * (rows * self.row_bytes() + stats) + self.table_bytes
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,8 @@ def launch_shape(call: CallShape, backend: str, config: BlockConfig | None = Non
     """(rows per program, whether K is swept twice, resident programs per SM) of ``backend`` for ``call``."""
     if backend == "triton":
         cfg = config or block_config(call.len_q, call.len_k, call.head_dim, call.mode, call.dtype)
+        if config is None and call.profiled:
+            cfg = profile_block_config(cfg, call.dtype)
         relative = call.mode == "relative"
         return cfg.block_m, relative and cfg.two_pass, max(1, min(32, 64 // cfg.num_warps))
     if backend == "cuda":  # relative mode always sweeps K first for the row max
@@ -191,7 +209,7 @@ def model_call(call: CallShape, backend: str = "triton", gpu: GPUModel = GPUS["H
     rows, two_pass, per_sm = launch_shape(call, backend, config)
     resident = gpu.sms * per_sm
     cache = int(gpu.l2_bytes * l2_fraction)
-    slice_bytes = call.minimum_bytes() // call.slices
+    slice_bytes = (call.minimum_bytes() - call.table_bytes) // call.slices
     blocks = -(-call.len_q // rows)
     needed = -(-4 * cache // slice_bytes) + -(-4 * resident // blocks)
     if order == "block-major":  # a slice's blocks are `slices` programs apart: simulate the full reuse distance
@@ -199,10 +217,26 @@ def model_call(call: CallShape, backend: str = "triton", gpu: GPUModel = GPUS["H
     simulated = min(call.slices, max_slices or needed)
     part = CallShape(simulated, call.len_q, call.len_k, call.head_dim, call.dtype, call.mode, call.save_stats)
     modelled = simulate(part, programs(part, rows, two_pass, order), cache, resident) * call.slices // simulated
+    modelled += call.table_bytes
     sweeps = 3 if two_pass else 2  # QKᵀ once per K sweep, then PV
-    flops = 2 * sweeps * call.slices * call.len_q * call.len_k * call.head_dim
+    flops = round(2 * sweeps * call.slices * call.len_q * call.len_k * call.head_dim * call.tile_share)
     tensor_cores = backend == "triton" and call.dtype != torch.float32
     return Traffic(call.minimum_bytes(), modelled, flops, tensor_cores)
+
+
+def profile_call(slices: int, len_q: int, len_k: int, head_dim: int, params: TARParams,
+                 dtype: torch.dtype = torch.float16) -> CallShape:
+    """The :class:`CallShape` of a Triton call with a frame-distance profile (``params.profile``): its fp32 tables
+    (read once) and the share of key tiles its window visits with the launcher's tiles (those of a profile call,
+    ``triton_tar.partial_block_config``)."""
+    profile = params.profile
+    tables = [] if profile is None else [t for t in (profile.bias, profile.positive_scale) if t is not None]
+    width = max([t.shape[1] for t in tables], default=0)
+    config = partial_block_config(block_config(len_q, len_k, head_dim, params.mode, dtype, framed=runs_framed(params)),
+                                  params, dtype, False, False)
+    share = 1.0 - profile_tiles_skipped(params, len_q, len_k, config) if profile is not None else 1.0
+    return CallShape(slices, len_q, len_k, head_dim, dtype, params.mode, table_bytes=4 * width * sum(
+        t.shape[0] for t in tables), tile_share=share, profiled=profile is not None)
 
 
 # ------------------------------------------------------------------------------------------------------ table
