@@ -392,3 +392,24 @@ if triton is not None:
         """The first token of the window's tile number ``tile // BLOCK`` (:func:`frame_window`): the tiles of
         [0, head), then of the mid part (gap1 tokens later), then of the tail (gap2 more)."""
         return tile + tl.where(tile >= head, gap1, 0) + tl.where(tile >= head + mid, gap2, 0)
+
+    @triton.jit
+    def key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k, video_end_k, profile_reach,
+                    window_sinks, FRAMED: tl.constexpr, MASKS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """(head, gap1, mid, gap2, total) of the key tiles a query block's kept pairs reach
+        (:func:`~.triton_common.frame_window`; the forward's window), or every tile without MASKS."""
+        head = 0
+        gap1 = 0
+        mid = 0
+        gap2 = 0
+        total = len_k
+        if MASKS:
+            framed_rows = mask_m
+            text_rows = False
+            if FRAMED:  # a text row keeps every key
+                framed_rows = mask_m & (row_pos != -2147483648)  # NO_FRAME
+                text_rows = tl.max((mask_m & (row_pos == -2147483648)).to(tl.int32), 0) > 0
+            head, gap1, mid, gap2, total = frame_window(row_pos, framed_rows, text_rows, len_k, tokens_per_frame,
+                                                        video_start_k, video_end_k, profile_reach, window_sinks,
+                                                        BLOCK_N)
+        return head, gap1, mid, gap2, total

@@ -64,12 +64,12 @@ from .triton_common import (
     band_reach,
     channel_mask,
     check_launch_limits,
-    frame_window,
     grid_slices,
     in_slice_offsets_fit,
     int32_slices,
     kept_row_max,
     key_lengths_arg,
+    key_window,
     next_pow2,
     profile_args,
     profile_flags,
@@ -760,20 +760,8 @@ if triton is not None:
         # a profile: this head's table rows, and the window of key tiles its kept pairs reach (MASKS)
         bias_row = BIAS_TABLE + h * bias_head_stride
         scale_row = SCALE_TABLE + h * scale_head_stride
-        head = 0
-        gap1 = 0
-        mid = 0
-        gap2 = 0
-        total = len_k
-        if MASKS:
-            framed_rows = mask_m
-            text_rows = False
-            if FRAMED:  # a text row keeps every key
-                framed_rows = mask_m & (row_pos != -2147483648)  # NO_FRAME
-                text_rows = tl.max((mask_m & (row_pos == -2147483648)).to(tl.int32), 0) > 0
-            head, gap1, mid, gap2, total = frame_window(row_pos, framed_rows, text_rows, len_k, tokens_per_frame,
-                                                        video_start_k, video_end_k, profile_reach, window_sinks,
-                                                        BLOCK_N)
+        head, gap1, mid, gap2, total = key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k,
+                                                  video_end_k, profile_reach, window_sinks, FRAMED, MASKS, BLOCK_N)
 
         row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         if ROW_MAX_GIVEN:  # the caller's row max (over every key chunk of the row), in log2 units like the logits

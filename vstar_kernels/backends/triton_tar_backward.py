@@ -37,6 +37,7 @@ from .triton_common import (
     int32_slices,
     kept_row_max,
     key_lengths_arg,
+    key_window,
     next_pow2,
     profile_args,
     profile_flags,
@@ -227,27 +228,6 @@ if triton is not None:
             ds = ds + tl.where(ties, share[:, None], 0.0)
         return ds
 
-    @triton.jit
-    def _key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k, video_end_k, profile_reach,
-                    window_sinks, FRAMED: tl.constexpr, MASKS: tl.constexpr, BLOCK_N: tl.constexpr):
-        """(head, gap1, mid, gap2, total) of the key tiles a query block's kept pairs reach
-        (:func:`~.triton_common.frame_window`; the forward's window), or every tile without MASKS."""
-        head = 0
-        gap1 = 0
-        mid = 0
-        gap2 = 0
-        total = len_k
-        if MASKS:
-            framed_rows = mask_m
-            text_rows = False
-            if FRAMED:  # a text row keeps every key
-                framed_rows = mask_m & (row_pos != -2147483648)  # NO_FRAME
-                text_rows = tl.max((mask_m & (row_pos == -2147483648)).to(tl.int32), 0) > 0
-            head, gap1, mid, gap2, total = frame_window(row_pos, framed_rows, text_rows, len_k, tokens_per_frame,
-                                                        video_start_k, video_end_k, profile_reach, window_sinks,
-                                                        BLOCK_N)
-        return head, gap1, mid, gap2, total
-
     @triton.jit(do_not_specialize=NOT_SPECIALIZED)
     def _tar_bwd_prep(
         Q, K, V, DO, O, FWD_STATS, STATS,  # noqa: E741 - named like the math
@@ -299,7 +279,7 @@ if triton is not None:
             row_pos = token_frames(offs_m, offset_delta, tokens_per_frame, video_start_q, video_end_q, FRAMED)
             bias_row = BIAS_TABLE + h * bias_head_stride
             scale_row = SCALE_TABLE + h * scale_head_stride
-            head, gap1, mid, gap2, total = _key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k,
+            head, gap1, mid, gap2, total = key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k,
                                                        video_end_k, profile_reach, window_sinks, FRAMED, MASKS,
                                                        BLOCK_N)
             coupling = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -374,7 +354,7 @@ if triton is not None:
                                                                grid_slices(len_q, BLOCK_M) * len_q)
         bias_row = BIAS_TABLE + h * bias_head_stride
         scale_row = SCALE_TABLE + h * scale_head_stride
-        head, gap1, mid, gap2, total = _key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k,
+        head, gap1, mid, gap2, total = key_window(row_pos, mask_m, len_k, tokens_per_frame, video_start_k,
                                                    video_end_k, profile_reach, window_sinks, FRAMED, MASKS, BLOCK_N)
 
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
