@@ -25,6 +25,7 @@
 #include <string_view>
 #include <tuple>
 
+#include "cpu_gemm.h"
 #include "tar_attention.h"
 #include "tar_attention_cpu.h"
 
@@ -414,6 +415,11 @@ TORCH_LIBRARY(vstar_kernels, m) {
       "str mode, float scale, int offset_delta, int tokens_per_frame, int video_start_q, int video_start_k, "
       "int video_end_q, int video_end_k, Tensor? k_lengths=None, Tensor? profile_bias=None, "
       "Tensor? profile_scale=None, int[]? profile=None) -> (Tensor, Tensor, Tensor)");
+  // the CPU kernels' GEMM engines (cpu_gemm.h): what runs for each dtype, and the override of
+  // VSTAR_KERNELS_CPU_GEMM (auto, brgemm_native, brgemm_f32, microkernel)
+  m.def("cpu_gemm_info() -> str", [] { return vstar::cpu::gemm_info(); });
+  m.def("set_cpu_gemm(str engine) -> ()",
+        [](c10::string_view engine) { vstar::cpu::set_gemm_override(std::string(engine)); });
 }
 
 TORCH_LIBRARY_IMPL(vstar_kernels, CPU, m) {

@@ -85,6 +85,12 @@ void gemm_rows(const float* a, int64_t lda, const float* b, int64_t ldb, float* 
   }
 }
 
+// s *= scale over a row (n a multiple of kVec).
+inline void scale_row(float* s, float scale, int64_t n) {
+  const Vec sv(scale);
+  for (int64_t j = 0; j < n; j += kVec) (Vec::loadu(s + j) * sv).store(s + j);
+}
+
 inline float row_max(const float* s, int64_t n) {  // n is a multiple of kVec
   Vec m(-std::numeric_limits<float>::infinity());
   for (int64_t j = 0; j < n; j += kVec) m = at::vec::maximum(m, Vec::loadu(s + j));

@@ -26,6 +26,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_gemm.h"
 #include "cpu_tiles.h"
 
 namespace vstar {
@@ -33,39 +34,100 @@ namespace {
 
 using namespace cpu;  // NOLINT: the tiles of this kernel family
 
-template <typename scalar_t>
-void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                            scalar_t* o) {
+// The native engine's operands of one (batch b, head h) slice (cpu_gemm.h): K^T (d_e x cols) and V (rows x
+// d16) in the input dtype, zero past `keys` and in the padding, packed for oneDNN when the plan packs.
+template <typename op_t>
+struct NativeKeys {
+  NativeB<op_t> kt, v;
+};
+
+template <typename op_t>
+NativeKeys<op_t> pack_native_keys(const TARParams& p, const op_t* k, const op_t* v, int64_t b, int64_t h,
+                                  int64_t keys, int64_t d_e, int64_t cols, int64_t d16, int64_t rows, bool packed,
+                                  op_t* kt, op_t* vr, op_t* kt_packed, op_t* v_packed) {
+  std::fill(kt, kt + d_e * cols, op_t(0.f));
+  std::fill(vr, vr + rows * d16, op_t(0.f));
+  const op_t* kb = k + b * p.k.batch + h * p.k.head;
+  const op_t* vb = v + b * p.v.batch + h * p.v.head;
+  for (int64_t j = 0; j < keys; ++j)
+    for (int64_t c = 0; c < p.head_dim; ++c) {
+      kt[c * cols + j] = kb[j * p.k.frame + c * p.k.dim];
+      vr[j * d16 + c] = vb[j * p.v.frame + c * p.v.dim];
+    }
+  return {pack_native_b(kt, cols, d_e, cols, packed, kt_packed), pack_native_b(vr, d16, rows, d16, packed, v_packed)};
+}
+
+// The forward of the whole-row kernel. op_t is the products' operand type: float (brgemm_f32 and the micro-kernel;
+// bf16/fp16 widened while packing) or scalar_t itself (brgemm_native: Q, K^T, V and P in the input dtype, fp32
+// accumulation; S scaled in fp32 after the product, P rounded to the dtype before P V, as SDPA does).
+template <typename scalar_t, typename op_t>
+void whole_row_forward(const TARParams& p, const GemmPlan plan, const scalar_t* q, const scalar_t* k,
+                       const scalar_t* v, scalar_t* o) {
+  constexpr bool native = !std::is_same_v<op_t, float>;
   const int64_t lq = p.len_q, lk = p.len_k, d = p.head_dim;
-  const int64_t lk_pad = round_up(lk, kVec), d_pad = round_up(d, kVec);
-  const int64_t ld_k = skewed_stride(lk_pad), ld_v = skewed_stride(d_pad);  // row strides of K^T / S and of V
+  const int64_t lk_pad = round_up(lk, native ? std::max(kVec, kPackAlign) : kVec), d_pad = round_up(d, kVec);
+  const int64_t ld_k = skewed_stride(lk_pad), ld_v = skewed_stride(round_up(d, native ? kPackAlign : kVec));
   const int64_t block_m = std::clamp<int64_t>(kStripFloats / lk_pad / kRows * kRows, kRows, 64);
   const int64_t bm = std::min(block_m, lq);
   const int64_t num_qb = (lq + bm - 1) / bm;
   const bool has_bias = tar_has_bias(p);
+  // the native engine's sizes: the reduction dims even (VNNI pairs), B's columns by kPackAlign
+  const int64_t d_e = round_up(d, 2), lk_e = round_up(lk, 2), d16 = round_up(d, kPackAlign);
 
   const GaussianRows gauss(p, has_bias ? lk_pad : 0);
   const bool profiled = p.profile.on;  // a frame-distance profile: its tables and masks per row (ProfileRows)
   const ProfileRows profile(p, profiled ? lk_pad : 0);
 
   at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
-    std::unique_ptr<float[]> scratch(new float[d * ld_k + lk * ld_v + bm * d + bm * ld_k + bm * ld_v + lk_pad +
+    const int64_t fp32_operands = native ? 0 : d * ld_k + lk * ld_v + bm * d;
+    std::unique_ptr<float[]> scratch(new float[fp32_operands + bm * ld_k + bm * ld_v + lk_pad +
                                                (profiled ? 2 * lk_pad : 0)]);
-    float* kt = scratch.get();     // d x lk_pad, row stride ld_k
+    float* kt = scratch.get();     // d x lk_pad, row stride ld_k (fp32 operands)
     float* vp = kt + d * ld_k;     // lk x d_pad, row stride ld_v
     float* qp = vp + lk * ld_v;    // bm x d
-    float* s = qp + bm * d;        // bm x lk_pad, row stride ld_k
+    float* s = scratch.get() + fp32_operands;  // bm x lk_pad, row stride ld_k
     float* acc = s + bm * ld_k;    // bm x d_pad, row stride ld_v
     float* band = acc + bm * ld_v;  // lk_pad: the band row of a framed layout
     float* pscale = band + lk_pad;  // lk_pad each: the profile's scale and bias rows (profiled calls only)
     float* pbias = pscale + lk_pad;
+    // native operands: K^T, V (and their packed copies), the query block and P in the input dtype
+    const int64_t native_elems = native ? 2 * (d_e * lk_pad + lk_e * d16) + bm * d_e + bm * lk_pad : 0;
+    std::unique_ptr<op_t[]> native_scratch(new op_t[native_elems]);
+    op_t* nkt = native_scratch.get();
+    op_t* nv = nkt + d_e * lk_pad;
+    op_t* nkt_packed = nv + lk_e * d16;
+    op_t* nv_packed = nkt_packed + d_e * lk_pad;
+    op_t* nq = nv_packed + lk_e * d16;
+    op_t* np = nq + bm * d_e;
+    NativeKeys<op_t> keys_view{};
     int64_t packed_bh = -1, band_frame = GaussianRows::kNoRow;
     int64_t profile_row[2] = {ProfileRows::kNoRow, -1};
     for (int64_t task = begin; task < end; ++task) {
-      const auto [slice, b, h, m0, mb] = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
+      QueryTask t;
+      if constexpr (native) {
+        const int64_t slice = task / num_qb, m0 = (task % num_qb) * bm;
+        t = {slice, slice / p.heads, slice % p.heads, m0, std::min(bm, lq - m0)};
+        if (slice != packed_bh) {
+          keys_view = pack_native_keys(p, k, v, t.b, t.h, tar_key_count(p, t.b), d_e, lk_pad, d16, lk_e,
+                                       plan.packed, nkt, nv, nkt_packed, nv_packed);
+          packed_bh = slice;
+        }
+        const scalar_t* qb = q + t.b * p.q.batch + t.h * p.q.head;
+        std::fill(nq, nq + t.rows * d_e, op_t(0.f));
+        for (int64_t r = 0; r < t.rows; ++r)
+          for (int64_t c = 0; c < d; ++c) nq[r * d_e + c] = qb[(t.m0 + r) * p.q.frame + c * p.q.dim];
+      } else {
+        t = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
+      }
+      const auto [slice, b, h, m0, mb] = t;
       const int64_t keys = tar_key_count(p, b);  // the keys past it: -inf logits, never read by P V
 
-      gemm_rows(qp, d, kt, ld_k, s, ld_k, mb, d, lk_pad);  // natural-unit logits
+      if constexpr (native) {  // natural-unit logits: the product, then the scale in fp32
+        gemm_native(nq, d_e, keys_view.kt, s, ld_k, mb, d_e, false);
+        for (int64_t r = 0; r < mb; ++r) scale_row(s + r * ld_k, p.scale, lk_pad);
+      } else {
+        gemm_f32(plan, qp, d, kt, ld_k, s, ld_k, mb, d, lk_pad, false);  // natural-unit logits
+      }
       float inv_sum[64];
       for (int64_t r = 0; r < mb; ++r) {
         float* row = s + r * ld_k;
@@ -103,11 +165,31 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
         if (p.lse != nullptr) p.lse[tar_row_offset(p.lse_s, b, m0 + r, h)] = max + std::log(sum);
       }
 
-      gemm_rows(s, ld_k, vp, ld_v, acc, ld_v, mb, keys, d_pad);
+      if constexpr (native) {  // P rounded to the dtype, zero past the keys (the reduction padded to even)
+        const int64_t keys_e = round_up(keys, 2);
+        for (int64_t r = 0; r < mb; ++r) {
+          at::vec::convert(s + r * ld_k, np + r * lk_pad, keys);
+          std::fill(np + r * lk_pad + keys, np + r * lk_pad + keys_e, op_t(0.f));
+        }
+        gemm_native(np, lk_pad, keys_view.v, acc, ld_v, mb, keys_e, false);
+      } else {
+        gemm_f32(plan, s, ld_k, vp, ld_v, acc, ld_v, mb, keys, d_pad, false);
+      }
       scalar_t* orow = o + b * p.o.batch + h * p.o.head + m0 * p.o.frame;
       for (int64_t r = 0; r < mb; ++r) store_row(acc + r * ld_v, d, inv_sum[r], orow + r * p.o.frame, p.o.dim);
     }
+    release_engine(plan);
   });
+}
+
+template <typename scalar_t>
+void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                            scalar_t* o) {
+  const GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (plan.native()) return whole_row_forward<scalar_t, scalar_t>(p, plan, q, k, v, o);
+  }
+  whole_row_forward<scalar_t, float>(p, plan, q, k, v, o);
 }
 
 
@@ -134,6 +216,9 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
   const float minus_inf = -std::numeric_limits<float>::infinity();
   const bool profiled = p.profile.on;
   const ProfileRows profile(p, profiled ? lk_pad : 0);
+  // fp32 operands (bf16/fp16 widened while packing) on brgemm_f32 or the micro-kernel (cpu_gemm.h)
+  GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
+  if (plan.native()) plan = {GemmEngine::kBrgemmF32, false, true};
 
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     const int64_t floats = 2 * d * ld_k + lk * ld_d + 2 * bm * ld_d + 3 * bm * ld_k + lk * bm + 2 * lk * ld_d +
@@ -181,8 +266,8 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
             qp[r * ld_d + c] = qs.at(m0 + r, c) * p.scale;
             dop[r * ld_d + c] = gos.at(m0 + r, c);
           }
-        gemm_rows(qp, ld_d, kt, ld_k, s, ld_k, mb, d, lk_pad);    // S
-        gemm_rows(dop, ld_d, vt, ld_k, ds, ld_k, mb, d, lk_pad);  // dP
+        gemm_f32(plan, qp, ld_d, kt, ld_k, s, ld_k, mb, d, lk_pad, false);    // S
+        gemm_f32(plan, dop, ld_d, vt, ld_k, ds, ld_k, mb, d, lk_pad, false);  // dP
         for (int64_t r = 0; r < mb; ++r) {
           float* row = s + r * ld_k;
           float* drow = ds + r * ld_k;
@@ -236,15 +321,15 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
             }
           }
         }
-        gemm_rows(ds, ld_k, kp, ld_d, dq_acc, ld_d, mb, keys, d_pad);  // dQ / scale
+        gemm_f32(plan, ds, ld_k, kp, ld_d, dq_acc, ld_d, mb, keys, d_pad, false);  // dQ / scale
         scalar_t* dqrow = dq + b * dq_s.batch + h * dq_s.head + m0 * dq_s.frame;
         for (int64_t r = 0; r < mb; ++r) store_row(dq_acc + r * ld_d, d, p.scale, dqrow + r * dq_s.frame, dq_s.dim);
         for (int64_t j = 0; j < lk; ++j)
           for (int64_t r = 0; r < mb; ++r) tr[j * bm + r] = ds[r * ld_k + j];
-        gemm_rows<true>(tr, bm, qp, ld_d, dk_acc, ld_d, lk, mb, d_pad);  // dK += dS^T (scale Q)
+        gemm_f32(plan, tr, bm, qp, ld_d, dk_acc, ld_d, lk, mb, d_pad, true);  // dK += dS^T (scale Q)
         for (int64_t j = 0; j < lk; ++j)
           for (int64_t r = 0; r < mb; ++r) tr[j * bm + r] = s[r * ld_k + j];
-        gemm_rows<true>(tr, bm, dop, ld_d, dv_acc, ld_d, lk, mb, d_pad);  // dV += P^T dO
+        gemm_f32(plan, tr, bm, dop, ld_d, dv_acc, ld_d, lk, mb, d_pad, true);  // dV += P^T dO
       }
       scalar_t* dkrow = dk + b * dk_s.batch + h * dk_s.head;
       scalar_t* dvrow = dv + b * dv_s.batch + h * dv_s.head;
@@ -253,6 +338,7 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
         store_row(dv_acc + j * ld_d, d, 1.f, dvrow + j * dv_s.frame, dv_s.dim);
       }
     }
+    release_engine(plan);
   });
 }
 

@@ -29,6 +29,7 @@
 #include <memory>
 #include <vector>
 
+#include "cpu_gemm.h"
 #include "cpu_tiles.h"
 #include "tar_attention_cpu.h"
 
@@ -112,6 +113,9 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
   const bool has_bias = tar_has_bias(p);
   const bool profiled = p.profile.on;
   const float minus_inf = -std::numeric_limits<float>::infinity();
+  // fp32 operands (bf16/fp16 widened while packing) on brgemm_f32 or the micro-kernel (cpu_gemm.h)
+  GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
+  if (plan.native()) plan = {GemmEngine::kBrgemmF32, false, true};
 
   at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
     const int64_t stats = num_groups * bm;
@@ -152,7 +156,7 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
         }
         const int64_t j1 = std::min(groups.run_end(j0, kBlockN), keys);
         const int64_t n = j1 - j0, n_pad = round_up(n, kVec);
-        gemm_rows(qp, d, kt + j0, ld_k, s, ld_s, mb, d, n_pad);
+        gemm_f32(plan, qp, d, kt + j0, ld_k, s, ld_s, mb, d, n_pad, false);
         float* acc_g = acc + g * bm * ld_v;
         for (int64_t r = 0; r < mb; ++r) {
           float* row = s + r * ld_s;
@@ -179,7 +183,7 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
             for (int64_t c = 0; c < d_pad; ++c) acc_g[r * ld_v + c] *= rescale;
           m = m_new;
         }
-        gemm_rows<true>(s, ld_s, vp + j0 * ld_v, ld_v, acc_g, ld_v, mb, n, d_pad);
+        gemm_f32(plan, s, ld_s, vp + j0 * ld_v, ld_v, acc_g, ld_v, mb, n, d_pad, true);
         j0 = j1;
       }
 
@@ -229,6 +233,7 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
         if (p.lse != nullptr) p.lse[tar_row_offset(p.lse_s, b, m0 + r, h)] = top + std::log(total);
       }
     }
+    release_engine(plan);
   });
 }
 

@@ -227,6 +227,37 @@ def test_end_to_end_smoke(tmp_path):
     assert (tmp_path / "e2e_cpu.png").is_file()
 
 
+def test_extension_table_smoke(tmp_path, monkeypatch, capsys):
+    """bench.extension_table at toy sizes: a CSV row per (pass, dtype, mode, shape, provider) with the machine's
+    columns, SDPA rows at ratio 1, every table headed by the machine, and a summary line per (kind, pass, dtype)."""
+    from vstar_kernels.backends import extension
+
+    monkeypatch.syspath_prepend(str(ROOT))
+    monkeypatch.setattr(extension, "cpu_gemm_info", lambda: {"isa": "TEST", "amx": False}, raising=False)
+    from bench.extension_table import CSV_FIELDS, main
+
+    out = tmp_path / "t.csv"
+    assert main(["--frames", "8", "16", "--head-dims", "16", "--tokens", "64", "--heads", "2", "--rounds", "1",
+                 "--dtypes", "float32", "bfloat16", "--modes", "relative", "--backward", "--backward-rounds", "1",
+                 "--dit", "--dit-lengths", "64", "--dit-heads", "1", "--dit-head-dim", "16", "--csv", str(out),
+                 "--markdown", str(tmp_path / "t.md")]) == 0
+    with out.open() as handle:
+        assert tuple(next(csv.reader(handle))) == CSV_FIELDS
+    rows = _rows(out)
+    shapes = [("temporal", "8", "1"), ("temporal", "16", "1"), ("dit", "64", "4")]
+    expected = [(kind, p, dtype, length, per, provider) for p in ("forward", "forward+backward")
+                for dtype in ("float32", "bfloat16") for kind, length, per in shapes
+                for provider in ("sdpa", "extension")]
+    assert sorted((r["kind"], r["pass"], r["dtype"], r["length"], r["tokens_per_frame"], r["provider"])
+                  for r in rows) == sorted(expected)
+    assert all(float(r["ratio_to_sdpa"]) == 1.0 for r in rows if r["provider"] == "sdpa")
+    assert all(float(r["median_ms"]) > 0 and r["gemm_paths"] == "isa=TEST;amx=False" and r["isa"] for r in rows)
+    assert {(r["frames"], r["batch"]) for r in rows if r["kind"] == "dit"} == {("16", "1")}
+    printed = capsys.readouterr().out
+    assert printed.count("extension GEMM paths: isa=TEST;amx=False") == 8  # 2 kinds x 2 passes x 2 dtypes
+    assert printed.count("(target ") == 8 and (tmp_path / "t.md").read_text().count("(target ") == 8
+
+
 def test_providers_agree_on_a_video_transformer_layout():
     """The long-row sweep compares like with like too: every provider biases by latent-frame distance."""
     for mode in ("relative", "absolute"):

@@ -12,6 +12,7 @@ import torch
 
 from ._version import __version__
 from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, extension, extension_build
+from .bench.records import cpu_model
 from .ops import BACKEND_ENV, requested_backend
 
 _PACKAGES = ("torch", "triton", "diffusers", "transformers", "xformers", "numpy")
@@ -62,6 +63,27 @@ def info_lines() -> list[str]:
     built = "loaded" if ext["loaded"] else ("not built yet" if pending else f"not loaded: {ext['error']}")
     lines += ["", f"extension build: {built}", f"  cache: {ext['location']}", f"  CPU ISA: {ext['isa']}",
               f"  {extension.NO_BUILD_ENV}={os.environ.get(extension.NO_BUILD_ENV, '') or 'unset'}"]
+    lines += ["", *_cpu_gemm_lines(pending)]
+    return lines
+
+
+def _cpu_gemm_lines(pending: bool) -> list[str]:
+    """The CPU's ISA, AMX, and the GEMM engine of each dtype (csrc/cpu_gemm.h); never compiles to find out."""
+    amx = "yes" if torch.cpu._is_amx_tile_supported() else "no"
+    lines = [f"CPU: {cpu_model()}, torch ISA {torch.backends.cpu.get_cpu_capability()}, AMX {amx}, "
+             f"AVX-512 bf16 {'yes' if torch.cpu._is_avx512_bf16_supported() else 'no'}"]
+    env = os.environ.get(extension.CPU_GEMM_ENV, "").strip() or "unset (auto)"
+    if pending:
+        return [*lines, "CPU GEMM engines: known once the extension is built", f"  {extension.CPU_GEMM_ENV}={env}"]
+    try:
+        info = extension.cpu_gemm_info()
+    except (RuntimeError, ValueError) as exc:
+        return [*lines, f"CPU GEMM engines: unknown ({exc})"]
+    packs = "yes (AMX)" if info["onednn_packs"] else "no"
+    lines += [f"CPU GEMM engines (at::native::cpublas): oneDNN packs bf16/fp16 B: {packs}; "
+              f"brgemm fp32 runs: {'yes' if info['brgemm_f32'] else 'no'}"]
+    lines += [f"  {name:<9} -> {info[name]}" for name in ("float32", "bfloat16", "float16")]
+    lines.append(f"  {extension.CPU_GEMM_ENV}={env}")
     return lines
 
 

@@ -47,6 +47,10 @@ MAX_HEAD_DIM = None  # any head_dim on the CPU
 MAX_CUDA_HEAD_DIM = 256  # csrc/tar_attention.h kMaxCudaHeadDim
 MAX_CUDA_OFFSET_DELTA = 2**30  # csrc/tar_attention.h kMaxCudaOffsetDelta
 
+CPU_GEMM_ENV = "VSTAR_KERNELS_CPU_GEMM"
+# the CPU kernels' GEMM engines (csrc/cpu_gemm.h): auto picks per dtype; the others force one (tests, diagnostics)
+CPU_GEMM_ENGINES = ("auto", "brgemm_native", "brgemm_f32", "microkernel")
+
 _lock = threading.Lock()
 _status: dict[str, str | None] = {}  # "error": why the extension cannot load (None: loaded); absent: not tried
 _warned_fallback = False
@@ -85,7 +89,52 @@ def _load_uncached() -> str | None:
     except Exception as exc:  # a compiler error, a missing compiler or ninja, a bad cache entry
         return f"building or loading the C++ extension failed: {_error_tail(exc)}"
     _register_fake_once()
+    engine = requested_cpu_gemm()
+    if engine != "auto":
+        torch.ops.vstar_kernels.set_cpu_gemm(engine)
     return None
+
+
+def requested_cpu_gemm() -> str:
+    """The CPU GEMM engine ``VSTAR_KERNELS_CPU_GEMM`` asks for (unset: ``auto``); ValueError for an unknown one."""
+    raw = os.environ.get(CPU_GEMM_ENV, "").strip().lower() or "auto"
+    if raw not in CPU_GEMM_ENGINES:
+        raise ValueError(f"{CPU_GEMM_ENV} must be one of {', '.join(CPU_GEMM_ENGINES)}, "
+                         f"got {os.environ[CPU_GEMM_ENV]!r}")
+    return raw
+
+
+def set_cpu_gemm(engine: str) -> None:
+    """Run the CPU kernels' block products on ``engine`` from now on, process-wide (``auto`` restores the per-dtype
+    choice): ``brgemm_native`` keeps bf16/fp16 operands (packed for AMX where oneDNN packs them, else cpublas'
+    unpacked fallback), ``brgemm_f32`` widens them to fp32 for ``at::native::cpublas::brgemm``, ``microkernel`` runs
+    the hand-written fp32 kernel. An engine this CPU cannot run raises. Not thread-safe against running calls."""
+    if engine not in CPU_GEMM_ENGINES:
+        raise ValueError(f"unknown CPU GEMM engine {engine!r}; expected one of {', '.join(CPU_GEMM_ENGINES)}")
+    error = load()
+    if error is not None:
+        raise RuntimeError(f"the C++ extension is unavailable: {error}")
+    torch.ops.vstar_kernels.set_cpu_gemm(engine)
+
+
+def cpu_gemm_info() -> dict[str, object]:
+    """What the CPU kernels multiply with on this machine: torch's ISA level, the CPU's AMX and AVX-512-bf16 support,
+    which engines run, and the engine (``+packed``: B packed for AMX) of each dtype. Loads the extension."""
+    error = load()
+    if error is not None:
+        raise RuntimeError(f"the C++ extension is unavailable: {error}")
+    pairs = dict(item.split("=", 1) for item in torch.ops.vstar_kernels.cpu_gemm_info().split(";"))
+    info: dict[str, object] = {
+        "isa": torch.backends.cpu.get_cpu_capability(),
+        "amx_tile": torch.cpu._is_amx_tile_supported(),
+        "amx_fp16": torch.cpu._is_amx_fp16_supported(),
+        "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+        "onednn_packs": pairs.pop("amx") == "1",
+    }
+    for flag in ("brgemm_f32", "native_bf16", "native_f16"):
+        info[flag] = pairs.pop(flag) == "1"
+    info.update(pairs)  # override, float32, bfloat16, float16
+    return info
 
 
 _fake_registered = False

@@ -26,9 +26,9 @@ import torch
 NO_BUILD_ENV = "VSTAR_KERNELS_NO_BUILD"
 CACHE_ENV = "VSTAR_KERNELS_CACHE"
 LIB_NAME = "vstar_kernels_ext"
-CPU_SOURCES = ("bindings.cpp", "tar_attention_cpu.cpp", "tar_attention_cpu_long.cpp")
+CPU_SOURCES = ("bindings.cpp", "cpu_gemm.cpp", "tar_attention_cpu.cpp", "tar_attention_cpu_long.cpp")
 CUDA_SOURCES = ("tar_attention_cuda.cu",)
-HEADERS = ("tar_attention.h", "tar_attention_cpu.h", "cpu_tiles.h")
+HEADERS = ("tar_attention.h", "tar_attention_cpu.h", "cpu_tiles.h", "cpu_gemm.h")
 BUILT_MARKER = "BUILT"  # written after a successful build: its presence means the .so is complete
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"", "0", "false", "no", "off"})
