@@ -194,7 +194,8 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
 
 
 // The backward, per (batch, head) task (so dK and dV are summed without races), query blocks of up to bm rows:
-//   S  = (scale Q) K^T            recomputed with the forward's micro-kernel, so the row max and its ties are exact
+//   S  = (scale Q) K^T            recomputed (fp32 operands: as the fp32 forward computes it, so its row max and ties
+//                                 are the forward's; native operands: Q K^T in the dtype, then scaled in fp32)
 //   P  = softmax(S + coeff G)     coeff = strength * rowmax(S) (relative) or strength (absolute)
 //   dP = dO V^T,  dS' = P (dP - rowsum(P dP))
 //   dS = dS' + strength * [S = rowmax] / #ties * rowsum(dS' G)        (relative: the row max's gradient)
@@ -202,23 +203,25 @@ void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_
 //   the row max and its ties over the kept keys (reference.profile_bias_backward)
 //   dQ = scale dS K,  dK += dS^T (scale Q),  dV += P^T dO
 // Buffers per thread: packed K^T, V^T, K, the block's Q and dO, three bm x Lk strips and dK, dV accumulators.
-template <typename scalar_t>
-void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go_strides, const scalar_t* go,
-                                     const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* dq,
-                                     scalar_t* dk, scalar_t* dv, const TensorStrides& dq_s,
-                                     const TensorStrides& dk_s, const TensorStrides& dv_s) {
+// op_t as in the forward: float (brgemm_f32, micro-kernel) or scalar_t (brgemm_native: the five products on the
+// dtype's operands, dS and P rounded to it, as SDPA's backward multiplies; accumulation, softmax and ties in fp32).
+template <typename scalar_t, typename op_t>
+void whole_row_backward(const TARParams& p, const GemmPlan plan, const TensorStrides& go_strides, const scalar_t* go,
+                        const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* dq, scalar_t* dk,
+                        scalar_t* dv, const TensorStrides& dq_s, const TensorStrides& dk_s,
+                        const TensorStrides& dv_s) {
+  constexpr bool native = !std::is_same_v<op_t, float>;
   const int64_t lq = p.len_q, lk = p.len_k, d = p.head_dim;
-  const int64_t lk_pad = round_up(lk, kVec), d_pad = round_up(d, kVec);
+  const int64_t align = native ? std::max(kVec, kPackAlign) : kVec;
+  const int64_t lk_pad = round_up(lk, align), d_pad = round_up(d, align);
   const int64_t ld_k = skewed_stride(lk_pad), ld_d = skewed_stride(d_pad);
   const int64_t bm = std::min<int64_t>(std::clamp<int64_t>(kStripFloats / lk_pad / kRows * kRows, kRows, 64), lq);
+  const int64_t d_e = round_up(d, 2), lk_e = round_up(lk, 2), bm_e = round_up(bm, 2);
   const bool has_bias = tar_has_bias(p);
   const GaussianRows gauss(p, has_bias ? lk_pad : 0);
   const float minus_inf = -std::numeric_limits<float>::infinity();
   const bool profiled = p.profile.on;
   const ProfileRows profile(p, profiled ? lk_pad : 0);
-  // fp32 operands (bf16/fp16 widened while packing) on brgemm_f32 or the micro-kernel (cpu_gemm.h)
-  GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
-  if (plan.native()) plan = {GemmEngine::kBrgemmF32, false, true};
 
   at::parallel_for(0, p.batch * p.heads, 1, [&](int64_t begin, int64_t end) {
     const int64_t floats = 2 * d * ld_k + lk * ld_d + 2 * bm * ld_d + 3 * bm * ld_k + lk * bm + 2 * lk * ld_d +
@@ -241,6 +244,23 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
     float* pbias = pscale + lk_pad;
     int64_t band_frame = GaussianRows::kNoRow;
     int64_t profile_row[2] = {ProfileRows::kNoRow, -1};
+    // native operands (row-major, then packed for oneDNN when the plan packs): K^T, V^T (d_e x lk_pad) and K
+    // (lk_e x d_pad) per slice; the block's Q and dO (bm_e x d_pad, also the A of S and dP); dS (bm x lk_pad);
+    // dS^T and P^T (lk x bm_e)
+    const int64_t slice_elems = 2 * d_e * lk_pad + lk_e * d_pad, block_elems = 2 * bm_e * d_pad;
+    std::unique_ptr<op_t[]> native_scratch(new op_t[native ? 2 * (slice_elems + block_elems) + bm * lk_pad +
+                                                                 2 * lk * bm_e : 0]);
+    op_t* nkt = native_scratch.get();
+    op_t* nvt = nkt + d_e * lk_pad;
+    op_t* nk = nvt + d_e * lk_pad;
+    op_t* nq = nk + lk_e * d_pad;
+    op_t* ndo = nq + bm_e * d_pad;
+    op_t* packed_slice = ndo + bm_e * d_pad;  // the packed copies of the five B operands
+    op_t* packed_block = packed_slice + slice_elems;
+    op_t* nds = packed_block + block_elems;
+    op_t* ndst = nds + bm * lk_pad;
+    op_t* npt = ndst + lk * bm_e;
+    NativeB<op_t> b_kt{}, b_vt{}, b_k{};
 
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / p.heads, h = bh % p.heads;
@@ -249,25 +269,55 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
       const Strided<scalar_t> vs{v + b * p.v.batch + h * p.v.head, p.v.frame, p.v.dim};
       const Strided<scalar_t> qs{q + b * p.q.batch + h * p.q.head, p.q.frame, p.q.dim};
       const Strided<scalar_t> gos{go + b * go_strides.batch + h * go_strides.head, go_strides.frame, go_strides.dim};
-      std::fill(kt, kt + 2 * d * ld_k + lk * ld_d, 0.f);  // kt, vt, kp with their padding
-      std::fill(qp, qp + 2 * bm * ld_d, 0.f);
       std::fill(dk_acc, dk_acc + 2 * lk * ld_d, 0.f);
-      for (int64_t j = 0; j < lk; ++j)
-        for (int64_t c = 0; c < d; ++c) {
-          const float kv = ks.at(j, c);
-          kt[c * ld_k + j] = kv;
-          kp[j * ld_d + c] = kv;
-          vt[c * ld_k + j] = vs.at(j, c);
-        }
+      if constexpr (native) {  // K^T, V^T, K in the dtype, zero past the keys and in the padding
+        const op_t* kb = k + b * p.k.batch + h * p.k.head;
+        const op_t* vb = v + b * p.v.batch + h * p.v.head;
+        std::fill(nkt, nkt + slice_elems, op_t(0.f));
+        for (int64_t j = 0; j < keys; ++j)
+          for (int64_t c = 0; c < d; ++c) {
+            const op_t kv = kb[j * p.k.frame + c * p.k.dim];
+            nkt[c * lk_pad + j] = kv;
+            nk[j * d_pad + c] = kv;
+            nvt[c * lk_pad + j] = vb[j * p.v.frame + c * p.v.dim];
+          }
+        b_kt = pack_native_b(nkt, lk_pad, d_e, lk_pad, plan.packed, packed_slice);
+        b_vt = pack_native_b(nvt, lk_pad, d_e, lk_pad, plan.packed, packed_slice + d_e * lk_pad);
+        b_k = pack_native_b(nk, d_pad, lk_e, d_pad, plan.packed, packed_slice + 2 * d_e * lk_pad);
+      } else {
+        std::fill(kt, kt + 2 * d * ld_k + lk * ld_d, 0.f);  // kt, vt, kp with their padding
+        std::fill(qp, qp + 2 * bm * ld_d, 0.f);
+        for (int64_t j = 0; j < lk; ++j)
+          for (int64_t c = 0; c < d; ++c) {
+            const float kv = ks.at(j, c);
+            kt[c * ld_k + j] = kv;
+            kp[j * ld_d + c] = kv;
+            vt[c * ld_k + j] = vs.at(j, c);
+          }
+      }
       for (int64_t m0 = 0; m0 < lq; m0 += bm) {
         const int64_t mb = std::min(bm, lq - m0);
-        for (int64_t r = 0; r < mb; ++r)
-          for (int64_t c = 0; c < d; ++c) {
-            qp[r * ld_d + c] = qs.at(m0 + r, c) * p.scale;
-            dop[r * ld_d + c] = gos.at(m0 + r, c);
-          }
-        gemm_f32(plan, qp, ld_d, kt, ld_k, s, ld_k, mb, d, lk_pad, false);    // S
-        gemm_f32(plan, dop, ld_d, vt, ld_k, ds, ld_k, mb, d, lk_pad, false);  // dP
+        if constexpr (native) {  // S and dP: the dtype's products, S scaled in fp32
+          std::fill(nq, nq + 2 * bm_e * d_pad, op_t(0.f));
+          const op_t* qb = q + b * p.q.batch + h * p.q.head;
+          const op_t* gb = go + b * go_strides.batch + h * go_strides.head;
+          for (int64_t r = 0; r < mb; ++r)
+            for (int64_t c = 0; c < d; ++c) {
+              nq[r * d_pad + c] = qb[(m0 + r) * p.q.frame + c * p.q.dim];
+              ndo[r * d_pad + c] = gb[(m0 + r) * go_strides.frame + c * go_strides.dim];
+            }
+          gemm_native(nq, d_pad, b_kt, s, ld_k, mb, d_e, false);
+          for (int64_t r = 0; r < mb; ++r) scale_row(s + r * ld_k, p.scale, lk_pad);
+          gemm_native(ndo, d_pad, b_vt, ds, ld_k, mb, d_e, false);
+        } else {
+          for (int64_t r = 0; r < mb; ++r)
+            for (int64_t c = 0; c < d; ++c) {
+              qp[r * ld_d + c] = qs.at(m0 + r, c) * p.scale;
+              dop[r * ld_d + c] = gos.at(m0 + r, c);
+            }
+          gemm_f32(plan, qp, ld_d, kt, ld_k, s, ld_k, mb, d, lk_pad, false);    // S
+          gemm_f32(plan, dop, ld_d, vt, ld_k, ds, ld_k, mb, d, lk_pad, false);  // dP
+        }
         for (int64_t r = 0; r < mb; ++r) {
           float* row = s + r * ld_k;
           float* drow = ds + r * ld_k;
@@ -321,25 +371,55 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
             }
           }
         }
-        gemm_f32(plan, ds, ld_k, kp, ld_d, dq_acc, ld_d, mb, keys, d_pad, false);  // dQ / scale
         scalar_t* dqrow = dq + b * dq_s.batch + h * dq_s.head + m0 * dq_s.frame;
+        if constexpr (native) {  // dS and P rounded to the dtype (the reductions padded to even with zeros)
+          const int64_t keys_e = round_up(keys, 2), mb_e = round_up(mb, 2);
+          std::fill(ndst, ndst + 2 * lk * bm_e, op_t(0.f));
+          for (int64_t r = 0; r < mb; ++r) {
+            at::vec::convert(ds + r * ld_k, nds + r * lk_pad, keys_e);  // dS = 0 past the keys
+            for (int64_t j = 0; j < keys; ++j) {
+              ndst[j * bm_e + r] = nds[r * lk_pad + j];
+              npt[j * bm_e + r] = static_cast<op_t>(s[r * ld_k + j]);
+            }
+          }
+          gemm_native(nds, lk_pad, b_k, dq_acc, ld_d, mb, keys_e, false);  // dQ / scale
+          const NativeB<op_t> b_q = pack_native_b(nq, d_pad, mb_e, d_pad, plan.packed, packed_block);
+          gemm_native(ndst, bm_e, b_q, dk_acc, ld_d, lk, mb_e, true);  // dK / scale += dS^T Q
+          const NativeB<op_t> b_do = pack_native_b(ndo, d_pad, mb_e, d_pad, plan.packed, packed_block + bm_e * d_pad);
+          gemm_native(npt, bm_e, b_do, dv_acc, ld_d, lk, mb_e, true);  // dV += P^T dO
+        } else {
+          gemm_f32(plan, ds, ld_k, kp, ld_d, dq_acc, ld_d, mb, keys, d_pad, false);  // dQ / scale
+          for (int64_t j = 0; j < lk; ++j)
+            for (int64_t r = 0; r < mb; ++r) tr[j * bm + r] = ds[r * ld_k + j];
+          gemm_f32(plan, tr, bm, qp, ld_d, dk_acc, ld_d, lk, mb, d_pad, true);  // dK += dS^T (scale Q)
+          for (int64_t j = 0; j < lk; ++j)
+            for (int64_t r = 0; r < mb; ++r) tr[j * bm + r] = s[r * ld_k + j];
+          gemm_f32(plan, tr, bm, dop, ld_d, dv_acc, ld_d, lk, mb, d_pad, true);  // dV += P^T dO
+        }
         for (int64_t r = 0; r < mb; ++r) store_row(dq_acc + r * ld_d, d, p.scale, dqrow + r * dq_s.frame, dq_s.dim);
-        for (int64_t j = 0; j < lk; ++j)
-          for (int64_t r = 0; r < mb; ++r) tr[j * bm + r] = ds[r * ld_k + j];
-        gemm_f32(plan, tr, bm, qp, ld_d, dk_acc, ld_d, lk, mb, d_pad, true);  // dK += dS^T (scale Q)
-        for (int64_t j = 0; j < lk; ++j)
-          for (int64_t r = 0; r < mb; ++r) tr[j * bm + r] = s[r * ld_k + j];
-        gemm_f32(plan, tr, bm, dop, ld_d, dv_acc, ld_d, lk, mb, d_pad, true);  // dV += P^T dO
       }
       scalar_t* dkrow = dk + b * dk_s.batch + h * dk_s.head;
       scalar_t* dvrow = dv + b * dv_s.batch + h * dv_s.head;
       for (int64_t j = 0; j < lk; ++j) {
-        store_row(dk_acc + j * ld_d, d, 1.f, dkrow + j * dk_s.frame, dk_s.dim);
+        store_row(dk_acc + j * ld_d, d, native ? p.scale : 1.f, dkrow + j * dk_s.frame, dk_s.dim);
         store_row(dv_acc + j * ld_d, d, 1.f, dvrow + j * dv_s.frame, dv_s.dim);
       }
     }
     release_engine(plan);
   });
+}
+
+template <typename scalar_t>
+void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go_strides, const scalar_t* go,
+                                     const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* dq,
+                                     scalar_t* dk, scalar_t* dv, const TensorStrides& dq_s,
+                                     const TensorStrides& dk_s, const TensorStrides& dv_s) {
+  const GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (plan.native())
+      return whole_row_backward<scalar_t, scalar_t>(p, plan, go_strides, go, q, k, v, dq, dk, dv, dq_s, dk_s, dv_s);
+  }
+  whole_row_backward<scalar_t, float>(p, plan, go_strides, go, q, k, v, dq, dk, dv, dq_s, dk_s, dv_s);
 }
 
 }  // namespace

@@ -97,14 +97,63 @@ void mark_kept_groups(const TARParams& p, int64_t h, int64_t m0, int64_t mb, int
   if (every_group) std::fill(active.begin(), active.end(), 1);
 }
 
-template <typename scalar_t>
-void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
-                                 scalar_t* o) {
+// The native engine's keys of one (batch, head) slice: K^T and V in the input dtype, laid out per segment (a run of
+// keys of one group: the text before the video, each frame, the text after), so that every tile, which starts at its
+// segment's start or 256 keys further, starts a packed block of K^T (64 columns) and an even row of V.
+struct KeySegment {
+  int64_t start, end, kt_at, v_at;  // keys [start, end); where its K^T and V begin in the slice's buffers
+};
+
+std::vector<KeySegment> key_segments(const KeyGroups& groups, int64_t lk, int64_t d_e, int64_t d16) {
+  std::vector<KeySegment> segments;
+  int64_t kt_at = 0, v_at = 0;
+  for (int64_t j = 0; j < lk;) {
+    const int64_t end = groups.run_end(j, lk);
+    segments.push_back({j, end, kt_at, v_at});
+    kt_at += d_e * round_up(end - j, kPackAlign);
+    v_at += round_up(end - j, 2) * d16;
+    j = end;
+  }
+  return segments;
+}
+
+// Packs K^T (d_e x width16) and V (width2 x d16) of each segment of slice (b, h) into kt, v (zero past `keys` and in
+// the padding), in oneDNN's layout when `packed` (row-major scratch in tmp_kt, tmp_v first), else row-major in place.
+template <typename op_t>
+void pack_segments(const TARParams& p, const op_t* k, const op_t* v, int64_t b, int64_t h, int64_t keys,
+                   const std::vector<KeySegment>& segments, int64_t d_e, int64_t d16, bool packed, op_t* kt, op_t* vv,
+                   op_t* tmp_kt, op_t* tmp_v) {
+  const op_t* kb = k + b * p.k.batch + h * p.k.head;
+  const op_t* vb = v + b * p.v.batch + h * p.v.head;
+  for (const KeySegment& seg : segments) {
+    const int64_t width = round_up(seg.end - seg.start, kPackAlign), rows = round_up(seg.end - seg.start, 2);
+    op_t* kd = packed ? tmp_kt : kt + seg.kt_at;
+    op_t* vd = packed ? tmp_v : vv + seg.v_at;
+    std::fill(kd, kd + d_e * width, op_t(0.f));
+    std::fill(vd, vd + rows * d16, op_t(0.f));
+    for (int64_t j = seg.start; j < std::min(seg.end, keys); ++j)
+      for (int64_t c = 0; c < p.head_dim; ++c) {
+        kd[c * width + (j - seg.start)] = kb[j * p.k.frame + c * p.k.dim];
+        vd[(j - seg.start) * d16 + c] = vb[j * p.v.frame + c * p.v.dim];
+      }
+    if (packed) {
+      pack_native_b(kd, width, d_e, width, true, kt + seg.kt_at);
+      pack_native_b(vd, d16, rows, d16, true, vv + seg.v_at);
+    }
+  }
+}
+
+// op_t: the products' operand type, as in the whole-row kernel: float (brgemm_f32, the micro-kernel; bf16/fp16
+// widened while packing) or scalar_t (brgemm_native: Q, K^T, V and P in the dtype, S scaled in fp32).
+template <typename scalar_t, typename op_t>
+void long_row_forward(const TARParams& p, const GemmPlan plan, const scalar_t* q, const scalar_t* k,
+                      const scalar_t* v, scalar_t* o) {
+  constexpr bool native = !std::is_same_v<op_t, float>;
   const int64_t lq = p.len_q, lk = p.len_k, d = p.head_dim;
-  const int64_t d_pad = round_up(d, kVec);
+  const int64_t d_pad = round_up(d, native ? std::max(kVec, kPackAlign) : kVec);
   // K^T rows hold kVec spare zero columns: a tile starting mid-vector reads up to kVec - 1 columns past Lk
   const int64_t ld_k = skewed_stride(round_up(lk + kVec, kVec)), ld_v = skewed_stride(d_pad);
-  const int64_t ld_s = skewed_stride(round_up(kBlockN, kVec));
+  const int64_t ld_s = skewed_stride(round_up(kBlockN, std::max(kVec, kPackAlign)));
   const KeyGroups groups(p);
   const int64_t num_groups = groups.count();
   const int64_t block_m = std::clamp<int64_t>(kAccFloats / (num_groups * d_pad) / kRows * kRows, kRows, kBlockM);
@@ -113,28 +162,62 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
   const bool has_bias = tar_has_bias(p);
   const bool profiled = p.profile.on;
   const float minus_inf = -std::numeric_limits<float>::infinity();
-  // fp32 operands (bf16/fp16 widened while packing) on brgemm_f32 or the micro-kernel (cpu_gemm.h)
-  GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
-  if (plan.native()) plan = {GemmEngine::kBrgemmF32, false, true};
+  // the native engine: reduction dims even, B's columns by kPackAlign, keys by segment
+  const int64_t d_e = round_up(d, 2);
+  const std::vector<KeySegment> segments = native ? key_segments(groups, lk, d_e, d_pad) : std::vector<KeySegment>{};
+  const int64_t native_kt = native ? segments.back().kt_at + d_e * round_up(segments.back().end -
+                                                                            segments.back().start, kPackAlign) : 0;
+  const int64_t native_v = native ? segments.back().v_at + round_up(segments.back().end - segments.back().start, 2) *
+                                                               d_pad : 0;
+  int64_t widest = 0;  // the longest segment, padded: the packing's row-major scratch
+  for (const KeySegment& seg : segments) widest = std::max(widest, round_up(seg.end - seg.start, kPackAlign));
+  const int64_t ld_p = round_up(kBlockN, kPackAlign);
 
   at::parallel_for(0, p.batch * p.heads * num_qb, 1, [&](int64_t begin, int64_t end) {
     const int64_t stats = num_groups * bm;
+    const int64_t fp32_operands = native ? 0 : d * ld_k + lk * ld_v + bm * d;
     std::unique_ptr<float[]> scratch(
-        new float[d * ld_k + lk * ld_v + bm * d + bm * ld_s + stats * ld_v + 2 * stats + num_groups + bm]);
-    float* kt = scratch.get();          // d x (lk + kVec), row stride ld_k
+        new float[fp32_operands + bm * ld_s + stats * ld_v + 2 * stats + num_groups + bm]);
+    float* kt = scratch.get();          // d x (lk + kVec), row stride ld_k (fp32 operands)
     float* vp = kt + d * ld_k;          // lk x d_pad, row stride ld_v
     float* qp = vp + lk * ld_v;         // bm x d: scale * Q of the block
-    float* s = qp + bm * d;             // bm x kBlockN score tile, row stride ld_s
+    float* s = scratch.get() + fp32_operands;  // bm x kBlockN score tile, row stride ld_s
     float* acc = s + bm * ld_s;         // per group: bm x d_pad, row stride ld_v
     float* run_max = acc + stats * ld_v;  // per group: bm running maxima M_g
     float* run_sum = run_max + stats;     // per group: bm sums l_g
     float* weight = run_sum + stats;      // num_groups: one row's exp(M_g + b_g - M*)
     float* peak = weight + num_groups;    // bm: a profiled row's max over its kept keys (unscaled logits)
+    // native operands: K^T and V by segment, the row-major scratch of the packing, the query block, P
+    const int64_t packing = native && plan.packed ? d_e * widest + widest * d_pad : 0;
+    std::unique_ptr<op_t[]> native_scratch(new op_t[native ? native_kt + native_v + packing + bm * d_e + bm * ld_p
+                                                           : 0]);
+    op_t* nkt = native_scratch.get();
+    op_t* nv = nkt + native_kt;
+    op_t* tmp_kt = nv + native_v;
+    op_t* tmp_v = tmp_kt + d_e * widest;
+    op_t* nq = tmp_kt + packing;
+    op_t* np = nq + bm * d_e;
     std::vector<int64_t> frames(profiled ? bm : 0);     // a profiled task's query frames (-1: no frame)
     std::vector<char> active(num_groups, 1);            // key groups some row of the task keeps
     int64_t packed_bh = -1;
     for (int64_t task = begin; task < end; ++task) {
-      const auto [slice, b, h, m0, mb] = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
+      QueryTask t;
+      if constexpr (native) {
+        const int64_t slice = task / num_qb, m0 = (task % num_qb) * bm;
+        t = {slice, slice / p.heads, slice % p.heads, m0, std::min(bm, lq - m0)};
+        if (slice != packed_bh) {
+          pack_segments(p, k, v, t.b, t.h, tar_key_count(p, t.b), segments, d_e, d_pad, plan.packed, nkt, nv,
+                        tmp_kt, tmp_v);
+          packed_bh = slice;
+        }
+        const scalar_t* qb = q + t.b * p.q.batch + t.h * p.q.head;
+        std::fill(nq, nq + t.rows * d_e, op_t(0.f));
+        for (int64_t r = 0; r < t.rows; ++r)
+          for (int64_t c = 0; c < d; ++c) nq[r * d_e + c] = qb[(t.m0 + r) * p.q.frame + c * p.q.dim];
+      } else {
+        t = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
+      }
+      const auto [slice, b, h, m0, mb] = t;
       if (profiled) {
         mark_kept_groups(p, h, m0, mb, frames.data(), active);
         for (int64_t g = 0; g < num_groups; ++g)
@@ -148,6 +231,7 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
       const int64_t keys = tar_key_count(p, b);  // varlen keys: the tiles stop there
 
       // one online softmax per (row, key group) over the unbiased logits (a profile's scaled ones)
+      size_t segment = 0;  // native: the segment holding j0
       for (int64_t j0 = 0; j0 < keys;) {
         const int64_t g = groups.of(j0);
         if (!active[g]) {  // no row of the task keeps a key of this group: skip it whole
@@ -156,7 +240,18 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
         }
         const int64_t j1 = std::min(groups.run_end(j0, kBlockN), keys);
         const int64_t n = j1 - j0, n_pad = round_up(n, kVec);
-        gemm_f32(plan, qp, d, kt + j0, ld_k, s, ld_s, mb, d, n_pad, false);
+        if constexpr (native) {  // the tile's blocks of K^T: it starts its segment or 256 keys into it
+          while (segments[segment].end <= j0) ++segment;
+          const KeySegment& seg = segments[segment];
+          const int64_t width = round_up(seg.end - seg.start, kPackAlign), at = j0 - seg.start;
+          // the view runs to the segment's end (its packed blocks' widths); the product stops at the tile's end
+          const NativeB<op_t> tile{plan.packed ? nkt + seg.kt_at + at * d_e : nkt + seg.kt_at + at, width, d_e,
+                                   width - at, plan.packed};
+          gemm_native(nq, d_e, tile, s, ld_s, mb, d_e, false, 0, round_up(n, kPackAlign));
+          for (int64_t r = 0; r < mb; ++r) scale_row(s + r * ld_s, p.scale, n_pad);
+        } else {
+          gemm_f32(plan, qp, d, kt + j0, ld_k, s, ld_s, mb, d, n_pad, false);
+        }
         float* acc_g = acc + g * bm * ld_v;
         for (int64_t r = 0; r < mb; ++r) {
           float* row = s + r * ld_s;
@@ -183,7 +278,18 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
             for (int64_t c = 0; c < d_pad; ++c) acc_g[r * ld_v + c] *= rescale;
           m = m_new;
         }
-        gemm_f32(plan, s, ld_s, vp + j0 * ld_v, ld_v, acc_g, ld_v, mb, n, d_pad, true);
+        if constexpr (native) {  // P rounded to the dtype (the reduction padded to even with zeros) times V
+          const KeySegment& seg = segments[segment];
+          const int64_t n_e = round_up(n, 2);
+          for (int64_t r = 0; r < mb; ++r) {
+            at::vec::convert(s + r * ld_s, np + r * ld_p, n);
+            std::fill(np + r * ld_p + n, np + r * ld_p + n_e, op_t(0.f));
+          }
+          const NativeB<op_t> values{nv + seg.v_at, d_pad, round_up(seg.end - seg.start, 2), d_pad, plan.packed};
+          gemm_native(np, ld_p, values, acc_g, ld_v, mb, n_e, true, j0 - seg.start);
+        } else {
+          gemm_f32(plan, s, ld_s, vp + j0 * ld_v, ld_v, acc_g, ld_v, mb, n, d_pad, true);
+        }
         j0 = j1;
       }
 
@@ -235,6 +341,16 @@ void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const sc
     }
     release_engine(plan);
   });
+}
+
+template <typename scalar_t>
+void tar_attention_cpu_long_impl(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
+                                 scalar_t* o) {
+  const GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (plan.native()) return long_row_forward<scalar_t, scalar_t>(p, plan, q, k, v, o);
+  }
+  long_row_forward<scalar_t, float>(p, plan, q, k, v, o);
 }
 
 }  // namespace

@@ -87,11 +87,51 @@ def test_long_rows_match_reference(engine, dtype, mode):
     assert_matches_reference(tar_attention(q, k, v, backend="extension", **kw), q, k, v, **kw)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_long_rows_with_varlen_keys_stop_mid_frame(engine, dtype):
+    """Key counts that end inside a frame and inside a 256-key tile (odd ones too), NaN planted past them."""
+    q, k, v = make_qkv(3, 1290, 1, 40, dtype=dtype, layout="fused_qkv", seed=13)
+    lengths = torch.tensor([1290, 1031, 1100])
+    k, v = k.clone(), v.clone()
+    for b, n in enumerate(lengths.tolist()):
+        k[b, n:] = float("nan")
+        v[b, n:] = float("nan")
+    kw = dict(sigma=1.5, strength=1.5, mode="relative", tokens_per_frame=300, video_start=90)
+    out = tar_attention(q, k, v, backend="extension", k_lengths=lengths, **kw)
+    assert torch.isfinite(out).all()
+    for b, n in enumerate(lengths.tolist()):
+        assert_matches_reference(out[b:b + 1], q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n], **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize(("frames", "dim"), [(9, 40), (33, 80), (16, 160)])
 def test_backward_matches_reference(engine, dtype, frames, dim):
     q, k, v = make_qkv(2, frames, 2, dim, dtype=dtype, layout="fused_qkv", seed=frames)
     assert_grads_match_reference("extension", q, k, v, sigma=2.0, strength=1.5, mode="relative", q_offset=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_with_varlen_keys(engine, dtype):
+    """Odd key counts: the native backward pads its reductions to even with zeros; NaN past them never read."""
+    q, k, v = make_qkv(2, 19, 2, 40, dtype=dtype, layout="fused_qkv", seed=4)
+    lengths = torch.tensor([19, 7])
+    k, v = k.clone(), v.clone()
+    k[1, 7:] = float("nan")
+    v[1, 7:] = float("nan")
+    kw = dict(sigma=1.5, strength=2.0, mode="relative", backend="extension")
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = tar_attention(*leaves, k_lengths=lengths, **kw)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert (grads[1][1, 7:] == 0).all() and (grads[2][1, 7:] == 0).all()
+    for b, n in enumerate(lengths.tolist()):
+        part = [q[b:b + 1], k[b:b + 1, :n], v[b:b + 1, :n]]
+        sub = [t.detach().requires_grad_() for t in part]
+        ref_grads = torch.autograd.grad(tar_attention(*sub, **kw), sub, grad_out[b:b + 1])
+        for got, want in zip((grads[0][b:b + 1], grads[1][b:b + 1, :n], grads[2][b:b + 1, :n]), ref_grads,
+                             strict=True):
+            torch.testing.assert_close(got, want)  # the same kernel on the truncated keys
 
 
 def test_backward_with_profile_and_text(engine):
