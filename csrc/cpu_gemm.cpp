@@ -21,32 +21,43 @@ struct EngineSupport {
   bool pack_bf16 = false, pack_f16 = false;      // cpublas::could_pack: oneDNN packs B (AMX)
 };
 
+// Whether `packed` (or unpacked) native products give exact results in every way the kernels call them: B of two
+// column blocks (64 + 16), a product starting at an even row of B with fewer rows than it holds, and one stopping
+// short inside a block (N = 32 of a 64-column block). Small integers: exact in every engine. fp32 runs brgemm itself.
 template <typename op_t>
 bool product_is_right(bool packed) {
-  constexpr int64_t m = 4, n = 16, k = 8;
+  constexpr int64_t m = 3, k = 8, n = 80;
   std::vector<op_t> a(m * k), b(k * n), bp(k * n);
   for (int64_t i = 0; i < m * k; ++i) a[i] = static_cast<op_t>(static_cast<float>(i % 5) - 2.f);
   for (int64_t i = 0; i < k * n; ++i) b[i] = static_cast<op_t>(static_cast<float>(i % 7) - 3.f);
-  std::vector<float> c(m * n, 0.f);
+  // C = A[:, 0:rows] B[row0:row0 + rows, 0:cols]
+  auto check = [&](const std::vector<float>& c, int64_t row0, int64_t rows, int64_t cols) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < cols; ++j) {
+        float want = 0.f;
+        for (int64_t x = 0; x < rows; ++x)
+          want += static_cast<float>(a[i * k + x]) * static_cast<float>(b[(row0 + x) * n + j]);
+        if (c[i * n + j] != want) return false;
+      }
+    return true;
+  };
+  std::vector<float> full(m * n, 0.f), skipped(m * n, 0.f), short_n(m * n, 0.f);
   try {
     if constexpr (std::is_same_v<op_t, float>) {
-      at::native::cpublas::brgemm(m, n, k, k, n, n, false, a.data(), b.data(), c.data(), false);
+      at::native::cpublas::brgemm(m, n, k, k, n, n, false, a.data(), b.data(), full.data(), false);
       at::native::cpublas::brgemm_release(false);
+      return check(full, 0, k, n);
     } else {
       const NativeB<op_t> view = pack_native_b(b.data(), n, k, n, packed, bp.data());
-      gemm_native(a.data(), k, view, c.data(), n, m, k, false);
+      gemm_native(a.data(), k, view, full.data(), n, m, k, false);
+      gemm_native(a.data(), k, view, skipped.data(), n, m, 4, false, /*row0=*/2);
+      gemm_native(a.data(), k, view, short_n.data(), n, m, k, false, 0, /*n=*/32);
       at::native::cpublas::brgemm_release(packed);
     }
   } catch (const std::exception&) {
     return false;
   }
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      float want = 0.f;
-      for (int64_t x = 0; x < k; ++x) want += static_cast<float>(a[i * k + x]) * static_cast<float>(b[x * n + j]);
-      if (c[i * n + j] != want) return false;  // small integers: exact in every engine
-    }
-  return true;
+  return check(full, 0, k, n) && check(skipped, 2, 4, n) && check(short_n, 0, k, 32);
 }
 
 const EngineSupport& support() {

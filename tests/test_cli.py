@@ -25,6 +25,37 @@ def test_info_lists_versions_and_every_backend_with_a_reason(capsys):
     assert "extension build:" in text and "cache:" in text
 
 
+def test_info_names_the_cpu_its_amx_and_each_dtypes_gemm_engine(capsys):
+    import torch
+
+    from vstar_kernels.backends import extension
+    from vstar_kernels.bench.records import cpu_model
+
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    amx = "yes" if torch.cpu._is_amx_tile_supported() else "no"
+    assert f"CPU: {cpu_model()}, torch ISA {torch.backends.cpu.get_cpu_capability()}, AMX {amx}" in text
+    info = extension.cpu_gemm_info()
+    for dtype in ("float32", "bfloat16", "float16"):
+        assert f"  {dtype:<9} -> {info[dtype]}" in text
+    assert "VSTAR_KERNELS_CPU_GEMM=unset (auto)" in text
+
+
+def test_info_with_a_forced_engine_and_with_a_bad_one():
+    import os
+
+    env = dict(os.environ, VSTAR_KERNELS_CPU_GEMM="microkernel")
+    res = subprocess.run([sys.executable, "-m", "vstar_kernels", "info"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "  float32   -> microkernel" in res.stdout and "  bfloat16  -> microkernel" in res.stdout
+    env["VSTAR_KERNELS_CPU_GEMM"] = "fastest"
+    bad = subprocess.run([sys.executable, "-m", "vstar_kernels", "info"], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert "VSTAR_KERNELS_CPU_GEMM must be one of auto, brgemm_native, brgemm_f32, microkernel" in bad.stderr
+
+
 def test_info_without_interpreter_explains_triton(monkeypatch):
     from vstar_kernels.backends import triton_tar
 

@@ -97,7 +97,12 @@ def _reason(name: str, device: torch.device) -> str | None:
 
 
 def _cmd_info(_: argparse.Namespace) -> int:
-    print("\n".join(info_lines()))
+    try:
+        lines = info_lines()
+    except ValueError as exc:  # a bad environment variable (VSTAR_KERNELS_NO_BUILD, VSTAR_KERNELS_CPU_GEMM, ...)
+        print(f"vstar-kernels info: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(lines))
     return 0
 
 
