@@ -134,6 +134,14 @@ def test_backward_with_varlen_keys(engine, dtype):
             torch.testing.assert_close(got, want)  # the same kernel on the truncated keys
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_backward_on_long_rows(engine, dtype):
+    """1,100 keys: the backward's long-row blocks (64 query rows) and the engine's blocks of 256 keys, text first."""
+    q, k, v = make_qkv(1, 1100, 1, 40, dtype=dtype, layout="projection", seed=21)
+    assert_grads_match_reference("extension", q, k, v, sigma=2.0, strength=1.5, mode="relative", tokens_per_frame=100,
+                                 video_start=100)
+
+
 def test_backward_with_profile_and_text(engine):
     q, k, v = make_qkv(1, 70, 2, 40, layout="projection", seed=5)
     profile = FrameProfile.window(2, sink_frames=1) + FrameProfile.gaussian(1.5)
