@@ -6,14 +6,15 @@
 //                   accumulation; B packed    them (AMX: Sapphire Rapids and later): the products run on AMX tiles,
 //                   (VNNI) in blocks of <= 64 as PyTorch's SDPA runs them. Forced on other CPUs it runs unpacked
 //                   columns                   (cpublas' fallback: MKL's bf16/fp16 GEMM), which tests that path here.
-//   brgemm_f32      fp32 (bf16/fp16 widened   fp32 everywhere the engine works; bf16/fp16 where it cannot pack:
-//                   once per tile)            without AMX, MKL's bf16 GEMM ran 2.2x and its fp16 GEMM 5x slower than
-//                                             the fp32 ukernel on the same 64x64x64 tile (AMD EPYC, AVX-512 + bf16).
+//   brgemm_f32      fp32 (bf16/fp16 widened   fp32 on AVX-512 builds where the engine works; bf16/fp16 where it
+//                   once per tile)            cannot pack: without AMX, MKL's bf16 GEMM ran 2.2x and its fp16 GEMM 5x
+//                                             slower than the fp32 ukernel on a 64x64x64 tile (AMD EPYC, AVX-512).
 //   microkernel     fp32                      where cpublas::brgemm does not run (other architectures, torch builds
-//                                             without oneDNN's ukernel): the hand-written at::vec FMA kernel of
-//                                             cpu_tiles.h, the only place it is still used.
-// All three are at::native::cpublas::brgemm (PyTorch's own engine: oneDNN's brgemm ukernel; SDPA's CPU flash kernel
-// multiplies its blocks with it) or the fallback; the bias, the row max and the softmax stay fp32 in every engine.
+//                                             without oneDNN's ukernel), on AVX2 builds (3-6% faster than oneDNN's
+//                                             AVX2 brgemm, cpu_gemm.cpp) and for products under kEngineMinMacs: the
+//                                             hand-written at::vec FMA kernel of cpu_tiles.h.
+// The first two are at::native::cpublas::brgemm (PyTorch's own engine: oneDNN's brgemm ukernel; SDPA's CPU flash
+// kernel multiplies its blocks with it); the bias, the row max and the softmax stay fp32 in every engine.
 // VSTAR_KERNELS_CPU_GEMM (read by the Python side, passed through set_gemm_override) forces one: auto, brgemm_native,
 // brgemm_f32 or microkernel.
 #pragma once

@@ -121,6 +121,44 @@ inline float exp_sum(float* s, float max, int64_t n) {
   return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, sum);
 }
 
+// The softmax backward of one row, in two passes: normalize_dot scales p[0:keys] by inv (P from exp(S - max)) and
+// returns rowsum(P dP); softmax_grad writes dS' = P (dP - dot) over [0, keys), 0 over [keys, n) (n a multiple of
+// kVec), and returns rowsum(dS' G) when g is given (the relative row max's coupling), else 0.
+inline float normalize_dot(float* p, const float* dp, float inv, int64_t keys) {
+  const Vec iv(inv);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= keys; j += kVec) {
+    const Vec x = Vec::loadu(p + j) * iv;
+    x.store(p + j);
+    acc = at::vec::fmadd(x, Vec::loadu(dp + j), acc);
+  }
+  float dot = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < keys; ++j) {
+    p[j] *= inv;
+    dot += p[j] * dp[j];
+  }
+  return dot;
+}
+
+inline float softmax_grad(float* dp, const float* p, float dot, const float* g, int64_t keys, int64_t n) {
+  const Vec dv(dot);
+  Vec acc(0.f);
+  int64_t j = 0;
+  for (; j + kVec <= keys; j += kVec) {
+    const Vec x = Vec::loadu(p + j) * (Vec::loadu(dp + j) - dv);
+    x.store(dp + j);
+    if (g != nullptr) acc = at::vec::fmadd(x, Vec::loadu(g + j), acc);
+  }
+  float coupling = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; j < keys; ++j) {
+    dp[j] = p[j] * (dp[j] - dot);
+    if (g != nullptr) coupling += dp[j] * g[j];
+  }
+  std::fill(dp + keys, dp + n, 0.f);
+  return coupling;
+}
+
 // The band row G(fi - fj) of each query token over `cols` key columns (0 where the query or the key token has no
 // frame, and past Lk). The Gaussian is a table over the frame distances, computed once per call with tar_gaussian().
 // Temporal layout (token = frame): row i is a slice of the table. Framed layout (tokens_per_frame > 1, text tokens):

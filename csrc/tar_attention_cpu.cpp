@@ -351,17 +351,8 @@ void whole_row_backward(const TARParams& p, const GemmPlan plan, const TensorStr
               max = add_bias_max(row, gauss_row, tar_bias_coeff(p, unbiased_max, 1.f), lk_pad);
             }
           }
-          const float inv_sum = 1.f / exp_sum(row, max, lk_pad);
-          float dot = 0.f;  // rowsum(P dP)
-          for (int64_t j = 0; j < keys; ++j) {
-            row[j] *= inv_sum;
-            dot += row[j] * drow[j];
-          }
-          float coupling = 0.f;  // rowsum(dS' G)
-          for (int64_t j = 0; j < lk_pad; ++j) {
-            drow[j] = j < keys ? row[j] * (drow[j] - dot) : 0.f;
-            if (has_bias) coupling += drow[j] * gauss_row[j];
-          }
+          const float dot = normalize_dot(row, drow, 1.f / exp_sum(row, max, lk_pad), keys);  // rowsum(P dP)
+          const float coupling = softmax_grad(drow, row, dot, gauss_row, keys, lk_pad);      // rowsum(dS' G)
           if (profiled)  // through the positive-logit scale: dS = dS' * scale where S > 0 (masked: dS' = 0)
             scale_positive_grad(drow, s0 + r * ld_k, pscale, lk_pad);
           if (has_bias && p.relative && coupling != 0.f) {  // the row max over the (kept) keys: its tied argmax

@@ -102,6 +102,20 @@ def pickle_round_trip(obj):
     return torch.load(buffer, weights_only=False)
 
 
+def on_one_and_two_threads(run):
+    """``run()`` with one intra-op thread, then with two (the caller's count restored): the two results, for tests
+    that the kernels' split over threads changes no bit (pytest-xdist workers run one thread, see conftest.py)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()
+        torch.set_num_threads(2)
+        two = run()
+    finally:
+        torch.set_num_threads(threads)
+    return one, two
+
+
 def grads_of(fn, inputs, grad_out):
     leaves = [t.detach().requires_grad_() for t in inputs]
     out = fn(*leaves)

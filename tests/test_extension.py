@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_grads_match_reference, assert_matches_reference, make_qkv
+from helpers import assert_grads_match_reference, assert_matches_reference, make_qkv, on_one_and_two_threads
 
 from vstar_kernels import FrameProfile, ops, tar_attention
 from vstar_kernels.backends import extension
@@ -167,14 +167,7 @@ def test_two_threads_give_the_one_thread_bits(op):
                 tensors += [out, *torch.autograd.grad(out, leaves, grad_out)]
         return tensors
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_one_and_two_threads(run)
     assert len(one) == len(two) == 16
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
@@ -254,14 +247,7 @@ def test_long_rows_with_a_profile_on_two_threads_give_the_one_thread_bits(op):
         grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
         return [out, *torch.autograd.grad(out, leaves, grad_out)]
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
-    finally:
-        torch.set_num_threads(threads)
+    one, two = on_one_and_two_threads(run)
     assert all(torch.equal(a, b) for a, b in zip(one, two, strict=True))
 
 

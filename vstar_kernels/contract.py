@@ -354,6 +354,14 @@ def _bias_arguments(sigma, strength, mode, profile):
     return 1.0, 0.0, profile.mode, shaped
 
 
+def validate_profile(params: TARParams, q: torch.Tensor) -> None:
+    """The call's frame-distance profile, if any, must serve ``q``: one table row per head of ``q`` or one row for
+    all, and its tables on the CPU or on ``q``'s device (ValueError otherwise)."""
+    if params.profile is not None:
+        params.profile.check_heads(q.shape[2])
+        params.profile.check_device(q.device)
+
+
 def validate_layout(params: TARParams, len_q: int, len_k: int) -> None:
     """The token layout must lie inside both sequences: ``video_start`` (plus ``video_tokens`` when given) at most
     the shorter of Lq and Lk, so a misplaced text span fails instead of silently biasing nothing."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from .backends import AUTO_ORDER, BACKENDS, DEFAULT_AUTO_ORDER, Backend, InputSpec, torch_tar
-from .contract import TARParams, make_params, validate_layout, validate_tensors
+from .contract import TARParams, make_params, validate_layout, validate_profile, validate_tensors
 from .differentiable import differentiable_grads
 from .profiles import FrameProfile
 
@@ -97,9 +97,7 @@ def tar_attention(
                          video_tokens=video_tokens, q_token_offset=q_token_offset, k_token_offset=k_token_offset,
                          profile=profile)
     validate_layout(params, q.shape[1], k.shape[1])
-    if params.profile is not None:
-        params.profile.check_heads(q.shape[2])
-        params.profile.check_device(q.device)
+    validate_profile(params, q)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__} {return_lse!r}")
     partial = row_max is not None or return_lse
@@ -192,8 +190,7 @@ def tar_row_max(q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None,
                          **({"sigma": 1.0} if profile is None else {"profile": profile}))
     if params.profile is not None:
         validate_layout(params, q.shape[1], k.shape[1])
-        params.profile.check_heads(q.shape[2])
-        params.profile.check_device(q.device)
+        validate_profile(params, q)
     impl = select_backend(q, params, backend)
     kernel = getattr(impl, "row_max", None)
     needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)

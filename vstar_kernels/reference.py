@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .contract import BIAS_COEFF_MAX, TARParams, make_params, validate_layout, validate_tensors
+from .contract import BIAS_COEFF_MAX, TARParams, make_params, validate_layout, validate_profile, validate_tensors
 
 if TYPE_CHECKING:
     from .profiles import FrameProfile
@@ -255,9 +255,7 @@ def _biased_logits(q, k, *, sigma, strength, mode, scale, q_offset, k_offset, to
                     video_tokens=video_tokens, q_token_offset=q_token_offset, k_token_offset=k_token_offset,
                     profile=profile)
     validate_layout(p, q.shape[1], k.shape[1])
-    if p.profile is not None:
-        p.profile.check_heads(q.shape[2])
-        p.profile.check_device(q.device)
+    validate_profile(p, q)
     compute_dtype = compute_dtype or q.dtype
     qh, kh = (t.transpose(1, 2).to(compute_dtype) for t in (q, k))  # (batch, heads, frames, dim)
     scores = torch.matmul(qh, kh.transpose(-1, -2)) * p.scale

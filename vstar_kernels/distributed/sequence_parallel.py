@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 
 from ..backends.profile_tables import spans_interact
-from ..contract import TARParams, make_params
+from ..contract import TARParams, make_params, validate_profile
 from ..ops import select_backend, tar_attention, tar_row_max
 from .layout import RankGroup, _exchange, gather_frames, split_sizes
 
@@ -116,9 +116,7 @@ def _check_op(q: torch.Tensor, tar: dict) -> None:
     """The op's own checks of its scalars and of the backend, for ``tar`` (its keyword arguments; a profile's tables
     for the call's heads, before Ulysses splits them)."""
     params = _params(q, tar)
-    if params.profile is not None:
-        params.profile.check_heads(q.shape[2])
-        params.profile.check_device(q.device)
+    validate_profile(params, q)
     select_backend(q, params, tar.get("backend", "auto"))
 
 
