@@ -147,6 +147,17 @@ inline void gemm_native(const op_t* a, int64_t lda, const NativeB<op_t>& b, floa
   }
 }
 
+// Calls fn(plan, op_t{}) with this call's plan for scalar_t and its operand type: scalar_t itself on brgemm_native,
+// float on the other engines (bf16/fp16 widened while packing). The kernels are templates on both types.
+template <typename scalar_t, typename Fn>
+inline void with_operand_type(Fn&& fn) {
+  const GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
+  if constexpr (!std::is_same_v<scalar_t, float>) {
+    if (plan.native()) return fn(plan, scalar_t{});
+  }
+  fn(plan, float{});
+}
+
 // After a thread's last brgemm: releases the AMX tile state (what SDPA's kernel does at the end of its loops).
 inline void release_engine(const GemmPlan& plan) {
   if (plan.engine != GemmEngine::kMicroKernel) at::native::cpublas::brgemm_release(plan.packed);

@@ -396,12 +396,26 @@ struct QueryTask {
 
 // Starts task `task`: its query rows packed into qp, and K, V of its slice into kt, vp unless `packed_slice` (the
 // slice packed last by this thread) is already it.
+inline QueryTask task_at(const TARParams& p, int64_t task, int64_t blocks, int64_t block) {
+  const int64_t slice = task / blocks, m0 = (task % blocks) * block;
+  return {slice, slice / p.heads, slice % p.heads, m0, std::min(block, p.len_q - m0)};
+}
+
+// The native engine's A of a task: its query rows, unscaled, in the input dtype, zero-padded to `ld` columns.
+template <typename scalar_t>
+inline void copy_query_block(const TARParams& p, const scalar_t* q, const QueryTask& t, scalar_t* out, int64_t ld) {
+  const scalar_t* qb = q + t.b * p.q.batch + t.h * p.q.head;
+  std::fill(out, out + t.rows * ld, scalar_t(0.f));
+  for (int64_t r = 0; r < t.rows; ++r)
+    for (int64_t c = 0; c < p.head_dim; ++c) out[r * ld + c] = qb[(t.m0 + r) * p.q.frame + c * p.q.dim];
+}
+
 template <typename scalar_t>
 inline QueryTask begin_task(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v, int64_t task,
                             int64_t blocks, int64_t block, int64_t& packed_slice, float* kt, int64_t ld_k, float* vp,
                             int64_t ld_v, float* qp) {
-  const int64_t slice = task / blocks, m0 = (task % blocks) * block;
-  const QueryTask t{slice, slice / p.heads, slice % p.heads, m0, std::min(block, p.len_q - m0)};
+  const QueryTask t = task_at(p, task, blocks, block);
+  const int64_t slice = t.slice;
   if (slice != packed_slice) {
     pack_keys_values(p, k, v, t.b, t.h, kt, ld_k, vp, ld_v);
     packed_slice = slice;

@@ -105,17 +105,13 @@ void whole_row_forward(const TARParams& p, const GemmPlan plan, const scalar_t* 
     for (int64_t task = begin; task < end; ++task) {
       QueryTask t;
       if constexpr (native) {
-        const int64_t slice = task / num_qb, m0 = (task % num_qb) * bm;
-        t = {slice, slice / p.heads, slice % p.heads, m0, std::min(bm, lq - m0)};
-        if (slice != packed_bh) {
+        t = task_at(p, task, num_qb, bm);
+        if (t.slice != packed_bh) {
           keys_view = pack_native_keys(p, k, v, t.b, t.h, tar_key_count(p, t.b), d_e, lk_pad, d16, lk_e,
                                        plan.packed, nkt, nv, nkt_packed, nv_packed);
-          packed_bh = slice;
+          packed_bh = t.slice;
         }
-        const scalar_t* qb = q + t.b * p.q.batch + t.h * p.q.head;
-        std::fill(nq, nq + t.rows * d_e, op_t(0.f));
-        for (int64_t r = 0; r < t.rows; ++r)
-          for (int64_t c = 0; c < d; ++c) nq[r * d_e + c] = qb[(t.m0 + r) * p.q.frame + c * p.q.dim];
+        copy_query_block(p, q, t, nq, d_e);
       } else {
         t = begin_task(p, q, k, v, task, num_qb, bm, packed_bh, kt, ld_k, vp, ld_v, qp);
       }
@@ -185,11 +181,9 @@ void whole_row_forward(const TARParams& p, const GemmPlan plan, const scalar_t* 
 template <typename scalar_t>
 void tar_attention_cpu_impl(const TARParams& p, const scalar_t* q, const scalar_t* k, const scalar_t* v,
                             scalar_t* o) {
-  const GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    if (plan.native()) return whole_row_forward<scalar_t, scalar_t>(p, plan, q, k, v, o);
-  }
-  whole_row_forward<scalar_t, float>(p, plan, q, k, v, o);
+  with_operand_type<scalar_t>([&](const GemmPlan& plan, auto op) {
+    whole_row_forward<scalar_t, decltype(op)>(p, plan, q, k, v, o);
+  });
 }
 
 
@@ -413,12 +407,9 @@ void tar_attention_backward_cpu_impl(const TARParams& p, const TensorStrides& go
                                      const scalar_t* q, const scalar_t* k, const scalar_t* v, scalar_t* dq,
                                      scalar_t* dk, scalar_t* dv, const TensorStrides& dq_s,
                                      const TensorStrides& dk_s, const TensorStrides& dv_s) {
-  const GemmPlan plan = gemm_plan(c10::CppTypeToScalarType<scalar_t>::value);
-  if constexpr (!std::is_same_v<scalar_t, float>) {
-    if (plan.native())
-      return whole_row_backward<scalar_t, scalar_t>(p, plan, go_strides, go, q, k, v, dq, dk, dv, dq_s, dk_s, dv_s);
-  }
-  whole_row_backward<scalar_t, float>(p, plan, go_strides, go, q, k, v, dq, dk, dv, dq_s, dk_s, dv_s);
+  with_operand_type<scalar_t>([&](const GemmPlan& plan, auto op) {
+    whole_row_backward<scalar_t, decltype(op)>(p, plan, go_strides, go, q, k, v, dq, dk, dv, dq_s, dk_s, dv_s);
+  });
 }
 
 }  // namespace
